@@ -1,0 +1,56 @@
+"""Every input and output of the decode graphs, allocated once for the largest bucket.
+
+A replay never allocates: the launcher copies a step's slots, positions and sequence lengths
+into ``inputs`` (rows past the real batch point at the dummy slot, which maps to the dummy page)
+and the graph writes ``out``. Everything else a graph reads is slot-indexed runner state (token
+buffer, page table, sampling parameters), gathered inside the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from graphrt.memory.page_allocator import DUMMY_SLOT
+from graphrt.sampling import SampleOutputs
+
+# Rows of ``DecodeBuffers.inputs``.
+SLOTS, POSITIONS, SEQ_LENS = 0, 1, 2
+
+
+@dataclass
+class DecodeBuffers:
+    inputs: torch.Tensor  # int64 [3, max_bs]: slots, positions, seq_lens
+    out: SampleOutputs
+    max_bs: int
+
+    @classmethod
+    def allocate(cls, max_bs: int, max_logprobs: int, device: torch.device) -> DecodeBuffers:
+        inputs = torch.empty(3, max_bs, dtype=torch.int64, device=device)
+        inputs.copy_(torch.from_numpy(padding_rows(max_bs)))
+        return cls(inputs, SampleOutputs.allocate(max_bs, max_logprobs, device), max_bs)
+
+    def views(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.inputs[SLOTS, :bs], self.inputs[POSITIONS, :bs], self.inputs[SEQ_LENS, :bs]
+
+
+def padding_rows(n: int) -> np.ndarray:
+    """``[3, n]`` inputs of padding rows: the dummy slot, position 0, one token of context."""
+    rows = np.zeros((3, n), dtype=np.int64)
+    rows[SLOTS] = DUMMY_SLOT
+    rows[SEQ_LENS] = 1
+    return rows
+
+
+def fill_inputs(
+    staging: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray, bucket: int
+) -> np.ndarray:
+    """Write a decode batch, padded to ``bucket`` rows, into ``staging[:, :bucket]``."""
+    b = slots.shape[0]
+    staging[SLOTS, :b] = slots
+    staging[POSITIONS, :b] = seq_lens - 1
+    staging[SEQ_LENS, :b] = seq_lens
+    staging[:, b:bucket] = padding_rows(bucket - b)
+    return staging[:, :bucket]

@@ -1,0 +1,188 @@
+"""Engine configuration: one frozen, validated dataclass that is also the source of CLI defaults."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args, get_origin
+
+Device = Literal["auto", "cuda", "cpu"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+LoadFormat = Literal["auto", "safetensors", "dummy"]
+AttentionBackendName = Literal["auto", "torch", "triton", "flashinfer"]
+OverlapMode = Literal["thread", "inline", "off", "two_events"]
+
+_HELP: dict[str, str] = {
+    "model": "local Hugging Face model directory; default: SmolLM2-135M-Instruct, prepared on "
+    "first use",
+    "tokenizer": "tokenizer directory (default: the model directory)",
+    "load_format": "'safetensors' weights, or 'dummy' random weights from config.json alone",
+    "dtype": "weight and activation dtype; 'auto' is the checkpoint's dtype on CUDA, fp32 on CPU",
+    "device": "'cuda', 'cpu', or 'auto' (cuda when available)",
+    "seed": "seed for dummy weights and for requests that give no seed",
+    "page_size": "tokens per KV-cache page",
+    "gpu_memory_utilization": "fraction of total GPU memory graphrt may use (weights, graphs, "
+    "KV pool)",
+    "num_pages": "KV pages to allocate, overriding the memory-based sizing",
+    "cpu_kv_cache_gb": "KV pool budget on CPU, in GiB",
+    "max_model_len": "longest sequence (prompt + output); default: the model's limit",
+    "max_num_seqs": "most requests running at once (decode batch size limit)",
+    "max_num_batched_tokens": "token budget of one step (chunked prefill size)",
+    "max_waiting_requests": "most requests queued before new ones are refused",
+    "max_logprobs": "most top logprobs a request may ask for",
+    "attention_backend": "attention kernels: 'torch' (reference), 'triton', 'flashinfer'",
+    "cuda_graph_max_bs": "largest decode batch captured as a CUDA graph; 0 disables graphs",
+    "cuda_graph_batch_sizes": "explicit decode batch-size buckets to capture",
+    "overlap": "'thread': launcher thread, scheduler one step ahead; 'inline': one step ahead "
+    "on the scheduler thread; 'off': synchronous; 'two_events': also waits on launch_done",
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every engine setting. Values are validated on construction; unknown keys are refused.
+
+    ``None`` for ``model`` means the default model. Derived, device-dependent values (the
+    concrete dtype, device and backend) are resolved by the engine, not stored here.
+    """
+
+    model: str | None = None
+    tokenizer: str | None = None
+    load_format: LoadFormat = "auto"
+    dtype: DType = "auto"
+    device: Device = "auto"
+    seed: int = 0
+    page_size: int = 16
+    gpu_memory_utilization: float = 0.85
+    num_pages: int | None = None
+    cpu_kv_cache_gb: float = 1.0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_waiting_requests: int = 4096
+    max_logprobs: int = 20
+    attention_backend: AttentionBackendName = "auto"
+    cuda_graph_max_bs: int = 256
+    cuda_graph_batch_sizes: tuple[int, ...] | None = None
+    overlap: OverlapMode = "thread"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), _resolved_hints()[f.name])
+        _check_range("page_size", self.page_size, 1, 1024)
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        _check_range("gpu_memory_utilization", self.gpu_memory_utilization, 0.05, 0.99)
+        if self.num_pages is not None:
+            _check_range("num_pages", self.num_pages, 2, 1 << 31)
+        _check_range("cpu_kv_cache_gb", self.cpu_kv_cache_gb, 0.001, 4096)
+        if self.max_model_len is not None:
+            _check_range("max_model_len", self.max_model_len, 2, 1 << 24)
+        _check_range("max_num_seqs", self.max_num_seqs, 1, 8192)
+        _check_range("max_num_batched_tokens", self.max_num_batched_tokens, 16, 1 << 20)
+        _check_range("max_waiting_requests", self.max_waiting_requests, 1, 1 << 24)
+        _check_range("max_logprobs", self.max_logprobs, 0, 1024)
+        _check_range("cuda_graph_max_bs", self.cuda_graph_max_bs, 0, 8192)
+        if self.cuda_graph_batch_sizes is not None:
+            sizes = self.cuda_graph_batch_sizes
+            if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
+                raise ValueError(
+                    f"cuda_graph_batch_sizes must be a non-empty list of positive ints, got {sizes}"
+                )
+            if len(set(sizes)) != len(sizes):
+                raise ValueError(f"cuda_graph_batch_sizes has duplicates: {sizes}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Build a config, refusing unknown keys with a did-you-mean hint."""
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in kwargs if k not in known]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, known, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise TypeError(f"unknown engine setting(s): {', '.join(hints)}")
+        if isinstance(kwargs.get("cuda_graph_batch_sizes"), list):
+            kwargs["cuda_graph_batch_sizes"] = tuple(kwargs["cuda_graph_batch_sizes"])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        """A copy with some fields changed, validated again."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one ``--flag`` per field, with the dataclass default as the flag's default."""
+        hints = _resolved_hints()
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            tp = hints[f.name]
+            choices = _literal_choices(tp)
+            kwargs: dict[str, Any] = {"default": f.default, "help": _HELP.get(f.name, "")}
+            if choices:
+                kwargs["choices"] = choices
+            elif f.name == "cuda_graph_batch_sizes":
+                kwargs["type"] = int
+                kwargs["nargs"] = "+"
+            else:
+                kwargs["type"] = _scalar_type(tp)
+            if kwargs["help"]:
+                kwargs["help"] += f" (default: {f.default})"
+            parser.add_argument(flag, dest=f.name, **kwargs)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
+        """Collect the fields added by :meth:`add_cli_args` from parsed arguments."""
+        kw = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        if kw.get("cuda_graph_batch_sizes") is not None:
+            kw["cuda_graph_batch_sizes"] = tuple(kw["cuda_graph_batch_sizes"])
+        return cls(**kw)
+
+
+def _resolved_hints() -> dict[str, Any]:
+    return typing.get_type_hints(EngineConfig)
+
+
+def _literal_choices(tp: Any) -> list[str] | None:
+    if get_origin(tp) is Literal:
+        return list(get_args(tp))
+    return None
+
+
+def _scalar_type(tp: Any) -> type:
+    args = [a for a in get_args(tp) if a is not type(None)] or [tp]
+    base = args[0]
+    return base if base in (int, float, str) else str
+
+
+def _check_type(name: str, value: Any, tp: Any) -> None:
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ValueError(f"{name} must be one of {list(get_args(tp))}, got {value!r}")
+        return
+    allowed = get_args(tp) if origin in (typing.Union, types.UnionType) else (tp,)
+    ok = False
+    for a in allowed:
+        if a is type(None):
+            ok |= value is None
+        elif get_origin(a) is tuple:
+            ok |= isinstance(value, tuple)
+        elif a is float:
+            ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif a is int:
+            ok |= isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok |= isinstance(value, a)
+    if not ok:
+        raise TypeError(f"{name} must be of type {tp}, got {value!r} ({type(value).__name__})")
+
+
+def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")

@@ -1,0 +1,473 @@
+"""``Engine``: the public, in-process API. Owns the scheduler, the runner and the launcher.
+
+The engine loop (``step``) plans step n+1, submits it, and only then waits on step n's
+``copy_done`` to process n's tokens, so the CPU work of scheduling, detokenizing and stop
+checks overlaps the GPU work of the step in flight (see ``overlap.py``). With ``overlap="off"``
+each step is waited on right after it is submitted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from graphrt.config import EngineConfig
+from graphrt.memory.page_allocator import PageAllocator, SlotAllocator
+from graphrt.models.model_config import ModelConfig
+from graphrt.output_processor import (
+    abort as mark_aborted,
+)
+from graphrt.output_processor import (
+    append_token,
+    fail,
+    request_output,
+    rows_to_process,
+)
+from graphrt.overlap import Launcher, StepHandle
+from graphrt.request import Request, RequestOutput
+from graphrt.runner import ModelRunner
+from graphrt.sampling_params import SamplingParams
+from graphrt.scheduler import EngineOverloaded, Scheduler
+from graphrt.step_plan import MAX_BANNED_IDS, SamplerNeeds, SlotInit
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+
+__all__ = ["Engine", "EngineOverloaded", "RequestRejected"]
+
+
+class RequestRejected(ValueError):
+    """A request that can never be served as given; the message says why."""
+
+
+@dataclass
+class _Group:
+    """A user request: its ``n`` sequences share a prompt and an id."""
+
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    children: list[Request]
+
+
+def resolve_model_dir(config: EngineConfig) -> Path:
+    if config.model is not None:
+        path = Path(config.model).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"model directory {path} does not exist (graphrt loads local Hugging Face "
+                "directories; it does not download from the hub)"
+            )
+        return path
+    from graphrt.models.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+class Engine:
+    """Offline and embedded inference.
+
+    ``Engine(model=None, **settings)``: ``model`` is a local Hugging Face directory (default:
+    SmolLM2-135M-Instruct, prepared on first use); ``settings`` are :class:`EngineConfig`
+    fields.
+    """
+
+    def __init__(self, model: str | None = None, *, show_progress: bool = True, **settings: Any):
+        self.config = config = EngineConfig.from_kwargs(model=model, **settings)
+        self.model_dir = resolve_model_dir(config)
+        model_cfg = ModelConfig.from_dir(self.model_dir)
+        self.tokenizer = _load_tokenizer(config, self.model_dir)
+        self.runner = ModelRunner(config, self.model_dir, model_cfg, show_progress=show_progress)
+        self.model_config = self.runner.model_cfg
+        self.max_model_len = self.runner.settings.max_model_len
+        self.pages = PageAllocator(self.runner.num_pages, config.page_size)
+        self.slots = SlotAllocator(self.runner.settings.num_slots)
+        self.scheduler = Scheduler(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_waiting_requests=config.max_waiting_requests,
+            pages=self.pages,
+            slots=self.slots,
+            slot_init=self._slot_init,
+            sampler_needs=_sampler_needs,
+        )
+        self.launcher = Launcher(self.runner, config.overlap, max_rows=config.max_num_seqs)
+        self._eos_ids = frozenset(
+            (self.tokenizer.eos_token_ids if self.tokenizer else frozenset())
+            | set(self.model_config.eos_token_ids)
+        )
+        self._rng = random.Random(config.seed)
+        self._groups: dict[str, _Group] = {}
+        self._inflight: StepHandle | None = None
+        self._ids = itertools.count()
+        self.stats = {"steps": 0, "graph_steps": 0, "failed_requests": 0}
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+    ) -> str:
+        """Queue a request. Raises ``RequestRejected`` for requests that can never run and
+        ``EngineOverloaded`` when the queue is full. Returns the request id."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._groups:
+            raise RequestRejected(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize_prompt(prompt)
+        max_len = self._validate(ids, params)
+        if len(self.scheduler.waiting) + params.n > self.config.max_waiting_requests:
+            raise EngineOverloaded(
+                f"{len(self.scheduler.waiting)} requests already waiting (max_waiting_requests="
+                f"{self.config.max_waiting_requests}); retry later"
+            )
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        children = []
+        for i in range(params.n):
+            req = Request(
+                request_id=f"{request_id}#{i}" if params.n > 1 else request_id,
+                prompt_ids=list(ids),
+                params=params,
+                seed=_child_seed(base_seed, i),
+                max_len=max_len,
+                eos_ids=self._eos_ids,
+                prompt=text,
+                group_id=request_id,
+                index=i,
+            )
+            if self.tokenizer is not None:
+                req.detokenizer = self.tokenizer.new_detokenizer(
+                    ids, skip_special_tokens=params.skip_special_tokens
+                )
+                if params.stop:
+                    from graphrt.tokenizer import StopStringMatcher
+
+                    req.stop_matcher = StopStringMatcher(
+                        params.stop, params.include_stop_str_in_output
+                    )
+            children.append(req)
+        for req in children:
+            self.scheduler.add(req)
+        self._groups[request_id] = _Group(request_id, text, list(ids), children)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its pages now. Returns False if it is unknown or done."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return False
+        for req in group.children:
+            if not req.finished:
+                mark_aborted(req)
+                self.scheduler.finish(req)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._groups)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Plan and submit the next step, then process the previous one. Returns the outputs
+        of requests that progressed (with their deltas) or finished."""
+        plan = self.scheduler.schedule()
+        handle = self.launcher.submit(plan) if plan is not None else None
+        if handle is not None:
+            self.stats["steps"] += 1
+        if not self.launcher.overlapped:
+            return self._process(handle) if handle is not None else self._check_stalled()
+        prev, self._inflight = self._inflight, handle
+        if prev is None:
+            return [] if handle is not None else self._check_stalled()
+        if self.config.overlap == "two_events" and handle is not None:
+            handle.wait_launched()
+        return self._process(prev)
+
+    def _check_stalled(self) -> list[RequestOutput]:
+        if self.scheduler.num_unfinished and self._inflight is None:
+            # Every request is admitted only if it fits alone, so this is a bug, not load.
+            raise RuntimeError(
+                f"scheduler stalled with {len(self.scheduler.waiting)} waiting and "
+                f"{len(self.scheduler.running)} running requests"
+            )
+        return []
+
+    def _process(self, handle: StepHandle) -> list[RequestOutput]:
+        plan = handle.plan
+        touched: dict[str, _Group] = {}
+        try:
+            res = handle.result()
+        except Exception as e:
+            logger.exception("step %d failed", plan.step_id)
+            handle.release()
+            for req in plan.requests:
+                if not req.finished:
+                    self._fail(req, f"step failed: {type(e).__name__}: {e}")
+                    self._touch(req, touched)
+            return self._collect(touched)
+        if res.graph_bs is not None:
+            self.stats["graph_steps"] += 1
+        for r, req in rows_to_process(plan):
+            req.num_pending -= 1
+            try:
+                lp = res.logprob[r] if res.logprob is not None else None
+                append_token(
+                    req,
+                    int(res.ids[r]),
+                    lp,
+                    res.top_ids[r].tolist() if res.top_ids is not None else None,
+                    res.top_logprobs[r].tolist() if res.top_logprobs is not None else None,
+                )
+            except Exception as e:  # a tokenizer or stop-string error fails this request only
+                logger.exception("request %s failed while processing its output", req.request_id)
+                self._fail(req, f"{type(e).__name__}: {e}")
+            if req.finish_reason is not None and not req.finished:
+                self.scheduler.finish(req)
+            self._touch(req, touched)
+        handle.release()
+        return self._collect(touched)
+
+    def _fail(self, req: Request, message: str) -> None:
+        fail(req, message)
+        self.scheduler.finish(req)
+        self.stats["failed_requests"] += 1
+
+    def _touch(self, req: Request, touched: dict[str, _Group]) -> None:
+        group = self._groups.get(req.group_id or req.request_id)
+        if group is not None:
+            touched[group.request_id] = group
+
+    def _collect(self, touched: dict[str, _Group]) -> list[RequestOutput]:
+        outs = []
+        for gid, group in touched.items():
+            out = request_output(gid, group.children, group.prompt, group.prompt_ids)
+            if out.finished:
+                del self._groups[gid]
+            outs.append(out)
+        return outs
+
+    def drain(self) -> list[RequestOutput]:
+        """Run steps until every request has finished."""
+        outs = []
+        while self.has_unfinished() or self._inflight is not None:
+            outs.extend(self.step())
+        return outs
+
+    # ---- convenience ------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); outputs in prompt order."""
+        prompts = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompts))
+        ids = [self.add_request(None, p, sp) for p, sp in zip(prompts, params)]
+        final: dict[str, RequestOutput] = {}
+        try:
+            while len(final) < len(ids):
+                for out in self.step():
+                    if out.finished:
+                        final[out.request_id] = out
+            self._flush()
+        except BaseException:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        return [final[i] for i in ids]
+
+    def stream(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
+        """Yield a ``RequestOutput`` each time the request progresses; each carries the new text
+        and ids in ``delta_text``/``delta_token_ids``. Closing the iterator aborts the request."""
+        rid = self.add_request(None, prompt, sampling_params)
+        done = False
+        try:
+            while not done:
+                for out in self.step():
+                    if out.request_id == rid:
+                        done = out.finished
+                        yield out
+            self._flush()
+        finally:
+            if not done:
+                self.abort(rid)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **template_kwargs: Any,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, via the chat template."""
+        tok = self._need_tokenizer("chat")
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            tok.apply_chat_template(c, add_generation_prompt=True, **template_kwargs) for c in convs
+        ]
+        return self.generate(prompts, sampling_params)
+
+    def _flush(self) -> None:
+        """Consume a step still in flight (its tokens belong to finished requests)."""
+        while self._inflight is not None and not self.has_unfinished():
+            self.step()
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise RequestRejected(f"{what} needs a tokenizer, and {self.model_dir} has none")
+        return self.tokenizer
+
+    def _tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self._need_tokenizer("a text prompt").encode(prompt)
+        if not isinstance(prompt, Sequence) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            raise RequestRejected("prompt must be a string or a list of token ids")
+        return None, list(prompt)
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> int:
+        """Check a request against the engine's limits; returns its max total length."""
+        if not ids:
+            raise RequestRejected("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestRejected(
+                f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})"
+            )
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise RequestRejected(
+                f"prompt has {len(ids)} tokens; the context limit (max_model_len) is {limit}, "
+                "and at least one token must be generated"
+            )
+        if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
+            raise RequestRejected(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context limit (max_model_len={limit})"
+            )
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise RequestRejected(
+                f"logprobs={params.logprobs} exceeds max_logprobs={self.config.max_logprobs}"
+            )
+        if params.min_tokens and len(params.stop_token_ids) + len(self._eos_ids) > MAX_BANNED_IDS:
+            raise RequestRejected(
+                f"min_tokens needs at most {MAX_BANNED_IDS} stop and EOS ids to ban; "
+                f"{len(params.stop_token_ids)} stop_token_ids given"
+            )
+        bad_stop = [t for t in params.stop_token_ids if t >= vocab]
+        if bad_stop:
+            raise RequestRejected(f"stop_token_ids {bad_stop} are outside the vocabulary")
+        max_len = limit if params.max_tokens is None else len(ids) + params.max_tokens
+        need = self.pages.pages_for(max_len)
+        if need > self.pages.num_usable:
+            raise RequestRejected(
+                f"request needs {need} KV pages ({max_len} tokens) but the pool has "
+                f"{self.pages.num_usable}; lower max_tokens, or give the KV cache more memory "
+                "(gpu_memory_utilization, num_pages, cpu_kv_cache_gb)"
+            )
+        if params.n > self.config.max_num_seqs:
+            raise RequestRejected(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        return max_len
+
+    def _slot_init(self, req: Request, slot: int) -> SlotInit:
+        p = req.params
+        banned: tuple[int, ...] = ()
+        if p.min_tokens:
+            eos = () if p.ignore_eos else tuple(sorted(self._eos_ids))
+            banned = tuple(dict.fromkeys(eos + p.stop_token_ids))
+        penalties = p.uses_penalties
+        return SlotInit(
+            slot=slot,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k if p.top_k > 0 else 0,
+            min_p=p.min_p,
+            repetition_penalty=p.repetition_penalty,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            seed=req.seed,
+            min_pos=len(req.prompt_ids) + p.min_tokens,
+            banned_ids=banned,
+            penalty_prompt_ids=tuple(req.prompt_ids) if penalties else None,
+            penalty_output_ids=tuple(req.output_ids) if penalties else None,
+        )
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop the launcher thread and drop device state."""
+        for rid in list(self._groups):
+            self.abort(rid)
+        if self._inflight is not None:
+            with contextlib.suppress(Exception):
+                self._inflight.result()
+            self._inflight.release()
+            self._inflight = None
+        self.launcher.shutdown()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def kv_usage(self) -> float:
+        """Fraction of usable KV pages in use."""
+        return self.pages.num_used / self.pages.num_usable
+
+
+def _sampler_needs(req: Request) -> SamplerNeeds:
+    p = req.params
+    return SamplerNeeds(
+        full=not p.greedy or p.uses_penalties or p.min_tokens > 0,
+        filters=not p.greedy and p.uses_filters,
+        logprobs=p.logprobs is not None,
+    )
+
+
+def _child_seed(seed: int, index: int) -> int:
+    if index == 0:
+        return seed
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]
+    return list(prompts)
+
+
+def _as_params_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"{len(params)} SamplingParams for {n} prompts")
+    return params
+
+
+def _load_tokenizer(config: EngineConfig, model_dir: Path):
+    from graphrt.tokenizer import Tokenizer
+
+    path = Path(config.tokenizer) if config.tokenizer else model_dir
+    has_files = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    if not has_files:
+        if config.tokenizer:
+            raise FileNotFoundError(f"tokenizer directory {path} has no tokenizer files")
+        logger.warning("%s has no tokenizer; only token-id prompts are accepted", model_dir)
+        return None
+    return Tokenizer.from_pretrained(path)

@@ -1,0 +1,127 @@
+"""Turns a step's sampled ids into request state: append, detokenize, stop checks, outputs.
+
+Runs on the scheduler thread, after the step's ``copy_done``. Pure Python.
+"""
+
+from __future__ import annotations
+
+import time
+
+from graphrt.request import (
+    CompletionOutput,
+    FinishReason,
+    Request,
+    RequestOutput,
+    TokenLogprob,
+)
+from graphrt.step_plan import StepPlan
+
+
+def append_token(
+    req: Request,
+    token: int,
+    logprob: float | None,
+    top_ids: list[int] | None,
+    top_logprobs: list[float] | None,
+) -> None:
+    """Append one sampled token and decide whether the request is finished.
+
+    Sets ``req.finish_reason`` (and ``stop_reason``) when it is; the caller frees the request.
+    """
+    now = time.monotonic()
+    if req.first_token_time is None:
+        req.first_token_time = now
+    req.output_ids.append(token)
+    p = req.params
+    if req.logprobs is not None and logprob is not None:
+        k = p.logprobs or 0
+        top = list(zip(top_ids[:k], top_logprobs[:k])) if k else []
+        req.logprobs.append(TokenLogprob(token, float(logprob), top))
+        req.cumulative_logprob += float(logprob)
+    n_out = len(req.output_ids)
+    if token in p.stop_token_ids:
+        _finish(req, FinishReason.STOP, token)
+    elif token in req.eos_ids and not p.ignore_eos:
+        _finish(req, FinishReason.STOP, None)
+    elif req.detokenizer is not None:
+        delta = req.detokenizer.step([token])
+        # Stop strings count only once min_tokens outputs exist, as in vLLM.
+        if req.stop_matcher is not None and n_out >= p.min_tokens:
+            safe, stopped = req.stop_matcher.feed(delta)
+            req.text += safe
+            if stopped:
+                _finish(req, FinishReason.STOP, req.stop_matcher.matched)
+                return
+        else:
+            req.text += delta
+    if req.finish_reason is None and len(req.prompt_ids) + n_out >= req.max_len:
+        _finish(req, FinishReason.LENGTH, None)
+    if req.finish_reason is not None and req.stop_matcher is not None:
+        req.text += req.stop_matcher.flush()
+
+
+def _finish(req: Request, reason: FinishReason, stop_reason: str | int | None) -> None:
+    req.finish_reason = reason
+    req.stop_reason = stop_reason
+    req.finish_time = time.monotonic()
+
+
+def fail(req: Request, message: str) -> None:
+    """Mark a request failed; the caller frees it."""
+    req.error = message
+    _finish(req, FinishReason.ERROR, None)
+
+
+def abort(req: Request) -> None:
+    _finish(req, FinishReason.ABORT, None)
+
+
+def completion_output(req: Request, delta: bool = True) -> CompletionOutput:
+    """The request's cumulative output, plus what is new since the last call (then marked
+    as reported)."""
+    new_ids = req.output_ids[req.emitted_ids :]
+    new_text = req.text[req.emitted_text :]
+    new_lp = req.logprobs[req.emitted_ids :] if req.logprobs is not None else None
+    out = CompletionOutput(
+        index=req.index,
+        text=req.text,
+        token_ids=list(req.output_ids),
+        delta_text=new_text,
+        delta_token_ids=new_ids,
+        cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+        logprobs=list(req.logprobs) if req.logprobs is not None else None,
+        delta_logprobs=new_lp,
+        finish_reason=req.finish_reason.value if req.finish_reason is not None else None,
+        stop_reason=req.stop_reason,
+    )
+    if delta:
+        req.emitted_ids = len(req.output_ids)
+        req.emitted_text = len(req.text)
+    return out
+
+
+def request_output(
+    request_id: str, children: list[Request], prompt: str | None, prompt_ids: list[int]
+) -> RequestOutput:
+    """One ``RequestOutput`` for a request and its ``n`` completions."""
+    outs = [completion_output(c) for c in children]
+    errors = [c.error for c in children if c.error]
+    first = children[0]
+    metrics = {"arrival_time": first.arrival_time}
+    ttfts = [c.first_token_time for c in children if c.first_token_time is not None]
+    if ttfts:
+        metrics["first_token_time"] = min(ttfts)
+    return RequestOutput(
+        request_id=request_id,
+        prompt=prompt,
+        prompt_token_ids=prompt_ids,
+        outputs=outs,
+        finished=all(c.finished for c in children),
+        error=errors[0] if errors else None,
+        metrics=metrics,
+    )
+
+
+def rows_to_process(plan: StepPlan) -> list[tuple[int, Request]]:
+    """Rows of a step that sampled a token for a request still alive."""
+    return [(r, req) for r, req in enumerate(plan.requests) if plan.samples[r] and not req.finished]

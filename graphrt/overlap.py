@@ -1,0 +1,230 @@
+"""Launching steps: the launcher thread, ``StepHandle`` and its one ``copy_done`` event.
+
+For each step the launcher enqueues, on the forward stream: the plan's H2D copies, the graph
+replay (or eager step), a non-blocking D2H copy of the sampled ids into pinned memory owned by
+the step's handle, and the record of that handle's ``copy_done`` event. The scheduler submits
+step n+1 before it waits on step n's ``copy_done``, so its CPU work hides under step n+1.
+
+Ownership rules (SGLang PR #5788 fixed a bug where a shared ``launch_done`` was overwritten by
+the next step; here it cannot happen):
+
+- every event and pinned buffer a step uses belongs to its ``StepHandle``, drawn from a pool and
+  returned only when the handle is released after its results were consumed;
+- a handle's results can be consumed once; a second ``result()`` or an early ``release()`` raises;
+- the handle keeps the step's device outputs alive until it is released.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from graphrt.runner import ModelRunner, StepOutputs
+from graphrt.step_plan import StepPlan
+
+OverlapMode = Literal["thread", "inline", "off", "two_events"]
+
+
+class StepOwnershipError(RuntimeError):
+    """A step's results were consumed twice, or its resources returned before consumption."""
+
+
+@dataclass
+class HostOutputs:
+    """Pinned host arrays a step's sampled ids (and logprobs) are copied into."""
+
+    ids: torch.Tensor
+    logprob: torch.Tensor
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+
+
+@dataclass
+class StepResult:
+    """A step's results on the host; numpy views of the handle's pinned buffers."""
+
+    ids: np.ndarray
+    logprob: np.ndarray | None
+    top_ids: np.ndarray | None
+    top_logprobs: np.ndarray | None
+    graph_bs: int | None  # the decode bucket replayed, or None for an eager step
+
+
+class _Resources:
+    """One pinned output buffer and one event pair, lent to a single step at a time."""
+
+    def __init__(self, rows: int, k: int, device: torch.device, ident: int) -> None:
+        pin = device.type == "cuda"
+        self.ident = ident
+        self.host = HostOutputs(
+            ids=torch.zeros(rows, dtype=torch.int64, pin_memory=pin),
+            logprob=torch.zeros(rows, dtype=torch.float32, pin_memory=pin),
+            top_ids=torch.zeros(rows, max(k, 1), dtype=torch.int64, pin_memory=pin),
+            top_logprobs=torch.zeros(rows, max(k, 1), dtype=torch.float32, pin_memory=pin),
+        )
+        self.copy_done = torch.cuda.Event() if pin else None
+        self.owner: int | None = None
+
+
+class ResourcePool:
+    """A fixed set of per-step resources. ``acquire`` blocks while all are lent out."""
+
+    def __init__(self, size: int, rows: int, k: int, device: torch.device) -> None:
+        self._all = [_Resources(rows, k, device, i) for i in range(size)]
+        self._free: queue.SimpleQueue[_Resources] = queue.SimpleQueue()
+        for r in self._all:
+            self._free.put(r)
+
+    def acquire(self, step_id: int) -> _Resources:
+        r = self._free.get()
+        if r.owner is not None:
+            raise StepOwnershipError(
+                f"resources {r.ident} handed to step {step_id} while step {r.owner} owns them"
+            )
+        r.owner = step_id
+        return r
+
+    def release(self, r: _Resources, step_id: int) -> None:
+        if r.owner != step_id:
+            raise StepOwnershipError(
+                f"step {step_id} returned resources {r.ident} owned by step {r.owner}"
+            )
+        r.owner = None
+        self._free.put(r)
+
+
+class StepHandle:
+    """One launched step: its plan, its outputs, its ``copy_done`` event."""
+
+    def __init__(self, plan: StepPlan, res: _Resources, pool: ResourcePool) -> None:
+        self.plan = plan
+        self._res = res
+        self._pool = pool
+        self._outputs: StepOutputs | None = None  # keeps device tensors alive
+        self._launched = threading.Event()
+        self._error: BaseException | None = None
+        self._consumed = False
+        self._released = False
+        self.launch_cpu_s = 0.0
+
+    @property
+    def step_id(self) -> int:
+        return self.plan.step_id
+
+    def wait_launched(self) -> None:
+        """Block until the launcher has enqueued this step (the ``launch_done`` of two_events)."""
+        self._launched.wait()
+
+    def result(self) -> StepResult:
+        """Wait for this step's ``copy_done`` and return its ids. Callable once."""
+        if self._consumed:
+            raise StepOwnershipError(f"step {self.step_id}: results consumed twice")
+        if self._released:
+            raise StepOwnershipError(f"step {self.step_id}: results read after release")
+        self._consumed = True
+        self._launched.wait()
+        if self._error is not None:
+            raise self._error
+        if self._res.copy_done is not None:
+            self._res.copy_done.synchronize()
+        b = self.plan.batch_size
+        h = self._res.host
+        lp = self.plan.needs.logprobs
+        return StepResult(
+            ids=h.ids.numpy()[:b],
+            logprob=h.logprob.numpy()[:b] if lp else None,
+            top_ids=h.top_ids.numpy()[:b] if lp else None,
+            top_logprobs=h.top_logprobs.numpy()[:b] if lp else None,
+            graph_bs=self._outputs.graph_bs if self._outputs is not None else None,
+        )
+
+    def release(self) -> None:
+        """Return the pinned buffer and event to the pool. Only after ``result()``."""
+        if self._released:
+            raise StepOwnershipError(f"step {self.step_id}: released twice")
+        if not self._consumed:
+            raise StepOwnershipError(
+                f"step {self.step_id}: released before its results were consumed; its event "
+                "and buffer could be reused while the copy is in flight"
+            )
+        self._launched.wait()
+        self._released = True
+        self._outputs = None
+        self._pool.release(self._res, self.step_id)
+
+    # ---- called by the launcher -----------------------------------------------------------
+    def _launch(self, runner: ModelRunner) -> None:
+        try:
+            outputs = runner.execute(self.plan)
+            self._outputs = outputs
+            b = self.plan.batch_size
+            h, o = self._res.host, outputs.out
+            h.ids[:b].copy_(o.ids[:b], non_blocking=True)
+            if self.plan.needs.logprobs:
+                h.logprob[:b].copy_(o.logprob[:b], non_blocking=True)
+                h.top_ids[:b].copy_(o.top_ids[:b], non_blocking=True)
+                h.top_logprobs[:b].copy_(o.top_logprobs[:b], non_blocking=True)
+            if self._res.copy_done is not None:
+                self._res.copy_done.record()
+        except BaseException as e:  # surfaced to the scheduler by result()
+            self._error = e
+        finally:
+            self._launched.set()
+
+
+class Launcher:
+    """Runs steps on the forward stream, on its own thread (``thread``, ``two_events``) or on
+    the caller's (``inline``, ``off``)."""
+
+    def __init__(self, runner: ModelRunner, mode: OverlapMode, max_rows: int) -> None:
+        self.runner = runner
+        self.mode = mode
+        dev = runner.device
+        self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        # Steps in flight at once: the one being processed, the one running, one being queued.
+        self.pool = ResourcePool(4, max_rows, runner.max_logprobs, dev)
+        self._queue: queue.SimpleQueue[StepHandle | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        if mode in ("thread", "two_events"):
+            self._thread = threading.Thread(target=self._loop, name="graphrt-launcher", daemon=True)
+            self._thread.start()
+
+    @property
+    def overlapped(self) -> bool:
+        """Whether the scheduler submits step n+1 before consuming step n."""
+        return self.mode != "off"
+
+    def submit(self, plan: StepPlan) -> StepHandle:
+        handle = StepHandle(plan, self.pool.acquire(plan.step_id), self.pool)
+        if self._thread is None:
+            self._run(handle)
+        else:
+            self._queue.put(handle)
+        return handle
+
+    def _run(self, handle: StepHandle) -> None:
+        if self.stream is None:
+            handle._launch(self.runner)
+            return
+        with torch.cuda.stream(self.stream):
+            handle._launch(self.runner)
+
+    def _loop(self) -> None:
+        if self.stream is not None:
+            torch.cuda.set_device(self.runner.device)
+        while True:
+            handle = self._queue.get()
+            if handle is None:
+                return
+            self._run(handle)
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None

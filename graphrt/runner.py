@@ -1,0 +1,408 @@
+"""ModelRunner: turns a scheduled ``StepPlan`` into device work.
+
+It owns everything on the device: weights, the KV pool, the slot-indexed state (token buffer,
+page table, sampling parameters), the attention backend and the decode graphs. Prefill and mixed
+steps run eagerly; decode steps replay the captured graph of the smallest bucket that fits (or
+run the same step function eagerly on CPU and above the largest bucket).
+
+All methods that launch work are called from one thread (the launcher, or the scheduler thread
+when overlap is off or inline) and enqueue onto one forward stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from graphrt.capture.graph_runner import DecodeGraphRunner
+from graphrt.config import EngineConfig
+from graphrt.forward_batch import ForwardBatch
+from graphrt.kernels.attention_backend import AttentionSpec, AttnInputs, get_backend_class
+from graphrt.kernels.ops import make_ops
+from graphrt.memory.kv_pool import KVPool, KVPoolSpec
+from graphrt.models.loader import build_model, init_dummy, load_safetensors
+from graphrt.models.model_config import ModelConfig
+from graphrt.sampling import SampleOutputs, SamplerFlags, SlotSamplingState, sample
+from graphrt.step_plan import StepPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """The concrete choices behind ``"auto"`` config values."""
+
+    device: torch.device
+    dtype: torch.dtype
+    attention_backend: str
+    ops: str
+    max_model_len: int
+    max_pages_per_seq: int
+    num_slots: int
+
+
+def resolve_settings(config: EngineConfig, model_cfg: ModelConfig) -> ResolvedSettings:
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' was asked for, but torch sees no CUDA device")
+        device = torch.device(config.device)
+    if config.dtype == "auto":
+        # CPU kernels for bf16 matmuls are slow and HF parity is checked in fp32.
+        dtype = model_cfg.torch_dtype if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, config.dtype)
+    backend = config.attention_backend
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and _has_triton_backend() else "torch"
+    ops = "triton" if device.type == "cuda" and _has_triton_ops() else "torch"
+    limit = model_cfg.max_position_embeddings
+    max_len = config.max_model_len or limit
+    if max_len > limit:
+        raise ValueError(
+            f"max_model_len={max_len} exceeds the model's max_position_embeddings ({limit})"
+        )
+    pages = -(-max_len // config.page_size)
+    return ResolvedSettings(
+        device=device,
+        dtype=dtype,
+        attention_backend=backend,
+        ops=ops,
+        max_model_len=max_len,
+        max_pages_per_seq=pages,
+        num_slots=config.max_num_seqs + 1,  # + the dummy slot
+    )
+
+
+def _has_triton_backend() -> bool:
+    try:
+        get_backend_class("triton")
+        return True
+    except ImportError:
+        return False
+
+
+def _has_triton_ops() -> bool:
+    try:
+        make_ops("triton")
+        return True
+    except ImportError:
+        return False
+
+
+@dataclass
+class StepOutputs:
+    """Device results of one step: the first ``rows`` rows of ``out`` are real."""
+
+    out: SampleOutputs
+    rows: int
+    graph_bs: int | None  # the bucket replayed, or None for an eager step
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_dir: Path | None,
+        model_cfg: ModelConfig,
+        show_progress: bool = True,
+    ) -> None:
+        self.config = config
+        s = self.settings = resolve_settings(config, model_cfg)
+        self.device = s.device
+        t0 = time.perf_counter()
+        self.ops = make_ops(s.ops)
+        self.model = build_model(model_cfg, self.ops, s.dtype, s.device, s.max_model_len + 1)
+        self.model_cfg: ModelConfig = self.model.cfg
+        if config.load_format == "dummy" or model_dir is None:
+            init_dummy(self.model, config.seed)
+        else:
+            load_safetensors(self.model, model_dir, show_progress=show_progress)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        logger.info(
+            "model %s loaded: %.2f GB of %s weights on %s in %.1fs",
+            model_cfg.architecture,
+            self.weight_bytes / 1e9,
+            s.dtype,
+            s.device,
+            time.perf_counter() - t0,
+        )
+        c = self.model_cfg
+        self.kv_spec = KVPoolSpec(
+            c.num_layers, c.num_kv_heads, c.head_dim, config.page_size, s.dtype
+        )
+        self.attn_spec = AttentionSpec(
+            num_q_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            page_size=config.page_size,
+            max_pages_per_seq=s.max_pages_per_seq,
+            scale=c.head_dim**-0.5,
+            dtype=s.dtype,
+            device=s.device,
+        )
+        self.backend_cls = get_backend_class(s.attention_backend)
+        # Slot-indexed device state. Slot 0 and page 0 are the dummies padded rows point at.
+        self.token_buf = torch.zeros(s.num_slots, dtype=torch.int64, device=s.device)
+        self.page_table = torch.zeros(
+            s.num_slots, s.max_pages_per_seq, dtype=torch.int32, device=s.device
+        )
+        self.slot_state = SlotSamplingState(s.num_slots, c.vocab_size, s.device)
+        self.max_logprobs = config.max_logprobs
+        self.graphs: DecodeGraphRunner | None = None
+        self.kv: KVPool
+        self.graph_memory_bytes = 0
+        num_pages = self._plan_num_pages()
+        self._allocate_kv(num_pages)
+        self.graphs = DecodeGraphRunner(self, show_progress=show_progress)
+        if self.device.type == "cuda" and self.graphs.buckets:
+            self.graph_memory_bytes = self.graphs.capture_all()
+
+    # ---- memory ---------------------------------------------------------------------------
+    @property
+    def num_pages(self) -> int:
+        return self.kv.num_pages
+
+    def _allocate_kv(self, num_pages: int) -> None:
+        self.kv = KVPool(self.kv_spec, num_pages, self.device)
+        self.attn = self.backend_cls(self.attn_spec, self.kv.k, self.kv.v)
+        logger.info(
+            "KV pool: %d pages of %d tokens (%.2f GB)",
+            num_pages,
+            self.config.page_size,
+            self.kv.nbytes / 1e9,
+        )
+
+    def _plan_num_pages(self) -> int:
+        cfg, s = self.config, self.settings
+        cap = cfg.max_num_seqs * s.max_pages_per_seq + 1
+        if cfg.num_pages is not None:
+            return cfg.num_pages
+        per_page = self.kv_spec.bytes_per_page
+        if self.device.type != "cuda":
+            return max(2, min(cap, int(cfg.cpu_kv_cache_gb * 2**30) // per_page))
+        # Measure, don't guess: peak activations of the largest eager step and the memory the
+        # decode graphs take, each with a throwaway 2-page pool, then give the KV pool what is
+        # left of gpu_memory_utilization.
+        self._allocate_kv(2)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        self._profile_run()
+        activations = torch.cuda.max_memory_allocated() - base
+        probe = DecodeGraphRunner(self, show_progress=False)
+        graph_bytes = probe.capture_all() if probe.buckets else 0
+        del probe
+        del self.kv, self.attn
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        used = total - free
+        budget = int(total * cfg.gpu_memory_utilization) - used - activations - graph_bytes
+        num = budget // per_page
+        logger.info(
+            "GPU memory: %.2f GB total, %.2f GB in use, activations %.2f GB, graphs %.2f GB, "
+            "KV budget %.2f GB",
+            total / 1e9,
+            used / 1e9,
+            activations / 1e9,
+            graph_bytes / 1e9,
+            max(budget, 0) / 1e9,
+        )
+        if num < s.max_pages_per_seq + 1:
+            raise RuntimeError(
+                f"not enough GPU memory for the KV cache: {max(budget, 0) / 1e9:.2f} GB left "
+                f"fits {max(num, 0)} pages, one full-length sequence needs "
+                f"{s.max_pages_per_seq}. Raise gpu_memory_utilization, or lower max_model_len, "
+                "max_num_batched_tokens or cuda_graph_max_bs."
+            )
+        return min(num, cap)
+
+    def _profile_run(self) -> None:
+        """One eager forward of ``max_num_batched_tokens`` tokens writing only the dummy page."""
+        n = self.config.max_num_batched_tokens
+        rows = min(self.config.max_num_seqs, n)
+        per_row = n // rows
+        q = np.full(rows, per_row, dtype=np.int64)
+        q[-1] += n - per_row * rows
+        ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+        positions = torch.zeros(n, dtype=torch.int64, device=self.device)
+        cu = np.concatenate([[0], np.cumsum(q)])
+        seq = q.copy()
+        inputs = AttnInputs(
+            is_decode=False,
+            seq_lens=torch.from_numpy(seq).to(self.device, torch.int32),
+            page_rows=torch.zeros(
+                rows, self.settings.max_pages_per_seq, dtype=torch.int32, device=self.device
+            ),
+            kv_len_bound=int(seq.max()),
+            cu_q=torch.from_numpy(cu).to(self.device, torch.int32),
+            max_q_len=int(q.max()),
+            seq_lens_host=seq,
+            cu_q_host=cu,
+        )
+        # Every token maps to the dummy page, so the run only measures activation memory; the
+        # attention itself still sees each row's full causal length.
+        fb = ForwardBatch(
+            input_ids=ids,
+            positions=positions,
+            kv_locs=torch.zeros_like(ids),
+            logits_rows=torch.from_numpy(cu[1:] - 1).to(self.device),
+            attn_backend=self.attn,
+            attn_meta=None,
+        )
+        with torch.inference_mode():
+            fb.attn_meta = self.attn.prepare_metadata(inputs)
+            logits = self.model.compute_logits(self.model(fb))
+            out = SampleOutputs.allocate(rows, self.max_logprobs, self.device)
+            slots = torch.zeros(rows, dtype=torch.int64, device=self.device)
+            sample(
+                logits,
+                slots,
+                slots,
+                slots,
+                self.slot_state,
+                self.token_buf,
+                SamplerFlags(True, True, True),
+                out,
+            )
+        torch.cuda.synchronize()
+
+    # ---- steps ----------------------------------------------------------------------------
+    def prepare(self, plan: StepPlan) -> None:
+        """Apply a plan's slot inits and page-table updates (before its step, same stream)."""
+        if plan.slot_inits:
+            self.slot_state.write(plan.slot_inits)
+        if plan.page_updates.shape[1]:
+            upd = torch.from_numpy(plan.page_updates).to(self.device, non_blocking=True)
+            self.page_table.index_put_((upd[0], upd[1]), upd[2].to(torch.int32))
+
+    def execute(self, plan: StepPlan) -> StepOutputs:
+        """Enqueue one step. Returns device outputs; nothing here waits for the GPU."""
+        with torch.inference_mode():
+            self.prepare(plan)
+            flags = sampler_flags(plan)
+            if plan.is_decode and self.graphs is not None:
+                bucket = self.graphs.bucket_for(plan.batch_size)
+                if bucket is not None:
+                    out = self.graphs.run(plan, bucket, flags)
+                    return StepOutputs(out, plan.batch_size, bucket)
+            return StepOutputs(self._eager(plan, flags), plan.batch_size, None)
+
+    def decode_forward(
+        self,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: torch.Tensor,
+        out: SampleOutputs,
+        flags: SamplerFlags,
+        kv_len_bound: int,
+        capture_bs: int | None = None,
+        attn_meta: object | None = None,
+    ) -> None:
+        """One decode token per row, entirely from device tensors: the captured function.
+
+        Input ids come from the token buffer; page rows and KV write locations from the page
+        table. ``capture_bs`` marks graph capture (backends then build static metadata).
+        """
+        ps = self.config.page_size
+        input_ids = self.token_buf.index_select(0, slots)
+        page_rows = self.page_table.index_select(0, slots)
+        page = page_rows.gather(1, (positions // ps)[:, None])[:, 0].to(torch.int64)
+        kv_locs = page * ps + positions % ps
+        if attn_meta is None:
+            inputs = AttnInputs(
+                is_decode=True,
+                seq_lens=seq_lens.to(torch.int32),
+                page_rows=page_rows,
+                kv_len_bound=kv_len_bound,
+            )
+            if capture_bs is None:
+                attn_meta = self.attn.prepare_metadata(inputs)
+            else:
+                attn_meta = self.attn.prepare_for_capture(capture_bs, inputs)
+        fb = ForwardBatch(
+            input_ids=input_ids,
+            positions=positions,
+            kv_locs=kv_locs,
+            logits_rows=torch.arange(slots.shape[0], device=slots.device),
+            attn_backend=self.attn,
+            attn_meta=attn_meta,
+        )
+        logits = self.model.compute_logits(self.model(fb))
+        sample(logits, slots, slots, seq_lens, self.slot_state, self.token_buf, flags, out)
+
+    def _eager(self, plan: StepPlan, flags: SamplerFlags) -> SampleOutputs:
+        dev = self.device
+        b, t = plan.batch_size, plan.num_tokens
+        out = SampleOutputs.allocate(b, self.max_logprobs, dev)
+        if plan.is_decode:
+            packed = np.stack([plan.slots, plan.seq_lens - 1, plan.seq_lens])
+            d = torch.from_numpy(packed).to(dev, non_blocking=True)
+            bound = _round_up(int(plan.seq_lens.max()), self.config.page_size)
+            self.decode_forward(d[0], d[1], d[2], out, flags, bound)
+            return out
+        cu = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum(plan.query_lens, out=cu[1:])
+        token_slots = np.repeat(plan.slots, plan.query_lens)
+        packed = np.concatenate(
+            [
+                plan.input_ids,
+                plan.positions,
+                token_slots,
+                plan.slots,
+                plan.out_slots,
+                plan.seq_lens,
+                cu,
+            ]
+        )
+        d = torch.from_numpy(packed).to(dev, non_blocking=True)
+        ids, positions, tslots = d[:t], d[t : 2 * t], d[2 * t : 3 * t]
+        o = 3 * t
+        slots, out_slots, seq_lens, cu_d = (
+            d[o : o + b],
+            d[o + b : o + 2 * b],
+            d[o + 2 * b : o + 3 * b],
+            d[o + 3 * b :],
+        )
+        # Decode rows (-1) take their input from the token buffer, written by the last step.
+        ids = torch.where(ids < 0, self.token_buf.index_select(0, tslots), ids)
+        ps = self.config.page_size
+        page = self.page_table[tslots, positions // ps].to(torch.int64)
+        kv_locs = page * ps + positions % ps
+        inputs = AttnInputs(
+            is_decode=False,
+            seq_lens=seq_lens.to(torch.int32),
+            page_rows=self.page_table.index_select(0, slots),
+            kv_len_bound=_round_up(int(plan.seq_lens.max()), ps),
+            cu_q=cu_d.to(torch.int32),
+            max_q_len=int(plan.query_lens.max()),
+            seq_lens_host=plan.seq_lens,
+            cu_q_host=cu,
+        )
+        fb = ForwardBatch(
+            input_ids=ids,
+            positions=positions,
+            kv_locs=kv_locs,
+            logits_rows=cu_d[1:] - 1,
+            attn_backend=self.attn,
+            attn_meta=self.attn.prepare_metadata(inputs),
+        )
+        logits = self.model.compute_logits(self.model(fb))
+        sample(logits, slots, out_slots, seq_lens, self.slot_state, self.token_buf, flags, out)
+        return out
+
+
+def sampler_flags(plan: StepPlan) -> SamplerFlags:
+    n = plan.needs
+    return SamplerFlags(full=n.full, filters=n.filters, logprobs=n.logprobs)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m

@@ -1,0 +1,261 @@
+"""Continuous batching: admission, chunked prefill, preemption. Pure Python, no device work.
+
+Each step holds every running request that has finished its prefill (one decode token each),
+then continues unfinished prefills, then admits waiting requests, all within a token budget.
+When a decode row needs a page and none is free, the newest running request is preempted: its
+pages and slot are freed and it goes back to the front of the queue, to be recomputed from its
+prompt and outputs so far.
+
+The scheduler plans one step ahead of the results it has seen. Positions and page needs are
+known from what has been *launched* (``num_computed``, ``num_pending``), so a request's next
+decode is planned before its previous token reaches the host.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from graphrt.memory.page_allocator import DUMMY_SLOT, PageAllocator, SlotAllocator
+from graphrt.request import Request, RequestStatus
+from graphrt.step_plan import SamplerNeeds, SlotInit, StepPlan
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; the caller should retry later (HTTP 503)."""
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_waiting_requests: int,
+        pages: PageAllocator,
+        slots: SlotAllocator,
+        slot_init: Callable[[Request, int], SlotInit],
+        sampler_needs: Callable[[Request], SamplerNeeds],
+    ) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_waiting_requests = max_waiting_requests
+        self.pages = pages
+        self.slots = slots
+        self._slot_init = slot_init
+        self._sampler_needs = sampler_needs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._next_step = 0
+        self.num_preemptions = 0
+
+    # ---- queue ---------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        if len(self.waiting) >= self.max_waiting_requests:
+            raise EngineOverloaded(
+                f"{len(self.waiting)} requests already waiting (max_waiting_requests="
+                f"{self.max_waiting_requests}); retry later"
+            )
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def finish(self, req: Request) -> None:
+        """Remove a finished or aborted request and free what it holds.
+
+        Safe while a launched step still uses its pages or slot: the next step that reuses them
+        runs after it on the same stream.
+        """
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+        req.status = RequestStatus.FINISHED
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---- planning ------------------------------------------------------------------------
+    def schedule(self) -> StepPlan | None:
+        """The next step, or None when nothing can run now."""
+        b = _PlanBuilder(self.pages.page_size)
+        budget = self.max_num_batched_tokens
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING or not req.prefill_done:
+                continue
+            if not req.can_sample_more:
+                continue  # its last token is in flight
+            if not self._reserve_pages(req, req.num_computed + 1, b, preempt=True):
+                continue
+            b.decode_row(req)
+            budget -= 1
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING or req.prefill_done:
+                continue
+            budget -= self._schedule_prefill_chunk(req, budget, b)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if req.in_flight:
+                break  # a preempted request whose last token has not landed yet
+            if not self._admit(req, budget, b):
+                break
+            budget -= b.last_chunk
+        if not b.rows:
+            return None
+        plan = b.build(self._next_step, self._sampler_needs)
+        self._next_step += 1
+        return plan
+
+    def _admit(self, req: Request, budget: int, b: _PlanBuilder) -> bool:
+        if req.num_preemptions:
+            req.prefill_ids = req.prompt_ids + req.output_ids
+        chunk = min(len(req.prefill_ids), budget)
+        need = self.pages.pages_for(chunk)
+        if not self.pages.can_allocate(need) or not self.slots.can_allocate(1):
+            return False
+        self.waiting.popleft()
+        req.slot = self.slots.allocate_one()
+        req.status = RequestStatus.RUNNING
+        req.num_computed = 0
+        self.running.append(req)
+        b.slot_inits.append(self._slot_init(req, req.slot))
+        self._reserve_pages(req, chunk, b, preempt=False)
+        b.prefill_row(req, chunk)
+        return True
+
+    def _schedule_prefill_chunk(self, req: Request, budget: int, b: _PlanBuilder) -> int:
+        remaining = len(req.prefill_ids) - req.num_computed
+        chunk = min(remaining, budget)
+        ps = self.pages.page_size
+        fits = (len(req.pages) + self.pages.num_free) * ps - req.num_computed
+        if fits <= 0:
+            if b.rows:
+                return 0  # other rows make progress this step and will free pages
+            # Nothing else can run: take pages from newer requests, so half-prefilled prompts
+            # cannot deadlock each other. The plan is empty, so no victim is in it.
+            if not self._reserve_pages(req, req.num_computed + 1, b, preempt=True):
+                return 0
+            fits = (len(req.pages) + self.pages.num_free) * ps - req.num_computed
+        chunk = min(chunk, fits)
+        self._reserve_pages(req, req.num_computed + chunk, b, preempt=False)
+        b.prefill_row(req, chunk)
+        return chunk
+
+    def _reserve_pages(self, req: Request, num_tokens: int, b: _PlanBuilder, preempt: bool) -> bool:
+        """Give ``req`` pages for ``num_tokens`` positions, preempting newer requests if allowed.
+
+        Returns False if ``req`` itself had to be preempted.
+        """
+        need = self.pages.pages_for(num_tokens) - len(req.pages)
+        if need <= 0:
+            return True
+        while not self.pages.can_allocate(need):
+            if not preempt:
+                return False
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        new = self.pages.allocate(need)
+        first = len(req.pages)
+        req.pages.extend(new)
+        for i, page in enumerate(new):
+            b.page_updates.append((req.slot, first + i, page))
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _release(self, req: Request) -> None:
+        if req.pages:
+            self.pages.free(req.pages)
+            req.pages = []
+        if req.slot is not None:
+            self.slots.free([req.slot])
+            req.slot = None
+
+
+class _PlanBuilder:
+    """Accumulates rows for one plan, then packs them into numpy arrays."""
+
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+        self.rows: list[Request] = []
+        self.samples: list[bool] = []
+        self.slots: list[int] = []
+        self.out_slots: list[int] = []
+        self.seq_lens: list[int] = []
+        self.query_lens: list[int] = []
+        self.input_ids: list[int] = []
+        self.positions: list[int] = []
+        self.page_updates: list[tuple[int, int, int]] = []
+        self.slot_inits: list[SlotInit] = []
+        self.all_decode = True
+        self.last_chunk = 0
+
+    def decode_row(self, req: Request) -> None:
+        pos = req.num_computed
+        self._row(req, samples=True, start=pos, n=1)
+        self.input_ids.append(-1)
+        req.num_computed += 1
+        req.num_pending += 1
+
+    def prefill_row(self, req: Request, n: int) -> None:
+        start = req.num_computed
+        req.num_computed += n
+        samples = req.prefill_done
+        self._row(req, samples=samples, start=start, n=n)
+        self.input_ids.extend(req.prefill_ids[start : start + n])
+        self.all_decode = False
+        self.last_chunk = n
+        if samples:
+            req.num_pending += 1
+
+    def _row(self, req: Request, samples: bool, start: int, n: int) -> None:
+        assert req.slot is not None
+        self.rows.append(req)
+        self.samples.append(samples)
+        self.slots.append(req.slot)
+        self.out_slots.append(req.slot if samples else DUMMY_SLOT)
+        self.seq_lens.append(start + n)
+        self.query_lens.append(n)
+        self.positions.extend(range(start, start + n))
+
+    def build(self, step_id: int, needs_of: Callable[[Request], SamplerNeeds]) -> StepPlan:
+        full = filters = logprobs = False
+        for req, s in zip(self.rows, self.samples):
+            if s:
+                n = needs_of(req)
+                full |= n.full
+                filters |= n.filters
+                logprobs |= n.logprobs
+        i64 = np.int64
+        updates = np.array(self.page_updates, dtype=i64).reshape(-1, 3).T.copy()
+        return StepPlan(
+            step_id=step_id,
+            is_decode=self.all_decode,
+            requests=self.rows,
+            samples=np.array(self.samples, dtype=bool),
+            slots=np.array(self.slots, dtype=i64),
+            out_slots=np.array(self.out_slots, dtype=i64),
+            seq_lens=np.array(self.seq_lens, dtype=i64),
+            query_lens=np.array(self.query_lens, dtype=i64),
+            input_ids=np.array(self.input_ids, dtype=i64),
+            positions=np.array(self.positions, dtype=i64),
+            page_updates=updates,
+            slot_inits=self.slot_inits,
+            needs=SamplerNeeds(full, filters, logprobs),
+        )

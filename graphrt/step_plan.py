@@ -1,0 +1,77 @@
+"""The plan of one step: small host arrays the scheduler fills and the runner ships to the GPU.
+
+Pure Python and numpy. A plan is immutable once submitted; the runner copies what it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graphrt.request import Request
+
+# Ids banned while a request is below ``min_tokens``: its EOS ids and stop_token_ids.
+MAX_BANNED_IDS = 32
+
+
+@dataclass(frozen=True)
+class SlotInit:
+    """Parameters written into a slot when a request is admitted (or re-admitted)."""
+
+    slot: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int
+    min_pos: int  # stop ids are banned while the sampled token's position is below this
+    banned_ids: tuple[int, ...]
+    penalty_prompt_ids: tuple[int, ...] | None  # set only when the request uses penalties
+    penalty_output_ids: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class SamplerNeeds:
+    """The sampler features a step needs: the union over its rows."""
+
+    full: bool = False
+    filters: bool = False
+    logprobs: bool = False
+
+
+@dataclass
+class StepPlan:
+    """One step over ``B`` sequences and ``T`` tokens.
+
+    Rows are sequences. A decode row feeds one token whose id is already on the GPU (in the
+    slot-indexed token buffer, written by the previous step's sampler); ``input_ids`` marks those
+    tokens with -1. Prefill rows feed prompt tokens from the host. ``samples[b]`` says whether row
+    ``b`` samples a token this step (decode rows and final prefill chunks); the others send their
+    sampled id to the dummy slot through ``out_slots``.
+    """
+
+    step_id: int
+    is_decode: bool
+    requests: list[Request]
+    samples: np.ndarray  # bool [B]
+    slots: np.ndarray  # int64 [B]
+    out_slots: np.ndarray  # int64 [B]
+    seq_lens: np.ndarray  # int64 [B], KV length after this step
+    query_lens: np.ndarray  # int64 [B]
+    input_ids: np.ndarray  # int64 [T]
+    positions: np.ndarray  # int64 [T]
+    page_updates: np.ndarray  # int64 [3, U]: (slot, index in the slot's page row, page)
+    slot_inits: list[SlotInit] = field(default_factory=list)
+    needs: SamplerNeeds = field(default_factory=SamplerNeeds)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.requests)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])

@@ -1,0 +1,109 @@
+"""The attention backend interface and its registry.
+
+A backend computes paged attention for one layer and writes nothing but its output: the K/V of
+the step's new tokens are already in the cache (see ``rope_and_store_kv``). Backends differ in
+how they prepare per-step metadata, so the interface has explicit capture hooks:
+
+- ``prepare_metadata``: eager steps (prefill, mixed, batches above the largest graph);
+- ``init_capture_graph``: allocate static metadata buffers once, for the largest bucket;
+- ``prepare_for_capture``: metadata for capturing bucket ``bs``, pointing at those buffers;
+- ``prepare_for_replay``: update those buffers in place before replaying bucket ``bs``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    max_pages_per_seq: int
+    scale: float
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass
+class AttnInputs:
+    """Per-step attention inputs shared by every backend.
+
+    ``page_rows[b]`` lists the pages of sequence ``b`` (unused entries point at the dummy page).
+    ``seq_lens[b]`` is its KV length after this step's tokens. Extend steps also give
+    ``cu_q`` (``[B + 1]`` offsets of each sequence's new tokens in the flat token dim).
+    ``kv_len_bound`` is a static upper bound on ``seq_lens`` (the page-table width when
+    capturing a graph; the real maximum, rounded up to a page, for eager steps).
+    Host copies are given when the step is planned on the host, for backends that plan there.
+    """
+
+    is_decode: bool
+    seq_lens: torch.Tensor
+    page_rows: torch.Tensor
+    kv_len_bound: int
+    cu_q: torch.Tensor | None = None
+    max_q_len: int = 1
+    seq_lens_host: np.ndarray | None = None
+    cu_q_host: np.ndarray | None = None
+    page_ids_host: list[list[int]] | None = None
+
+
+class AttentionBackend(ABC):
+    """Paged attention for every layer of one model."""
+
+    name: str = "abstract"
+
+    def __init__(
+        self, spec: AttentionSpec, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]
+    ):
+        self.spec = spec
+        self.k_caches = k_caches
+        self.v_caches = v_caches
+
+    @abstractmethod
+    def prepare_metadata(self, inputs: AttnInputs) -> Any:
+        """Metadata for one eager step."""
+
+    def init_capture_graph(self, max_bs: int) -> None:  # noqa: B027 - optional hook
+        """Allocate static buffers for decode graphs up to ``max_bs`` rows."""
+
+    def prepare_for_capture(self, bs: int, inputs: AttnInputs) -> Any:
+        """Metadata to capture decode bucket ``bs``; ``inputs`` views static buffers."""
+        return self.prepare_metadata(inputs)
+
+    def prepare_for_replay(  # noqa: B027 - optional hook
+        self, bs: int, seq_lens_host: np.ndarray, slots_host: np.ndarray
+    ) -> None:
+        """Refresh the static metadata of bucket ``bs`` in place before a replay, from the
+        padded host rows of the step. Must not allocate device memory."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, layer: int, meta: Any) -> torch.Tensor:
+        """``q``: ``[T, Hq, D]`` (rotated). Returns ``[T, Hq, D]``."""
+
+
+_BACKENDS = {
+    "torch": ("graphrt.kernels.torch_attention", "TorchAttentionBackend"),
+    "triton": ("graphrt.kernels.triton_attention", "TritonAttentionBackend"),
+    "flashinfer": ("graphrt.kernels.flashinfer_attention", "FlashInferAttentionBackend"),
+}
+
+
+def available_backends() -> list[str]:
+    return list(_BACKENDS)
+
+
+def get_backend_class(name: str) -> type[AttentionBackend]:
+    """Import a backend lazily by name; unknown names list the known ones."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {list(_BACKENDS)}")
+    module, cls = _BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,84 @@
+"""Torch reference implementations of graphrt's fused ops.
+
+These define what every faster kernel must compute. They also run the CPU path. Each one
+follows Hugging Face transformers' numerics (fp32 norm math, rotary in the activation dtype),
+so the CPU engine matches HF within fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / rms(x)``, computed in fp32 and cast back, as HF's LlamaRMSNorm."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(rms_norm(x + residual), x + residual)``: the pre-norm residual stream."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for the fused gate/up projection output."""
+    d = x.shape[-1] // 2
+    return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding.
+
+    ``q``: ``[T, Hq, D]``, ``k``: ``[T, Hkv, D]``, ``positions``: ``[T]``, ``cos_sin``:
+    ``[max_pos, D]`` fp32 holding ``cos`` in the first half and ``sin`` in the second half of the
+    last dim (each ``D/2`` wide). Returns new tensors in the input dtype.
+    """
+    half = cos_sin.shape[-1] // 2
+    cs = cos_sin.index_select(0, positions)
+    cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1).to(q.dtype)[:, None, :]
+    sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1).to(q.dtype)[:, None, :]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache_flat: torch.Tensor,
+    v_cache_flat: torch.Tensor,
+    locs: torch.Tensor,
+) -> None:
+    """Write ``k``, ``v`` (``[T, Hkv, D]``) into flat cache rows ``locs`` (``[T]``)."""
+    k_cache_flat.index_copy_(0, locs, k.to(k_cache_flat.dtype))
+    v_cache_flat.index_copy_(0, locs, v.to(v_cache_flat.dtype))
+
+
+def rope_and_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache_flat: torch.Tensor,
+    v_cache_flat: torch.Tensor,
+    locs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary on ``q`` and ``k``, then the write of ``k`` and ``v`` into their pages.
+
+    Returns the rotated ``(q, k)``.
+    """
+    q, k = apply_rope(q, k, positions, cos_sin)
+    store_kv(k, v, k_cache_flat, v_cache_flat, locs)
+    return q, k
