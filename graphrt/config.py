@@ -89,7 +89,9 @@ class EngineConfig:
         _check_range("cuda_graph_max_bs", self.cuda_graph_max_bs, 0, 8192)
         if self.cuda_graph_batch_sizes is not None:
             sizes = self.cuda_graph_batch_sizes
-            if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
+            # bool is an int subclass; refuse it here as _check_type does for int fields.
+            bad = [s for s in sizes if not isinstance(s, int) or isinstance(s, bool) or s < 1]
+            if not sizes or bad:
                 raise ValueError(
                     f"cuda_graph_batch_sizes must be a non-empty list of positive ints, got {sizes}"
                 )
