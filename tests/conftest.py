@@ -75,7 +75,7 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
     cache: dict[tuple, Path] = {}
 
     def make(arch: str = "LlamaForCausalLM", **overrides: object) -> Path:
-        key = (arch, tuple(sorted(overrides.items())))
+        key = (arch, repr(sorted(overrides.items())))
         if key not in cache:
             d = tmp_path_factory.mktemp(arch.replace("ForCausalLM", "").lower())
             cache[key] = save_tiny_model(d, arch, **overrides)

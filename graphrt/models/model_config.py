@@ -93,6 +93,13 @@ class ModelConfig:
         if not archs:
             raise ValueError(f"{where}: no 'architectures' entry; cannot tell the model type")
         arch = archs[0]
+        from graphrt.models.registry import supported_architectures  # registry imports us
+
+        if arch not in supported_architectures():
+            raise ValueError(
+                f"{where}: unsupported architecture {arch!r}; graphrt supports "
+                f"{', '.join(supported_architectures())}"
+            )
 
         def need(key: str) -> Any:
             if key not in cfg or cfg[key] is None:
