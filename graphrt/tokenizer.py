@@ -27,6 +27,10 @@ __all__ = ["IncrementalDetokenizer", "StopStringMatcher", "Tokenizer"]
 # back past the last complete character (for leading-space rules and split UTF-8 sequences).
 _PROMPT_CONTEXT_TOKENS = 6
 
+# How many ids to look back for the start of a character: at most 4 byte tokens, with room
+# for special tokens in between.
+_CHAR_LOOKBACK = 8
+
 # What a lossy UTF-8 decode puts in place of an incomplete byte sequence.
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -321,13 +325,21 @@ class IncrementalDetokenizer:
         self._prefix_text = self._context_text
 
     def _ends_on_char_boundary(self, ids: Sequence[int], pos: int) -> bool:
-        # Some short run of ids before pos decodes to text ending in a complete character.
-        # Byte tokens of one character are at most 4.
-        for k in range(1, min(4, pos) + 1):
+        """Whether the text of ``ids[:pos]`` ends on a complete character, looking back a bit.
+
+        Decodes ever longer runs of ids before ``pos``: one that starts on a character and
+        decodes to text without a trailing U+FFFD proves it (a character is at most 4 byte
+        tokens, special tokens in between may decode to nothing, hence _CHAR_LOOKBACK).
+        """
+        seen_text = False
+        for k in range(1, min(_CHAR_LOOKBACK, pos) + 1):
             piece = [int(i) for i in ids[pos - k : pos]]
-            if not self._tokenizer._decode_raw(piece, False).endswith(_REPLACEMENT_CHAR):
-                return True
-        return False
+            text = self._tokenizer._decode_raw(piece, self._skip)
+            if text:
+                if not text.endswith(_REPLACEMENT_CHAR):
+                    return True
+                seen_text = True
+        return not seen_text
 
     def _pick_context(self, prompt_ids: Sequence[int]) -> tuple[list[int], int]:
         """The last few prompt ids, and how many of them end on a complete character.
@@ -338,7 +350,7 @@ class IncrementalDetokenizer:
         """
         n = len(prompt_ids)
         start = max(0, n - _PROMPT_CONTEXT_TOKENS)
-        for _ in range(4):
+        for _ in range(_CHAR_LOOKBACK):
             if start == 0 or self._ends_on_char_boundary(prompt_ids, start):
                 break
             start -= 1
@@ -346,7 +358,7 @@ class IncrementalDetokenizer:
         complete = len(context)
         while complete > 0 and not self._ends_on_char_boundary(context, complete):
             complete -= 1
-            if len(context) - complete == 4:
+            if len(context) - complete == _CHAR_LOOKBACK:
                 # No boundary in reach, so not an unfinished character but invalid UTF-8:
                 # treat it all as prompt.
                 return context, len(context)

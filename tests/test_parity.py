@@ -100,7 +100,7 @@ def test_unknown_architecture_lists_supported(tmp_path) -> None:
     (tmp_path / "config.json").write_text(
         json.dumps({"architectures": ["GPT2LMHeadModel"], "hidden_size": 8})
     )
-    with pytest.raises(ValueError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM.*Qwen3ForCausalLM"):
         Engine(str(tmp_path), show_progress=False)
 
 
