@@ -123,7 +123,11 @@ def _int(name: str, value: Any, lo: int | None = None, hi: int | None = None) ->
 def _num(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond float range; the sampler stores floats
+        finite = False
+    if not finite:
         raise ValueError(f"{name} must be finite, got {value}")
     if lo is not None and value < lo:
         raise ValueError(f"{name} must be >= {lo}, got {value}")
