@@ -41,10 +41,13 @@ class IdPool:
         return self.num_usable - len(self._free)
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return 0 <= n <= len(self._free)
 
     def allocate(self, n: int) -> list[int]:
         """Take ``n`` ids; raises ``MemoryError`` if fewer are free (callers check first)."""
+        if n < 0:
+            # self._free[-n:] would silently hand out all but n ids.
+            raise ValueError(f"asked for a negative number of {self.what}s: {n}")
         if n > len(self._free):
             raise MemoryError(f"asked for {n} {self.what}s, {len(self._free)} free")
         if n == 0:
