@@ -178,6 +178,7 @@ class DecodeGraphRunner:
                 self.buffers.out.narrow(bucket),
                 variant,
                 _round_up(int(plan.seq_lens.max()), self.runner.config.page_size),
+                seq_lens_host=host[SEQ_LENS],
             )
         return self.buffers.out.narrow(bucket)
 

@@ -305,11 +305,13 @@ class ModelRunner:
         kv_len_bound: int,
         capture_bs: int | None = None,
         attn_meta: object | None = None,
+        seq_lens_host: np.ndarray | None = None,
     ) -> None:
         """One decode token per row, entirely from device tensors: the captured function.
 
         Input ids come from the token buffer; page rows and KV write locations from the page
         table. ``capture_bs`` marks graph capture (backends then build static metadata).
+        ``seq_lens_host`` is given on eager steps, for backends that plan on the host.
         """
         ps = self.config.page_size
         input_ids = self.token_buf.index_select(0, slots)
@@ -322,6 +324,7 @@ class ModelRunner:
                 seq_lens=seq_lens.to(torch.int32),
                 page_rows=page_rows,
                 kv_len_bound=kv_len_bound,
+                seq_lens_host=seq_lens_host,
             )
             if capture_bs is None:
                 attn_meta = self.attn.prepare_metadata(inputs)
@@ -346,7 +349,7 @@ class ModelRunner:
             packed = np.stack([plan.slots, plan.seq_lens - 1, plan.seq_lens])
             d = torch.from_numpy(packed).to(dev, non_blocking=True)
             bound = _round_up(int(plan.seq_lens.max()), self.config.page_size)
-            self.decode_forward(d[0], d[1], d[2], out, flags, bound)
+            self.decode_forward(d[0], d[1], d[2], out, flags, bound, seq_lens_host=plan.seq_lens)
             return out
         cu = np.zeros(b + 1, dtype=np.int64)
         np.cumsum(plan.query_lens, out=cu[1:])
