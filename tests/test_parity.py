@@ -51,21 +51,32 @@ def _our_logprobs(out, vocab: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+DEVICES = [
+    pytest.param("cpu", torch.float32, 2e-5, id="cpu-fp32"),
+    pytest.param("cuda", torch.bfloat16, 0.08, id="cuda-bf16", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize(("device", "dtype", "atol"), DEVICES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_logits_match_hf_prefill_and_decode(tiny_model_factory, arch: str) -> None:
+def test_logits_match_hf_prefill_and_decode(tiny_model_factory, arch, device, dtype, atol) -> None:
     d = tiny_model_factory(arch)
-    hf = _hf(d)
+    hf = _hf(d, dtype, device)
     vocab = hf.config.vocab_size
-    eng = Engine(str(d), show_progress=False, max_logprobs=vocab, overlap="off")
+    name = str(dtype).removeprefix("torch.")
+    eng = Engine(str(d), show_progress=False, max_logprobs=vocab, device=device, dtype=name)
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=vocab, ignore_eos=True)
     outs = eng.generate(PROMPTS, params)
     for prompt, out in zip(PROMPTS, outs):
         c = out.outputs[0]
         ours = _our_logprobs(c, vocab)
+        # HF's distributions along *our* sequence (teacher forcing): row 0 is the prefill's,
+        # the others come from decode steps (graph replays on CUDA).
         ref = _hf_logprobs(hf, prompt + c.token_ids, len(prompt))
-        # Row 0 is the prefill's distribution, the others come from decode steps.
-        torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
-        assert c.token_ids == ref.argmax(-1).tolist()
+        torch.testing.assert_close(ours, ref, atol=atol, rtol=1e-4 if atol < 1e-3 else 0.05)
+        picked = ref.gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        # Greedy picked HF's argmax, up to a near-tie within the dtype's tolerance.
+        assert torch.all(picked >= ref.max(-1).values - (0 if atol < 1e-3 else atol))
     eng.shutdown()
 
 

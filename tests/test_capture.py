@@ -1,0 +1,109 @@
+"""Decode buckets, static buffers and padding, exercised on CPU through the same step function
+the CUDA graphs capture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from graphrt import Engine, SamplingParams
+from graphrt.capture.buckets import bucket_for, default_buckets, make_buckets
+from graphrt.capture.graph_runner import pad_waste, variant_for
+from graphrt.capture.static_buffers import POSITIONS, SEQ_LENS, SLOTS, fill_inputs
+from graphrt.memory.page_allocator import DUMMY_PAGE, DUMMY_SLOT
+from graphrt.sampling import EVERYTHING, GREEDY, SamplerFlags
+
+
+def test_default_buckets_dense_then_sixteen() -> None:
+    b = default_buckets(256)
+    assert b[:8] == [1, 2, 4, 8, 12, 16, 24, 32]
+    assert b[8:] == list(range(48, 257, 16))
+    assert default_buckets(20) == [1, 2, 4, 8, 12, 16, 20]
+    assert default_buckets(100)[-1] == 100 and 96 in default_buckets(100)
+    assert default_buckets(0) == []
+
+
+def test_make_buckets_settings() -> None:
+    assert make_buckets(0, None, 256) == []
+    assert make_buckets(64, None, 256)[-1] == 64
+    assert make_buckets(256, None, 40)[-1] == 40  # never above max_num_seqs
+    assert make_buckets(256, (8, 2, 32), 16) == [2, 8]
+    with pytest.raises(ValueError, match="above max_num_seqs"):
+        make_buckets(256, (64,), 16)
+
+
+@pytest.mark.parametrize(("bs", "want"), [(1, 1), (3, 4), (5, 8), (13, 16), (33, 48), (256, 256)])
+def test_bucket_for_pads_to_next(bs: int, want: int) -> None:
+    assert bucket_for(default_buckets(256), bs) == want
+
+
+def test_bucket_for_above_largest_is_eager() -> None:
+    assert bucket_for([1, 2, 4], 5) is None
+
+
+def test_pad_waste() -> None:
+    assert pad_waste([1, 2, 4], np.array([4, 4])) == 0.0
+    assert pad_waste([4], np.array([3])) == pytest.approx(0.25)
+
+
+def test_fill_inputs_pads_with_dummy_rows() -> None:
+    staging = np.full((3, 8), 12345, dtype=np.int64)
+    rows = fill_inputs(staging, np.array([7, 3, 9]), np.array([10, 4, 1]), 8)
+    assert rows.shape == (3, 8)
+    assert rows[SLOTS].tolist() == [7, 3, 9] + [DUMMY_SLOT] * 5
+    assert rows[POSITIONS].tolist() == [9, 3, 0] + [0] * 5
+    assert rows[SEQ_LENS].tolist() == [10, 4, 1] + [1] * 5
+
+
+def test_variant_choice() -> None:
+    assert variant_for(GREEDY) == GREEDY
+    assert variant_for(SamplerFlags(logprobs=True)) == EVERYTHING
+    assert variant_for(SamplerFlags(full=True)) == EVERYTHING
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_factory):
+    return tiny_model_factory("LlamaForCausalLM")
+
+
+def _run(model_dir, prompts, **kw):
+    eng = Engine(str(model_dir), show_progress=False, overlap="off", **kw)
+    used: list[int | None] = []
+    run = eng.runner.graphs.run
+
+    def spy(plan, bucket, flags):
+        used.append(bucket)
+        return run(plan, bucket, flags)
+
+    eng.runner.graphs.run = spy
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    ids = [o.outputs[0].token_ids for o in eng.generate(prompts, params)]
+    return eng, ids, used
+
+
+@pytest.mark.parametrize("n", [3, 5, 13])
+def test_padded_buckets_match_eager(llama, n: int) -> None:
+    prompts = [[(7 * i + j) % 256 for j in range(5 + i)] for i in range(n)]
+    eager, ref, used = _run(llama, prompts, cuda_graph_max_bs=0)
+    assert used == []
+    eng, ids, used = _run(llama, prompts, cuda_graph_batch_sizes=(1, 2, 4, 8, 16))
+    assert ids == ref
+    assert bucket_for([1, 2, 4, 8, 16], n) in used  # the full batch ran padded
+    # Padded rows wrote only into the dummy page: pages nobody owned are still zero.
+    owned_ever = set(range(1, 1 + sum(eng.pages.pages_for(len(p) + 6) for p in prompts)))
+    for layer in eng.runner.kv.k:
+        for page in range(layer.shape[0]):
+            if page != DUMMY_PAGE and page not in owned_ever:
+                assert torch.count_nonzero(layer[page]) == 0, page
+    eager.shutdown()
+    eng.shutdown()
+
+
+def test_above_largest_bucket_runs_eagerly(llama) -> None:
+    prompts = [[i + 1, i + 2, i + 3] for i in range(6)]
+    _, ref, _ = _run(llama, prompts, cuda_graph_max_bs=0)
+    eng, ids, used = _run(llama, prompts, cuda_graph_batch_sizes=(1, 2, 4))
+    assert ids == ref
+    assert eng.stats["steps"] > eng.stats["graph_steps"]  # the 6-row decodes were eager
+    eng.shutdown()

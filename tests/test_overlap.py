@@ -1,0 +1,90 @@
+"""Step ownership: one copy_done per step, consumed once, resources never reused early; and a
+failing step fails only its requests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphrt import Engine, SamplingParams
+from graphrt.overlap import ResourcePool, StepOwnershipError
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_factory):
+    return tiny_model_factory("LlamaForCausalLM")
+
+
+def _first_handle(eng: Engine):
+    eng.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4))
+    plan = eng.scheduler.schedule()
+    return eng.launcher.submit(plan)
+
+
+@pytest.mark.parametrize("mode", ["thread", "inline"])
+def test_consuming_twice_fails_loudly(llama, mode: str) -> None:
+    eng = Engine(str(llama), show_progress=False, overlap=mode)
+    h = _first_handle(eng)
+    h.result()
+    with pytest.raises(StepOwnershipError, match="consumed twice"):
+        h.result()
+    h.release()
+    with pytest.raises(StepOwnershipError, match="released twice"):
+        h.release()
+    eng.launcher.shutdown()
+
+
+def test_release_before_consume_fails_loudly(llama) -> None:
+    eng = Engine(str(llama), show_progress=False, overlap="thread")
+    h = _first_handle(eng)
+    with pytest.raises(StepOwnershipError, match="before its results were consumed"):
+        h.release()
+    h.result()
+    h.release()
+    eng.launcher.shutdown()
+
+
+def test_pool_refuses_foreign_release() -> None:
+    pool = ResourcePool(2, rows=4, k=1, device=torch.device("cpu"))
+    a = pool.acquire(1)
+    b = pool.acquire(2)
+    with pytest.raises(StepOwnershipError, match="owned by step 1"):
+        pool.release(a, 2)
+    pool.release(a, 1)
+    pool.release(b, 2)
+
+
+def test_each_step_gets_its_own_resources(llama) -> None:
+    eng = Engine(str(llama), show_progress=False, overlap="thread")
+    eng.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=8))
+    h1 = eng.launcher.submit(eng.scheduler.schedule())
+    h2 = eng.launcher.submit(eng.scheduler.schedule())
+    assert h1._res is not h2._res
+    h1.result()
+    h2.result()
+    h1.release()
+    h2.release()
+    eng.launcher.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["off", "thread"])
+def test_failed_step_fails_its_requests_and_engine_keeps_serving(llama, mode: str) -> None:
+    eng = Engine(str(llama), show_progress=False, overlap=mode)
+    real = eng.runner.execute
+    calls = {"n": 0}
+
+    def flaky(plan):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real(plan)
+
+    eng.runner.execute = flaky
+    outs = eng.generate([[1, 2, 3], [4, 5, 6]], SamplingParams(temperature=0, max_tokens=6))
+    assert all(o.outputs[0].finish_reason == "error" for o in outs)
+    assert "injected fault" in outs[0].error
+    assert eng.stats["failed_requests"] == 2
+    ok = eng.generate([[7, 8, 9]], SamplingParams(temperature=0, max_tokens=5))[0]
+    assert ok.outputs[0].finish_reason == "length" and ok.error is None
+    assert eng.pages.num_free == eng.pages.num_usable
+    eng.shutdown()
