@@ -415,8 +415,10 @@ class IncrementalDetokenizer:
 
     def _resync(self) -> str:
         # Restart the window at the context, with everything emitted so far as its prefix.
+        # A read offset of 0 keeps the first slide from cutting where DecodeStream may have
+        # been holding part of a character.
         self._window = self._context + self._ids
-        self._read_offset = len(self._window) - 1
+        self._read_offset = 0
         self._prefix_text = self._context_text + "".join(self._chunks)
         return self._window_emit()
 
@@ -441,9 +443,10 @@ class IncrementalDetokenizer:
             del window[: self._read_offset]
             self._prefix_text = decode(window, self._skip)
         else:
-            # Only when the context ended inside a character that this id completes (the
-            # completed character belongs to the output), or after a resync. The old read
-            # offset may be inside a character: keep the whole window this once.
+            # Only after a resync, or with invalid UTF-8 in the prompt context: the text
+            # before this id changed. Emit from where it differs (a character it completed
+            # belongs to the output) and keep the whole window, as the old read offset may
+            # be inside a character.
             delta = new_text[_common_prefix_len(new_text, prefix_text) :]
             if not delta:
                 return ""
