@@ -177,14 +177,10 @@ class DecodeGraphRunner:
                 seq_lens,
                 self.buffers.out.narrow(bucket),
                 variant,
-                _round_up(int(plan.seq_lens.max()), self.runner.config.page_size),
+                self.runner._decode_bound(plan),
                 seq_lens_host=host[SEQ_LENS],
             )
         return self.buffers.out.narrow(bucket)
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def pad_waste(buckets: list[int], batch_sizes: np.ndarray) -> float:

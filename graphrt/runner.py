@@ -348,8 +348,9 @@ class ModelRunner:
         if plan.is_decode:
             packed = np.stack([plan.slots, plan.seq_lens - 1, plan.seq_lens])
             d = torch.from_numpy(packed).to(dev, non_blocking=True)
-            bound = _round_up(int(plan.seq_lens.max()), self.config.page_size)
-            self.decode_forward(d[0], d[1], d[2], out, flags, bound, seq_lens_host=plan.seq_lens)
+            self.decode_forward(
+                d[0], d[1], d[2], out, flags, self._decode_bound(plan), seq_lens_host=plan.seq_lens
+            )
             return out
         cu = np.zeros(b + 1, dtype=np.int64)
         np.cumsum(plan.query_lens, out=cu[1:])
@@ -400,6 +401,17 @@ class ModelRunner:
         logits = self.model.compute_logits(self.model(fb))
         sample(logits, slots, out_slots, seq_lens, self.slot_state, self.token_buf, flags, out)
         return out
+
+    def _decode_bound(self, plan: StepPlan) -> int:
+        """Static KV-length bound of decode steps run without a graph.
+
+        On CUDA it is the page-table width, as in the captured graphs, so kernels that size
+        their work from it (split-K) compute exactly what a replay computes. On CPU, where
+        nothing is captured, the real maximum keeps the torch reference fast.
+        """
+        if self.device.type == "cuda":
+            return self.settings.max_pages_per_seq * self.config.page_size
+        return _round_up(int(plan.seq_lens.max()), self.config.page_size)
 
 
 def sampler_flags(plan: StepPlan) -> SamplerFlags:
