@@ -148,8 +148,9 @@ def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> to
     base = _mix64(seeds * _GOLDEN + positions)  # [B]
     ids = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
     x = _mix64(base[:, None] + ids[None, :] * _GOLDEN)
-    # 24 high bits -> uniform in (0, 1), never 0 or 1.
-    u = (_shr(x, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # 23 high bits -> uniform in (0, 1), never 0 or 1. Not 24: (2^24 - 1) + 0.5 needs 25
+    # significant bits, rounds to 2^24 in fp32, and u == 1 made that token's noise +inf.
+    u = (_shr(x, 41).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
     return -torch.log(-torch.log(u))
 
 
