@@ -106,4 +106,37 @@ def test_above_largest_bucket_runs_eagerly(llama) -> None:
     eng, ids, used = _run(llama, prompts, cuda_graph_batch_sizes=(1, 2, 4))
     assert ids == ref
     assert eng.stats["steps"] > eng.stats["graph_steps"]  # the 6-row decodes were eager
+    assert used and set(used) <= {1, 2, 4}
     eng.shutdown()
+
+
+def test_capture_profile_cli_without_cuda(llama, tmp_path, capsys) -> None:
+    from graphrt.capture.profile import main
+
+    js, png = tmp_path / "p.json", tmp_path / "p.png"
+    rc = main(
+        [
+            "--model",
+            str(llama),
+            "--max-num-seqs",
+            "4",
+            "--iters",
+            "3",
+            "--json",
+            str(js),
+            "--plot",
+            str(png),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    captured = capsys.readouterr()
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in captured.err
+    import json
+
+    data = json.loads(js.read_text())
+    assert [r["bs"] for r in data["rows"]] == [1, 2, 4]
+    assert all(r["eager_ms"] > 0 and r["replay_ms"] is None for r in data["rows"])
+    assert png.stat().st_size > 1000

@@ -1,0 +1,296 @@
+"""``capture-profile``: what capturing each decode bucket costs and what replaying it saves.
+
+For each bucket it prints capture time, graph memory, eager step time, replay step time (GPU
+time from CUDA events, back-to-back replays), the CPU cost of issuing one replay, the speedup
+and the memory-bandwidth utilisation (MBU) against the HBM bandwidth measured in the same run.
+Every row is a real decode step: ``bs`` rows, each with ``--context-len`` tokens of KV cache.
+
+    capture-profile --model /path/to/llama --load-format dummy --json out.json --plot out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from graphrt.config import EngineConfig
+from graphrt.engine import Engine
+from graphrt.sampling import GREEDY
+
+
+@dataclass
+class BucketProfile:
+    bs: int
+    capture_ms: float | None
+    graph_mb: float | None
+    eager_ms: float
+    replay_ms: float | None
+    replay_issue_us: float | None
+    speedup: float | None
+    bytes_per_step: int
+    mbu: float | None
+    roofline_ms: float | None
+
+
+def measure_hbm_bandwidth(device: torch.device, nbytes: int = 2 << 30, iters: int = 10) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus written."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    return nbytes / statistics.median(times)
+
+
+class _Bench:
+    """Sets up ``max_bs`` fake running rows, each with ``ctx`` tokens of cache."""
+
+    def __init__(self, engine: Engine, ctx: int) -> None:
+        self.eng = engine
+        r = engine.runner
+        self.r = r
+        self.ctx = ctx
+        ps = engine.config.page_size
+        self.max_bs = engine.config.max_num_seqs
+        pages_per_row = -(-ctx // ps)
+        need = self.max_bs * pages_per_row
+        if need > engine.pages.num_usable:
+            raise SystemExit(
+                f"KV pool has {engine.pages.num_usable} pages; {self.max_bs} rows of {ctx} "
+                f"tokens need {need}. Lower --context-len or --max-num-seqs."
+            )
+        slots = np.arange(1, self.max_bs + 1, dtype=np.int64)
+        table = torch.zeros_like(r.page_table)
+        pages = torch.arange(1, need + 1, dtype=torch.int32).view(self.max_bs, pages_per_row)
+        table[1 : self.max_bs + 1, :pages_per_row] = pages.to(table.device)
+        r.page_table.copy_(table)
+        r.token_buf.random_(0, r.model_cfg.vocab_size)
+        self.slots = slots
+        self.seq_lens = np.full(self.max_bs, ctx, dtype=np.int64)
+
+    def inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = self.r.device
+        s = torch.from_numpy(self.slots[:bs]).to(dev)
+        seq = torch.from_numpy(self.seq_lens[:bs]).to(dev)
+        return s, seq - 1, seq
+
+    def bytes_per_step(self, bs: int) -> int:
+        spec = self.r.kv_spec
+        kv = bs * self.ctx * spec.bytes_per_token
+        return self.r.weight_bytes + kv
+
+    def eager_ms(self, bs: int, iters: int) -> float:
+        from graphrt.sampling import SampleOutputs
+
+        r = self.r
+        s, pos, seq = self.inputs(bs)
+        out = SampleOutputs.allocate(bs, r.max_logprobs, r.device)
+        bound = r.settings.max_pages_per_seq * r.config.page_size
+        host = self.seq_lens[:bs]
+
+        def step() -> None:
+            r.decode_forward(s, pos, seq, out, GREEDY, bound, seq_lens_host=host)
+
+        return _time_ms(step, iters, r.device)
+
+    def replay(self, bs: int, iters: int) -> tuple[float, float]:
+        g = self.r.graphs
+        graph = g.graphs[(bs, GREEDY)]
+        s, pos, seq = self.inputs(bs)
+        g.buffers.inputs[0, :bs].copy_(s)
+        g.buffers.inputs[1, :bs].copy_(pos)
+        g.buffers.inputs[2, :bs].copy_(seq)
+        host_seq, host_slots = self.seq_lens[:bs], self.slots[:bs]
+        self.r.attn.prepare_for_replay(bs, host_seq, host_slots)
+        gpu_ms = _time_ms(graph.replay, iters, self.r.device)
+        # CPU cost of issuing: the backend's per-replay host work plus the launch itself.
+        issue = []
+        for _ in range(iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            self.r.attn.prepare_for_replay(bs, host_seq, host_slots)
+            graph.replay()
+            issue.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        return gpu_ms, statistics.median(issue) * 1e6
+
+
+def _time_ms(fn, iters: int, device: torch.device) -> float:
+    with torch.inference_mode():
+        for _ in range(3):
+            fn()
+        if device.type != "cuda":
+            t = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                t.append(time.perf_counter() - t0)
+            return statistics.median(t) * 1e3
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / iters
+
+
+def profile(engine: Engine, ctx: int, iters: int) -> tuple[list[BucketProfile], float | None]:
+    r = engine.runner
+    cuda = r.device.type == "cuda"
+    bw = measure_hbm_bandwidth(r.device) if cuda else None
+    bench = _Bench(engine, ctx)
+    stats = {s.bs: s for s in r.graphs.stats}
+    sizes = r.graphs.buckets or [b for b in (1, 2, 4, 8, 16, 32) if b <= bench.max_bs]
+    rows = []
+    for bs in sizes:
+        eager = bench.eager_ms(bs, max(3, iters // 4))
+        replay_ms = issue_us = None
+        if (bs, GREEDY) in r.graphs.graphs:
+            replay_ms, issue_us = bench.replay(bs, iters)
+        nbytes = bench.bytes_per_step(bs)
+        st = stats.get(bs)
+        t = replay_ms if replay_ms is not None else eager
+        rows.append(
+            BucketProfile(
+                bs=bs,
+                capture_ms=st.capture_s * 1e3 if st else None,
+                graph_mb=st.graph_bytes / 1e6 if st else None,
+                eager_ms=eager,
+                replay_ms=replay_ms,
+                replay_issue_us=issue_us,
+                speedup=eager / replay_ms if replay_ms else None,
+                bytes_per_step=nbytes,
+                mbu=nbytes / (t / 1e3) / bw if bw else None,
+                roofline_ms=nbytes / bw * 1e3 if bw else None,
+            )
+        )
+    return rows, bw
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(rows: list[BucketProfile], bw: float | None, header: str) -> None:
+    print(header)
+    if bw:
+        print(f"HBM bandwidth (D2D copy, read+write, this run): {bw / 1e12:.2f} TB/s")
+    cols = (
+        "bs",
+        "capture ms",
+        "graph MB",
+        "eager ms",
+        "replay ms",
+        "issue us",
+        "speedup",
+        "roofline ms",
+        "MBU",
+    )
+    print(" | ".join(f"{c:>11}" for c in cols))
+    for r in rows:
+        vals = (
+            str(r.bs),
+            _fmt(r.capture_ms, ".1f"),
+            _fmt(r.graph_mb, ".1f"),
+            _fmt(r.eager_ms, ".3f"),
+            _fmt(r.replay_ms, ".3f"),
+            _fmt(r.replay_issue_us, ".1f"),
+            _fmt(r.speedup, ".1f"),
+            _fmt(r.roofline_ms, ".3f"),
+            f"{r.mbu:.1%}" if r.mbu else "-",
+        )
+        print(" | ".join(f"{v:>11}" for v in vals))
+
+
+def plot(rows: list[BucketProfile], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bs = [r.bs for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(bs, [r.eager_ms for r in rows], "o-", label="eager step")
+    if any(r.replay_ms for r in rows):
+        ax.plot(bs, [r.replay_ms for r in rows], "s-", label="graph replay")
+    if any(r.roofline_ms for r in rows):
+        ax.plot(bs, [r.roofline_ms for r in rows], "k--", label="HBM roofline")
+    ax.set_xlabel("decode batch size")
+    ax.set_ylabel("ms per step")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="capture-profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--context-len", type=int, default=128, help="KV tokens per row")
+    p.add_argument("--iters", type=int, default=50, help="replays timed per bucket")
+    p.add_argument("--json", type=Path, default=None, help="write results as JSON")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG of step time vs batch")
+    EngineConfig.add_cli_args(p.add_argument_group("engine"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    config = EngineConfig.from_cli_args(args)
+    if not torch.cuda.is_available():
+        print(
+            "capture-profile: no CUDA device; CUDA graphs are not captured. Showing eager "
+            "step times only.",
+            file=sys.stderr,
+        )
+    kw = {k: v for k, v in vars(config).items() if k != "model"}
+    kw.setdefault("max_model_len", None)
+    engine = Engine(config.model, **kw)
+    rows, bw = profile(engine, args.context_len, args.iters)
+    r = engine.runner
+    dev = torch.cuda.get_device_name() if r.device.type == "cuda" else "cpu"
+    header = (
+        f"capture-profile: {r.model_cfg.architecture} ({r.weight_bytes / 1e9:.2f} GB "
+        f"{str(r.settings.dtype).removeprefix('torch.')}), attention={r.settings.attention_backend}"
+        f", context {args.context_len} tokens/row, on {dev}"
+    )
+    print_table(rows, bw, header)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "header": header,
+                    "device": dev,
+                    "hbm_bytes_per_s": bw,
+                    "graph_memory_bytes": r.graph_memory_bytes,
+                    "context_len": args.context_len,
+                    "rows": [asdict(x) for x in rows],
+                },
+                indent=2,
+            )
+        )
+    if args.plot:
+        plot(rows, args.plot, header.split(":", 1)[1].split(",")[0].strip() + f" on {dev}")
+    engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
