@@ -56,8 +56,19 @@ def append_token(
             req.text += delta
     if req.finish_reason is None and len(req.prompt_ids) + n_out >= req.max_len:
         _finish(req, FinishReason.LENGTH, None)
-    if req.finish_reason is not None and req.stop_matcher is not None:
-        req.text += req.stop_matcher.flush()
+    if req.finish_reason is not None:
+        _flush_text(req)
+
+
+def _flush_text(req: Request) -> None:
+    """At the end: release what the detokenizer (an unfinished character) and the stop matcher
+    (a possible stop-string prefix) still hold."""
+    tail = req.detokenizer.flush() if req.detokenizer is not None else ""
+    if req.stop_matcher is None:
+        req.text += tail
+        return
+    safe, stopped = req.stop_matcher.feed(tail)
+    req.text += safe if stopped else safe + req.stop_matcher.flush()
 
 
 def _finish(req: Request, reason: FinishReason, stop_reason: str | int | None) -> None:
