@@ -195,7 +195,7 @@ INT_FIELDS = [
 ]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(name=st.sampled_from(INT_FIELDS), value=st.integers(-(2**40), 2**40))
 def test_random_ints_construct_or_raise_naming_field(name: str, value: int) -> None:
     try:
