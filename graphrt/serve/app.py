@@ -1,0 +1,127 @@
+"""``build_app``: the FastAPI application factory. Everything the app needs lives on objects made
+here (no module-level state), so tests can build several apps in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from graphrt.config import EngineConfig
+from graphrt.serve.config import ServerConfig
+from graphrt.serve.engine_client import EngineClient, EngineInfo
+from graphrt.serve.errors import APIError, error_body, failure_reason
+from graphrt.serve.metrics import ServerMetrics
+from graphrt.serve.middleware import APIKeyMiddleware, BodyLimitMiddleware
+from graphrt.serve.openai_api import OpenAIServing
+from graphrt.serve.tokenization import TokenizerService
+
+logger = logging.getLogger(__name__)
+
+
+def served_model_name(server: ServerConfig, engine: EngineConfig) -> str:
+    """The name clients must send as ``model``."""
+    if server.served_model_name:
+        return server.served_model_name
+    if engine.model:
+        return Path(engine.model).expanduser().resolve().name
+    from graphrt.models.default_model import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME
+
+
+def build_app(server: ServerConfig, engine: EngineConfig) -> FastAPI:
+    """The OpenAI-compatible app. Its lifespan starts the engine process and stops it (after
+    uvicorn has drained the in-flight requests)."""
+    name = served_model_name(server, engine)
+    metrics = ServerMetrics(name)
+    serving = OpenAIServing(server, name, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = EngineClient(
+            engine,
+            heartbeat_timeout_s=server.engine_heartbeat_timeout,
+            log_level=logging.getLevelName(server.log_level.upper()),
+            in_thread=server.engine_mode == "thread",
+        )
+        # Import transformers while the engine process loads the model.
+        warm = asyncio.create_task(asyncio.to_thread(importlib.import_module, "transformers"))
+        tok: TokenizerService | None = None
+        try:
+            info = await client.start(server.engine_start_timeout)
+            await warm
+            tok = TokenizerService(await asyncio.to_thread(_load_tokenizer, engine, info))
+            serving.attach(client, info, tok)
+            logger.info("serving %r on http://%s:%d", name, server.host, server.port)
+            yield
+        finally:
+            await client.shutdown()
+            if tok is not None:
+                tok.close()
+
+    app = FastAPI(
+        title="graphrt",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+
+    async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+        metrics.fail(exc.reason)
+        return exc.response()
+
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        metrics.fail(failure_reason(exc.status_code))
+        return JSONResponse(
+            error_body(exc.status_code, str(exc.detail)),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        metrics.fail("internal_error")
+        return JSONResponse(
+            error_body(500, f"internal server error: {type(exc).__name__}"), status_code=500
+        )
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+    def on_reject(status: int) -> None:
+        metrics.fail(failure_reason(status))
+
+    # Last added runs first: the key is checked before any byte of the body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server.max_request_body_bytes,
+                       on_reject=on_reject)  # fmt: skip
+    if server.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=server.api_key, on_reject=on_reject)
+
+    app.add_api_route("/v1/completions", serving.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", serving.chat, methods=["POST"])
+    app.add_api_route("/v1/models", serving.models, methods=["GET"])
+    app.add_api_route("/tokenize", serving.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", serving.detokenize, methods=["POST"])
+    app.add_api_route("/health", serving.health, methods=["GET"])
+    app.add_api_route("/metrics", serving.metrics_endpoint, methods=["GET"])
+    return app
+
+
+def _load_tokenizer(engine: EngineConfig, info: EngineInfo):
+    """The same tokenizer the engine loaded, or None when the model has none."""
+    if not info.has_tokenizer:
+        return None
+    from graphrt.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(engine.tokenizer or info.model_dir)

@@ -1,0 +1,379 @@
+"""``EngineClient``: the API process's handle on the engine-core process.
+
+It starts the engine core (``multiprocessing`` "spawn"), binds the two ZMQ pipes in a private
+temporary directory, and runs one reader task that routes each step's outputs to the queue of
+the HTTP request that owns them. It also watches the process: when it exits, every pending
+request is failed at once (nothing waits forever) and :meth:`health_problem` says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from graphrt.config import EngineConfig
+from graphrt.serve.engine_core import run_engine_core, serve_engine
+from graphrt.serve.ipc import Msg, OutputDelta, RejectKind, decode_output, pack, unpack
+
+logger = logging.getLogger(__name__)
+
+# Longest path a Unix socket address may have (sun_path), less the "/out" suffix.
+_MAX_SOCKET_DIR_LEN = 100
+HEARTBEAT_S = 1.0
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process has exited or failed; no request can be served."""
+
+
+class EngineRejected(Exception):
+    """The engine refused a request; ``kind`` is a :class:`RejectKind`."""
+
+    def __init__(self, kind: RejectKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine core reports once its model has loaded."""
+
+    model_dir: str
+    max_model_len: int
+    vocab_size: int
+    max_logprobs: int
+    num_usable_pages: int
+    page_size: int
+    has_tokenizer: bool
+    pid: int
+
+
+# An item in a request's queue: (tag chosen by the caller, the output).
+QueueItem = tuple[int, OutputDelta]
+
+
+class EngineClient:
+    """Starts, feeds, watches and stops one engine-core process.
+
+    Use from a single asyncio event loop: :meth:`start`, then :meth:`add`/:meth:`abort` per
+    request, :meth:`shutdown` at the end.
+    """
+
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        *,
+        heartbeat_timeout_s: float = 30.0,
+        log_level: int = logging.INFO,
+        in_thread: bool = False,
+    ) -> None:
+        """``in_thread`` runs the engine loop on a thread of this process instead of its own
+        process: the same messages over the same sockets, for measuring what the separate
+        process buys (HTTP work then competes with the scheduler for the GIL)."""
+        self.engine_config = engine_config
+        self.in_thread = in_thread
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.log_level = log_level
+        self.info: EngineInfo | None = None
+        self.stats: dict[str, Any] = {}
+        self._dead: str | None = None
+        self._stopping = False
+        self._sinks: dict[str, tuple[asyncio.Queue[QueueItem], int]] = {}
+        self._acks: dict[str, asyncio.Future[None]] = {}
+        self._stats_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._stats_seq = 0
+        self._last_seen = time.monotonic()
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._thread: threading.Thread | None = None
+        self._tmpdir: str | None = None
+        self._sctx: zmq.Context | None = None
+        self._actx: zmq.asyncio.Context | None = None
+        self._tx: zmq.Socket | None = None
+        self._rx: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task | None = None
+        self._ready: asyncio.Future[EngineInfo] | None = None
+        self._exited: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    async def start(self, timeout_s: float) -> EngineInfo:
+        """Spawn the engine core and wait until its model has loaded."""
+        self._loop = loop = asyncio.get_running_loop()
+        self._tmpdir = _private_socket_dir()
+        in_addr = f"ipc://{self._tmpdir}/in"
+        out_addr = f"ipc://{self._tmpdir}/out"
+        self._sctx = zmq.Context()
+        self._tx = self._sctx.socket(zmq.PUSH)
+        # Sends never block the event loop; the engine core drains its inbox every step.
+        self._tx.setsockopt(zmq.SNDHWM, 0)
+        self._tx.setsockopt(zmq.LINGER, 0)
+        self._tx.bind(in_addr)
+        self._actx = zmq.asyncio.Context()
+        self._rx = self._actx.socket(zmq.PULL)
+        self._rx.setsockopt(zmq.RCVHWM, 0)
+        self._rx.setsockopt(zmq.LINGER, 0)
+        self._rx.bind(out_addr)
+        self._ready = loop.create_future()
+        self._exited = asyncio.Event()
+        engine_kwargs = {
+            f.name: getattr(self.engine_config, f.name) for f in fields(self.engine_config)
+        }
+        if self.in_thread:
+            self._start_thread(engine_kwargs, in_addr, out_addr)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            self._proc = ctx.Process(
+                target=run_engine_core,
+                args=(engine_kwargs, in_addr, out_addr, HEARTBEAT_S, self.log_level),
+                name="graphrt-engine-core",
+                daemon=True,
+            )
+            self._proc.start()
+            loop.add_reader(self._proc.sentinel, self._on_process_exit)
+        self._reader = asyncio.create_task(self._read_loop(), name="graphrt-engine-reader")
+        try:
+            self.info = await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineDeadError(
+                f"engine did not load its model within {timeout_s:.0f} s"
+            ) from None
+        self._last_seen = time.monotonic()
+        logger.info(
+            "engine core ready (pid %d): max_model_len=%d, %d KV pages",
+            self.info.pid,
+            self.info.max_model_len,
+            self.info.num_usable_pages,
+        )
+        return self.info
+
+    def _start_thread(self, engine_kwargs: dict[str, Any], in_addr: str, out_addr: str) -> None:
+        loop = self._loop
+
+        def target() -> None:
+            code = 1
+            try:
+                code = serve_engine(engine_kwargs, in_addr, out_addr, HEARTBEAT_S, None)
+            finally:
+                loop.call_soon_threadsafe(self._on_worker_exit, code)
+
+        self._thread = threading.Thread(target=target, name="graphrt-engine-core", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop the engine core (politely, then by force) and release every resource."""
+        proc = self._proc
+        self._stopping = True
+        if self._thread is not None and self._thread.is_alive():
+            if self._dead is None:
+                self._send([Msg.SHUTDOWN])
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), timeout_s)
+        if proc is not None and proc.is_alive():
+            if self._dead is None:
+                self._send([Msg.SHUTDOWN])
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), timeout_s)
+            if proc.is_alive():
+                logger.warning("engine core did not stop in %.0f s; terminating it", timeout_s)
+                proc.terminate()
+                await asyncio.to_thread(proc.join, 5)
+            if proc.is_alive():
+                proc.kill()
+                await asyncio.to_thread(proc.join, 5)
+        self._mark_dead("server is shutting down")
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if proc is not None and self._loop is not None:
+            self._loop.remove_reader(proc.sentinel)
+        for sock in (self._tx, self._rx):
+            if sock is not None:
+                sock.close(linger=0)
+        for ctx in (self._sctx, self._actx):
+            if ctx is not None:
+                ctx.term()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: dict[str, Any],
+        queue: asyncio.Queue[QueueItem],
+        tag: int = 0,
+    ) -> asyncio.Future[None]:
+        """Send a request to the engine. Its outputs will arrive in ``queue`` as
+        ``(tag, OutputDelta)``. The returned future resolves when the engine has accepted it,
+        and raises :class:`EngineRejected` or :class:`EngineDeadError` otherwise.
+
+        Raises ``ValueError`` at once if the request cannot be encoded (e.g. a lone surrogate
+        in a stop string).
+        """
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        try:
+            data = pack([Msg.ADD, request_id, prompt_ids, params])
+        except (TypeError, ValueError, OverflowError, UnicodeError) as e:
+            raise ValueError(f"request cannot be encoded: {e}") from e
+        fut = self._loop.create_future()
+        self._acks[request_id] = fut
+        self._sinks[request_id] = (queue, tag)
+        self._tx.send(data, zmq.NOBLOCK)
+        return fut
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Abort requests; no more outputs will be delivered for them."""
+        for rid in request_ids:
+            self._sinks.pop(rid, None)
+            fut = self._acks.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.cancel()
+        if request_ids and self._dead is None:
+            self._send([Msg.ABORT, list(request_ids)])
+
+    async def fetch_stats(self, timeout_s: float = 2.0) -> dict[str, Any]:
+        """Fresh engine stats: the reply reflects every message sent before this call. Falls back
+        to the last stats received if the engine does not answer in time."""
+        if self._dead is not None:
+            return self.stats
+        self._stats_seq += 1
+        seq = self._stats_seq
+        fut = self._loop.create_future()
+        self._stats_waiters[seq] = fut
+        self._send([Msg.STATS, seq])
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            return self.stats
+        finally:
+            self._stats_waiters.pop(seq, None)
+
+    # ---- health -----------------------------------------------------------------------------
+    @property
+    def dead(self) -> str | None:
+        """Why the engine can no longer serve, or None while it can."""
+        return self._dead
+
+    def health_problem(self) -> str | None:
+        """None when the engine is alive and reporting, else what is wrong."""
+        if self._dead is not None:
+            return self._dead
+        if self.info is None:
+            return "engine is starting"
+        silent = time.monotonic() - self._last_seen
+        if silent > self.heartbeat_timeout_s:
+            return f"engine has not reported for {silent:.0f} s (stuck?)"
+        return None
+
+    @property
+    def num_pending(self) -> int:
+        """Engine requests this client is still routing outputs for."""
+        return len(self._sinks)
+
+    # ---- internals --------------------------------------------------------------------------
+    def _send(self, msg: list[Any]) -> None:
+        self._tx.send(pack(msg), zmq.NOBLOCK)
+
+    async def _read_loop(self) -> None:
+        while True:
+            data = await self._rx.recv()
+            self._last_seen = time.monotonic()
+            try:
+                self._dispatch(unpack(data))
+            except Exception:
+                logger.exception("bad message from the engine core")
+
+    def _dispatch(self, msg: list[Any]) -> None:
+        tag = msg[0]
+        if tag == Msg.OUTPUTS:
+            for raw in msg[1]:
+                sink = self._sinks.get(raw[0])
+                if sink is None:  # aborted; the engine stopped it already
+                    continue
+                out = decode_output(raw)
+                if out.finished:
+                    del self._sinks[out.request_id]
+                sink[0].put_nowait((sink[1], out))
+        elif tag == Msg.ACKS:
+            for rid, reject in msg[1]:
+                fut = self._acks.pop(rid, None)
+                if reject is not None:
+                    self._sinks.pop(rid, None)
+                if fut is None or fut.done():
+                    continue
+                if reject is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(EngineRejected(RejectKind(reject[0]), reject[1]))
+        elif tag == Msg.STATS_REPLY:
+            seq, self.stats = msg[1], msg[2]
+            if seq is not None:
+                for s in [s for s in self._stats_waiters if s <= seq]:
+                    fut = self._stats_waiters.pop(s)
+                    if not fut.done():
+                        fut.set_result(self.stats)
+        elif tag == Msg.READY:
+            if not self._ready.done():
+                self._ready.set_result(EngineInfo(**msg[1]))
+        elif tag == Msg.FATAL:
+            logger.error("engine core: %s", msg[1])
+            self._mark_dead(msg[1])
+        else:
+            logger.error("unknown message tag %r from the engine core", tag)
+
+    def _on_process_exit(self) -> None:
+        self._loop.remove_reader(self._proc.sentinel)
+        code = self._proc.exitcode
+        if code is None:
+            self._proc.join(0.1)
+            code = self._proc.exitcode
+        self._on_worker_exit(code)
+
+    def _on_worker_exit(self, code: int | None) -> None:
+        self._exited.set()
+        if self._dead is None and not self._stopping:
+            logger.error("engine core exited unexpectedly (exit code %s)", code)
+        self._mark_dead(f"engine process exited (exit code {code})")
+
+    def _mark_dead(self, reason: str) -> None:
+        """Fail everything pending; later requests are refused with ``reason``."""
+        if self._dead is None:
+            self._dead = reason
+        err = EngineDeadError(self._dead)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(err)
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._acks.clear()
+        for rid, (queue, tag) in self._sinks.items():
+            queue.put_nowait((tag, OutputDelta(rid, True, f"engine failed: {self._dead}", [])))
+        self._sinks.clear()
+        for fut in self._stats_waiters.values():
+            if not fut.done():
+                fut.set_result(self.stats)
+
+
+def _private_socket_dir() -> str:
+    """A fresh 0700 directory for the ipc sockets, short enough for a Unix socket path."""
+    d = tempfile.mkdtemp(prefix="graphrt-")
+    if len(d) > _MAX_SOCKET_DIR_LEN:
+        os.rmdir(d)
+        d = tempfile.mkdtemp(prefix="graphrt-", dir="/tmp")
+    return d

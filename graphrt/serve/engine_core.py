@@ -1,0 +1,206 @@
+"""The engine-core process: runs the :class:`~graphrt.engine.Engine` and its step loop, nothing
+else.
+
+The API process (HTTP, JSON, tokenization, SSE) lives elsewhere so none of that work competes
+with the scheduler for the GIL. Between steps the loop drains its inbox (adds, aborts, stats
+queries) without blocking, then steps and ships the step's outputs as one message. When there is
+nothing to run it blocks on the inbox, waking every ``heartbeat_s`` to send stats, which the API
+process treats as a heartbeat (see :mod:`graphrt.serve.ipc` for the messages).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import zmq
+
+from graphrt.engine import Engine, EngineOverloaded, RequestRejected
+from graphrt.sampling_params import SamplingParams
+from graphrt.serve.ipc import Msg, RejectKind, encode_output, pack, unpack
+
+logger = logging.getLogger(__name__)
+
+
+def run_engine_core(
+    engine_kwargs: dict[str, Any],
+    in_addr: str,
+    out_addr: str,
+    heartbeat_s: float,
+    log_level: int,
+) -> None:
+    """Process entry point (a ``multiprocessing`` "spawn" target). Exits with status 0 after a
+    SHUTDOWN message, 1 after a fatal error, 2 when the API process has gone."""
+    # The API process owns the lifecycle: a Ctrl-C or SIGTERM sent to the whole process group
+    # must not kill the engine before the API process has drained its requests.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s [engine-core] %(name)s: %(message)s"
+    )
+    sys.exit(serve_engine(engine_kwargs, in_addr, out_addr, heartbeat_s, os.getppid()))
+
+
+def serve_engine(
+    engine_kwargs: dict[str, Any],
+    in_addr: str,
+    out_addr: str,
+    heartbeat_s: float,
+    parent_pid: int | None,
+) -> int:
+    """Load the engine, announce it, and run the step loop until SHUTDOWN. Returns the exit
+    status. ``parent_pid`` enables the orphan check (None when run in a thread)."""
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(in_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    # Unbounded: a slow API process must never block a step; the orphan check ends us if it
+    # has gone away for good.
+    outbox.setsockopt(zmq.SNDHWM, 0)
+    outbox.connect(out_addr)
+    try:
+        try:
+            engine = Engine(show_progress=sys.stderr.isatty(), **engine_kwargs)
+        except BaseException as e:
+            logger.exception("engine failed to start")
+            outbox.send(pack([Msg.FATAL, f"engine failed to start: {type(e).__name__}: {e}"]))
+            return 1
+        try:
+            outbox.send(pack([Msg.READY, _engine_info(engine)]))
+            return EngineCore(engine, inbox, outbox, heartbeat_s, parent_pid).run()
+        finally:
+            engine.shutdown()
+    finally:
+        # Give a last FATAL message a moment to leave before the sockets go.
+        inbox.close(linger=0)
+        outbox.close(linger=2000)
+        ctx.term()
+
+
+def _engine_info(engine: Engine) -> dict[str, Any]:
+    tok = engine.tokenizer
+    return {
+        "model_dir": str(engine.model_dir),
+        "max_model_len": engine.max_model_len,
+        "vocab_size": engine.model_config.vocab_size,
+        "max_logprobs": engine.config.max_logprobs,
+        "num_usable_pages": engine.pages.num_usable,
+        "page_size": engine.pages.page_size,
+        "has_tokenizer": tok is not None,
+        "pid": os.getpid(),
+    }
+
+
+class EngineCore:
+    """The step loop: inbox, step, outbox, repeat."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        inbox: zmq.Socket,
+        outbox: zmq.Socket,
+        heartbeat_s: float,
+        parent_pid: int | None,
+    ) -> None:
+        self.engine = engine
+        self.inbox = inbox
+        self.outbox = outbox
+        self.heartbeat_s = heartbeat_s
+        self.parent_pid = parent_pid
+        self._stop = False
+        # The engine plans one step ahead; after the last request finishes, one more step
+        # consumes the step still in flight.
+        self._flush_pending = False
+        self._last_sent = 0.0
+
+    def run(self) -> int:
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        while True:
+            busy = self.engine.has_unfinished() or self._flush_pending
+            timeout_ms = 0 if busy else int(self.heartbeat_s * 1000)
+            if poller.poll(timeout_ms):
+                self._drain_inbox()
+            if self._stop:
+                return 0
+            if busy or self.engine.has_unfinished():
+                try:
+                    self._step()
+                except Exception as e:
+                    # Engine state can no longer be trusted: report, and let the API process
+                    # fail what is in flight and mark itself unhealthy.
+                    logger.exception("engine step failed")
+                    self._send([Msg.FATAL, f"engine step failed: {type(e).__name__}: {e}"])
+                    return 1
+            elif self.parent_pid is not None and os.getppid() != self.parent_pid:
+                logger.error("API process is gone; exiting")
+                return 2
+            if time.monotonic() - self._last_sent >= self.heartbeat_s:
+                self._send_stats(None)
+
+    def _step(self) -> None:
+        outs = self.engine.step()
+        self._flush_pending = self.engine.has_unfinished()
+        if outs:
+            self._send([Msg.OUTPUTS, [encode_output(o) for o in outs]])
+
+    def _drain_inbox(self) -> None:
+        acks: list[list[Any]] = []
+        while True:
+            try:
+                raw = self.inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                msg = unpack(raw)
+                tag = msg[0]
+                if tag == Msg.ADD:
+                    acks.append([msg[1], self._add(msg[1], msg[2], msg[3])])
+                elif tag == Msg.ABORT:
+                    for rid in msg[1]:
+                        self.engine.abort(rid)
+                elif tag == Msg.STATS:
+                    self._send_stats(msg[1])
+                elif tag == Msg.SHUTDOWN:
+                    self._stop = True
+                else:
+                    logger.error("unknown message tag %r", tag)
+            except Exception:
+                logger.exception("bad message from the API process")
+        if acks:
+            # Before stepping, so a rejection reaches the client without waiting on a step.
+            self._send([Msg.ACKS, acks])
+
+    def _add(self, rid: str, prompt_ids: list[int], params: dict[str, Any]) -> list | None:
+        try:
+            self.engine.add_request(rid, prompt_ids, SamplingParams(**params))
+        except EngineOverloaded as e:
+            return [RejectKind.OVERLOADED, str(e)]
+        except (RequestRejected, ValueError, TypeError) as e:
+            return [RejectKind.INVALID, str(e)]
+        except Exception as e:
+            logger.exception("adding request %s failed", rid)
+            return [RejectKind.ERROR, f"{type(e).__name__}: {e}"]
+        return None
+
+    def _send_stats(self, seq: int | None) -> None:
+        e = self.engine
+        stats = {
+            "running": len(e.scheduler.running),
+            "waiting": len(e.scheduler.waiting),
+            "kv_usage": e.kv_usage(),
+            "free_pages": e.pages.num_free,
+            "usable_pages": e.pages.num_usable,
+            "preemptions": e.scheduler.num_preemptions,
+            "steps": e.stats.get("steps", 0),
+            "failed_requests": e.stats.get("failed_requests", 0),
+        }
+        self._send([Msg.STATS_REPLY, seq, stats])
+
+    def _send(self, msg: list[Any]) -> None:
+        self.outbox.send(pack(msg))
+        self._last_sent = time.monotonic()

@@ -1,0 +1,131 @@
+"""Prometheus metrics of one server, in their own registry (so several apps, e.g. in tests, never
+share counters)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
+)  # fmt: skip
+_ITL_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+    0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+)  # fmt: skip
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
+
+# Labels of graphrt_request_failure_total.
+FAILURE_REASONS = (
+    "invalid_request",  # 400: malformed, wrong types, out of range, too long for the context
+    "unauthorized",  # 401
+    "not_found",  # 404: unknown model or route
+    "too_large",  # 413: body over max_request_body_bytes
+    "overloaded",  # 503: engine queue full or max_concurrent_requests reached
+    "client_disconnect",  # the client went away; the request was aborted
+    "engine_error",  # the request failed in the engine, or the engine is dead
+    "internal_error",  # a server bug (500)
+)
+
+
+class ServerMetrics:
+    """Every metric the server exports. Engine-side gauges are refreshed from the engine's
+    stats just before each scrape."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = r = CollectorRegistry()
+        labels = ["model_name"]
+        self._model = model_name
+        self.running = Gauge(
+            "graphrt_num_requests_running", "Sequences running in the engine", labels, registry=r
+        )
+        self.waiting = Gauge(
+            "graphrt_num_requests_waiting", "Sequences waiting in the engine", labels, registry=r
+        )
+        self.kv_usage = Gauge(
+            "graphrt_kv_cache_usage_perc", "Fraction of usable KV pages in use", labels, registry=r
+        )
+        self.kv_free = Gauge(
+            "graphrt_kv_cache_free_pages", "KV pages free in the allocator", labels, registry=r
+        )
+        self.kv_usable = Gauge(
+            "graphrt_kv_cache_usable_pages", "KV pages requests can use", labels, registry=r
+        )
+        self.preemptions = Gauge(
+            "graphrt_num_preemptions", "Preemptions since the engine started", labels, registry=r
+        )
+        self.engine_healthy = Gauge(
+            "graphrt_engine_healthy", "1 while the engine process is alive and reporting",
+            labels, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "graphrt_api_requests_in_flight", "Generation requests the API is serving now",
+            labels, registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "graphrt_time_to_first_token_seconds", "Request arrival to first generated token",
+            labels, buckets=_TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.itl = Histogram(
+            "graphrt_inter_token_latency_seconds", "Time between a request's successive outputs",
+            labels, buckets=_ITL_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            "graphrt_e2e_request_latency_seconds", "Request arrival to its last token",
+            labels, buckets=_E2E_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "graphrt_prompt_tokens", "Prompt tokens of accepted requests", labels, registry=r
+        )
+        self.generation_tokens = Counter(
+            "graphrt_generation_tokens", "Tokens generated", labels, registry=r
+        )
+        self.success = Counter(
+            "graphrt_request_success", "Requests completed, by finish reason",
+            [*labels, "finished_reason"], registry=r,
+        )  # fmt: skip
+        self.failure = Counter(
+            "graphrt_request_failure", "Requests that failed, by reason",
+            [*labels, "reason"], registry=r,
+        )  # fmt: skip
+        for reason in FAILURE_REASONS:  # export zeros, so rates work from the first scrape
+            self.failure.labels(model_name, reason)
+        for reason in ("stop", "length"):
+            self.success.labels(model_name, reason)
+
+        # Bind the single-label metrics once; labels() is a dict lookup under a lock.
+        for attr in (
+            "running", "waiting", "kv_usage", "kv_free", "kv_usable", "preemptions",
+            "engine_healthy", "in_flight", "ttft", "itl", "e2e", "prompt_tokens",
+            "generation_tokens",
+        ):  # fmt: skip
+            setattr(self, attr, getattr(self, attr).labels(model_name))
+
+    def update_engine(self, stats: dict[str, Any], healthy: bool) -> None:
+        if stats:
+            self.running.set(stats["running"])
+            self.waiting.set(stats["waiting"])
+            self.kv_usage.set(stats["kv_usage"])
+            self.kv_free.set(stats["free_pages"])
+            self.kv_usable.set(stats["usable_pages"])
+            self.preemptions.set(stats["preemptions"])
+        self.engine_healthy.set(1 if healthy else 0)
+
+    def fail(self, reason: str) -> None:
+        self.failure.labels(self._model, reason).inc()
+
+    def succeed(self, finish_reason: str) -> None:
+        self.success.labels(self._model, finish_reason).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

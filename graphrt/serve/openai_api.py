@@ -1,0 +1,668 @@
+"""The OpenAI-compatible endpoints: request validation, sampling parameters, limits, and the
+JSON and SSE responses of completions and chat completions.
+
+Validation happens here, before anything reaches the engine, wherever the API process knows
+enough (types, server limits, the context length reported by the engine); the engine's own
+checks stay authoritative and their rejections come back as 400s too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from graphrt.request import TokenLogprob
+from graphrt.sampling_params import SamplingParams
+from graphrt.serve.config import ServerConfig
+from graphrt.serve.engine_client import EngineClient, EngineInfo
+from graphrt.serve.errors import APIError, error_body
+from graphrt.serve.generation import Generation, GenerationFailed, wait_for_disconnect
+from graphrt.serve.ipc import ChoiceDelta, OutputDelta
+from graphrt.serve.metrics import ServerMetrics
+from graphrt.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    _SamplingFields,
+    describe_validation_error,
+    parse,
+)
+from graphrt.serve.tokenization import TokenizerService
+
+# JSON has no -inf; a token the model rules out completely reports this instead.
+_MIN_LOGPROB = -9999.0
+_PASSTHROUGH = (
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+)
+_SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
+
+
+@dataclass(slots=True)
+class _Choice:
+    """What one completion has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    text_offset: int = 0  # completions logprobs: where the next token's text starts
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    sent_role: bool = False
+
+    def add(self, c: ChoiceDelta) -> None:
+        if c.text:
+            self.text.append(c.text)
+        self.num_tokens += len(c.token_ids)
+        if c.logprobs:
+            self.logprobs.extend(c.logprobs)
+        if c.finish_reason is not None:
+            self.finish_reason = c.finish_reason
+            self.stop_reason = c.stop_reason
+
+
+@dataclass
+class _Job:
+    """A validated generation request, ready for the engine."""
+
+    kind: str  # "completion" or "chat"
+    request_id: str
+    created: int
+    prompts: list[list[int]]
+    params: dict[str, Any]
+    n: int
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    logprobs: int | None  # None: not requested
+    arrival: float
+
+
+class OpenAIServing:
+    """Request handlers. ``attach`` wires in the engine once it is ready."""
+
+    def __init__(self, config: ServerConfig, model_name: str, metrics: ServerMetrics) -> None:
+        self.config = config
+        self.model_name = model_name
+        self.metrics = metrics
+        self.created = int(time.time())
+        self.client: EngineClient | None = None
+        self.info: EngineInfo | None = None
+        self.tok: TokenizerService | None = None
+        self.in_flight = 0
+
+    def attach(self, client: EngineClient, info: EngineInfo, tok: TokenizerService) -> None:
+        self.client, self.info, self.tok = client, info, tok
+
+    # ---- plain endpoints --------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        problem = self.client.health_problem() if self.client else "engine is starting"
+        if problem is not None:
+            return JSONResponse(error_body(503, problem), status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model_name,
+                        "object": "model",
+                        "created": self.created,
+                        "owned_by": "graphrt",
+                        "root": self.info.model_dir if self.info else None,
+                        "max_model_len": self.info.max_model_len if self.info else None,
+                    }
+                ],
+            }
+        )
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        stats = await self.client.fetch_stats() if self.client else {}
+        healthy = self.client is not None and self.client.health_problem() is None
+        self.metrics.update_engine(stats, healthy)
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+    async def tokenize(self, request: Request) -> Response:
+        req = await self._parse(request, TokenizeRequest)
+        self._check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' and 'messages'")
+        if req.messages is not None:
+            ids = await self.tok.apply_chat_template(
+                req.messages, add_generation_prompt=req.add_generation_prompt is not False
+            )
+        else:
+            ids = await self.tok.encode(req.prompt, req.add_special_tokens is not False)
+        return JSONResponse(
+            {"count": len(ids), "max_model_len": self.info.max_model_len, "tokens": ids}
+        )
+
+    async def detokenize(self, request: Request) -> Response:
+        req = await self._parse(request, DetokenizeRequest)
+        self._check_model(req.model)
+        self._check_token_ids(req.tokens, "tokens")
+        return JSONResponse({"prompt": await self.tok.decode(req.tokens)})
+
+    # ---- generation -------------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        req = await self._parse(request, CompletionRequest)
+        self._check_model(req.model)
+        self._refuse_unsupported(req)
+        prompts = await self._completion_prompts(req.prompt)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        job = self._job("completion", req, prompts, max_tokens, req.logprobs, "logprobs", arrival)
+        return await self._serve(request, job)
+
+    async def chat(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        req = await self._parse(request, ChatCompletionRequest)
+        self._check_model(req.model)
+        self._refuse_unsupported(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        if not req.messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        ids = await self.tok.apply_chat_template(
+            req.messages, add_generation_prompt=req.add_generation_prompt is not False
+        )
+        max_tokens = req.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = req.max_tokens
+        job = self._job("chat", req, [ids], max_tokens, logprobs, "top_logprobs", arrival)
+        return await self._serve(request, job)
+
+    async def _serve(self, request: Request, job: _Job) -> Response:
+        gen = self._open_generation(job)
+        try:
+            await gen.start(job.prompts, job.params)
+            if job.stream:
+                owned = gen
+
+                def cleanup() -> None:
+                    if not owned.finished and not owned.failed:
+                        self.metrics.fail("client_disconnect")
+                    owned.close()
+
+                response = _CleanupStreamingResponse(
+                    self._stream(gen, job), cleanup, media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )  # fmt: skip
+                gen = None  # the response owns it now
+                return response
+            return await self._respond(request, gen, job)
+        finally:
+            if gen is not None:
+                gen.close()
+
+    def _open_generation(self, job: _Job) -> Generation:
+        limit = self.config.max_concurrent_requests
+        if self.in_flight >= limit:
+            raise APIError(
+                503,
+                f"the server is at its limit of max_concurrent_requests={limit} requests in "
+                "flight; retry later",
+                code="server_overloaded",
+            )
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
+
+        def release() -> None:
+            self.in_flight -= 1
+            self.metrics.in_flight.set(self.in_flight)
+
+        return Generation(
+            self.client, self.metrics, job.request_id, len(job.prompts), job.arrival, release
+        )
+
+    async def _respond(self, request: Request, gen: Generation, job: _Job) -> Response:
+        """Collect the whole generation, unless the client leaves first (then abort it)."""
+        collect = asyncio.ensure_future(self._collect(gen, job))
+        gone = asyncio.ensure_future(wait_for_disconnect(request.receive))
+        try:
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (collect, gone):
+                if not task.done():
+                    task.cancel()
+        if not collect.done() or collect.cancelled():
+            raise APIError(499, "client disconnected", reason="client_disconnect")
+        try:
+            body = collect.result()
+        except GenerationFailed as e:
+            raise APIError(500, f"generation failed: {e}", reason="engine_error") from e
+        return JSONResponse(body)
+
+    async def _collect(self, gen: Generation, job: _Job) -> dict[str, Any]:
+        choices = [_Choice() for _ in range(len(job.prompts) * job.n)]
+        async for batch in gen.outputs():
+            for tag, out in batch:
+                for c in out.choices:
+                    choices[tag * job.n + c.index].add(c)
+        self._count_success(choices)
+        result = []
+        for i, ch in enumerate(choices):
+            text = "".join(ch.text)
+            lp = (
+                await self._format_logprobs(job, ch, ch.logprobs)
+                if job.logprobs is not None
+                else None
+            )
+            if job.kind == "chat":
+                result.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": lp,
+                        "finish_reason": ch.finish_reason,
+                        "stop_reason": ch.stop_reason,
+                    }
+                )
+            else:
+                result.append(
+                    {
+                        "index": i,
+                        "text": text,
+                        "logprobs": lp,
+                        "finish_reason": ch.finish_reason,
+                        "stop_reason": ch.stop_reason,
+                    }
+                )
+        return {
+            "id": job.request_id,
+            "object": "chat.completion" if job.kind == "chat" else "text_completion",
+            "created": job.created,
+            "model": self.model_name,
+            "choices": result,
+            "usage": _usage(job, choices),
+        }
+
+    async def _stream(self, gen: Generation, job: _Job) -> AsyncIterator[bytes]:
+        choices = [_Choice() for _ in range(len(job.prompts) * job.n)]
+        obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+        head = {"id": job.request_id, "object": obj, "created": job.created}
+        head["model"] = self.model_name
+        try:
+            async for batch in gen.outputs():
+                for idx, c in _merge(batch, job.n).items():
+                    ch = choices[idx]
+                    if ch.finish_reason is not None:
+                        continue
+                    ch.add(c)
+                    choice = await self._chunk_choice(job, idx, ch, c)
+                    chunk = {**head, "choices": [choice]}
+                    if job.include_usage:
+                        chunk["usage"] = _usage(job, choices) if job.continuous_usage else None
+                    yield _sse(chunk)
+        except GenerationFailed as e:
+            self.metrics.fail("engine_error")
+            yield _sse(error_body(500, f"generation failed: {e}"))
+            yield b"data: [DONE]\n\n"
+            return
+        self._count_success(choices)
+        if job.include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(job, choices)})
+        yield b"data: [DONE]\n\n"
+
+    async def _chunk_choice(
+        self, job: _Job, idx: int, ch: _Choice, c: ChoiceDelta
+    ) -> dict[str, Any]:
+        lp = None
+        if job.logprobs is not None and c.logprobs:
+            lp = await self._format_logprobs(job, ch, c.logprobs)
+        if job.kind == "chat":
+            delta: dict[str, Any] = {"content": c.text}
+            if not ch.sent_role:
+                delta["role"] = "assistant"
+                ch.sent_role = True
+            return {
+                "index": idx,
+                "delta": delta,
+                "logprobs": lp,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+        return {
+            "index": idx,
+            "text": c.text,
+            "logprobs": lp,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
+
+    async def _format_logprobs(
+        self, job: _Job, ch: _Choice, lps: list[TokenLogprob]
+    ) -> dict[str, Any]:
+        ids = {t.token_id for t in lps}
+        for t in lps:
+            ids.update(i for i, _ in t.top)
+        order = sorted(ids)
+        strings = dict(zip(order, await self.tok.token_strings(order)))
+        if job.kind == "chat":
+            return {
+                "content": [
+                    {
+                        **_chat_token(strings[t.token_id], t.logprob),
+                        "top_logprobs": [_chat_token(strings[i], v) for i, v in t.top],
+                    }
+                    for t in lps
+                ]
+            }
+        tokens = [strings[t.token_id] for t in lps]
+        offsets = []
+        for s in tokens:
+            offsets.append(ch.text_offset)
+            ch.text_offset += len(s)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [_finite(t.logprob) for t in lps],
+            "top_logprobs": [{strings[i]: _finite(v) for i, v in t.top} for t in lps],
+            "text_offset": offsets,
+        }
+
+    def _count_success(self, choices: list[_Choice]) -> None:
+        reasons = {c.finish_reason for c in choices}
+        self.metrics.succeed("length" if "length" in reasons else "stop")
+
+    # ---- validation -------------------------------------------------------------------------
+    async def _parse(self, request: Request, model: type) -> Any:
+        body = await request.body()
+        try:
+            return parse(model, body)
+        except ValidationError as e:
+            message, param = describe_validation_error(e)
+            raise APIError(400, message, param=param) from None
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    @staticmethod
+    def _refuse_unsupported(req: _SamplingFields) -> None:
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options requires stream=true", param="stream_options")
+        if isinstance(req, CompletionRequest):
+            if req.echo:
+                raise APIError(400, "echo is not supported", param="echo")
+            if req.suffix:
+                raise APIError(400, "suffix is not supported", param="suffix")
+            if req.best_of is not None and req.best_of != (req.n or 1):
+                raise APIError(400, "best_of other than n is not supported", param="best_of")
+        if isinstance(req, ChatCompletionRequest):
+            if req.tools:
+                raise APIError(400, "tools are not supported", param="tools")
+            if req.response_format is not None and req.response_format.type != "text":
+                raise APIError(
+                    400, "only response_format type 'text' is supported", param="response_format"
+                )
+
+    async def _completion_prompts(self, prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str):
+            batch: list[Any] = [prompt]
+        elif prompt and isinstance(prompt[0], (str, list)):
+            batch = prompt
+        else:
+            batch = [prompt]  # one prompt of token ids (possibly empty)
+        if not batch:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        out = []
+        for p in batch:
+            if isinstance(p, str):
+                if not p:
+                    raise APIError(400, "prompt must not be empty", param="prompt")
+                p = await self.tok.encode(p)
+            else:
+                self._check_token_ids(p, "prompt")
+            out.append(p)
+        return out
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.info.vocab_size
+        for t in ids:
+            if not 0 <= t < vocab:
+                raise APIError(
+                    400, f"token id {t} is outside the vocabulary [0, {vocab})", param=param
+                )
+
+    def _job(
+        self,
+        kind: str,
+        req: CompletionRequest | ChatCompletionRequest,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        logprobs: int | None,
+        logprobs_param: str,
+        arrival: float,
+    ) -> _Job:
+        cfg, info = self.config, self.info
+        n = 1 if req.n is None else req.n
+        if n < 1:
+            raise APIError(400, f"n must be >= 1, got {n}", param="n")
+        if n * len(prompts) > cfg.max_n:
+            what = f"n={n}" if len(prompts) == 1 else f"n={n} x {len(prompts)} prompts"
+            raise APIError(400, f"{what} exceeds the server limit max_n={cfg.max_n}", param="n")
+        param = "messages" if kind == "chat" else "prompt"
+        longest = max(len(p) for p in prompts)
+        if any(not p for p in prompts):
+            raise APIError(400, f"{param} must not be empty", param=param)
+        ctx = info.max_model_len
+        if longest >= ctx:
+            raise APIError(
+                400,
+                f"the prompt has {longest} tokens; this model's context length is {ctx} tokens "
+                "and at least one must be left to generate",
+                param=param,
+                code="context_length_exceeded",
+            )
+        prompt_limit = cfg.max_prompt_tokens
+        if prompt_limit is not None and longest > prompt_limit:
+            raise APIError(
+                400,
+                f"the prompt has {longest} tokens, more than the server limit "
+                f"max_prompt_tokens={prompt_limit}",
+                param=param,
+            )
+        out_limit = cfg.max_output_tokens
+        if max_tokens is None:
+            # Chat's default: the rest of the context, capped by the server limit.
+            max_tokens = ctx - longest
+            if out_limit is not None:
+                max_tokens = min(max_tokens, out_limit)
+        else:
+            if max_tokens >= 1 and longest + max_tokens > ctx:
+                raise APIError(
+                    400,
+                    f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds this "
+                    f"model's context length of {ctx} tokens",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
+            if out_limit is not None and max_tokens > out_limit:
+                raise APIError(
+                    400,
+                    f"max_tokens={max_tokens} exceeds the server limit max_output_tokens="
+                    f"{out_limit}",
+                    param="max_tokens",
+                )
+        if logprobs is not None and logprobs > info.max_logprobs:
+            raise APIError(
+                400,
+                f"{logprobs_param}={logprobs} exceeds the server limit max_logprobs="
+                f"{info.max_logprobs}",
+                param=logprobs_param,
+            )
+        params = self._sampling_params(req, n, max_tokens, logprobs, logprobs_param)
+        stream = bool(req.stream)
+        opts = req.stream_options
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        return _Job(
+            kind=kind,
+            request_id=f"{prefix}-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            prompts=prompts,
+            params=params,
+            n=n,
+            stream=stream,
+            include_usage=bool(stream and opts is not None and opts.include_usage),
+            continuous_usage=bool(stream and opts is not None and opts.continuous_usage_stats),
+            logprobs=logprobs,
+            arrival=arrival,
+        )
+
+    def _sampling_params(
+        self,
+        req: _SamplingFields,
+        n: int,
+        max_tokens: int,
+        logprobs: int | None,
+        logprobs_param: str,
+    ) -> dict[str, Any]:
+        cfg = self.config
+        kw: dict[str, Any] = {"n": n, "max_tokens": max_tokens}
+        for name in _PASSTHROUGH:
+            value = getattr(req, name)
+            if value is not None:
+                kw[name] = value
+        if logprobs is not None:
+            kw["logprobs"] = logprobs
+        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if len(stop) > cfg.max_stop_strings:
+            raise APIError(
+                400,
+                f"{len(stop)} stop strings exceed the server limit max_stop_strings="
+                f"{cfg.max_stop_strings}",
+                param="stop",
+            )
+        for s in stop:
+            if len(s) > cfg.max_stop_string_length:
+                raise APIError(
+                    400,
+                    f"a stop string of {len(s)} characters exceeds the server limit "
+                    f"max_stop_string_length={cfg.max_stop_string_length}",
+                    param="stop",
+                )
+        if stop:
+            kw["stop"] = stop
+        stop_ids = req.stop_token_ids or []
+        if len(stop_ids) > cfg.max_stop_token_ids:
+            raise APIError(
+                400,
+                f"{len(stop_ids)} stop_token_ids exceed the server limit max_stop_token_ids="
+                f"{cfg.max_stop_token_ids}",
+                param="stop_token_ids",
+            )
+        if stop_ids:
+            self._check_token_ids(stop_ids, "stop_token_ids")
+            kw["stop_token_ids"] = stop_ids
+        try:
+            SamplingParams(**kw)
+        except (ValueError, TypeError) as e:
+            name = str(e).split(" ", 1)[0]
+            param = name if name in _SAMPLING_FIELDS else None
+            if param == "logprobs":
+                param = logprobs_param
+            raise APIError(400, str(e), param=param) from None
+        return kw
+
+
+class _CleanupStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always runs ``cleanup`` once it is done, also when the client
+    disconnects before the first chunk (when the body generator may never start)."""
+
+    def __init__(self, content: AsyncIterator[bytes], cleanup: Callable[[], None], **kw: Any):
+        super().__init__(content, **kw)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
+            aclose: Callable[[], Awaitable[None]] | None = getattr(
+                self.body_iterator, "aclose", None
+            )
+            if aclose is not None:
+                await aclose()
+
+
+def _merge(batch: list[tuple[int, OutputDelta]], n: int) -> dict[int, ChoiceDelta]:
+    """One delta per choice for a batch of outputs. When the API falls behind the engine,
+    several steps arrive at once; sending them as one chunk per choice keeps the per-token cost
+    of JSON and SSE from compounding the lag."""
+    merged: dict[int, ChoiceDelta] = {}
+    for tag, out in batch:
+        for c in out.choices:
+            idx = tag * n + c.index
+            m = merged.get(idx)
+            if m is None:
+                merged[idx] = ChoiceDelta(
+                    c.index,
+                    c.text,
+                    list(c.token_ids),
+                    list(c.logprobs) if c.logprobs is not None else None,
+                    c.finish_reason,
+                    c.stop_reason,
+                )
+                continue
+            m.text += c.text
+            m.token_ids.extend(c.token_ids)
+            if c.logprobs:
+                m.logprobs = [*(m.logprobs or []), *c.logprobs]
+            if c.finish_reason is not None:
+                m.finish_reason, m.stop_reason = c.finish_reason, c.stop_reason
+    return merged
+
+
+def _usage(job: _Job, choices: list[_Choice]) -> dict[str, int]:
+    prompt = sum(len(p) for p in job.prompts)  # counted once, as OpenAI does, whatever n is
+    completion = sum(c.num_tokens for c in choices)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _finite(v: float) -> float:
+    return v if math.isfinite(v) else _MIN_LOGPROB
+
+
+def _chat_token(s: str, logprob: float) -> dict[str, Any]:
+    return {"token": s, "logprob": _finite(logprob), "bytes": list(s.encode("utf-8", "replace"))}

@@ -1,0 +1,156 @@
+"""Request schemas of the OpenAI-compatible API (pydantic, strict).
+
+Strict: a string is not a number and ``1.0`` is not an int, so wrong types are reported rather
+than guessed at. Unknown fields are refused with 400, as OpenAI does, so a misspelt parameter
+never silently does nothing. Integers are bounded to 64 bits here so everything that validates
+can be encoded for the engine; the finer ranges are :class:`~graphrt.SamplingParams`'s job, so
+each rule lives in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+UInt64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by completions and chat completions (OpenAI names, then vLLM extras)."""
+
+    model: str | None = None
+    n: Int64 | None = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: Int64 | UInt64 | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: Int64 | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: Int64 | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[Int64] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions``. ``prompt`` is a string, token ids, or a list of either."""
+
+    prompt: str | list[Int64] | list[str] | list[list[Int64]]
+    max_tokens: Int64 | None = 16
+    logprobs: Int64 | None = None
+    echo: bool | None = False
+    best_of: Int64 | None = None
+    suffix: str | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    # Earlier assistant turns may carry fields we do not use (tool_calls, refusal, ...).
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    type: str
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage]
+    max_tokens: Int64 | None = None
+    max_completion_tokens: Int64 | None = None
+    logprobs: bool | None = False
+    top_logprobs: Int64 | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool | None = True
+    # Accepted and ignored, as they only matter to OpenAI's own platform.
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+
+
+class TokenizeRequest(_Strict):
+    """``POST /tokenize``: a ``prompt`` or chat ``messages``."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = True
+    add_generation_prompt: bool | None = True
+
+
+class DetokenizeRequest(_Strict):
+    """``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: list[Int64]
+
+
+ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
+CHAT_ROLES: frozenset[str] = frozenset(ChatRole.__args__)
+
+
+def describe_validation_error(err: ValidationError) -> tuple[str, str | None]:
+    """A one-line message and the offending parameter's dotted path, from pydantic's error."""
+    first = err.errors(include_url=False)[0]
+    kind = first.get("type", "")
+    loc = [str(p) for p in first.get("loc", ())]
+    if kind == "json_invalid":
+        return f"request body is not valid JSON: {first.get('msg', '')}", None
+    if kind == "model_type" and not loc:
+        return "request body must be a JSON object", None
+    # Union members add their type names to the path ("prompt.str"); drop them.
+    loc = [p for p in loc if not _is_type_tag(p)]
+    param = ".".join(loc) or None
+    if kind == "extra_forbidden":
+        return f"unknown parameter {param!r}", param
+    if kind == "missing":
+        return f"missing required parameter {param!r}", param
+    return f"invalid value for {param!r}: {first.get('msg', kind)}", param
+
+
+def _is_type_tag(part: str) -> bool:
+    # pydantic names union members in the path: "str", "list[int]", "constrained-int", ...
+    return part in ("str", "int", "float", "bool", "list", "dict", "none") or any(
+        c in part for c in "[-"
+    )
+
+
+def parse(model: type[BaseModel], body: bytes) -> Any:
+    """Validate a JSON body; raises ``ValidationError``."""
+    return model.model_validate_json(body)

@@ -1,0 +1,118 @@
+"""Server pieces that need no server: config and CLI, the IPC wire format, request schemas, the
+merging of stream deltas. Fast; the end-to-end tests are in test_server*.py."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from graphrt.request import CompletionOutput, RequestOutput, TokenLogprob
+from graphrt.serve.cli import parse_args
+from graphrt.serve.config import API_KEY_ENV, ServerConfig
+from graphrt.serve.ipc import decode_output, encode_output, pack, unpack
+from graphrt.serve.openai_api import _merge
+from graphrt.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    describe_validation_error,
+    parse,
+)
+
+
+def test_cli_defaults_are_secure_and_take_engine_flags(monkeypatch) -> None:
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    server, engine = parse_args(["--max-num-seqs", "8", "--max-n", "2"])
+    assert server.host == "127.0.0.1" and server.is_loopback
+    assert server.api_key is None
+    assert server.max_n == 2
+    assert engine.max_num_seqs == 8 and engine.model is None
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert parse_args([])[0].api_key == "from-env"
+    assert parse_args(["--api-key", "flag"])[0].api_key == "flag"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("port", 70000), ("max_n", 0), ("max_request_body_bytes", 10), ("engine_mode", "fork")],
+)
+def test_server_config_validates(field: str, value: object) -> None:
+    with pytest.raises((ValueError, TypeError), match=field):
+        ServerConfig(**{field: value})
+
+
+def test_cli_rejects_bad_values(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--max-num-seqs", "0"])
+    assert "max_num_seqs" in capsys.readouterr().err
+
+
+def test_output_round_trips_through_the_wire_format() -> None:
+    lp = [TokenLogprob(5, -0.5, [(5, -0.5), (7, -1.25)])]
+    out = RequestOutput(
+        request_id="r1",
+        prompt=None,
+        prompt_token_ids=[1, 2],
+        outputs=[
+            CompletionOutput(
+                0, "ab", [3, 5], delta_text="b", delta_token_ids=[5], delta_logprobs=lp
+            ),
+            CompletionOutput(1, "x", [9], delta_text="", delta_token_ids=[]),  # no progress
+            CompletionOutput(2, "y", [4], finish_reason="stop", stop_reason="</s>"),
+        ],
+        finished=False,
+    )
+    got = decode_output(unpack(pack(encode_output(out))))
+    assert got.request_id == "r1" and not got.finished and got.error is None
+    assert [c.index for c in got.choices] == [0, 2]  # the idle choice is left out
+    c0, c2 = got.choices
+    assert (c0.text, c0.token_ids, c0.logprobs) == ("b", [5], lp)
+    assert (c2.finish_reason, c2.stop_reason) == ("stop", "</s>")
+
+
+def test_merge_joins_deltas_per_choice() -> None:
+    def delta(tag: int, index: int, text: str, ids: list[int], finish: str | None = None):
+        raw = ["r", finish is not None, None, [[index, text, ids, None, finish, None]]]
+        return tag, decode_output(raw)
+
+    merged = _merge(
+        [delta(0, 0, "a", [1]), delta(1, 0, "x", [7]), delta(0, 0, "b", [2], "length")], 2
+    )
+    assert list(merged) == [0, 2]
+    assert (merged[0].text, merged[0].token_ids, merged[0].finish_reason) == (
+        "ab",
+        [1, 2],
+        "length",
+    )
+    assert merged[2].text == "x"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        (b'{"prompt": "a", "max_tokens": "3"}', "max_tokens", "valid integer"),
+        (b'{"prompt": "a", "n": 1.0}', "n", "valid integer"),
+        (b'{"prompt": "a", "seed": 1e400}', "seed", ""),
+        (b'{"prompt": "a", "bogus": 1}', "bogus", "unknown parameter"),
+        (b'{"max_tokens": 1}', "prompt", "missing"),
+        (b'{"prompt": [1, "a"]}', "prompt", ""),
+        (b"[]", None, "JSON object"),
+        (b"{", None, "not valid JSON"),
+    ],
+)
+def test_validation_errors_name_the_parameter(body: bytes, param: str, words: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        parse(CompletionRequest, body)
+    message, got = describe_validation_error(info.value)
+    assert got == param
+    assert words in message
+
+
+def test_chat_request_accepts_openai_client_fields() -> None:
+    req = parse(
+        ChatCompletionRequest,
+        b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}],'
+        b' "name": "u"}], "max_completion_tokens": 3, "logprobs": true, "top_logprobs": 2,'
+        b' "stream": true, "stream_options": {"include_usage": true}, "user": "x", "seed": 1}',
+    )
+    assert req.messages[0].content[0].text == "hi"
+    assert req.stream_options.include_usage
