@@ -47,12 +47,16 @@ class ResolvedSettings:
 
 
 def resolve_settings(config: EngineConfig, model_cfg: ModelConfig) -> ResolvedSettings:
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        if config.device == "cuda" and not torch.cuda.is_available():
+    want = config.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was asked for, but torch sees no CUDA device")
-        device = torch.device(config.device)
+        # An explicit index: the launcher thread must select the same device.
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device(want)
     if config.dtype == "auto":
         # CPU kernels for bf16 matmuls are slow and HF parity is checked in fp32.
         dtype = model_cfg.torch_dtype if device.type == "cuda" else torch.float32
