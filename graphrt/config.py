@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -146,6 +147,7 @@ class EngineConfig:
         return cls(**kw)
 
 
+@functools.cache
 def _resolved_hints() -> dict[str, Any]:
     return typing.get_type_hints(EngineConfig)
 

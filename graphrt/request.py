@@ -36,7 +36,7 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queues remove and find requests by object
 class Request:
     """One sequence being generated. ``n > 1`` requests become ``n`` of these.
 

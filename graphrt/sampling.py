@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from graphrt.sampling_params import MIN_TEMPERATURE
 from graphrt.step_plan import MAX_BANNED_IDS, SlotInit
 
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 multipliers, as signed int64
@@ -232,11 +233,12 @@ def sample(
         work = ban_stop_ids(work, slots, positions, state)
         greedy_ids = work.argmax(dim=-1)
         temp = state.temperature.index_select(0, slots)
-        work = work / torch.where(temp > 0, temp, 1.0)[:, None]
+        sampled = temp >= MIN_TEMPERATURE
+        work = work / torch.where(sampled, temp, 1.0)[:, None]
         if flags.filters:
             work = apply_filters(work, slots, state)
         noise = gumbel_noise(state.seed.index_select(0, slots), positions, logits.shape[-1])
-        ids = torch.where(temp > 0, (work + noise).argmax(dim=-1), greedy_ids)
+        ids = torch.where(sampled, (work + noise).argmax(dim=-1), greedy_ids)
         state.counts.index_put_(
             (out_slots, ids), torch.ones_like(ids, dtype=torch.int32), accumulate=True
         )

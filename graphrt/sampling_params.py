@@ -8,12 +8,15 @@ from typing import Any
 
 _FIELDS_INT_OR_NONE = ("seed", "max_tokens", "logprobs")
 
+# Temperatures below this are greedy, as in vLLM: dividing fp32 logits by less overflows.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is sampled and when it stops.
 
-    ``temperature == 0`` is greedy. ``top_k`` of 0 or -1 and ``top_p == 1`` disable those
+    ``temperature == 0`` (or below 1e-5) is greedy. ``top_k`` of 0 or -1 and ``top_p == 1`` disable those
     filters. ``max_tokens=None`` generates until the context is full. ``logprobs=k`` returns the
     sampled token's log-probability and the ``k`` most likely alternatives at each step, taken
     from the model's raw distribution (before temperature and filters), as OpenAI does.
@@ -63,7 +66,8 @@ class SamplingParams:
         for name in _FIELDS_INT_OR_NONE:
             value = getattr(self, name)
             if value is not None:
-                _int(name, value, lo=1 if name == "max_tokens" else 0)
+                lo = {"max_tokens": 1, "logprobs": 0}.get(name)  # any 64-bit seed is fine
+                _int(name, value, lo=lo)
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
         _int("min_tokens", self.min_tokens, lo=0)
@@ -92,7 +96,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def uses_penalties(self) -> bool:

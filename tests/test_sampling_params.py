@@ -38,6 +38,7 @@ VALID: list[tuple[str, Any]] = [
     ("seed", None),
     ("seed", 0),
     ("seed", 2**64 - 1),
+    ("seed", -1),  # OpenAI and vLLM accept any 64-bit seed
     ("max_tokens", None),
     ("max_tokens", 1),
     ("min_tokens", 16),  # equal to the default max_tokens
@@ -81,7 +82,7 @@ INVALID: list[tuple[str, Any, type[Exception]]] = [
     ("top_k", 5.0, TypeError),
     ("min_p", -0.1, ValueError),
     ("min_p", 1.5, ValueError),
-    ("seed", -1, ValueError),
+    ("seed", -(2**63) - 1, ValueError),
     ("seed", 2**64, ValueError),
     ("seed", 1.0, TypeError),
     ("max_tokens", 0, ValueError),
