@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from graphrt.capture.buckets import bucket_for, make_buckets
-from graphrt.capture.static_buffers import SEQ_LENS, SLOTS, DecodeBuffers, fill_inputs
 from tqdm.auto import tqdm
 
+from graphrt.capture.buckets import bucket_for, make_buckets
+from graphrt.capture.static_buffers import SEQ_LENS, SLOTS, DecodeBuffers, fill_inputs
 from graphrt.sampling import EVERYTHING, GREEDY, SampleOutputs, SamplerFlags
 from graphrt.step_plan import StepPlan
 

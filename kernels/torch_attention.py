@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from graphrt.kernels.attention_backend import AttentionBackend, AttnInputs
 
 
