@@ -16,10 +16,11 @@ MIN_TEMPERATURE = 1e-5
 class SamplingParams:
     """How one request is sampled and when it stops.
 
-    ``temperature == 0`` (or below 1e-5) is greedy. ``top_k`` of 0 or -1 and ``top_p == 1`` disable those
-    filters. ``max_tokens=None`` generates until the context is full. ``logprobs=k`` returns the
-    sampled token's log-probability and the ``k`` most likely alternatives at each step, taken
-    from the model's raw distribution (before temperature and filters), as OpenAI does.
+    ``temperature == 0`` (or below 1e-5) is greedy. ``top_k`` of 0 or -1 and ``top_p == 1``
+    disable those filters. ``max_tokens=None`` generates until the context is full.
+    ``logprobs=k`` returns the sampled token's log-probability and the ``k`` most likely
+    alternatives at each step, taken from the model's raw distribution (before temperature
+    and filters), as OpenAI does.
     """
 
     n: int = 1
