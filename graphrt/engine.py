@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import random
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +178,11 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Plan and submit the next step, then process the previous one. Returns the outputs
         of requests that progressed (with their deltas) or finished."""
+        prof = self.launcher.profiler
+        t0 = time.perf_counter() if prof is not None else 0.0
         plan = self.scheduler.schedule()
+        if plan is not None and prof is not None:
+            prof.record(plan).schedule_s = time.perf_counter() - t0
         handle = self.launcher.submit(plan) if plan is not None else None
         if handle is not None:
             self.stats["steps"] += 1
@@ -186,7 +191,8 @@ class Engine:
         prev, self._inflight = self._inflight, handle
         if prev is None:
             return [] if handle is not None else self._check_stalled()
-        if self.config.overlap == "two_events" and handle is not None:
+        if self.launcher.mode == "two_events" and handle is not None:
+            # The pre-SGLang-#4790 protocol: also wait until the next step is launched.
             handle.wait_launched()
         return self._process(prev)
 
@@ -200,6 +206,27 @@ class Engine:
         return []
 
     def _process(self, handle: StepHandle) -> list[RequestOutput]:
+        prof = self.launcher.profiler
+        if prof is None:
+            return self._consume(handle)
+        t0 = time.perf_counter()
+        outs = self._consume(handle)
+        rec = prof.records.get(handle.step_id)
+        if rec is not None:
+            rec.process_s = time.perf_counter() - t0
+        return outs
+
+    def set_overlap(self, mode: str) -> None:
+        """Switch the overlap mode between requests (benchmarks compare modes on one engine)."""
+        if self.has_unfinished() or self._inflight is not None:
+            raise RuntimeError("set_overlap needs an idle engine")
+        EngineConfig(overlap=mode)  # validates the name
+        profiler = self.launcher.profiler
+        self.launcher.shutdown()
+        self.launcher = Launcher(self.runner, mode, max_rows=self.config.max_num_seqs)
+        self.launcher.profiler = profiler
+
+    def _consume(self, handle: StepHandle) -> list[RequestOutput]:
         plan = handle.plan
         touched: dict[str, _Group] = {}
         try:

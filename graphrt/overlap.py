@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -110,7 +111,6 @@ class StepHandle:
         self._error: BaseException | None = None
         self._consumed = False
         self._released = False
-        self.launch_cpu_s = 0.0
 
     @property
     def step_id(self) -> int:
@@ -177,6 +177,38 @@ class StepHandle:
             self._launched.set()
 
 
+@dataclass
+class StepRecord:
+    """Timings of one step, for benchmarks (see ``StepProfiler``)."""
+
+    step_id: int
+    batch_size: int
+    is_decode: bool
+    schedule_s: float = 0.0  # scheduler thread: planning this step
+    launch_s: float = 0.0  # launcher: prepare, replay or eager step, copies, event records
+    process_s: float = 0.0  # scheduler thread: consuming this step's results
+    graph_bs: int | None = None
+    start: torch.cuda.Event | None = None  # recorded before the step's first GPU work
+    end: torch.cuda.Event | None = None  # recorded after its D2H copy
+
+
+class StepProfiler:
+    """Opt-in per-step CPU times and GPU start/end events. Off (None) in normal serving, where
+    the only cost is one ``is None`` test per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.records: dict[int, StepRecord] = {}
+
+    def record(self, plan: StepPlan) -> StepRecord:
+        r = StepRecord(plan.step_id, plan.batch_size, plan.is_decode)
+        if self.cuda:
+            r.start = torch.cuda.Event(enable_timing=True)
+            r.end = torch.cuda.Event(enable_timing=True)
+        self.records[plan.step_id] = r
+        return r
+
+
 class Launcher:
     """Runs steps on the forward stream, on its own thread (``thread``, ``two_events``) or on
     the caller's (``inline``, ``off``)."""
@@ -190,6 +222,7 @@ class Launcher:
         self.pool = ResourcePool(4, max_rows, runner.max_logprobs, dev)
         self._queue: queue.SimpleQueue[StepHandle | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self.profiler: StepProfiler | None = None
         if mode in ("thread", "two_events"):
             self._thread = threading.Thread(target=self._loop, name="graphrt-launcher", daemon=True)
             self._thread.start()
@@ -209,10 +242,25 @@ class Launcher:
 
     def _run(self, handle: StepHandle) -> None:
         if self.stream is None:
-            handle._launch(self.runner)
+            self._launch(handle)
             return
         with torch.cuda.stream(self.stream):
+            self._launch(handle)
+
+    def _launch(self, handle: StepHandle) -> None:
+        prof = self.profiler
+        if prof is None:
             handle._launch(self.runner)
+            return
+        rec = prof.records.get(handle.step_id) or prof.record(handle.plan)
+        t0 = time.perf_counter()
+        if rec.start is not None:
+            rec.start.record()
+        handle._launch(self.runner)
+        if rec.end is not None:
+            rec.end.record()
+        rec.launch_s = time.perf_counter() - t0
+        rec.graph_bs = handle._outputs.graph_bs if handle._outputs is not None else None
 
     def _loop(self) -> None:
         if self.stream is not None:
