@@ -213,7 +213,8 @@ class Engine:
         outs = self._consume(handle)
         rec = prof.records.get(handle.step_id)
         if rec is not None:
-            rec.process_s = time.perf_counter() - t0
+            rec.wait_s = handle.wait_s
+            rec.process_s = time.perf_counter() - t0 - handle.wait_s
         return outs
 
     def set_overlap(self, mode: str) -> None:

@@ -111,6 +111,7 @@ class StepHandle:
         self._error: BaseException | None = None
         self._consumed = False
         self._released = False
+        self.wait_s = 0.0  # time result() blocked on the launch and copy_done
 
     @property
     def step_id(self) -> int:
@@ -127,11 +128,13 @@ class StepHandle:
         if self._released:
             raise StepOwnershipError(f"step {self.step_id}: results read after release")
         self._consumed = True
+        t0 = time.perf_counter()
         self._launched.wait()
         if self._error is not None:
             raise self._error
         if self._res.copy_done is not None:
             self._res.copy_done.synchronize()
+        self.wait_s = time.perf_counter() - t0
         b = self.plan.batch_size
         h = self._res.host
         lp = self.plan.needs.logprobs
@@ -186,7 +189,8 @@ class StepRecord:
     is_decode: bool
     schedule_s: float = 0.0  # scheduler thread: planning this step
     launch_s: float = 0.0  # launcher: prepare, replay or eager step, copies, event records
-    process_s: float = 0.0  # scheduler thread: consuming this step's results
+    wait_s: float = 0.0  # scheduler thread: blocked on this step's copy_done
+    process_s: float = 0.0  # scheduler thread: consuming this step's results (CPU work)
     graph_bs: int | None = None
     start: torch.cuda.Event | None = None  # recorded before the step's first GPU work
     end: torch.cuda.Event | None = None  # recorded after its D2H copy

@@ -88,3 +88,47 @@ def test_failed_step_fails_its_requests_and_engine_keeps_serving(llama, mode: st
     assert ok.outputs[0].finish_reason == "length" and ok.error is None
     assert eng.pages.num_free == eng.pages.num_usable
     eng.shutdown()
+
+
+def test_overlap_ablation_runs_and_reports(llama, tmp_path) -> None:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "overlap_ablation.py"
+    spec = importlib.util.spec_from_file_location("overlap_ablation", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "oa.json"
+    rc = mod.main(
+        [
+            "--model",
+            str(llama),
+            "--batch-sizes",
+            "1",
+            "3",
+            "--repeats",
+            "2",
+            "--steps",
+            "6",
+            "--warmup-steps",
+            "2",
+            "--prompt-len",
+            "5",
+            "--max-model-len",
+            "128",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert {(r["bs"], r["mode"]) for r in data["rows"]} == {
+        (b, m) for b in (1, 3) for m in ("thread", "inline", "off", "two_events")
+    }
+    for r in data["rows"]:
+        assert r["repeats"] == 2 and r["tok_s"]["median"] > 0
+        assert r["step_ms"]["min"] <= r["step_ms"]["median"] <= r["step_ms"]["max"]
+    assert [s["bs"] for s in data["seed_question"]] == [1, 3]

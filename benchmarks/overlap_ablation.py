@@ -1,0 +1,235 @@
+"""Overlap ablation: does the one-step-ahead scheduler hide its CPU work under the GPU?
+
+For each batch size and overlap mode it decodes ``--steps`` steady-state steps of ``B``
+requests and reports, beside the ceiling (back-to-back replays of the same bucket's graph with
+no scheduling, at the same context length):
+
+- decode tok/s and the step time (period between step ends on the GPU timeline);
+- overhead ratio = step time / back-to-back replay time (1.00: scheduling fully hidden);
+- GPU idle fraction = gaps between one step's end and the next one's start, over the window;
+- per-step CPU time of the scheduler (planning + processing) and of the launcher.
+
+Modes are interleaved within each repetition so drift hits them alike. Medians and min–max
+spreads over ``--repeats`` repetitions. ``thread`` vs ``two_events`` settles SGLang #4790's
+question (one ``copy_done`` wait per step vs also waiting on ``launch_done``).
+
+    python benchmarks/overlap_ablation.py --model benchmarks/models/llama-3.2-1b \\
+        --load-format dummy --batch-sizes 1 8 64 256 --repeats 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from graphrt import Engine, SamplingParams
+from graphrt.capture.profile import _Bench, measure_hbm_bandwidth
+from graphrt.overlap import StepProfiler
+from graphrt.sampling import GREEDY
+
+MODES = ["thread", "inline", "off", "two_events"]
+
+
+def run_once(
+    eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, steps: int, seed: int
+) -> dict:
+    """One measured decode run of ``bs`` requests in ``mode``."""
+    eng.set_overlap(mode)
+    prof = StepProfiler(eng.runner.device)
+    eng.launcher.profiler = prof
+    g = torch.Generator().manual_seed(seed)
+    vocab = eng.model_config.vocab_size
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(bs)]
+    params = SamplingParams(temperature=0, max_tokens=warm + steps + 2, ignore_eos=True)
+    for p in prompts:
+        eng.add_request(None, p, params)
+    processed_at: dict[int, float] = {}
+    while eng.has_unfinished():
+        eng.step()
+        now = time.perf_counter()
+        for sid in prof.records:
+            processed_at.setdefault(sid, now)
+    eng.drain()
+    eng.launcher.profiler = None
+    if eng.runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    recs = [r for _, r in sorted(prof.records.items()) if r.is_decode and r.batch_size == bs]
+    window = recs[warm : warm + steps]
+    if len(window) < 3:
+        raise RuntimeError(f"only {len(window)} steady decode steps at bs={bs}")
+    out = {
+        "schedule_ms": statistics.median(r.schedule_s for r in window) * 1e3,
+        "process_ms": statistics.median(r.process_s for r in window) * 1e3,
+        "wait_ms": statistics.median(r.wait_s for r in window) * 1e3,
+        "launch_ms": statistics.median(r.launch_s for r in window) * 1e3,
+        "graph_bs": window[0].graph_bs,
+    }
+    if window[0].end is not None:
+        span = window[0].end.elapsed_time(window[-1].end)
+        out["step_ms"] = span / (len(window) - 1)
+        gaps = [max(0.0, a.end.elapsed_time(b.start)) for a, b in itertools.pairwise(window)]
+        total = window[0].start.elapsed_time(window[-1].end)
+        out["gpu_idle"] = sum(gaps) / total if total > 0 else None
+    else:
+        t = [processed_at[r.step_id] for r in window]
+        out["step_ms"] = (t[-1] - t[0]) / (len(t) - 1) * 1e3
+        out["gpu_idle"] = None
+    out["tok_s"] = bs / out["step_ms"] * 1e3
+    return out
+
+
+def replay_ceiling_ms(eng: Engine, bs: int, ctx: int, iters: int) -> float | None:
+    """Back-to-back replays of the bucket that serves ``bs`` rows, at context ``ctx``."""
+    graphs = eng.runner.graphs
+    bucket = graphs.bucket_for(bs)
+    if bucket is None or (bucket, GREEDY) not in graphs.graphs:
+        return None
+    bench = _Bench(eng, ctx)
+    gpu_ms, _ = bench.replay(bucket, iters)
+    return gpu_ms
+
+
+def summarize(values: list[float | None]) -> dict:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"median": None, "min": None, "max": None}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
+    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--warmup-steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    max_bs = max(args.batch_sizes)
+    eng = Engine(
+        args.model,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        device=args.device,
+        attention_backend=args.attention_backend,
+        max_num_seqs=max_bs,
+        cuda_graph_max_bs=max_bs,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=max(2048, max_bs * args.prompt_len // 4),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        show_progress=False,
+    )
+    r = eng.runner
+    dev = torch.cuda.get_device_name() if r.device.type == "cuda" else "cpu"
+    bw = measure_hbm_bandwidth(r.device) if r.device.type == "cuda" else None
+    ctx = args.prompt_len + args.warmup_steps + args.steps // 2
+    results = []
+    for bs in args.batch_sizes:
+        ceiling = replay_ceiling_ms(eng, bs, ctx, iters=50)
+        runs: dict[str, list[dict]] = {m: [] for m in args.modes}
+        for rep in range(args.repeats):
+            for mode in args.modes:
+                runs[mode].append(
+                    run_once(
+                        eng, mode, bs, args.prompt_len, args.warmup_steps, args.steps, seed=rep
+                    )
+                )
+        for mode in args.modes:
+            row = {"bs": bs, "mode": mode, "ceiling_ms": ceiling, "repeats": len(runs[mode])}
+            for key in (
+                "step_ms",
+                "tok_s",
+                "gpu_idle",
+                "schedule_ms",
+                "process_ms",
+                "wait_ms",
+                "launch_ms",
+            ):
+                row[key] = summarize([x[key] for x in runs[mode]])
+            row["overhead_ratio"] = summarize(
+                [x["step_ms"] / ceiling if ceiling else None for x in runs[mode]]
+            )
+            row["graph_bs"] = runs[mode][0]["graph_bs"]
+            results.append(row)
+            print_row(row)
+    seed = seed_question(results)
+    header = {
+        "model": args.model,
+        "device": dev,
+        "hbm_bytes_per_s": bw,
+        "weight_bytes": r.weight_bytes,
+        "attention_backend": r.settings.attention_backend,
+        "dtype": str(r.settings.dtype),
+        "prompt_len": args.prompt_len,
+        "steps": args.steps,
+        "context_at_ceiling": ctx,
+    }
+    print(f"\n{dev}, {args.model}, attention={r.settings.attention_backend}")
+    if bw:
+        print(f"HBM bandwidth (this run): {bw / 1e12:.2f} TB/s")
+    for line in seed["lines"]:
+        print(line)
+    if args.json:
+        args.json.write_text(
+            json.dumps({"header": header, "rows": results, "seed_question": seed["rows"]}, indent=2)
+        )
+    eng.shutdown()
+    return 0
+
+
+def _m(stat: dict, scale: float = 1.0, spec: str = ".3f") -> str:
+    if stat["median"] is None:
+        return "-"
+    return (
+        f"{stat['median'] * scale:{spec}} [{stat['min'] * scale:{spec}}, "
+        f"{stat['max'] * scale:{spec}}]"
+    )
+
+
+def print_row(row: dict) -> None:
+    ceil = f"{row['ceiling_ms']:.3f}" if row["ceiling_ms"] else "-"
+    print(
+        f"bs={row['bs']:<4} {row['mode']:<10} step {_m(row['step_ms'])} ms | ceiling {ceil} ms"
+        f" | ratio {_m(row['overhead_ratio'])} | tok/s {_m(row['tok_s'], spec='.0f')} | idle "
+        f"{_m(row['gpu_idle'], 100, '.1f')}% | sched {_m(row['schedule_ms'])} + proc "
+        f"{_m(row['process_ms'])} ms | wait {_m(row['wait_ms'])} | launch "
+        f"{_m(row['launch_ms'])} ms",
+        flush=True,
+    )
+
+
+def seed_question(rows: list[dict]) -> dict:
+    """thread (one copy_done per step) vs two_events (also launch_done), per batch size."""
+    by = {(r["bs"], r["mode"]): r for r in rows}
+    out, lines = [], ["one copy_done (thread) vs two events (two_events), decode tok/s:"]
+    for bs in sorted({r["bs"] for r in rows}):
+        a, b = by.get((bs, "thread")), by.get((bs, "two_events"))
+        if not a or not b or a["tok_s"]["median"] is None:
+            continue
+        ratio = a["tok_s"]["median"] / b["tok_s"]["median"]
+        out.append({"bs": bs, "thread": a["tok_s"], "two_events": b["tok_s"], "ratio": ratio})
+        lines.append(
+            f"  bs={bs}: thread {_m(a['tok_s'], spec='.0f')} vs two_events "
+            f"{_m(b['tok_s'], spec='.0f')}  ratio {ratio:.3f}"
+        )
+    return {"rows": out, "lines": lines}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
