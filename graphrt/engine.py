@@ -28,14 +28,13 @@ from graphrt.output_processor import (
     append_token,
     fail,
     request_output,
-    rows_to_process,
 )
 from graphrt.overlap import Launcher, StepHandle
 from graphrt.request import Request, RequestOutput
 from graphrt.runner import ModelRunner
 from graphrt.sampling_params import SamplingParams
 from graphrt.scheduler import EngineOverloaded, Scheduler
-from graphrt.step_plan import MAX_BANNED_IDS, SamplerNeeds, SlotInit
+from graphrt.step_plan import MAX_BANNED_IDS, SamplerNeeds, SlotInit, needs_of
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +96,6 @@ class Engine:
             pages=self.pages,
             slots=self.slots,
             slot_init=self._slot_init,
-            sampler_needs=_sampler_needs,
         )
         self.launcher = Launcher(self.runner, config.overlap, max_rows=config.max_num_seqs)
         self._eos_ids = frozenset(
@@ -116,9 +114,15 @@ class Engine:
         request_id: str | None,
         prompt: Prompt,
         params: SamplingParams | None = None,
+        *,
+        stream: bool = True,
     ) -> str:
         """Queue a request. Raises ``RequestRejected`` for requests that can never run and
-        ``EngineOverloaded`` when the queue is full. Returns the request id."""
+        ``EngineOverloaded`` when the queue is full. Returns the request id.
+
+        With ``stream`` (the default), ``step()`` reports the request whenever it progresses;
+        otherwise only once, when all its completions have finished.
+        """
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._groups:
@@ -132,6 +136,7 @@ class Engine:
             )
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         children = []
+        needs = _sampler_needs(params)
         for i in range(params.n):
             req = Request(
                 request_id=f"{request_id}#{i}" if params.n > 1 else request_id,
@@ -143,6 +148,8 @@ class Engine:
                 prompt=text,
                 group_id=request_id,
                 index=i,
+                stream=stream,
+                needs=needs,
             )
             if self.tokenizer is not None:
                 req.detokenizer = self.tokenizer.new_detokenizer(
@@ -242,23 +249,30 @@ class Engine:
             return self._collect(touched)
         if res.graph_bs is not None:
             self.stats["graph_steps"] += 1
-        for r, req in rows_to_process(plan):
+        # One conversion per step: indexing numpy scalars per row costs more than the row.
+        ids = res.ids.tolist()
+        samples = plan.samples.tolist()
+        lps = res.logprob.tolist() if res.logprob is not None else None
+        for r, req in enumerate(plan.requests):
+            if not samples[r] or req.finished:
+                continue  # a partial prefill chunk, or the extra step of a finished request
             req.num_pending -= 1
             try:
-                lp = res.logprob[r] if res.logprob is not None else None
-                append_token(
-                    req,
-                    int(res.ids[r]),
-                    lp,
-                    res.top_ids[r].tolist() if res.top_ids is not None else None,
-                    res.top_logprobs[r].tolist() if res.top_logprobs is not None else None,
-                )
+                if lps is None:
+                    append_token(req, ids[r], None, None, None)
+                else:
+                    append_token(
+                        req, ids[r], lps[r], res.top_ids[r].tolist(), res.top_logprobs[r].tolist()
+                    )
             except Exception as e:  # a tokenizer or stop-string error fails this request only
                 logger.exception("request %s failed while processing its output", req.request_id)
                 self._fail(req, f"{type(e).__name__}: {e}")
-            if req.finish_reason is not None and not req.finished:
-                self.scheduler.finish(req)
-            self._touch(req, touched)
+            if req.finish_reason is not None:
+                if not req.finished:
+                    self.scheduler.finish(req)
+                self._touch(req, touched)
+            elif req.stream:
+                self._touch(req, touched)
         handle.release()
         return self._collect(touched)
 
@@ -275,10 +289,12 @@ class Engine:
     def _collect(self, touched: dict[str, _Group]) -> list[RequestOutput]:
         outs = []
         for gid, group in touched.items():
-            out = request_output(gid, group.children, group.prompt, group.prompt_ids)
-            if out.finished:
+            done = all(c.finished for c in group.children)
+            if not done and not group.children[0].stream:
+                continue  # final-only requests report once, when every completion is done
+            outs.append(request_output(gid, group.children, group.prompt, group.prompt_ids))
+            if done:
                 del self._groups[gid]
-            outs.append(out)
         return outs
 
     def drain(self) -> list[RequestOutput]:
@@ -297,7 +313,7 @@ class Engine:
         """Generate for each prompt (text or token ids); outputs in prompt order."""
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
-        ids = [self.add_request(None, p, sp) for p, sp in zip(prompts, params)]
+        ids = [self.add_request(None, p, sp, stream=False) for p, sp in zip(prompts, params)]
         final: dict[str, RequestOutput] = {}
         try:
             while len(final) < len(ids):
@@ -454,9 +470,8 @@ class Engine:
         return self.pages.num_used / self.pages.num_usable
 
 
-def _sampler_needs(req: Request) -> SamplerNeeds:
-    p = req.params
-    return SamplerNeeds(
+def _sampler_needs(p: SamplingParams) -> SamplerNeeds:
+    return needs_of(
         full=not p.greedy or p.uses_penalties or p.min_tokens > 0,
         filters=not p.greedy and p.uses_filters,
         logprobs=p.logprobs is not None,

@@ -14,7 +14,6 @@ from graphrt.request import (
     RequestOutput,
     TokenLogprob,
 )
-from graphrt.step_plan import StepPlan
 
 
 def append_token(
@@ -28,16 +27,14 @@ def append_token(
 
     Sets ``req.finish_reason`` (and ``stop_reason``) when it is; the caller frees the request.
     """
-    now = time.monotonic()
     if req.first_token_time is None:
-        req.first_token_time = now
+        req.first_token_time = time.monotonic()
     req.output_ids.append(token)
     p = req.params
     if req.logprobs is not None and logprob is not None:
         k = p.logprobs or 0
         top = list(zip(top_ids[:k], top_logprobs[:k])) if k else []
         req.logprobs.append(TokenLogprob(token, float(logprob), top))
-        req.cumulative_logprob += float(logprob)
     n_out = len(req.output_ids)
     if token in p.stop_token_ids:
         _finish(req, FinishReason.STOP, token)
@@ -48,12 +45,12 @@ def append_token(
         # Stop strings count only once min_tokens outputs exist, as in vLLM.
         if req.stop_matcher is not None and n_out >= p.min_tokens:
             safe, stopped = req.stop_matcher.feed(delta)
-            req.text += safe
+            req.append_text(safe)
             if stopped:
                 _finish(req, FinishReason.STOP, req.stop_matcher.matched)
                 return
         else:
-            req.text += delta
+            req.append_text(delta)
     if req.finish_reason is None and len(req.prompt_ids) + n_out >= req.max_len:
         _finish(req, FinishReason.LENGTH, None)
     if req.finish_reason is not None:
@@ -65,10 +62,10 @@ def _flush_text(req: Request) -> None:
     (a possible stop-string prefix) still hold."""
     tail = req.detokenizer.flush() if req.detokenizer is not None else ""
     if req.stop_matcher is None:
-        req.text += tail
+        req.append_text(tail)
         return
     safe, stopped = req.stop_matcher.feed(tail)
-    req.text += safe if stopped else safe + req.stop_matcher.flush()
+    req.append_text(safe if stopped else safe + req.stop_matcher.flush())
 
 
 def _finish(req: Request, reason: FinishReason, stop_reason: str | int | None) -> None:
@@ -87,27 +84,11 @@ def abort(req: Request) -> None:
     _finish(req, FinishReason.ABORT, None)
 
 
-def completion_output(req: Request, delta: bool = True) -> CompletionOutput:
-    """The request's cumulative output, plus what is new since the last call (then marked
-    as reported)."""
-    new_ids = req.output_ids[req.emitted_ids :]
-    new_text = req.text[req.emitted_text :]
-    new_lp = req.logprobs[req.emitted_ids :] if req.logprobs is not None else None
-    out = CompletionOutput(
-        index=req.index,
-        text=req.text,
-        token_ids=list(req.output_ids),
-        delta_text=new_text,
-        delta_token_ids=new_ids,
-        cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
-        logprobs=list(req.logprobs) if req.logprobs is not None else None,
-        delta_logprobs=new_lp,
-        finish_reason=req.finish_reason.value if req.finish_reason is not None else None,
-        stop_reason=req.stop_reason,
-    )
-    if delta:
-        req.emitted_ids = len(req.output_ids)
-        req.emitted_text = len(req.text)
+def completion_output(req: Request) -> CompletionOutput:
+    """The request's output as of now; its deltas run from the previous call."""
+    out = CompletionOutput(req, req.emitted_ids, req.emitted_text)
+    req.emitted_ids = len(req.output_ids)
+    req.emitted_text = req.text_len
     return out
 
 
@@ -131,8 +112,3 @@ def request_output(
         error=errors[0] if errors else None,
         metrics=metrics,
     )
-
-
-def rows_to_process(plan: StepPlan) -> list[tuple[int, Request]]:
-    """Rows of a step that sampled a token for a request still alive."""
-    return [(r, req) for r, req in enumerate(plan.requests) if plan.samples[r] and not req.finished]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from graphrt.sampling_params import SamplingParams
+from graphrt.step_plan import GREEDY_NEEDS, SamplerNeeds
 
 if TYPE_CHECKING:
     from graphrt.tokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -60,7 +61,6 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
-    cumulative_logprob: float = 0.0
     slot: int | None = None
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -74,9 +74,14 @@ class Request:
 
     detokenizer: IncrementalDetokenizer | None = None
     stop_matcher: StopStringMatcher | None = None
-    text: str = ""  # emitted text (stop strings held back until disambiguated)
+    # Emitted text (stop strings held back until disambiguated), as appended pieces: joining
+    # only when read keeps appends O(1) instead of copying the whole text every token.
+    text_parts: list[str] = field(default_factory=list)
+    text_len: int = 0
     emitted_ids: int = 0  # output ids already reported to the user
-    emitted_text: int = 0  # chars of ``text`` already reported
+    emitted_text: int = 0  # chars of text already reported
+    stream: bool = True  # report progress every step (else only the final output)
+    needs: SamplerNeeds = GREEDY_NEEDS
     first_token_time: float | None = None
     finish_time: float | None = None
 
@@ -85,6 +90,21 @@ class Request:
             self.prefill_ids = list(self.prompt_ids)
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
+
+    def append_text(self, piece: str) -> None:
+        if piece:
+            self.text_parts.append(piece)
+            self.text_len += len(piece)
+
+    def text_upto(self, n: int) -> str:
+        """The first ``n`` characters of the emitted text."""
+        if len(self.text_parts) > 1:
+            self.text_parts[:] = ["".join(self.text_parts)]
+        return self.text_parts[0][:n] if self.text_parts else ""
+
+    @property
+    def text(self) -> str:
+        return self.text_upto(self.text_len)
 
     @property
     def finished(self) -> bool:
@@ -108,25 +128,66 @@ class Request:
         return self.num_pending > 0
 
 
-@dataclass
 class CompletionOutput:
-    """One of a request's ``n`` completions. ``text``/``token_ids`` are cumulative;
-    ``delta_text``/``delta_token_ids`` hold what is new since the previous output."""
+    """One of a request's ``n`` completions, as of one step.
 
-    index: int
-    text: str
-    token_ids: list[int]
-    delta_text: str = ""
-    delta_token_ids: list[int] = field(default_factory=list)
-    cumulative_logprob: float | None = None
-    logprobs: list[TokenLogprob] | None = None
-    delta_logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
+    ``text``/``token_ids``/``logprobs`` are cumulative; ``delta_*`` hold what is new since the
+    previous output of the same request. Each is computed when read, from a snapshot of the
+    request's append-only state, so producing an output every step costs O(1), not O(length).
+    """
+
+    __slots__ = ("_n", "_n0", "_req", "_t", "_t0", "finish_reason", "index", "stop_reason")
+
+    def __init__(self, req: Request, since_ids: int, since_text: int) -> None:
+        self._req = req
+        self._n = len(req.output_ids)
+        self._t = req.text_len
+        self._n0 = since_ids
+        self._t0 = since_text
+        self.index = req.index
+        self.finish_reason = req.finish_reason.value if req.finish_reason is not None else None
+        self.stop_reason = req.stop_reason
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._req.output_ids[: self._n]
+
+    @property
+    def text(self) -> str:
+        return self._req.text_upto(self._t)
+
+    @property
+    def delta_token_ids(self) -> list[int]:
+        return self._req.output_ids[self._n0 : self._n]
+
+    @property
+    def delta_text(self) -> str:
+        return self._req.text_upto(self._t)[self._t0 :]
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        lp = self._req.logprobs
+        return None if lp is None else lp[: self._n]
+
+    @property
+    def delta_logprobs(self) -> list[TokenLogprob] | None:
+        lp = self._req.logprobs
+        return None if lp is None else lp[self._n0 : self._n]
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        lp = self._req.logprobs
+        return None if lp is None else sum(t.logprob for t in lp[: self._n])
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"CompletionOutput(index={self.index}, text={self.text!r}, "
+            f"token_ids={self.token_ids}, finish_reason={self.finish_reason!r})"
+        )
 
 
 @dataclass

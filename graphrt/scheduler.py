@@ -20,7 +20,7 @@ import numpy as np
 
 from graphrt.memory.page_allocator import DUMMY_SLOT, PageAllocator, SlotAllocator
 from graphrt.request import Request, RequestStatus
-from graphrt.step_plan import SamplerNeeds, SlotInit, StepPlan
+from graphrt.step_plan import GREEDY_NEEDS, SamplerNeeds, SlotInit, StepPlan
 
 
 class EngineOverloaded(RuntimeError):
@@ -37,7 +37,6 @@ class Scheduler:
         pages: PageAllocator,
         slots: SlotAllocator,
         slot_init: Callable[[Request, int], SlotInit],
-        sampler_needs: Callable[[Request], SamplerNeeds],
     ) -> None:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -45,7 +44,6 @@ class Scheduler:
         self.pages = pages
         self.slots = slots
         self._slot_init = slot_init
-        self._sampler_needs = sampler_needs
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._next_step = 0
@@ -81,23 +79,27 @@ class Scheduler:
     # ---- planning ------------------------------------------------------------------------
     def schedule(self) -> StepPlan | None:
         """The next step, or None when nothing can run now."""
-        b = _PlanBuilder(self.pages.page_size)
+        b = _PlanBuilder()
         budget = self.max_num_batched_tokens
+        ps = self.pages.page_size
+        running = RequestStatus.RUNNING
+        # The decode loop runs for every running request every step: keep it flat.
         for req in list(self.running):
             if budget == 0:
                 break
-            if req.status is not RequestStatus.RUNNING or not req.prefill_done:
+            nc = req.num_computed
+            if req.status is not running or nc < len(req.prefill_ids):
                 continue
-            if not req.can_sample_more:
+            if len(req.prompt_ids) + len(req.output_ids) + req.num_pending >= req.max_len:
                 continue  # its last token is in flight
-            if not self._reserve_pages(req, req.num_computed + 1, b, preempt=True):
-                continue
-            b.decode_row(req)
+            if nc // ps >= len(req.pages) and not self._reserve_pages(req, nc + 1, b, True):
+                continue  # preempted itself
+            b.decode_row(req, nc)
             budget -= 1
         for req in list(self.running):
             if budget == 0:
                 break
-            if req.status is not RequestStatus.RUNNING or req.prefill_done:
+            if req.status is not running or req.prefill_done:
                 continue
             budget -= self._schedule_prefill_chunk(req, budget, b)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -109,7 +111,7 @@ class Scheduler:
             budget -= b.last_chunk
         if not b.rows:
             return None
-        plan = b.build(self._next_step, self._sampler_needs)
+        plan = b.build(self._next_step)
         self._next_step += 1
         return plan
 
@@ -191,71 +193,88 @@ class Scheduler:
 class _PlanBuilder:
     """Accumulates rows for one plan, then packs them into numpy arrays."""
 
-    def __init__(self, page_size: int) -> None:
-        self.page_size = page_size
+    def __init__(self) -> None:
         self.rows: list[Request] = []
-        self.samples: list[bool] = []
         self.slots: list[int] = []
-        self.out_slots: list[int] = []
         self.seq_lens: list[int] = []
-        self.query_lens: list[int] = []
-        self.input_ids: list[int] = []
-        self.positions: list[int] = []
+        self.prefills: list[tuple[int, int, bool]] = []  # (row, start, n, ...) of prefill rows
         self.page_updates: list[tuple[int, int, int]] = []
         self.slot_inits: list[SlotInit] = []
-        self.all_decode = True
+        self.extra_needs: list[SamplerNeeds] = []  # needs of sampling rows beyond greedy
         self.last_chunk = 0
 
-    def decode_row(self, req: Request) -> None:
-        pos = req.num_computed
-        self._row(req, samples=True, start=pos, n=1)
-        self.input_ids.append(-1)
-        req.num_computed += 1
+    def decode_row(self, req: Request, pos: int) -> None:
+        """Feed the token at ``pos`` (on the GPU already) and sample the next one."""
+        self.rows.append(req)
+        self.slots.append(req.slot)
+        self.seq_lens.append(pos + 1)
+        req.num_computed = pos + 1
         req.num_pending += 1
+        if req.needs is not GREEDY_NEEDS:
+            self.extra_needs.append(req.needs)
 
     def prefill_row(self, req: Request, n: int) -> None:
         start = req.num_computed
         req.num_computed += n
         samples = req.prefill_done
-        self._row(req, samples=samples, start=start, n=n)
-        self.input_ids.extend(req.prefill_ids[start : start + n])
-        self.all_decode = False
+        self.prefills.append((len(self.rows), start, n))
+        self.rows.append(req)
+        self.slots.append(req.slot)
+        self.seq_lens.append(start + n)
         self.last_chunk = n
         if samples:
             req.num_pending += 1
+            if req.needs is not GREEDY_NEEDS:
+                self.extra_needs.append(req.needs)
 
-    def _row(self, req: Request, samples: bool, start: int, n: int) -> None:
-        assert req.slot is not None
-        self.rows.append(req)
-        self.samples.append(samples)
-        self.slots.append(req.slot)
-        self.out_slots.append(req.slot if samples else DUMMY_SLOT)
-        self.seq_lens.append(start + n)
-        self.query_lens.append(n)
-        self.positions.extend(range(start, start + n))
-
-    def build(self, step_id: int, needs_of: Callable[[Request], SamplerNeeds]) -> StepPlan:
-        full = filters = logprobs = False
-        for req, s in zip(self.rows, self.samples):
-            if s:
-                n = needs_of(req)
-                full |= n.full
-                filters |= n.filters
-                logprobs |= n.logprobs
+    def build(self, step_id: int) -> StepPlan:
         i64 = np.int64
+        b = len(self.rows)
+        slots = np.array(self.slots, dtype=i64)
+        seq_lens = np.array(self.seq_lens, dtype=i64)
+        if not self.prefills:
+            samples = np.ones(b, dtype=bool)
+            query_lens = np.ones(b, dtype=i64)
+            input_ids = np.full(b, -1, dtype=i64)
+            positions = seq_lens - 1
+            out_slots = slots
+        else:
+            samples = np.ones(b, dtype=bool)
+            query_lens = np.ones(b, dtype=i64)
+            ids_parts: list[list[int]] = []
+            pos_parts: list = []
+            pre = {row: (start, n) for row, start, n in self.prefills}
+            for r, req in enumerate(self.rows):
+                if r in pre:
+                    start, n = pre[r]
+                    query_lens[r] = n
+                    samples[r] = start + n >= len(req.prefill_ids)
+                    ids_parts.append(req.prefill_ids[start : start + n])
+                    pos_parts.append(np.arange(start, start + n, dtype=i64))
+                else:
+                    ids_parts.append([-1])
+                    pos_parts.append(np.array([self.seq_lens[r] - 1], dtype=i64))
+            input_ids = np.fromiter(
+                (t for part in ids_parts for t in part), dtype=i64, count=int(query_lens.sum())
+            )
+            positions = np.concatenate(pos_parts)
+            out_slots = np.where(samples, slots, DUMMY_SLOT)
+        needs = GREEDY_NEEDS
+        for n in self.extra_needs:
+            needs = needs | n
         updates = np.array(self.page_updates, dtype=i64).reshape(-1, 3).T.copy()
         return StepPlan(
             step_id=step_id,
-            is_decode=self.all_decode,
+            is_decode=not self.prefills,
             requests=self.rows,
-            samples=np.array(self.samples, dtype=bool),
-            slots=np.array(self.slots, dtype=i64),
-            out_slots=np.array(self.out_slots, dtype=i64),
-            seq_lens=np.array(self.seq_lens, dtype=i64),
-            query_lens=np.array(self.query_lens, dtype=i64),
-            input_ids=np.array(self.input_ids, dtype=i64),
-            positions=np.array(self.positions, dtype=i64),
+            samples=samples,
+            slots=slots,
+            out_slots=out_slots,
+            seq_lens=seq_lens,
+            query_lens=query_lens,
+            input_ids=input_ids,
+            positions=positions,
             page_updates=updates,
             slot_inits=self.slot_inits,
-            needs=SamplerNeeds(full, filters, logprobs),
+            needs=needs,
         )

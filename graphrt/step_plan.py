@@ -5,11 +5,14 @@ Pure Python and numpy. A plan is immutable once submitted; the runner copies wha
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from graphrt.request import Request
+if TYPE_CHECKING:
+    from graphrt.request import Request
 
 # Ids banned while a request is below ``min_tokens``: its EOS ids and stop_token_ids.
 MAX_BANNED_IDS = 32
@@ -41,6 +44,20 @@ class SamplerNeeds:
     full: bool = False
     filters: bool = False
     logprobs: bool = False
+
+    def __or__(self, other: SamplerNeeds) -> SamplerNeeds:
+        return needs_of(
+            self.full or other.full, self.filters or other.filters, self.logprobs or other.logprobs
+        )
+
+
+@functools.cache
+def needs_of(full: bool, filters: bool, logprobs: bool) -> SamplerNeeds:
+    """The one shared instance of each combination, so greedy rows compare by identity."""
+    return SamplerNeeds(full, filters, logprobs)
+
+
+GREEDY_NEEDS = needs_of(False, False, False)
 
 
 @dataclass

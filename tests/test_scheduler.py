@@ -19,11 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graphrt.memory.page_allocator import DUMMY_PAGE, DUMMY_SLOT, PageAllocator, SlotAllocator
-from graphrt.output_processor import rows_to_process
 from graphrt.request import FinishReason, Request, RequestStatus
 from graphrt.sampling_params import SamplingParams
 from graphrt.scheduler import EngineOverloaded, Scheduler
-from graphrt.step_plan import SamplerNeeds, SlotInit, StepPlan
+from graphrt.step_plan import GREEDY_NEEDS, SamplerNeeds, SlotInit, StepPlan, needs_of
 
 
 def _tok(k: int, pos: int) -> int:
@@ -61,7 +60,6 @@ class Sim:
             pages=self.pages,
             slots=self.slots,
             slot_init=self._slot_init,
-            sampler_needs=lambda req: SamplerNeeds(),
         )
         self.page_table: dict[int, dict[int, int]] = defaultdict(dict)
         self.kv: dict[tuple[int, int], int] = {}
@@ -76,7 +74,14 @@ class Sim:
         self.admissions: list[str] = []
 
     # ---- requests ----------------------------------------------------------------------
-    def add(self, rid: str, prompt_len: int, max_tokens: int, target: int | None = None) -> Request:
+    def add(
+        self,
+        rid: str,
+        prompt_len: int,
+        max_tokens: int,
+        target: int | None = None,
+        needs: SamplerNeeds = GREEDY_NEEDS,
+    ) -> Request:
         k = len(self.num)
         self.num[rid] = k
         self.target[rid] = max_tokens if target is None else target
@@ -87,6 +92,7 @@ class Sim:
             seed=0,
             max_len=prompt_len + max_tokens,
             eos_ids=frozenset(),
+            needs=needs,
         )
         self.sched.add(req)
         self.reqs.append(req)
@@ -209,7 +215,9 @@ class Sim:
     # ---- feeding results back ----------------------------------------------------------
     def process(self, plan: StepPlan, sampled: list[int]) -> None:
         """What ``Engine._process`` does with a step's ids."""
-        for r, req in rows_to_process(plan):
+        for r, req in enumerate(plan.requests):
+            if not plan.samples[r] or req.finished:
+                continue
             req.num_pending -= 1
             assert req.num_pending >= 0
             k = self.num[req.request_id]
@@ -312,15 +320,10 @@ def test_queue_limit_raises_overloaded() -> None:
 
 def test_plan_needs_are_the_union_over_sampling_rows() -> None:
     sim = Sim(budget=8)
-    needs = {
-        "logp": SamplerNeeds(logprobs=True),
-        "hot": SamplerNeeds(full=True),
-        "long": SamplerNeeds(filters=True),
-    }
-    sim.sched._sampler_needs = lambda req: needs[req.request_id]
-    sim.add("logp", 2, 3)
-    sim.add("hot", 2, 3)
-    sim.add("long", 20, 3)  # a non-final chunk this step: it samples nothing, needs nothing
+    sim.add("logp", 2, 3, needs=needs_of(False, False, True))
+    sim.add("hot", 2, 3, needs=needs_of(True, False, False))
+    # A non-final chunk this step: it samples nothing, so its needs do not count.
+    sim.add("long", 20, 3, needs=needs_of(False, True, False))
     plan, _ = sim.schedule_and_launch()
     assert plan.samples.tolist() == [True, True, False]
     assert plan.needs == SamplerNeeds(full=True, filters=False, logprobs=True)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from graphrt.request import CompletionOutput, RequestOutput, TokenLogprob
+from graphrt.request import CompletionOutput, FinishReason, Request, RequestOutput, TokenLogprob
+from graphrt.sampling_params import SamplingParams
 from graphrt.serve.cli import parse_args
 from graphrt.serve.config import API_KEY_ENV, ServerConfig
 from graphrt.serve.ipc import decode_output, encode_output, pack, unpack
@@ -46,18 +47,44 @@ def test_cli_rejects_bad_values(capsys) -> None:
     assert "max_num_seqs" in capsys.readouterr().err
 
 
+def _completion(
+    index: int,
+    ids: list[int],
+    text: str,
+    new: int,
+    new_text: int,
+    lps=None,
+    finish=None,
+    stop_reason=None,
+) -> CompletionOutput:
+    """A completion whose last ``new`` ids (``new_text`` chars) are its delta."""
+    req = Request(
+        request_id=f"c{index}",
+        prompt_ids=[1],
+        params=SamplingParams(),
+        seed=0,
+        max_len=100,
+        eos_ids=frozenset(),
+        index=index,
+    )
+    req.output_ids = list(ids)
+    req.logprobs = lps
+    req.append_text(text)
+    req.finish_reason = FinishReason(finish) if finish else None
+    req.stop_reason = stop_reason
+    return CompletionOutput(req, len(ids) - new, len(text) - new_text)
+
+
 def test_output_round_trips_through_the_wire_format() -> None:
-    lp = [TokenLogprob(5, -0.5, [(5, -0.5), (7, -1.25)])]
+    lp = [TokenLogprob(3, -0.1, []), TokenLogprob(5, -0.5, [(5, -0.5), (7, -1.25)])]
     out = RequestOutput(
         request_id="r1",
         prompt=None,
         prompt_token_ids=[1, 2],
         outputs=[
-            CompletionOutput(
-                0, "ab", [3, 5], delta_text="b", delta_token_ids=[5], delta_logprobs=lp
-            ),
-            CompletionOutput(1, "x", [9], delta_text="", delta_token_ids=[]),  # no progress
-            CompletionOutput(2, "y", [4], finish_reason="stop", stop_reason="</s>"),
+            _completion(0, [3, 5], "ab", 1, 1, lps=lp),
+            _completion(1, [9], "x", 0, 0),  # no progress
+            _completion(2, [4], "y", 0, 0, finish="stop", stop_reason="</s>"),
         ],
         finished=False,
     )
@@ -65,7 +92,7 @@ def test_output_round_trips_through_the_wire_format() -> None:
     assert got.request_id == "r1" and not got.finished and got.error is None
     assert [c.index for c in got.choices] == [0, 2]  # the idle choice is left out
     c0, c2 = got.choices
-    assert (c0.text, c0.token_ids, c0.logprobs) == ("b", [5], lp)
+    assert (c0.text, c0.token_ids, c0.logprobs) == ("b", [5], lp[1:])
     assert (c2.finish_reason, c2.stop_reason) == ("stop", "</s>")
 
 
