@@ -289,10 +289,11 @@ class Engine:
     def _collect(self, touched: dict[str, _Group]) -> list[RequestOutput]:
         outs = []
         for gid, group in touched.items():
-            done = all(c.finished for c in group.children)
-            if not done and not group.children[0].stream:
+            kids = group.children
+            done = kids[0].finished if len(kids) == 1 else all(c.finished for c in kids)
+            if not done and not kids[0].stream:
                 continue  # final-only requests report once, when every completion is done
-            outs.append(request_output(gid, group.children, group.prompt, group.prompt_ids))
+            outs.append(request_output(gid, kids, group.prompt, group.prompt_ids, done))
             if done:
                 del self._groups[gid]
         return outs

@@ -93,22 +93,25 @@ def completion_output(req: Request) -> CompletionOutput:
 
 
 def request_output(
-    request_id: str, children: list[Request], prompt: str | None, prompt_ids: list[int]
+    request_id: str,
+    children: list[Request],
+    prompt: str | None,
+    prompt_ids: list[int],
+    finished: bool,
 ) -> RequestOutput:
-    """One ``RequestOutput`` for a request and its ``n`` completions."""
+    """One ``RequestOutput`` for a request and its ``n`` completions. Runs for every streaming
+    request every step, so the final-only parts (error, metrics) are built only at the end."""
     outs = [completion_output(c) for c in children]
+    if not finished:
+        return RequestOutput(request_id, prompt, prompt_ids, outs, False)
     errors = [c.error for c in children if c.error]
-    first = children[0]
-    metrics = {"arrival_time": first.arrival_time}
+    metrics = {"arrival_time": children[0].arrival_time}
     ttfts = [c.first_token_time for c in children if c.first_token_time is not None]
     if ttfts:
         metrics["first_token_time"] = min(ttfts)
+    finish = [c.finish_time for c in children if c.finish_time is not None]
+    if finish:
+        metrics["finish_time"] = max(finish)
     return RequestOutput(
-        request_id=request_id,
-        prompt=prompt,
-        prompt_token_ids=prompt_ids,
-        outputs=outs,
-        finished=all(c.finished for c in children),
-        error=errors[0] if errors else None,
-        metrics=metrics,
+        request_id, prompt, prompt_ids, outs, True, errors[0] if errors else None, metrics
     )
