@@ -373,6 +373,28 @@ def test_non_streaming_client_disconnect_aborts(server: ServerProcess) -> None:
     wait_until("its pages are freed", lambda: engine_idle_and_kv_full(server.base_url))
 
 
+def test_stalled_client_holds_no_kv_pages(server: ServerProcess, http: httpx.Client) -> None:
+    """A client that does not read cannot hold engine memory: the engine finishes its request and
+    frees the pages; the stream waits (in the API process or the socket) for the client."""
+    body = {**LONG_BODY, "max_tokens": 24, "stream": True}
+    before = metrics(server.base_url)["graphrt_generation_tokens_total"]
+    with http.stream("POST", "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+
+        def engine_done_stream_open() -> bool:
+            m = metrics(server.base_url)
+            return (
+                m["graphrt_num_requests_running"] == 0
+                and m["graphrt_generation_tokens_total"] >= before + 24
+                and m["graphrt_kv_cache_free_pages"] == m["graphrt_kv_cache_usable_pages"]
+            )
+
+        wait_until("the engine finishes the unread request", engine_done_stream_open)
+        data = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]"
+    assert json.loads(data[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
 def test_max_concurrent_requests(server: ServerProcess, http: httpx.Client) -> None:
     wait_until("no request is in flight", lambda: engine_idle_and_kv_full(server.base_url))
     streams = []

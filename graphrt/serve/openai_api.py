@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 import uuid
@@ -40,6 +41,8 @@ from graphrt.serve.protocol import (
     parse,
 )
 from graphrt.serve.tokenization import TokenizerService
+
+logger = logging.getLogger(__name__)
 
 # JSON has no -inf; a token the model rules out completely reports this instead.
 _MIN_LOGPROB = -9999.0
@@ -323,6 +326,18 @@ class OpenAIServing:
         except GenerationFailed as e:
             self.metrics.fail("engine_error")
             yield _sse(error_body(500, f"generation failed: {e}"))
+            yield b"data: [DONE]\n\n"
+            return
+        except APIError as e:  # e.g. logprob tokens that cannot be decoded
+            self.metrics.fail(e.reason)
+            yield _sse(e.body())
+            yield b"data: [DONE]\n\n"
+            return
+        except Exception as e:
+            # Headers are sent: the only way left to tell the client is an error event.
+            logger.exception("stream %s failed", job.request_id)
+            self.metrics.fail("internal_error")
+            yield _sse(error_body(500, f"internal server error: {type(e).__name__}"))
             yield b"data: [DONE]\n\n"
             return
         self._count_success(choices)
