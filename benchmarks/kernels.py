@@ -1,0 +1,601 @@
+"""Kernel bandwidth benchmark: each kernel's achieved GB/s beside the HBM bandwidth measured in
+the same run, the torch reference and flashinfer.
+
+    python benchmarks/kernels.py [--json PATH] [--reps 7] [--sweep]
+
+- HBM ceiling: the fastest of three 1 GiB device-to-device copies (cudaMemcpy eager, in a
+  graph, a Triton kernel), bytes read + written; a read-only pass (torch.sum) for reference.
+- Decode attention: batch 64, context 2k and 8k, Llama-3.1-8B heads (32 q / 8 kv, dim 128),
+  page size 16, bf16, pages shuffled. Bytes = KV read + q + out.
+- Fused ops at 8B shapes (hidden 4096, inter 14336): RMSNorm+residual and RMSNorm at batch
+  256 (and 2048, and L2-hot), SiLU-and-mul at batch 256, rotary + KV write at 256 tokens.
+- Decode at batch 8, context 8k (split-K on and off) and chunked prefill (4 x 512 new tokens
+  over a 1536 prefix) for the backend choice; flashinfer's host cost per graph replay.
+
+Each measurement captures ``iters`` calls into one CUDA graph (no launch gaps from Python) and
+times its replays with CUDA events; ``--reps`` replays give the median and the min-max spread.
+Inputs smaller than the L2 cache are rotated over enough copies to exceed it, so the figures
+are HBM figures, not L2 ones (except the row marked L2-hot). ``--sweep`` also times Triton
+decode launch configurations and the norm's warp counts.
+``--smoke`` runs tiny shapes (on CPU under ``TRITON_INTERPRET=1``) to check the script only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+
+L2_DEFEAT_BYTES = 256 << 20  # rotate small inputs over more than H100's 50 MB L2
+
+
+@dataclass
+class Result:
+    name: str
+    impl: str
+    bytes: int
+    times_us: list[float]
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def median_us(self) -> float:
+        return statistics.median(self.times_us)
+
+    def gbps(self, t_us: float) -> float:
+        return self.bytes / (t_us * 1e-6) / 1e9
+
+
+class Timer:
+    """Times a list of equivalent calls (rotated inputs) per call, in microseconds."""
+
+    def __init__(self, device: torch.device, reps: int) -> None:
+        self.device = device
+        self.reps = reps
+
+    def __call__(
+        self, fns: list[Callable[[], object]], iters: int, graph: bool = True
+    ) -> list[float]:
+        for f in fns:
+            f()  # compile, autotune-free warm-up, allocator warm-up
+        if self.device.type != "cuda":
+            out = []
+            for _ in range(self.reps):
+                t0 = time.perf_counter()
+                for i in range(iters):
+                    fns[i % len(fns)]()
+                out.append((time.perf_counter() - t0) / iters * 1e6)
+            return out
+        torch.cuda.synchronize()
+        run: Callable[[], None]
+        if graph:
+            g = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for f in fns:
+                    f()
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(g):
+                for i in range(iters):
+                    fns[i % len(fns)]()
+            run = g.replay
+        else:
+
+            def run() -> None:
+                for i in range(iters):
+                    fns[i % len(fns)]()
+
+        run()
+        torch.cuda.synchronize()
+        out = []
+        for _ in range(self.reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) * 1e3 / iters)
+        return out
+
+
+def _copies(nbytes: int, smoke: bool) -> int:
+    return 1 if smoke else max(1, -(-L2_DEFEAT_BYTES // max(nbytes, 1)))
+
+
+# ---- HBM ceiling ---------------------------------------------------------------------------------
+
+
+def _copy_kernel():
+    # Defined on first use so that --smoke can enable the interpreter before decoration.
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy(src, dst, n, BLOCK: tl.constexpr):
+        off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = off < n
+        tl.store(dst + off, tl.load(src + off, mask=m), mask=m)
+
+    return copy
+
+
+def bench_hbm(timer: Timer, dev: torch.device, smoke: bool) -> list[Result]:
+    """Three ways to copy 1 GiB (the ceiling is the fastest) and a read-only pass."""
+    n = (1 << 18) if smoke else (1 << 28)  # int32 elements: 1 GiB
+    src = torch.randint(0, 1 << 30, (n,), dtype=torch.int32, device=dev)
+    dst = torch.empty_like(src)
+    nbytes = 2 * 4 * n
+    iters = 2 if smoke else 10
+    note = "bytes read + written"
+    copy = _copy_kernel()
+    block = 4096
+    res = [
+        Result("hbm copy 1 GiB", "memcpy", nbytes, timer([lambda: dst.copy_(src)], iters, False),
+               note + "; eager cudaMemcpy"),
+        Result("hbm copy 1 GiB", "memcpy-graph", nbytes, timer([lambda: dst.copy_(src)], iters),
+               note + "; memcpy node in a graph"),
+        Result("hbm copy 1 GiB", "triton", nbytes,
+               timer([lambda: copy[(n // block,)](src, dst, n, BLOCK=block, num_warps=8)], iters),
+               note + "; 16 KB per program"),
+    ]  # fmt: skip
+    f = torch.rand(n, device=dev)
+    acc = torch.empty((), dtype=torch.float32, device=dev)
+    read = timer([lambda: torch.sum(f, dim=0, out=acc)], iters)
+    res.append(Result("hbm read 1 GiB", "torch.sum", 4 * n, read, "bytes read"))
+    return res
+
+
+# ---- fused ops -----------------------------------------------------------------------------------
+
+
+def _sweep_norm_warps(timer, sets, w, label, nbytes, iters) -> list[Result]:
+    """The fused norm kernel at other warp counts (the wrapper picks 16 for hidden 4096)."""
+    from graphrt.kernels import triton_ops
+
+    kern = triton_ops._fused_add_rms_norm_kernel
+    n = w.shape[0]
+    block = 1 << (n - 1).bit_length()
+    out = []
+    for warps in (4, 8, 16, 32):
+        fns = [
+            lambda x=x, r=r, nw=warps: kern[(x.shape[0],)](
+                x, r, w, x, r, n, 1e-5, BLOCK=block, num_warps=nw
+            )
+            for x, r in sets
+        ]
+        out.append(Result(label, "triton-sweep", nbytes, timer(fns, iters), f"warps={warps}"))
+    return out
+
+
+def bench_ops(
+    timer: Timer, dev: torch.device, smoke: bool, impls: dict, sweep: bool = False
+) -> list[Result]:
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    b, h, inter = (4, 256, 512) if smoke else (256, 4096, 14336)
+    esz = torch.empty((), dtype=dt).element_size()
+    iters = 2 if smoke else 40
+    res = []
+
+    # RMSNorm + residual: read x and r, write normed and the new residual. "hot" reuses one
+    # input set (it stays in L2, as a GEMM output just written would); the others rotate.
+    w = torch.randn(h, device=dev, dtype=dt)
+    for rows, hot in ((b, False), (b, True), (8 * b, False)):
+        nbytes = 4 * rows * h * esz + h * esz
+        n_sets = 1 if hot else _copies(nbytes, smoke)
+        sets = [
+            (torch.randn(rows, h, device=dev, dtype=dt), torch.randn(rows, h, device=dev, dtype=dt))
+            for _ in range(n_sets)
+        ]
+        label = f"rmsnorm+residual b{rows} h{h}" + (" L2-hot" if hot else "")
+        for name, mod in impls.items():
+            fns = [lambda x=x, r=r, m=mod: m.fused_add_rms_norm(x, r, w, 1e-5) for x, r in sets]
+            res.append(Result(label, name, nbytes, timer(fns, iters)))
+        if sweep and rows == b and not hot:
+            res += _sweep_norm_warps(timer, sets, w, label, nbytes, iters)
+        del sets
+
+    nbytes = 2 * b * h * esz + h * esz
+    xs = [torch.randn(b, h, device=dev, dtype=dt) for _ in range(_copies(nbytes, smoke))]
+    for name, mod in impls.items():
+        fns = [lambda x=x, m=mod: m.rms_norm(x, w, 1e-5) for x in xs]
+        res.append(Result(f"rmsnorm b{b} h{h}", name, nbytes, timer(fns, iters)))
+    del xs
+
+    nbytes = 3 * b * inter * esz
+    xs = [torch.randn(b, 2 * inter, device=dev, dtype=dt) for _ in range(_copies(nbytes, smoke))]
+    for name, mod in impls.items():
+        fns = [lambda x=x, m=mod: m.silu_and_mul(x) for x in xs]
+        res.append(Result(f"silu_and_mul b{b} i{inter}", name, nbytes, timer(fns, iters)))
+    del xs
+
+    hq, hkv, d = (4, 2, 32) if smoke else (32, 8, 128)
+    t = b
+    rows = 4 * t
+    # read q, k, v and a cos/sin row; write q, k and the K and V cache rows
+    nbytes = t * d * esz * (hq + 2 * hkv) + t * d * esz * (hq + 3 * hkv) + t * d * 4
+    sets = []
+    for _ in range(_copies(nbytes, smoke)):
+        qkv = torch.randn(t, (hq + 2 * hkv) * d, device=dev, dtype=dt)
+        q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+        kc = torch.randn(rows, hkv, d, device=dev, dtype=dt)
+        vc = torch.randn(rows, hkv, d, device=dev, dtype=dt)
+        locs = torch.randperm(rows, device=dev)[:t]
+        pos = torch.randint(0, 8192, (t,), device=dev)
+        sets.append((q, k, v, pos, kc, vc, locs))
+    cos_sin = torch.randn(8192, d, device=dev)
+    for name, mod in impls.items():
+        fns = [
+            lambda s=s, m=mod: m.rope_and_store_kv(
+                s[0], s[1], s[2], s[3], cos_sin, s[4], s[5], s[6]
+            )
+            for s in sets
+        ]
+        res.append(Result(f"rope+store_kv t{t} {hq}/{hkv}x{d}", name, nbytes, timer(fns, iters)))
+    return res
+
+
+# ---- decode attention ----------------------------------------------------------------------------
+
+
+@dataclass
+class DecodeCase:
+    batch: int
+    ctx: int
+    hq: int = 32
+    hkv: int = 8
+    dim: int = 128
+    page_size: int = 16
+    max_model_len: int = 131072  # Llama-3.1-8B: graphs see the full page-table width
+
+
+def _decode_setup(case: DecodeCase, dev: torch.device, dt: torch.dtype):
+    from graphrt.kernels.attention_backend import AttentionSpec, AttnInputs
+
+    ps = case.page_size
+    per_row = -(-case.ctx // ps)
+    num_pages = case.batch * per_row + 1  # + the dummy page 0
+    shape = (num_pages, ps, case.hkv, case.dim)
+    k = torch.randn(shape, device=dev, dtype=dt)
+    v = torch.randn(shape, device=dev, dtype=dt)
+    width = -(-case.max_model_len // ps)
+    page_rows = torch.zeros(case.batch, width, dtype=torch.int32, device=dev)
+    perm = torch.randperm(num_pages - 1, device=dev).to(torch.int32) + 1
+    page_rows[:, :per_row] = perm.view(case.batch, per_row)
+    seq_lens = torch.full((case.batch,), case.ctx, dtype=torch.int32, device=dev)
+    q = torch.randn(case.batch, case.hq, case.dim, device=dev, dtype=dt)
+    spec = AttentionSpec(case.hq, case.hkv, case.dim, ps, width, case.dim**-0.5, dt, dev)
+    inputs = AttnInputs(True, seq_lens, page_rows, width * ps)
+    esz = torch.empty((), dtype=dt).element_size()
+    nbytes = 2 * case.batch * case.ctx * case.hkv * case.dim * esz + 2 * q.numel() * esz
+    return spec, k, v, q, inputs, nbytes
+
+
+def _flashinfer_backend(spec, k, v):
+    try:
+        from graphrt.kernels.flashinfer_attention import FlashInferAttentionBackend
+
+        return FlashInferAttentionBackend(spec, [k], [v])
+    except (ImportError, ValueError) as e:
+        print(f"flashinfer skipped: {e}", file=sys.stderr)
+        return None
+
+
+def bench_decode(
+    timer: Timer, dev: torch.device, case: DecodeCase, sweep: bool, smoke: bool
+) -> list[Result]:
+    from graphrt.kernels import torch_attention as ta
+    from graphrt.kernels import triton_attention as tri
+
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    spec, k, v, q, inputs, nbytes = _decode_setup(case, dev, dt)
+    name = f"decode b{case.batch} ctx{case.ctx} {case.hq}/{case.hkv}x{case.dim} ps{case.page_size}"
+    iters = 2 if smoke else 20
+    res = []
+
+    def triton_result(cfg: tri.TritonAttentionConfig, impl: str) -> Result:
+        # The graph path, as the engine runs it: static partials, splits fixed per bucket
+        # from the full page-table width.
+        be = tri.TritonAttentionBackend(spec, [k], [v], config=cfg)
+        be.init_capture_graph(case.batch)
+        meta = be.prepare_for_capture(case.batch, inputs)
+        times = timer([lambda: be.forward(q, 0, meta)], iters)
+        note = (
+            f"splits={meta.num_splits} block_n={cfg.decode_block_n} warps={cfg.decode_warps} "
+            f"stages={cfg.decode_stages}"
+        )
+        return Result(name, impl, nbytes, times, note, {"config": asdict(cfg)})
+
+    base = tri.TritonAttentionConfig()
+    res.append(triton_result(base, "triton"))
+    if case.batch < 32:
+        res.append(triton_result(replace(base, num_splits=1), "triton-1split"))
+    if sweep:
+        best = res[0]
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    cfg = replace(base, decode_block_n=bn, decode_warps=warps, decode_stages=stages)
+                    if cfg == base:
+                        continue
+                    try:
+                        r = triton_result(cfg, "triton-sweep")
+                    except Exception as e:  # e.g. out of shared memory for a config
+                        print(f"  sweep {cfg}: {type(e).__name__}: {e}", file=sys.stderr)
+                        continue
+                    res.append(r)
+                    if r.median_us < best.median_us:
+                        best = r
+        best_cfg = tri.TritonAttentionConfig(**best.extra["config"])
+        for splits in (1, 2, 4):
+            res.append(triton_result(replace(best_cfg, num_splits=splits), "triton-sweep"))
+
+    be = _flashinfer_backend(spec, k, v)
+    if be is not None:
+        res.append(_flashinfer_result(be, timer, case, q, inputs, name, nbytes, iters))
+
+    # The torch reference gathers every position up to its bound in fp32: give it the real one.
+    ref_inputs = (k, v, inputs.page_rows, inputs.seq_lens, case.ctx, spec.scale)
+    times = timer([lambda: ta.paged_decode_attention(q, *ref_inputs)], 1 if not smoke else 2)
+    res.append(Result(name, "torch", nbytes, times, "reference: gathers pages, fp32"))
+    return res
+
+
+def _host_us(fn: Callable[[], object], n: int = 200) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+def _flashinfer_result(be, timer, case, q, inputs, name, nbytes, iters) -> Result:
+    from graphrt.kernels.flashinfer_attention import host_page_metadata
+
+    bs = case.batch
+    be.init_capture_graph(bs)
+    be.prepare_for_capture(bs, inputs)  # warm-up plan (outside any graph)
+    host = inputs.seq_lens.cpu().numpy().astype(np.int64)
+    slots = np.arange(bs, dtype=np.int64)
+    # Host cost of a replay's metadata refresh, the part that graphs cannot hide, and its
+    # parts: the numpy page metadata, flashinfer's plan() alone (the event fence excluded).
+    for _ in range(20):
+        be.prepare_for_replay(bs, host, slots)
+    torch.cuda.synchronize()
+    total = _host_us(lambda: be.prepare_for_replay(bs, host, slots))
+    # Steady state: the previous plan's copies have run (the engine plans step n+1 while step
+    # n runs), so the event fence returns at once.
+    steady = []
+    for _ in range(200):
+        torch.cuda.synchronize()
+        steady += _host_us(lambda: be.prepare_for_replay(bs, host, slots), 1)
+    torch.cuda.synchronize()
+    numpy_part = _host_us(lambda: host_page_metadata(host, case.page_size))
+    st = be._buckets[bs]  # diagnostics only: time plan() without the fence
+    s = be.spec
+    plan = _host_us(
+        lambda: st.wrapper.plan(
+            st.indptr_host, be._no_indices, st.last_host, s.num_q_heads, s.num_kv_heads,
+            s.head_dim, s.page_size, q_data_type=s.dtype, kv_data_type=s.dtype, sm_scale=s.scale,
+        )
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    be.prepare_for_replay(bs, host, slots)
+
+    def step() -> None:
+        be.forward(q, 0, be.prepare_for_capture(bs, inputs))
+
+    # prepare_for_capture plans outside capture and only gathers pages inside it.
+    times = timer([step], iters)
+    med = statistics.median
+    note = (
+        f"graph wrapper + page gather; host per replay {med(steady):.0f} us "
+        f"({med(total):.0f} back to back; plan() {med(plan):.0f}, numpy {med(numpy_part):.0f})"
+    )
+    extra = {
+        "prepare_for_replay_us": steady,
+        "prepare_for_replay_back_to_back_us": total,
+        "plan_us": plan,
+        "numpy_us": numpy_part,
+    }
+    return Result(name, "flashinfer", nbytes, times, note, extra)
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) for the extend kernel.
+EXTEND_SWEEP = [
+    (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2),
+    (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (128, 64, 4, 3),
+]  # fmt: skip
+
+
+def _extend_cfg_note(cfg) -> str:
+    return (
+        f"block_m={cfg.extend_block_m} block_n={cfg.extend_block_n} warps={cfg.extend_warps} "
+        f"stages={cfg.extend_stages}"
+    )
+
+
+def bench_extend(timer: Timer, dev: torch.device, smoke: bool, sweep: bool) -> list[Result]:
+    """Chunked prefill: 4 sequences, 512 new tokens each over a 1536-token cached prefix."""
+    from graphrt.kernels import torch_attention as ta
+    from graphrt.kernels import triton_attention as tri
+    from graphrt.kernels.attention_backend import AttnInputs
+
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    rows, new, prefix = (2, 16, 16) if smoke else (4, 512, 1536)
+    case = DecodeCase(rows, prefix + new, max_model_len=prefix + new)
+    case = replace(case, hq=4, hkv=2, dim=32) if smoke else case
+    spec, k, v, _, dinputs, _ = _decode_setup(case, dev, dt)
+    seq = np.full(rows, prefix + new, dtype=np.int64)
+    cu = np.arange(rows + 1, dtype=np.int64) * new
+    inputs = AttnInputs(
+        False, dinputs.seq_lens, dinputs.page_rows, int(seq.max()),
+        cu_q=torch.from_numpy(cu).to(dev, torch.int32), max_q_len=new,
+        seq_lens_host=seq, cu_q_host=cu,
+    )  # fmt: skip
+    q = torch.randn(rows * new, case.hq, case.dim, device=dev, dtype=dt)
+    visible = rows * (new * prefix + new * (new + 1) // 2)
+    flops = 4 * case.hq * case.dim * visible
+    name = f"extend {rows}x{new} over {prefix} {case.hq}/{case.hkv}x{case.dim}"
+    esz = torch.empty((), dtype=dt).element_size()
+    nbytes = 2 * rows * (prefix + new) * case.hkv * case.dim * esz + 2 * q.numel() * esz
+    iters = 2 if smoke else 10
+
+    def result(impl: str, fn: Callable[[], object]) -> Result:
+        times = timer([fn], iters, graph=False)
+        tflops = flops / (statistics.median(times) * 1e-6) / 1e12
+        return Result(name, impl, nbytes, times, f"{tflops:.0f} TFLOP/s (causal FLOPs)")
+
+    be = tri.TritonAttentionBackend(spec, [k], [v])
+    meta = be.prepare_metadata(inputs)
+    res = [result("triton", lambda: be.forward(q, 0, meta))]
+    res[-1].note += f" {_extend_cfg_note(be.config)}"
+    if sweep:
+        args = (k, v, inputs.page_rows, seq.tolist(), cu.tolist(), spec.scale)
+        ref = ta.paged_extend_attention(q, *args).float()
+        base = be.config
+        for bm, bn, warps, stages in EXTEND_SWEEP:
+            cfg = replace(base, extend_block_m=bm, extend_block_n=bn, extend_warps=warps,
+                          extend_stages=stages)  # fmt: skip
+            if cfg == base:
+                continue
+            sb = tri.TritonAttentionBackend(spec, [k], [v], config=cfg)
+            try:
+                err = (sb.forward(q, 0, meta) - ref).abs().max().item()
+                r = result("triton-sweep", lambda sb=sb: sb.forward(q, 0, meta))
+            except Exception as e:  # e.g. out of shared memory for a config
+                print(f"  sweep {cfg}: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            r.note += f" {_extend_cfg_note(cfg)} max|err|={err:.1e}"
+            r.extra["config"] = asdict(cfg)
+            res.append(r)
+    fi = _flashinfer_backend(spec, k, v)
+    if fi is not None:
+        fmeta = fi.prepare_metadata(inputs)
+        res.append(result("flashinfer", lambda: fi.forward(q, 0, fmeta)))
+    args = (k, v, inputs.page_rows, seq.tolist(), cu.tolist(), spec.scale)
+    res.append(result("torch", lambda: ta.paged_extend_attention(q, *args)))
+    return res
+
+
+# ---- driver --------------------------------------------------------------------------------------
+
+
+def _table(results: list[Result], hbm_gbps: float, device: str) -> str:
+    lines = [
+        f"device: {device}; HBM ceiling (fastest 1 GiB D2D copy, read+write): {hbm_gbps:.0f} GB/s",
+        f"{'kernel':<40} {'impl':<12} {'median us':>10} {'min-max us':>17} {'GB/s':>7} "
+        f"{'% HBM':>6}  note",
+    ]
+    for r in results:
+        if r.impl == "triton-sweep":
+            continue
+        lo, hi = min(r.times_us), max(r.times_us)
+        gb = r.gbps(r.median_us)
+        lines.append(
+            f"{r.name:<40} {r.impl:<12} {r.median_us:>10.2f} {lo:>8.2f}-{hi:<8.2f} {gb:>7.0f} "
+            f"{100 * gb / hbm_gbps:>5.1f}%  {r.note}"
+        )
+    return "\n".join(lines)
+
+
+def _sweep_table(results: list[Result], hbm_gbps: float) -> str:
+    names = {r.name for r in results if r.impl == "triton-sweep"}
+    rows = [r for r in results if r.impl in ("triton", "triton-sweep") and r.name in names]
+    rows.sort(key=lambda r: (r.name, r.median_us))
+    out = ["triton sweep (median us, % HBM):"]
+    for r in rows:
+        out.append(
+            f"  {r.name:<40} {r.median_us:>9.2f} {100 * r.gbps(r.median_us) / hbm_gbps:>5.1f}%  "
+            f"{r.note}"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--json", help="write all results (every repetition) to this path")
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions (>= 5)")
+    ap.add_argument("--sweep", action="store_true", help="also sweep Triton launch configs")
+    ap.add_argument(
+        "--no-decode-sweep", action="store_true", help="with --sweep: extend and norm only"
+    )
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script only")
+    ap.add_argument("--skip-ops", action="store_true", help="attention only")
+    args = ap.parse_args(argv)
+    if args.reps < 5 and not args.smoke:
+        ap.error("--reps must be at least 5")
+    if not torch.cuda.is_available():
+        if not args.smoke:
+            sys.exit("benchmarks/kernels.py needs a CUDA device (or --smoke)")
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
+
+    from graphrt.kernels import reference, triton_ops
+
+    timer = Timer(dev, args.reps)
+    results = bench_hbm(timer, dev, args.smoke)
+    # The ceiling: the fastest copy, bytes read + written (DESIGN.md's definition).
+    hbm_gbps = max(r.gbps(r.median_us) for r in results if r.name.startswith("hbm copy"))
+    if args.smoke:
+        cases = [(DecodeCase(2, 64, 4, 2, 32, 16, 256), True)]
+    else:
+        dsweep = args.sweep and not args.no_decode_sweep
+        cases = [(DecodeCase(64, 2048), dsweep), (DecodeCase(64, 8192), dsweep)]
+        cases.append((DecodeCase(8, 8192), False))
+    # A failing section is reported and skipped, so the others still give their figures.
+    sections = [lambda c=c, sw=sw: bench_decode(timer, dev, c, sw, args.smoke) for c, sw in cases]
+    sections.append(lambda: bench_extend(timer, dev, args.smoke, args.sweep))
+    if not args.skip_ops:
+        impls = {"triton": triton_ops, "torch": reference}
+        sections.append(lambda: bench_ops(timer, dev, args.smoke, impls, args.sweep))
+    for section in sections:
+        try:
+            results += section()
+        except Exception as e:
+            print(f"benchmark section failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.sweep:
+        print(_sweep_table(results, hbm_gbps))
+    print(_table(results, hbm_gbps, device))
+    if args.json:
+        meta = {
+            "device": device,
+            "torch": torch.__version__,
+            "triton": __import__("triton").__version__,
+            "hbm_gbps": hbm_gbps,
+            "reps": args.reps,
+        }
+        try:
+            import flashinfer
+
+            meta["flashinfer"] = flashinfer.__version__
+        except ImportError:
+            pass
+        rows = []
+        for r in results:
+            d = asdict(r)
+            d.update(
+                median_us=r.median_us,
+                gbps=r.gbps(r.median_us),
+                pct_hbm=100 * r.gbps(r.median_us) / hbm_gbps,
+            )
+            rows.append(d)
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,575 @@
+"""The Triton attention backend: paged decode (GQA, split-K) and paged extend (causal, prefix).
+
+Decode reads each KV head once for all the query heads that share it: one program owns a
+``(row, kv head, split)`` triple and multiplies a ``[group, D]`` query tile against ``[BLOCK_N,
+D]`` K/V tiles gathered page by page. Long contexts are split over several programs (split-K):
+stage 1 writes each split's normalised partial output and its log-sum-exp, stage 2 merges them.
+The split count is a launch constant, fixed per decode bucket when graphs are captured, and
+the split *length* is derived on the device from each row's length, so a graph captured once
+serves any context. Partial results live in buffers sized in ``init_capture_graph``.
+
+Extend (prefill, chunked prefill, mixed steps) runs a flash-attention loop per ``(query block,
+sequence, kv head)``; the rows of a query block are ``(token, q head)`` pairs of one KV head so
+K/V tiles are shared by the group here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from graphrt.kernels.attention_backend import AttentionBackend, AttentionSpec, AttnInputs
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class TritonAttentionConfig:
+    """Launch parameters. ``num_splits`` forces the decode split count (tests, benchmarks);
+    ``None`` picks it from the batch, the KV heads and the SM count.
+
+    The decode defaults come from ``benchmarks/kernels.py --sweep`` on an H100 (batch 64,
+    Llama-3.1-8B heads, page size 16): within 0.5% of the best of 18 block/warp/stage
+    configurations at 2k and 8k context.
+    """
+
+    decode_block_n: int = 64
+    decode_warps: int = 4
+    decode_stages: int = 3
+    ctas_per_sm: int = 4
+    max_splits: int = 32
+    num_splits: int | None = None
+    extend_block_m: int = 64
+    extend_block_n: int = 64
+    extend_warps: int = 4
+    extend_stages: int = 2
+
+
+# ---- decode -------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Tokens per split, a whole number of blocks; shared by both stages so they agree on which
+    # splits hold data.
+    per = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    return tl.maximum(per, BLOCK_N)
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    page_rows_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    mid_o_ptr,
+    mid_lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_pr,
+    stride_ob,
+    stride_oh,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    scale_log2,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    per = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
+    start = split * per
+    end = tl.minimum(start + per, seq_len)
+    if NUM_SPLITS > 1:  # noqa: SIM102 - a constexpr test; the inner one is a runtime branch
+        if start >= end:
+            return  # the merge reads only splits that hold tokens
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    gmask = g < GROUP
+    dmask = d < HEAD_DIM
+    heads = kvh * GROUP + g
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        mask=gmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    offs = tl.arange(0, BLOCK_N)
+    row_pages = page_rows_ptr + b.to(tl.int64) * stride_pr
+    head_off = kvh * stride_kh
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
+        pos = n0 + offs
+        pmask = pos < end
+        page = tl.load(row_pages + pos // PAGE_SIZE, mask=pmask, other=0).to(tl.int64)
+        rows = page * PAGE_SIZE + pos % PAGE_SIZE
+        kv_off = rows[:, None] * stride_kt + head_off + d[None, :]
+        kv_mask = pmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(pmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # An empty row (length 0) yields zeros rather than 0/0.
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / safe_l[:, None]
+    omask = gmask[:, None] & dmask[None, :]
+    if NUM_SPLITS == 1:
+        dst = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        mid = mid_o_ptr + b.to(tl.int64) * stride_mb + split * stride_ms
+        tl.store(mid + heads[:, None] * stride_mh + d[None, :], o, mask=omask)
+        lse = m_i + tl.log2(safe_l)
+        lse_dst = mid_lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + split
+        tl.store(lse_dst, lse, mask=gmask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    mid_o_ptr,
+    mid_lse_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    per = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
+    n_valid = tl.cdiv(seq_len, per)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    smask = s < n_valid
+    lse = tl.load(
+        mid_lse_ptr + b.to(tl.int64) * stride_lb + h * stride_lh + s,
+        mask=smask,
+        other=-float("inf"),
+    )
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == -float("inf"), 0.0, m)
+    w = tl.where(smask, tl.exp2(lse - m), 0.0)
+    denom = tl.sum(w, axis=0)
+    o = tl.load(
+        mid_o_ptr
+        + b.to(tl.int64) * stride_mb
+        + h * stride_mh
+        + s[:, None] * stride_ms
+        + d[None, :],
+        mask=smask[:, None] & (d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    res = tl.sum(o * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(
+        out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d,
+        res.to(out_ptr.dtype.element_ty),
+        mask=d < HEAD_DIM,
+    )
+
+
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    # fp32 models (CPU parity runs) need exact fp32 products; tf32 would cost ~1e-3.
+    return "ieee" if dtype == torch.float32 else None
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    mid_o: torch.Tensor | None = None,
+    mid_lse: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: TritonAttentionConfig | None = None,
+) -> torch.Tensor:
+    """One query token per row. ``q``: ``[B, Hq, D]``; caches ``[pages, page_size, Hkv, D]``;
+    ``page_rows``: ``[B, W]`` int32; ``seq_lens``: ``[B]`` (KV length including this token).
+
+    With ``num_splits > 1``, ``mid_o`` (``[B, Hq, S, D]`` fp32) and ``mid_lse`` (``[B, Hq, S]``
+    fp32) hold the partial results; they are allocated here when not given.
+    """
+    cfg = config or TritonAttentionConfig()
+    bsz, hq, dim = q.shape
+    _, page_size, hkv, _ = k_cache.shape
+    group = hq // hkv
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty((bsz, hq, dim), dtype=q.dtype, device=q.device)
+    if bsz == 0:
+        return out
+    if num_splits > 1:
+        if mid_o is None:
+            mid_o = torch.empty((bsz, hq, num_splits, dim), dtype=torch.float32, device=q.device)
+        if mid_lse is None:
+            mid_lse = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        mid_o = mid_lse = out  # unused by the kernel; any tensor will do
+    kf = k_cache.view(-1, hkv, dim)
+    vf = v_cache.view(-1, hkv, dim)
+    block_d = triton.next_power_of_2(dim)
+    _decode_kernel[(bsz, hkv, num_splits)](
+        q, kf, vf, page_rows, seq_lens, out, mid_o, mid_lse,
+        q.stride(0), q.stride(1), kf.stride(0), kf.stride(1), page_rows.stride(0),
+        out.stride(0), out.stride(1),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2) if num_splits > 1 else 0,
+        mid_lse.stride(0), mid_lse.stride(1),
+        scale * _LOG2E,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
+        BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=cfg.decode_block_n,
+        NUM_SPLITS=num_splits, NUM_STAGES=cfg.decode_stages,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.decode_warps,
+    )  # fmt: skip
+    if num_splits > 1:
+        _decode_merge_kernel[(bsz, hq)](
+            mid_o, mid_lse, seq_lens, out,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+            mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
+            HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_N=cfg.decode_block_n, NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def choose_num_splits(
+    bsz: int, num_kv_heads: int, kv_len_bound: int, sm_count: int, cfg: TritonAttentionConfig
+) -> int:
+    """Splits per row: as many as keep ``bsz * num_kv_heads * splits`` programs within
+    ``ctas_per_sm`` per SM (at least one), and no more than ``decode_block_n`` blocks fit in
+    ``kv_len_bound``. Depends on host integers only, so it is fixed for a captured bucket.
+
+    On an H100 at batch 64 with 8 KV heads this gives one split (512 programs already fill the
+    132 SMs; a second split measured no faster), at batch 8 eight.
+    """
+    if cfg.num_splits is not None:
+        return cfg.num_splits
+    programs = max(1, bsz * num_kv_heads)
+    want = (cfg.ctas_per_sm * sm_count) // programs
+    blocks = max(1, triton.cdiv(kv_len_bound, cfg.decode_block_n))
+    return max(1, min(want, blocks, cfg.max_splits))
+
+
+# ---- extend -------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _extend_block(
+    q,
+    k_ptr,
+    v_ptr,
+    row_pages,
+    head_off,
+    stride_kt,
+    n0,
+    kv_end,
+    qpos,
+    m_i,
+    l_i,
+    acc,
+    scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One K/V block of the online softmax; ``MASKED`` adds the causal and length masks."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    pmask = pos < kv_end
+    page = tl.load(row_pages + pos // PAGE_SIZE, mask=pmask, other=0).to(tl.int64)
+    kv_off = (page * PAGE_SIZE + pos % PAGE_SIZE)[:, None] * stride_kt + head_off + d[None, :]
+    kv_mask = pmask[:, None] & (d[None, :] < HEAD_DIM)
+    k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    if MASKED:
+        s = tl.where((pos[None, :] <= qpos[:, None]) & pmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row with nothing visible yet keeps m = -inf; shift by 0 so exp2 stays finite.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    page_rows_ptr,
+    seq_lens_ptr,
+    cu_q_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_pr,
+    stride_ot,
+    stride_oh,
+    scale_log2,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    mblk = tl.program_id(0)
+    b = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + b)
+    q_len = tl.load(cu_q_ptr + b + 1) - q_start
+    if mblk * BLOCK_M >= q_len * GROUP:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx = seq_len - q_len  # tokens cached before this step's
+
+    # Row r of the tile is (token r // GROUP, q head kvh * GROUP + r % GROUP).
+    r = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = r // GROUP
+    head = kvh * GROUP + r % GROUP
+    rmask = tok < q_len
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=rmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
+    qpos = ctx + tok  # absolute position of each row's token
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    first_tok = (mblk * BLOCK_M) // GROUP
+    last_tok = tl.minimum((mblk + 1) * BLOCK_M - 1, q_len * GROUP - 1) // GROUP
+    kv_end = tl.minimum(ctx + last_tok + 1, seq_len)
+    # Blocks wholly at or before the tile's first token are visible to every row: no masks.
+    n_full = ((ctx + first_tok + 1) // BLOCK_N) * BLOCK_N
+    row_pages = page_rows_ptr + b.to(tl.int64) * stride_pr
+    head_off = kvh * stride_kh
+    for n0 in tl.range(0, n_full, BLOCK_N, num_stages=NUM_STAGES):
+        m_i, l_i, acc = _extend_block(
+            q, k_ptr, v_ptr, row_pages, head_off, stride_kt, n0, kv_end, qpos, m_i, l_i, acc,
+            scale_log2, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, False, DOT_PRECISION,
+        )  # fmt: skip
+    for n0 in tl.range(n_full, kv_end, BLOCK_N, num_stages=NUM_STAGES):
+        m_i, l_i, acc = _extend_block(
+            q, k_ptr, v_ptr, row_pages, head_off, stride_kt, n0, kv_end, qpos, m_i, l_i, acc,
+            scale_log2, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, DOT_PRECISION,
+        )  # fmt: skip
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(
+        out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=rmask[:, None] & dmask[None, :],
+    )
+
+
+def paged_extend_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_q: torch.Tensor,
+    max_q_len: int,
+    scale: float,
+    config: TritonAttentionConfig | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole cached context.
+
+    ``q``: ``[T, Hq, D]`` with sequence ``b``'s tokens at ``[cu_q[b], cu_q[b+1])``, at positions
+    ``[seq_lens[b] - n, seq_lens[b])``. ``max_q_len`` (a host int) sizes the grid.
+    """
+    cfg = config or TritonAttentionConfig()
+    t, hq, dim = q.shape
+    _, page_size, hkv, _ = k_cache.shape
+    group = hq // hkv
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty((t, hq, dim), dtype=q.dtype, device=q.device)
+    bsz = seq_lens.shape[0]
+    if t == 0 or bsz == 0:
+        return out
+    kf = k_cache.view(-1, hkv, dim)
+    vf = v_cache.view(-1, hkv, dim)
+    grid = (triton.cdiv(max_q_len * group, cfg.extend_block_m), bsz, hkv)
+    _extend_kernel[grid](
+        q, kf, vf, out, page_rows, seq_lens, cu_q,
+        q.stride(0), q.stride(1), kf.stride(0), kf.stride(1), page_rows.stride(0),
+        out.stride(0), out.stride(1), scale * _LOG2E,
+        GROUP=group, HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), PAGE_SIZE=page_size,
+        BLOCK_M=cfg.extend_block_m, BLOCK_N=cfg.extend_block_n, NUM_STAGES=cfg.extend_stages,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.extend_warps,
+    )  # fmt: skip
+    return out
+
+
+# ---- the backend --------------------------------------------------------------------------------
+
+
+@dataclass
+class TritonDecodeMeta:
+    """Decode metadata: the step's inputs, its split count and the partial-result buffers."""
+
+    inputs: AttnInputs
+    num_splits: int
+    mid_o: torch.Tensor | None
+    mid_lse: torch.Tensor | None
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: small, so CPU tests still take the split-K path on long rows
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Triton paged attention. Decode needs no host metadata, so ``prepare_for_replay`` is a
+    no-op: everything a graph reads (lengths, page rows) is already on the device."""
+
+    name = "triton"
+
+    def __init__(
+        self,
+        spec: AttentionSpec,
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
+        config: TritonAttentionConfig | None = None,
+    ) -> None:
+        super().__init__(spec, k_caches, v_caches)
+        if spec.num_q_heads % spec.num_kv_heads:
+            raise ValueError(
+                f"num_q_heads ({spec.num_q_heads}) must be a multiple of num_kv_heads "
+                f"({spec.num_kv_heads})"
+            )
+        self.config = config or TritonAttentionConfig()
+        self.sm_count = _sm_count(spec.device)
+        self._mid_o: torch.Tensor | None = None
+        self._mid_lse: torch.Tensor | None = None
+
+    def num_splits(self, bsz: int, kv_len_bound: int) -> int:
+        return choose_num_splits(
+            bsz, self.spec.num_kv_heads, kv_len_bound, self.sm_count, self.config
+        )
+
+    def prepare_metadata(self, inputs: AttnInputs) -> AttnInputs | TritonDecodeMeta:
+        if not inputs.is_decode:
+            if inputs.cu_q is None:
+                raise ValueError("triton extend steps need cu_q")
+            return inputs
+        s = self.spec
+        bsz = inputs.seq_lens.shape[0]
+        splits = self.num_splits(bsz, inputs.kv_len_bound)
+        if splits == 1:
+            return TritonDecodeMeta(inputs, 1, None, None)
+        # Eager steps allocate their partials once per step (shared by the layers); graphs
+        # use the static ones from init_capture_graph.
+        dev = inputs.seq_lens.device
+        mid_o = torch.empty(bsz, s.num_q_heads, splits, s.head_dim, dtype=torch.float32, device=dev)
+        mid_lse = torch.empty(bsz, s.num_q_heads, splits, dtype=torch.float32, device=dev)
+        return TritonDecodeMeta(inputs, splits, mid_o, mid_lse)
+
+    def init_capture_graph(self, max_bs: int) -> None:
+        s = self.spec
+        bound = s.max_pages_per_seq * s.page_size
+        rows = max(bs * self.num_splits(bs, bound) for bs in range(1, max_bs + 1))
+        dev = s.device
+        self._mid_o = torch.empty(
+            rows * s.num_q_heads * s.head_dim, dtype=torch.float32, device=dev
+        )
+        self._mid_lse = torch.empty(rows * s.num_q_heads, dtype=torch.float32, device=dev)
+
+    def prepare_for_capture(self, bs: int, inputs: AttnInputs) -> TritonDecodeMeta:
+        if self._mid_o is None or self._mid_lse is None:
+            raise RuntimeError("init_capture_graph must run before prepare_for_capture")
+        s = self.spec
+        splits = self.num_splits(bs, inputs.kv_len_bound)
+        n = bs * s.num_q_heads * splits
+        if n > self._mid_lse.numel():
+            raise RuntimeError(f"decode bucket {bs} exceeds the max_bs given to init_capture_graph")
+        mid_o = self._mid_o[: n * s.head_dim].view(bs, s.num_q_heads, splits, s.head_dim)
+        mid_lse = self._mid_lse[:n].view(bs, s.num_q_heads, splits)
+        return TritonDecodeMeta(inputs, splits, mid_o, mid_lse)
+
+    def forward(
+        self, q: torch.Tensor, layer: int, meta: AttnInputs | TritonDecodeMeta
+    ) -> torch.Tensor:
+        k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
+        if isinstance(meta, TritonDecodeMeta):
+            inp = meta.inputs
+            return paged_decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                inp.page_rows,
+                inp.seq_lens,
+                self.spec.scale,
+                meta.num_splits,
+                meta.mid_o,
+                meta.mid_lse,
+                config=self.config,
+            )
+        return paged_extend_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.page_rows,
+            meta.seq_lens,
+            meta.cu_q,
+            meta.max_q_len,
+            self.spec.scale,
+            config=self.config,
+        )

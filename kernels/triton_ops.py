@@ -1,0 +1,311 @@
+"""Fused Triton kernels for the elementwise ops of a decoder layer.
+
+Each function has exactly the signature of its torch reference in
+:mod:`graphrt.kernels.reference` and follows the same numerics (fp32 norm math, rotary rounded
+in the activation dtype at the same points as HF). Every wrapper is CUDA-graph safe: outputs
+are allocated from shapes alone, nothing reads a device value on the host, and there is one
+kernel launch per call. They also run on CPU under ``TRITON_INTERPRET=1`` (the tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+def _norm_warps(block: int) -> int:
+    # One row per program: enough warps that each thread holds <= ~16 values of the row.
+    return max(1, min(16, block // 256))
+
+
+# ---- RMSNorm ------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    n_inner,
+    stride_x0,
+    stride_x1,
+    n_cols,
+    eps,
+    BLOCK: tl.constexpr,
+):
+    # Rows are addressed as (outer, inner) so [T, H, D] views of a fused qkv (not flattenable
+    # without a copy) are read in place.
+    row = tl.program_id(0)
+    outer = row // n_inner
+    inner = row % n_inner
+    x_off = outer.to(tl.int64) * stride_x0 + inner.to(tl.int64) * stride_x1
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + x_off + cols, mask=mask, other=0.0).to(tl.float32)
+    inv = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    xn = (x * inv).to(x_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    y = xn.to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row.to(tl.int64) * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / rms(x)`` over the last dim; ``x`` may be a strided ``[T, H, D]`` view."""
+    n = x.shape[-1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dim() == 3:
+        n_inner, s0, s1 = x.shape[1], x.stride(0), x.stride(1)
+    else:
+        if x.dim() != 2:
+            x = x.reshape(-1, n)
+        n_inner, s0, s1 = 1, x.stride(0), 0
+    out = torch.empty(x.shape, dtype=torch.result_type(x, weight), device=x.device)
+    rows = out.numel() // n
+    if rows == 0:
+        return out
+    block = _pow2(n)
+    _rms_norm_kernel[(rows,)](
+        x, weight, out, n_inner, s0, s1, n, eps, BLOCK=block, num_warps=_norm_warps(block)
+    )
+    return out
+
+
+@triton.jit
+def _fused_add_rms_norm_kernel(
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    n_cols,
+    eps,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64) * n_cols
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row + cols, mask=mask, other=0.0)
+    r = tl.load(r_ptr + row + cols, mask=mask, other=0.0)
+    # The sum is rounded to the activation dtype before the norm, as the reference does.
+    s = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+    tl.store(res_out_ptr + row + cols, s, mask=mask)
+    sf = s.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(sf * sf, axis=0) / n_cols + eps)
+    xn = (sf * inv).to(res_out_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    y = xn.to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(rms_norm(x + residual), x + residual)`` in one pass over memory.
+
+    In place: when ``x`` and ``residual`` are contiguous, distinct and of the output dtype, the
+    normed result overwrites ``x`` and the sum overwrites ``residual`` (both are returned). A
+    decoder layer's residual stream and the GEMM output feeding it are dead after this call, so
+    reusing them saves two activations per norm. Callers that still need either input must
+    pass a copy.
+    """
+    n = x.shape[-1]
+    out_dtype = torch.result_type(x, weight)
+    res_dtype = torch.result_type(x, residual)
+    inplace = (
+        x.is_contiguous()
+        and residual.is_contiguous()
+        and x.shape == residual.shape
+        and x.dtype == residual.dtype == out_dtype == res_dtype
+        and x.data_ptr() != residual.data_ptr()
+    )
+    if inplace:
+        out, res_out = x, residual
+    else:
+        x, residual = x.contiguous(), residual.expand_as(x).contiguous()
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        res_out = torch.empty(x.shape, dtype=res_dtype, device=x.device)
+    rows = x.numel() // n
+    if rows == 0:
+        return out, res_out
+    block = _pow2(n)
+    _fused_add_rms_norm_kernel[(rows,)](
+        x, residual, weight, out, res_out, n, eps, BLOCK=block, num_warps=_norm_warps(block)
+    )
+    return out, res_out
+
+
+# ---- SiLU-and-mul -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    # silu is rounded to the activation dtype before the product, as torch computes it.
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    y = act.to(tl.float32) * up.to(tl.float32)
+    tl.store(out_ptr + row * d + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for the fused gate/up projection output."""
+    d = x.shape[-1] // 2
+    if x.stride(-1) != 1 or (x.dim() > 2 and not x.is_contiguous()):
+        x = x.contiguous()
+    x2 = x.reshape(-1, 2 * d)
+    out = torch.empty(*x.shape[:-1], d, dtype=x.dtype, device=x.device)
+    rows = x2.shape[0]
+    if rows == 0 or d == 0:
+        return out
+    block = min(1024, _pow2(d))
+    grid = (rows, triton.cdiv(d, block))
+    _silu_and_mul_kernel[grid](x2, out, d, x2.stride(0), BLOCK=block, num_warps=4)
+    return out
+
+
+# ---- rotary + KV write --------------------------------------------------------------------------
+
+
+@triton.jit
+def _rotate_heads(
+    src_ptr,
+    dst_ptr,
+    cache_ptr,
+    stride_st,
+    stride_sh,
+    stride_ct,
+    stride_ch,
+    t,
+    loc,
+    cos,
+    sin,
+    n_heads,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    WRITE_CACHE: tl.constexpr,
+):
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_HALF)
+    mask = (h[:, None] < n_heads) & (d[None, :] < HALF)
+    src = src_ptr + t.to(tl.int64) * stride_st + h[:, None] * stride_sh + d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    dt = x1.dtype
+    # HF rounds each product and the sum to the activation dtype; do the same.
+    a1 = (x1.to(tl.float32) * cos[None, :]).to(dt).to(tl.float32)
+    b1 = (x2.to(tl.float32) * sin[None, :]).to(dt).to(tl.float32)
+    a2 = (x2.to(tl.float32) * cos[None, :]).to(dt).to(tl.float32)
+    b2 = (x1.to(tl.float32) * sin[None, :]).to(dt).to(tl.float32)
+    o1 = (a1 - b1).to(dt)
+    o2 = (a2 + b2).to(dt)
+    n_dim = 2 * HALF
+    dst = dst_ptr + t.to(tl.int64) * n_heads * n_dim + h[:, None] * n_dim + d[None, :]
+    tl.store(dst, o1, mask=mask)
+    tl.store(dst + HALF, o2, mask=mask)
+    if WRITE_CACHE:
+        cdst = cache_ptr + loc * stride_ct + h[:, None] * stride_ch + d[None, :]
+        tl.store(cdst, o1.to(cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(cdst + HALF, o2.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_and_store_kv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    cos_sin_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    locs_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cs,
+    stride_ct,
+    stride_ch,
+    n_q_heads,
+    n_kv_heads,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HKV: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    t = tl.program_id(0)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    loc = tl.load(locs_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    dmask = d < HALF
+    # HF casts the fp32 table to the activation dtype before multiplying.
+    dt = q_ptr.dtype.element_ty
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + d, mask=dmask, other=0.0).to(dt).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d, mask=dmask, other=0.0)
+    sin = sin.to(dt).to(tl.float32)
+    _rotate_heads(
+        q_ptr, q_out_ptr, q_out_ptr, stride_qt, stride_qh, 0, 0, t, loc, cos, sin, n_q_heads,
+        HALF, BLOCK_HQ, BLOCK_HALF, False,
+    )  # fmt: skip
+    _rotate_heads(
+        k_ptr, k_out_ptr, k_cache_ptr, stride_kt, stride_kh, stride_ct, stride_ch, t, loc, cos,
+        sin, n_kv_heads, HALF, BLOCK_HKV, BLOCK_HALF, True,
+    )  # fmt: skip
+    h = tl.arange(0, BLOCK_HKV)
+    dd = tl.arange(0, 2 * BLOCK_HALF)
+    mask = (h[:, None] < n_kv_heads) & (dd[None, :] < 2 * HALF)
+    v = tl.load(
+        v_ptr + t.to(tl.int64) * stride_vt + h[:, None] * stride_vh + dd[None, :], mask=mask
+    )
+    vdst = v_cache_ptr + loc * stride_ct + h[:, None] * stride_ch + dd[None, :]
+    tl.store(vdst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_and_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache_flat: torch.Tensor,
+    v_cache_flat: torch.Tensor,
+    locs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox rotary on ``q`` and ``k`` and the write of rotated ``k`` and ``v`` into cache rows
+    ``locs``, in one kernel. ``q``/``k``/``v`` may be strided views of a fused qkv output.
+
+    Returns the rotated ``(q, k)`` as new contiguous tensors.
+    """
+    t, hq, dim = q.shape
+    hkv = k.shape[1]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if k_cache_flat.stride(-1) != 1 or k_cache_flat.stride() != v_cache_flat.stride():
+        raise ValueError("k and v caches must share a layout with a contiguous last dim")
+    q_out = torch.empty((t, hq, dim), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((t, hkv, dim), dtype=k.dtype, device=k.device)
+    if t == 0:
+        return q_out, k_out
+    half = dim // 2
+    _rope_and_store_kv_kernel[(t,)](
+        q, k, v, positions, cos_sin, k_cache_flat, v_cache_flat, locs, q_out, k_out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos_sin.stride(0), k_cache_flat.stride(0), k_cache_flat.stride(1),
+        hq, hkv,
+        HALF=half, BLOCK_HQ=_pow2(hq), BLOCK_HKV=_pow2(hkv), BLOCK_HALF=_pow2(half),
+        num_warps=4,
+    )  # fmt: skip
+    return q_out, k_out
