@@ -54,26 +54,33 @@ def paged_extend_attention(
     Sequence ``b`` has ``n = cu_q[b+1] - cu_q[b]`` new tokens at positions
     ``[seq_lens[b] - n, seq_lens[b])``; token ``i`` attends to positions ``<= seq_lens[b] - n + i``.
     """
-    out = torch.empty_like(q)
+    # All sequences at once, padded to the longest chunk and the longest context: one gather
+    # and two einsums instead of a Python loop of them (this is the CPU engine's hot path).
+    dev = q.device
     hq, d = q.shape[1], q.shape[2]
-    for b in range(len(seq_lens)):
-        s, e, kv_len = cu_q[b], cu_q[b + 1], seq_lens[b]
-        n = e - s
-        if n == 0:
-            continue
-        k = gather_kv(k_cache, page_rows[b : b + 1], kv_len)[0].float()  # [L, Hkv, D]
-        v = gather_kv(v_cache, page_rows[b : b + 1], kv_len)[0].float()
-        hkv = k.shape[1]
-        qg = q[s:e].float().view(n, hkv, hq // hkv, d)
-        scores = torch.einsum("nhgd,lhd->hgnl", qg, k) * scale
-        qpos = torch.arange(kv_len - n, kv_len, device=q.device)
-        kpos = torch.arange(kv_len, device=q.device)
-        mask = kpos[None, :] > qpos[:, None]
-        scores = scores.masked_fill(mask, float("-inf"))
-        probs = scores.softmax(dim=-1)
-        o = torch.einsum("hgnl,lhd->nhgd", probs, v)
-        out[s:e] = o.reshape(n, hq, d).to(q.dtype)
-    return out
+    lens = torch.tensor(seq_lens, dtype=torch.int64)
+    cu = torch.tensor(cu_q, dtype=torch.int64)
+    n = cu[1:] - cu[:-1]
+    b, max_q, max_kv = len(seq_lens), int(n.max()), int(lens.max())
+    row = torch.repeat_interleave(torch.arange(b), n)
+    col = torch.arange(q.shape[0]) - cu[:-1][row]
+    row, col = row.to(dev), col.to(dev)
+    qp = q.new_zeros(b, max_q, hq, d)
+    qp[row, col] = q
+    k = gather_kv(k_cache, page_rows, max_kv).float()  # [B, L, Hkv, D]
+    v = gather_kv(v_cache, page_rows, max_kv).float()
+    hkv = k.shape[2]
+    qg = qp.float().view(b, max_q, hkv, hq // hkv, d)
+    scores = torch.einsum("bnhgd,blhd->bhgnl", qg, k) * scale
+    # Query i of sequence b sits at position lens[b] - n[b] + i; padding queries reuse the last
+    # real position so their rows stay finite (they are dropped below).
+    i = torch.arange(max_q)[None, :]
+    qpos = (lens - n)[:, None] + torch.minimum(i, (n - 1)[:, None])
+    kpos = torch.arange(max_kv)
+    mask = kpos[None, None, :] > qpos[:, :, None]  # [B, Q, L]
+    scores = scores.masked_fill(mask.to(dev)[:, None, None], float("-inf"))
+    o = torch.einsum("bhgnl,blhd->bnhgd", scores.softmax(dim=-1), v)
+    return o.reshape(b, max_q, hq, d)[row, col].to(q.dtype)
 
 
 class TorchAttentionBackend(AttentionBackend):
