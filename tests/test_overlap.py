@@ -132,3 +132,25 @@ def test_overlap_ablation_runs_and_reports(llama, tmp_path) -> None:
         assert r["repeats"] == 2 and r["tok_s"]["median"] > 0
         assert r["step_ms"]["min"] <= r["step_ms"]["median"] <= r["step_ms"]["max"]
     assert [s["bs"] for s in data["seed_question"]] == [1, 3]
+
+
+@pytest.mark.parametrize("mode", ["off", "thread"])
+def test_detokenizer_fault_fails_only_its_request(llama, mode: str) -> None:
+    class Exploding:
+        def step(self, ids):
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+
+        def flush(self):
+            return ""
+
+    eng = Engine(str(llama), show_progress=False, overlap=mode)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    eng.add_request("bad", [1, 2, 3], params)
+    eng.add_request("good", [4, 5, 6], params)
+    eng._groups["bad"].children[0].detokenizer = Exploding()
+    outs = {o.request_id: o for o in eng.drain() if o.finished}
+    assert outs["bad"].outputs[0].finish_reason == "error"
+    assert "injected" in outs["bad"].error
+    assert outs["good"].error is None and len(outs["good"].outputs[0].token_ids) == 8
+    assert eng.pages.num_free == eng.pages.num_usable
+    eng.shutdown()
