@@ -1,0 +1,629 @@
+"""Offline throughput: a seeded synthetic workload through graphrt, optionally beside HF
+transformers in the same run.
+
+The workload is ``--num-requests`` requests of random token ids with ``ignore_eos``: prompt
+lengths uniform in [``--min-input-len``, ``--max-input-len``], output lengths uniform in
+[``--min-output-len``, ``--max-output-len``] (default 1,000 requests, [64, 1024] and [64, 512]).
+``--input-len``/``--output-len`` fix both ends (the fixed-shape mode). Every request is given to
+``Engine.generate`` at once; each repeat reports request/s, output tok/s and total (prompt +
+output) tok/s, and the summary gives median and min-max over ``--repeats``.
+
+Ceiling: the workload's decode-only HBM bound, with the HBM bandwidth measured in this run (a
+1 GiB device-to-device copy, bytes read + written): every decode step full (``max_num_seqs``
+rows), reading the weights once plus each row's KV, and prefill free. No schedule can beat it,
+so "% of ceiling" says how much of the card the engine gets.
+
+``--peer hf`` runs a subsample of the same requests (the first ``--hf-max-requests``, outputs
+capped at ``--hf-max-output-len``) through HF transformers, after graphrt has freed the GPU:
+
+- ``generate``: eager ``model.generate`` in batches of ``--hf-batch-size``, left padding,
+  requests sorted by output length so each batch's lengths are close, and
+  ``min_new_tokens = max_new_tokens`` = the batch's longest output. Its tok/s counts every token
+  it generated (padding rows past their own length too), which favours HF.
+- ``cb``: HF's own continuous batching (the manager behind ``generate_batch``), each request with
+  its own ``max_new_tokens`` and EOS off, if the installed transformers has it.
+
+graphrt also runs that subsample, so there are two ratios: per token (graphrt on the whole
+workload vs HF on the subsample) and on the same requests.
+
+    python benchmarks/offline_throughput.py --model benchmarks/models/llama-3.2-1b \\
+        --load-format dummy --peer hf --hf-max-requests 64 --hf-max-output-len 128 --json o.json
+    python benchmarks/offline_throughput.py --model ... --input-len 128 --output-len 256 \\
+        --num-requests 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from graphrt import Engine, EngineConfig, SamplingParams
+from graphrt.capture.profile import measure_hbm_bandwidth
+
+
+@dataclass
+class Workload:
+    """Prompts (token ids) and the output length each request must produce."""
+
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+    def subsample(self, n: int | None, cap: int | None) -> Workload:
+        """The first ``n`` requests (the workload is random, so any prefix is a fair sample),
+        outputs capped at ``cap`` tokens."""
+        k = len(self.prompts) if n is None else min(n, len(self.prompts))
+        outs = [min(o, cap) if cap else o for o in self.output_lens[:k]]
+        return Workload(self.prompts[:k], outs)
+
+    def describe(self) -> dict[str, Any]:
+        p = [len(x) for x in self.prompts]
+        return {
+            "requests": len(p),
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "prompt_len": {"min": min(p), "mean": statistics.fmean(p), "max": max(p)},
+            "output_len": {
+                "min": min(self.output_lens),
+                "mean": statistics.fmean(self.output_lens),
+                "max": max(self.output_lens),
+            },
+        }
+
+
+def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
+    rng = np.random.default_rng(args.workload_seed)
+    n = args.num_requests
+    p_lens = rng.integers(args.min_input_len, args.max_input_len + 1, size=n)
+    o_lens = rng.integers(args.min_output_len, args.max_output_len + 1, size=n)
+    prompts = [rng.integers(0, vocab_size, size=int(k)).tolist() for k in p_lens]
+    return Workload(prompts, [int(x) for x in o_lens])
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    """Median, min and max of repeated measurements, with the values themselves."""
+    if not values:
+        return {"median": None, "min": None, "max": None, "values": []}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "values": list(values),
+    }
+
+
+def fmt_stat(stat: dict[str, Any] | None, spec: str = ",.0f") -> str:
+    if not stat or stat.get("median") is None:
+        return "-"
+    return f"{stat['median']:{spec}} [{stat['min']:{spec}}-{stat['max']:{spec}}]"
+
+
+def throughput(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """Per-repeat figures -> their summaries."""
+    keys = ("elapsed_s", "requests_per_s", "output_tok_s", "total_tok_s")
+    return {k: summarize([r[k] for r in runs]) for k in keys} | {"runs": runs}
+
+
+def _rates(n_req: int, prompt_tok: int, out_tok: int, elapsed: float) -> dict[str, float]:
+    return {
+        "elapsed_s": elapsed,
+        "requests_per_s": n_req / elapsed,
+        "output_tok_s": out_tok / elapsed,
+        "total_tok_s": (prompt_tok + out_tok) / elapsed,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- graphrt --------------------------------------------------------------------------------
+
+
+def run_graphrt(eng: Engine, wl: Workload, repeats: int) -> dict[str, Any]:
+    """``repeats`` timed ``generate`` calls over the whole workload."""
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in wl.output_lens]
+    runs = []
+    for _ in range(repeats):
+        pre0 = getattr(eng.scheduler, "num_preemptions", 0)
+        steps0, graph0 = eng.stats["steps"], eng.stats["graph_steps"]
+        _sync(eng.runner.device)
+        t0 = time.perf_counter()
+        outs = eng.generate(wl.prompts, params)
+        elapsed = time.perf_counter() - t0
+        got = [len(o.outputs[0].token_ids) for o in outs]
+        if got != wl.output_lens:
+            bad = sum(g != w for g, w in zip(got, wl.output_lens))
+            raise RuntimeError(f"graphrt: {bad} requests did not produce their output length")
+        run = _rates(len(outs), wl.prompt_tokens, sum(got), elapsed)
+        run["preemptions"] = getattr(eng.scheduler, "num_preemptions", 0) - pre0
+        run["steps"] = eng.stats["steps"] - steps0
+        run["graph_steps"] = eng.stats["graph_steps"] - graph0
+        runs.append(run)
+    return throughput(runs)
+
+
+def decode_ceiling(
+    wl: Workload, weight_bytes: int, kv_bytes_per_token: int, max_batch: int, bw: float
+) -> dict[str, float]:
+    """The workload's decode-only HBM bound: full batches, weights + KV read once per step.
+
+    A request's first token comes from its prefill; each later token is one decode row that
+    reads the request's KV so far (prompt + tokens generated).
+    """
+    decode_rows = sum(o - 1 for o in wl.output_lens)
+    steps = -(-decode_rows // max_batch)
+    kv_tokens = sum((o - 1) * len(p) + (o - 1) * o // 2 for p, o in zip(wl.prompts, wl.output_lens))
+    nbytes = steps * weight_bytes + kv_tokens * kv_bytes_per_token
+    t = nbytes / bw
+    return {
+        "decode_steps": steps,
+        "bytes": nbytes,
+        "seconds": t,
+        "output_tok_s": wl.output_tokens / t,
+        "requests_per_s": len(wl.prompts) / t,
+    }
+
+
+# ---- HF transformers --------------------------------------------------------------------------
+
+
+def load_hf_model(model_dir: str, dtype: torch.dtype, device: torch.device, attn: str):
+    """Random-weight HF model of the same architecture, built directly on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    # Built on the device: initialising 8B parameters on the CPU takes minutes.
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
+    return model.eval()
+
+
+def hf_batches(wl: Workload, batch_size: int) -> list[list[int]]:
+    """Request indices in batches, sorted by output length so a batch's lengths are close."""
+    order = sorted(range(len(wl.prompts)), key=lambda i: wl.output_lens[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _hf_generate_batch(
+    model, prompts: list[list[int]], new: int, device: torch.device, eos: Any
+) -> int:
+    """One left-padded eager ``generate`` call; every row makes ``new`` tokens. Returns the
+    number of tokens generated."""
+    from transformers import GenerationConfig
+
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    gen = GenerationConfig(
+        do_sample=False, min_new_tokens=new, max_new_tokens=new, pad_token_id=0, eos_token_id=eos
+    )
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen
+        )
+    made = out.shape[1] - width
+    if made != new:
+        raise RuntimeError(f"HF generate made {made} tokens, {new} asked")
+    return len(prompts) * made
+
+
+def run_hf_generate(
+    model, wl: Workload, batch_size: int, repeats: int, device: torch.device
+) -> dict[str, Any]:
+    """Eager ``generate`` in left-padded batches; every batch row makes the batch's longest
+    output (``min_new_tokens = max_new_tokens``)."""
+    eos = model.generation_config.eos_token_id
+    # Warm-up (not timed): allocator, cuBLAS handles, kernels.
+    _hf_generate_batch(model, [wl.prompts[0][:16]], 4, device, eos)
+    batches = hf_batches(wl, batch_size)
+    runs = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        generated = sum(
+            _hf_generate_batch(
+                model,
+                [wl.prompts[i] for i in b],
+                max(wl.output_lens[i] for i in b),
+                device,
+                eos,
+            )
+            for b in batches
+        )
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        run = _rates(len(wl.prompts), wl.prompt_tokens, generated, elapsed)
+        run["generated_tokens"] = generated
+        run["requested_output_tok_s"] = wl.output_tokens / elapsed
+        runs.append(run)
+    res = throughput(runs)
+    res["requested_output_tok_s"] = summarize([r["requested_output_tok_s"] for r in runs])
+    res["batch_size"] = batch_size
+    res["num_batches"] = len(batches)
+    res["generated_tokens"] = runs[0]["generated_tokens"]
+    return res
+
+
+def hf_cb_available(model) -> str | None:
+    """None if HF's continuous batching API is there, else why not."""
+    import transformers
+
+    if not hasattr(model, "continuous_batching_context_manager"):
+        return f"transformers {transformers.__version__} has no continuous batching API"
+    return None
+
+
+def run_hf_cb(
+    model,
+    wl: Workload,
+    repeats: int,
+    device: torch.device,
+    cb_kwargs: dict[str, Any],
+    timeout_s: float,
+) -> dict[str, Any]:
+    """HF's continuous batching manager (what ``generate_batch`` wraps), with per-request
+    ``max_new_tokens`` so the work equals graphrt's; EOS is off (-1). One manager, warmed up
+    once (not timed), serves every repeat."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    try:
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+
+        hints = WorkloadHints(
+            max_prompt_length=max(len(p) for p in wl.prompts),
+            max_generated_length=max(wl.output_lens),
+            num_requests=len(wl.prompts),
+        )
+    except ImportError:
+        hints = None
+    gen = GenerationConfig(
+        do_sample=False, max_new_tokens=max(wl.output_lens), eos_token_id=-1, pad_token_id=0
+    )
+    cb_cfg = ContinuousBatchingConfig(**{k: v for k, v in cb_kwargs.items() if v is not None})
+    kw: dict[str, Any] = {"generation_config": gen, "continuous_batching_config": cb_cfg}
+    if hints is not None:
+        kw["workload_hints"] = hints
+    t_setup = time.perf_counter()
+    runs = []
+    with model.continuous_batching_context_manager(**kw) as manager:
+        setup_s = time.perf_counter() - t_setup
+        for rep in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            want = {}
+            for i, (p, n) in enumerate(zip(wl.prompts, wl.output_lens)):
+                rid = f"r{rep}-{i}"
+                manager.add_request(p, request_id=rid, max_new_tokens=n, eos_token_id=-1)
+                want[rid] = n
+            made = 0
+            while want:
+                res = manager.get_result(timeout=1)
+                if res is None:
+                    if not manager.is_running():
+                        raise RuntimeError("HF continuous batching loop stopped")
+                    if time.perf_counter() - t0 > timeout_s:
+                        raise TimeoutError(f"HF continuous batching: {len(want)} requests left")
+                    continue
+                if not res.is_finished() or res.request_id not in want:
+                    continue
+                if res.error:
+                    raise RuntimeError(f"HF continuous batching: {res.error}")
+                n = want.pop(res.request_id)
+                if len(res.generated_tokens) != n:
+                    raise RuntimeError(
+                        f"HF continuous batching made {len(res.generated_tokens)} tokens, {n} asked"
+                    )
+                made += n
+            _sync(device)
+            runs.append(_rates(len(wl.prompts), wl.prompt_tokens, made, time.perf_counter() - t0))
+    res = throughput(runs)
+    res["setup_s"] = setup_s
+    res["config"] = {k: v for k, v in dataclasses.asdict(cb_cfg).items() if _jsonable(v)}
+    return res
+
+
+def _jsonable(v: object) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str, list, tuple))
+
+
+def _safe(fn: Callable[[], dict[str, Any]], what: str) -> dict[str, Any]:
+    """Run one peer measurement; a failure is recorded, not fatal (graphrt's figures stand)."""
+    try:
+        return fn()
+    except Exception as e:
+        print(f"{what} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+# ---- driver -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    w = p.add_argument_group("workload")
+    w.add_argument("--num-requests", type=int, default=1000)
+    w.add_argument("--min-input-len", type=int, default=64)
+    w.add_argument("--max-input-len", type=int, default=1024)
+    w.add_argument("--min-output-len", type=int, default=64)
+    w.add_argument("--max-output-len", type=int, default=512)
+    w.add_argument("--input-len", type=int, default=None, help="fixed prompt length")
+    w.add_argument("--output-len", type=int, default=None, help="fixed output length")
+    w.add_argument("--workload-seed", type=int, default=0)
+    b = p.add_argument_group("measurement")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs (>= 5)")
+    b.add_argument("--json", type=Path, default=None, help="write results as JSON (rewritten as "
+                   "each part finishes, so a killed run keeps what it measured)")  # fmt: skip
+    h = p.add_argument_group("HF transformers peer")
+    h.add_argument("--peer", choices=["none", "hf"], default="none")
+    h.add_argument("--hf-modes", nargs="+", choices=["generate", "cb"], default=["generate", "cb"])
+    h.add_argument("--hf-batch-size", type=int, default=64, help="eager generate batch size")
+    h.add_argument("--hf-max-requests", type=int, default=64, help="requests HF runs (0: all)")
+    h.add_argument("--hf-max-output-len", type=int, default=None, help="cap HF's output lengths")
+    h.add_argument("--hf-repeats", type=int, default=None, help="default: --repeats")
+    h.add_argument("--hf-attn-implementation", default="sdpa", help="for eager generate")
+    h.add_argument("--hf-cb-num-blocks", type=int, default=None, help="default: HF sizes it")
+    h.add_argument("--hf-cb-max-batch-tokens", type=int, default=None, help="default: HF's")
+    h.add_argument("--hf-cb-timeout", type=float, default=900.0, help="seconds per repeat")
+    EngineConfig.add_cli_args(p.add_argument_group("engine"))
+    args = p.parse_args(argv)
+    if args.input_len is not None:
+        args.min_input_len = args.max_input_len = args.input_len
+    if args.output_len is not None:
+        args.min_output_len = args.max_output_len = args.output_len
+    if not 1 <= args.min_input_len <= args.max_input_len:
+        p.error("input lengths must satisfy 1 <= min <= max")
+    if not 1 <= args.min_output_len <= args.max_output_len:
+        p.error("output lengths must satisfy 1 <= min <= max")
+    if args.num_requests < 1:
+        p.error("--num-requests must be positive")
+    args.hf_repeats = args.hf_repeats or args.repeats
+    if min(args.repeats, args.hf_repeats) < 5:
+        p.error("--repeats and --hf-repeats must be at least 5 (median and spread)")
+    return args
+
+
+def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    config = EngineConfig.from_cli_args(args)
+    kw = {k: v for k, v in vars(config).items() if k != "model"}
+    if kw["max_model_len"] is None:
+        # The model's limit (131072 for Llama 3) would size page tables and the graphs' static
+        # KV bound far beyond this workload.
+        longest = args.max_input_len + args.max_output_len
+        kw["max_model_len"] = -(-longest // 64) * 64
+    kw["max_waiting_requests"] = max(kw["max_waiting_requests"], args.num_requests)
+    return kw
+
+
+def print_summary(res: dict[str, Any]) -> None:
+    h = res["header"]
+    wl = h["workload"]
+    print()
+    print(
+        f"offline throughput: {h['model']} on {h['device']}, {h['dtype']}, "
+        f"attention={h['attention_backend']}, max_num_seqs={h['max_num_seqs']}"
+    )
+    print(
+        f"workload: {wl['requests']} requests, prompt {wl['prompt_len']['min']}-"
+        f"{wl['prompt_len']['max']} (mean {wl['prompt_len']['mean']:.0f}), output "
+        f"{wl['output_len']['min']}-{wl['output_len']['max']} (mean "
+        f"{wl['output_len']['mean']:.0f}) tokens, seed {h['workload_seed']}, ignore_eos"
+    )
+    g = res.get("graphrt")
+    ceil = res.get("ceiling")
+    if ceil:
+        print(
+            f"ceiling: decode-only HBM bound at {h['hbm_bytes_per_s'] / 1e12:.2f} TB/s (this run), "
+            f"full batches of {h['max_num_seqs']}, prefill free: "
+            f"{ceil['output_tok_s']:,.0f} output tok/s"
+        )
+    else:
+        print("ceiling: not measured (no CUDA)")
+    if g:
+        pct = (
+            f" | {g['output_tok_s']['median'] / ceil['output_tok_s']:.1%} of ceiling"
+            if ceil
+            else ""
+        )
+        print(
+            f"graphrt              req/s {fmt_stat(g['requests_per_s'], '.2f')} | output tok/s "
+            f"{fmt_stat(g['output_tok_s'])} | total tok/s {fmt_stat(g['total_tok_s'])}{pct}"
+        )
+    peer = res.get("peer")
+    if not peer:
+        return
+    s = peer["subsample"]
+    print(
+        f"HF peer (transformers {peer['transformers']}): the first {s['requests']} requests, "
+        f"outputs capped at {peer['max_output_len'] or 'none'} (mean output "
+        f"{s['output_len']['mean']:.0f}, mean prompt {s['prompt_len']['mean']:.0f} tokens)"
+    )
+    for key, label in (
+        ("graphrt_same_requests", "graphrt, same reqs"),
+        ("generate", "HF generate"),
+        ("cb", "HF cont. batching"),
+    ):
+        r = peer.get(key)
+        if r is None:
+            continue
+        if "error" in r or "unavailable" in r:
+            print(f"{label:<20} {r.get('error') or r.get('unavailable')}")
+            continue
+        extra = ""
+        if key == "generate":
+            extra = (
+                f" | batch {r['batch_size']}, {r['num_batches']} batches, tok/s counts all "
+                f"{r['generated_tokens']} generated tokens (requested only: "
+                f"{fmt_stat(r['requested_output_tok_s'])})"
+            )
+        if key == "cb":
+            extra = f" | warm-up {r['setup_s']:.1f} s, not timed"
+        print(
+            f"{label:<20} req/s {fmt_stat(r['requests_per_s'], '.2f')} | output tok/s "
+            f"{fmt_stat(r['output_tok_s'])} | total tok/s {fmt_stat(r['total_tok_s'])}{extra}"
+        )
+    for name, ratio in res.get("ratios", {}).items():
+        print(f"ratio {name}: {ratio:.3g}x")
+
+
+def compute_ratios(res: dict[str, Any]) -> dict[str, float]:
+    """graphrt output tok/s over each HF mode's, per token and on the same requests."""
+    out: dict[str, float] = {}
+    peer = res.get("peer") or {}
+    g = res.get("graphrt")
+    same = peer.get("graphrt_same_requests")
+    for key in ("generate", "cb"):
+        hf = peer.get(key)
+        if not hf or "output_tok_s" not in hf:
+            continue
+        hf_tok = hf["output_tok_s"]["median"]
+        if g:
+            out[f"graphrt_vs_hf_{key}"] = g["output_tok_s"]["median"] / hf_tok
+        if same and "output_tok_s" in same:
+            out[f"graphrt_vs_hf_{key}_same_requests"] = same["output_tok_s"]["median"] / hf_tok
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    kw = engine_settings(args)
+    want_cuda = kw["device"] in ("auto", "cuda") and torch.cuda.is_available()
+    # Measured before the engine takes its share of memory.
+    bw = measure_hbm_bandwidth(torch.device("cuda")) if want_cuda else None
+    eng = Engine(args.model, show_progress=False, **kw)
+    r = eng.runner
+    device = r.device
+    wl = make_workload(args, eng.model_config.vocab_size)
+    res: dict[str, Any] = {
+        "header": {
+            "benchmark": "offline_throughput",
+            "model": args.model,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "hbm_bytes_per_s": bw,
+            "weight_bytes": r.weight_bytes,
+            "kv_bytes_per_token": r.kv_spec.bytes_per_token,
+            "dtype": str(r.settings.dtype).removeprefix("torch."),
+            "attention_backend": r.settings.attention_backend,
+            "max_num_seqs": eng.config.max_num_seqs,
+            "max_num_batched_tokens": eng.config.max_num_batched_tokens,
+            "max_model_len": eng.max_model_len,
+            "num_pages": eng.pages.num_usable,
+            "overlap": eng.config.overlap,
+            "repeats": args.repeats,
+            "workload_seed": args.workload_seed,
+            "workload": wl.describe(),
+            "argv": sys.argv[1:] if argv is None else list(argv),
+        }
+    }
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1))
+
+    if bw:
+        res["ceiling"] = decode_ceiling(
+            wl, r.weight_bytes, r.kv_spec.bytes_per_token, eng.config.max_num_seqs, bw
+        )
+    # Warm-up (not timed): kernels compile and autotune on their first shapes.
+    t0 = time.perf_counter()
+    warm = wl.subsample(min(32, args.num_requests), 8)
+    eng.generate(warm.prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    res["header"]["warmup_s"] = time.perf_counter() - t0
+    res["graphrt"] = run_graphrt(eng, wl, args.repeats)
+    save()
+    sub = None
+    if args.peer == "hf":
+        sub = wl.subsample(args.hf_max_requests or None, args.hf_max_output_len)
+        res["peer"] = {
+            "name": "hf",
+            "transformers": __import__("transformers").__version__,
+            "subsample": sub.describe(),
+            "max_output_len": args.hf_max_output_len,
+            "graphrt_same_requests": run_graphrt(eng, sub, args.hf_repeats),
+        }
+        save()
+    dtype = r.settings.dtype
+    eng.shutdown()
+    del eng, r
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        # What graphrt still holds here is memory the HF peer cannot use: record it.
+        res["header"]["gpu_bytes_after_graphrt"] = torch.cuda.memory_allocated(device)
+    if sub is not None:
+        run_peer(args, res, sub, dtype, device, save)
+    res["ratios"] = compute_ratios(res)
+    save()
+    print_summary(res)
+    return 0
+
+
+def run_peer(
+    args: argparse.Namespace,
+    res: dict[str, Any],
+    sub: Workload,
+    dtype: torch.dtype,
+    device: torch.device,
+    save: Callable[[], None],
+) -> None:
+    """HF eager generate, then HF continuous batching, each saved as soon as it is measured."""
+    peer = res["peer"]
+    t0 = time.perf_counter()
+    model = load_hf_model(args.model, dtype, device, args.hf_attn_implementation)
+    peer["load_s"] = time.perf_counter() - t0
+    if "generate" in args.hf_modes:
+        peer["generate"] = _safe(
+            lambda: run_hf_generate(model, sub, args.hf_batch_size, args.hf_repeats, device),
+            "HF generate",
+        )
+        save()
+    if "cb" in args.hf_modes:
+        why = hf_cb_available(model)
+        if why:
+            peer["cb"] = {"unavailable": why}
+        else:
+            cb_kwargs = {
+                "num_blocks": args.hf_cb_num_blocks,
+                "max_batch_tokens": args.hf_cb_max_batch_tokens,
+            }
+            peer["cb"] = _safe(
+                lambda: run_hf_cb(
+                    model, sub, args.hf_repeats, device, cb_kwargs, args.hf_cb_timeout
+                ),
+                "HF continuous batching",
+            )
+        save()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""The benchmark scripts and the GPU suite, on CPU: each benchmark runs end to end on a tiny
+random model and writes JSON with the expected keys; the suite's runner handles missing, failing
+and hung phases; its table builder renders sample JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    """A benchmark script as a module (benchmarks/ is not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny matmuls gain nothing from a second thread, and on a busy 2-core machine spinning
+    # OpenMP threads make them a thousand times slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_factory) -> Path:
+    return tiny_model_factory("LlamaForCausalLM")
+
+
+def _is_stat(s: dict) -> bool:
+    return s["min"] <= s["median"] <= s["max"] and len(s["values"]) >= 5
+
+
+# ---- offline throughput ---------------------------------------------------------------------
+
+
+def test_offline_throughput_with_hf_peer(llama, tmp_path) -> None:
+    mod = _load("offline_throughput")
+    out = tmp_path / "offline.json"
+    rc = mod.main(
+        [
+            "--model", str(llama), "--load-format", "dummy", "--device", "cpu",
+            "--num-requests", "6", "--min-input-len", "3", "--max-input-len", "12",
+            "--min-output-len", "2", "--max-output-len", "5", "--max-num-seqs", "4",
+            "--peer", "hf", "--hf-max-requests", "4", "--hf-batch-size", "2",
+            "--hf-max-output-len", "3", "--hf-cb-num-blocks", "16",
+            "--hf-cb-max-batch-tokens", "128", "--json", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    d = json.loads(out.read_text())
+    h = d["header"]
+    assert h["device"] == "cpu" and h["hbm_bytes_per_s"] is None and "ceiling" not in d
+    assert h["workload"]["requests"] == 6
+    assert 3 <= h["workload"]["prompt_len"]["min"] <= h["workload"]["prompt_len"]["max"] <= 12
+    g = d["graphrt"]
+    for key in ("requests_per_s", "output_tok_s", "total_tok_s", "elapsed_s"):
+        assert _is_stat(g[key]) and g[key]["median"] > 0
+    assert len(g["runs"]) == 5
+    assert g["total_tok_s"]["median"] > g["output_tok_s"]["median"]
+    peer = d["peer"]
+    assert peer["subsample"]["requests"] == 4 and peer["subsample"]["output_len"]["max"] <= 3
+    assert _is_stat(peer["graphrt_same_requests"]["output_tok_s"])
+    gen = peer["generate"]
+    assert _is_stat(gen["output_tok_s"]) and gen["batch_size"] == 2 and gen["num_batches"] == 2
+    # Every row of a batch makes the batch's longest output: at least what was asked.
+    assert gen["generated_tokens"] >= peer["subsample"]["output_tokens"]
+    cb = peer["cb"]
+    assert "unavailable" in cb or _is_stat(cb["output_tok_s"])
+    assert d["ratios"]["graphrt_vs_hf_generate"] > 0
+    assert d["ratios"]["graphrt_vs_hf_generate_same_requests"] > 0
+
+
+def test_offline_throughput_fixed_shape(llama, tmp_path) -> None:
+    mod = _load("offline_throughput")
+    out = tmp_path / "fixed.json"
+    argv = ["--model", str(llama), "--load-format", "dummy", "--device", "cpu"]
+    argv += ["--input-len", "7", "--output-len", "3", "--num-requests", "5", "--json", str(out)]
+    assert mod.main(argv) == 0
+    d = json.loads(out.read_text())
+    wl = d["header"]["workload"]
+    assert wl["prompt_len"]["min"] == wl["prompt_len"]["max"] == 7
+    assert wl["output_tokens"] == 15 and "peer" not in d and d["ratios"] == {}
+    assert d["header"]["max_model_len"] == 64  # sized from the workload, not the model limit
+
+
+def test_offline_workload_is_seeded_and_in_range() -> None:
+    mod = _load("offline_throughput")
+    args = mod.parse_args(["--model", "x", "--num-requests", "50", "--workload-seed", "3"])
+    a, b = mod.make_workload(args, 100), mod.make_workload(args, 100)
+    assert a.prompts == b.prompts and a.output_lens == b.output_lens
+    assert all(64 <= len(p) <= 1024 and max(p) < 100 for p in a.prompts)
+    assert all(64 <= o <= 512 for o in a.output_lens)
+    sub = a.subsample(10, 70)
+    assert sub.prompts == a.prompts[:10] and max(sub.output_lens) <= 70
+    batches = mod.hf_batches(a.subsample(10, None), 4)
+    lens = [a.output_lens[i] for b in batches for i in b]
+    assert lens == sorted(lens) and [len(b) for b in batches] == [4, 4, 2]
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--model", "x", "--repeats", "3"])
+
+
+def test_offline_decode_ceiling_arithmetic() -> None:
+    mod = _load("offline_throughput")
+    wl = mod.Workload(prompts=[[0] * 10, [0] * 20], output_lens=[3, 1])
+    c = mod.decode_ceiling(wl, weight_bytes=100, kv_bytes_per_token=1, max_batch=2, bw=1.0)
+    # Request 0 decodes 2 tokens reading 11 and 12 KV tokens; request 1 only prefills.
+    assert c["decode_steps"] == 1 and c["bytes"] == 100 + 23
+    assert c["output_tok_s"] == pytest.approx(4 / 123)
+
+
+# ---- decode roofline --------------------------------------------------------------------------
+
+
+def test_decode_roofline_runs_and_reports(llama, tmp_path) -> None:
+    mod = _load("decode_roofline")
+    out = tmp_path / "roofline.json"
+    argv = ["--model", str(llama), "--load-format", "dummy", "--device", "cpu"]
+    argv += ["--batch-sizes", "1", "3", "--context-len", "24", "--steps", "2"]
+    argv += ["--warmup-steps", "1", "--json", str(out)]
+    assert mod.main(argv) == 0
+    d = json.loads(out.read_text())
+    h = d["header"]
+    assert h["weight_bytes"] > 0 and h["kv_bytes_per_token"] > 0 and h["repeats"] == 5
+    assert [r["bs"] for r in d["rows"]] == [1, 3]
+    for r in d["rows"]:
+        assert _is_stat(r["engine"]["step_ms"]) and _is_stat(r["engine"]["tok_s"])
+        assert 18 <= r["context_len"] <= 30
+        assert r["engine"]["bytes_per_step"] > h["weight_bytes"]
+        # No CUDA: no bandwidth, graphs or MBU, and nothing made up in their place.
+        assert r["engine"]["mbu"] is None and r["replay"] is None and r["roofline_ms"] is None
+
+
+# ---- the GPU suite ------------------------------------------------------------------------------
+
+
+def _phase(suite, name: str, argv: list[str], **kw):
+    return suite.Phase(name=name, kind=kw.pop("kind", "roofline"), argv=argv, budget_s=5, **kw)
+
+
+def test_suite_runner_reports_missing_failed_timeout_and_ok(tmp_path) -> None:
+    suite = _load("gpu_suite")
+    env = suite.subprocess_env(str(tmp_path / "no-wheels"))
+    py = sys.executable
+    js = tmp_path / "ok.json"
+    log = (tmp_path / "log.txt").open("w")
+    missing = _phase(suite, "a", [py, "-c", "1"], requires="benchmarks/not_there.py")
+    failed = _phase(suite, "b", [py, "-c", "print('boom'); raise SystemExit(3)"])
+    slow = _phase(suite, "c", [py, "-c", "import time; print('hi', flush=True); time.sleep(60)"])
+    write = f"import json; json.dump({{'rows': [1]}}, open({str(js)!r}, 'w'))"
+    ok = _phase(suite, "d", [py, "-c", write], json_path=str(js))
+    nojson = _phase(suite, "e", [py, "-c", "1"], json_path=str(tmp_path / "never.json"))
+    assert suite.run_phase(missing, 5, env, log).status == "missing"
+    r = suite.run_phase(failed, 20, env, log)
+    assert (r.status, r.rc, r.log_tail) == ("failed", 3, ["boom"])
+    t0 = time.perf_counter()
+    r = suite.run_phase(slow, 1.5, env, log)
+    assert r.status == "timeout" and r.log_tail == ["hi"] and time.perf_counter() - t0 < 20
+    r = suite.run_phase(ok, 20, env, log)
+    assert r.status == "ok" and r.result == {"rows": [1]}
+    assert suite.run_phase(nojson, 20, env, log).status == "failed"
+    log.close()
+    assert "boom" in (tmp_path / "log.txt").read_text()
+
+
+def test_suite_schedule_gives_slack_forward_and_skips_when_out_of_time() -> None:
+    suite = _load("gpu_suite")
+    # On schedule: a phase gets its budget plus the slack, later budgets stay reserved.
+    assert suite.schedule_timeout(30, later=100, deadline=200, now=0) == 100
+    # Behind schedule: still its own budget while the run has it (priority order).
+    assert suite.schedule_timeout(30, later=100, deadline=50, now=0) == 30
+    assert suite.schedule_timeout(30, later=0, deadline=20, now=0) == 20
+    assert suite.schedule_timeout(30, later=0, deadline=5, now=0) is None
+
+
+def test_suite_plan_only_models_and_dry_run(capsys) -> None:
+    suite = _load("gpu_suite")
+    args = suite.parse_args(["--only", "roofline,tests", "--models", "llama-3.2-1b"])
+    phases = suite.plan(args, Path("/tmp/w"), Path("/tmp/o"))
+    assert [p.name for p in phases] == ["tests", "roofline:llama-3.2-1b"]
+    assert "not flashinfer" in phases[0].argv and "tests/test_benchmarks.py" not in phases[0].argv
+    assert phases[1].argv[1] == "benchmarks/decode_roofline.py" and "--json" in phases[1].argv
+    full = suite.plan(suite.parse_args([]), Path("/tmp/w"), Path("/tmp/o"))
+    assert sum(p.budget_s for p in full) <= 510
+    assert {p.kind for p in full} == set(suite.KINDS)
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--only", "nonsense"])
+    assert suite.main(["--dry-run", "--quick"]) == 0
+    assert "offline:llama-3.1-8b" in capsys.readouterr().out
+
+
+def _stat(m: float, lo: float, hi: float) -> dict:
+    return {"median": m, "min": lo, "max": hi, "values": [lo, m, hi, m, m]}
+
+
+def sample_suite() -> dict:
+    """A suite JSON as the benchmarks write it (figures are made up for the test only)."""
+    roof = {
+        "header": {"hbm_bytes_per_s": 3.0e12, "weight_bytes": 16.06e9, "kv_bytes_per_token": 131072,
+                   "attention_backend": "triton"},
+        "rows": [
+            {"bs": 1, "context_len": 256,
+             "engine": {"step_ms": _stat(6.1, 6.0, 6.3), "tok_s": _stat(163.9, 158.7, 166.7),
+                        "mbu": _stat(0.881, 0.85, 0.89), "bytes_per_step": 16.09e9},
+             "replay": {"step_ms": _stat(6.0, 5.9, 6.1), "mbu": _stat(0.89, 0.88, 0.9)},
+             "overhead_ratio": _stat(1.017, 1.0, 1.05), "roofline_ms": 5.36,
+             "roofline_tok_s": 186.6},
+            {"bs": 64, "context_len": 256, "engine": {"step_ms": _stat(8, 7.9, 8.2),
+             "tok_s": _stat(8000, 7800, 8100), "mbu": None}, "replay": None,
+             "overhead_ratio": None, "roofline_ms": None, "roofline_tok_s": None},
+        ],
+    }  # fmt: skip
+    offline = {
+        "header": {"workload": {"requests": 1000, "prompt_len": {"min": 64, "max": 1024},
+                                "output_len": {"min": 64, "max": 512}},
+                   "max_num_seqs": 256, "attention_backend": "triton"},
+        "graphrt": {"requests_per_s": _stat(140, 138, 141),
+                    "output_tok_s": _stat(41234, 40100, 41900),
+                    "total_tok_s": _stat(120000, 119000, 121000)},
+        "ceiling": {"output_tok_s": 80000.0},
+        "peer": {"subsample": {"requests": 64}, "max_output_len": 128,
+                 "graphrt_same_requests": {"requests_per_s": _stat(9, 8, 10),
+                                           "output_tok_s": _stat(9000, 8000, 9500),
+                                           "total_tok_s": _stat(40000, 39000, 41000)},
+                 "generate": {"batch_size": 64, "requests_per_s": _stat(1, 0.9, 1.1),
+                              "output_tok_s": _stat(1114, 1100, 1120),
+                              "total_tok_s": _stat(5000, 4900, 5100)},
+                 "cb": {"error": "RuntimeError: out of memory"}},
+        "ratios": {"graphrt_vs_hf_generate": 37.01, "graphrt_vs_hf_generate_same_requests": 8.08},
+    }  # fmt: skip
+    overlap = {
+        "rows": [{"bs": 8, "mode": "thread", "step_ms": _stat(2.0, 1.9, 2.1), "ceiling_ms": 1.95,
+                  "overhead_ratio": _stat(1.02, 1.0, 1.03), "gpu_idle": _stat(0.02, 0.01, 0.03),
+                  "tok_s": _stat(4000, 3900, 4100), "schedule_ms": _stat(0.1, 0.1, 0.1),
+                  "process_ms": _stat(0.05, 0.05, 0.05), "launch_ms": _stat(0.03, 0.03, 0.03)}],
+        "seed_question": [{"bs": 8, "ratio": 1.004}],
+    }  # fmt: skip
+    capture = {
+        "context_len": 256, "graph_memory_bytes": 123e6, "hbm_bytes_per_s": 3.0e12,
+        "rows": [{"bs": 1, "capture_ms": 50.0, "graph_mb": 10.0, "eager_ms": 20.0,
+                  "replay_ms": 6.0, "replay_issue_us": 25.0, "speedup": 3.3,
+                  "roofline_ms": 5.36, "mbu": 0.893}],
+    }  # fmt: skip
+    kernels = {
+        "meta": {"hbm_gbps": 3010.0},
+        "results": [{"name": "decode b64 ctx2048", "impl": "triton", "median_us": 180.0,
+                     "times_us": [179.0, 180.0, 181.0], "gbps": 2900.0, "pct_hbm": 96.3}],
+    }  # fmt: skip
+
+    def ph(name: str, kind: str, model: str | None, status: str, result=None, **kw) -> dict:
+        tail = kw.pop("log_tail", [])
+        return {"name": name, "kind": kind, "model": model, "status": status, "budget_s": 30,
+                "wall_s": 12.0, "result": result, "log_tail": tail, **kw}  # fmt: skip
+
+    return {
+        "suite": {"date": "2026-11-27T10:00:00+00:00", "commit": "abc123", "dirty": False,
+                  "profile": "full", "budget_s": 510, "wall_s": 480.0,
+                  "command": "python benchmarks/gpu_suite.py"},
+        "env": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "python": "3.12.3"},
+        "phases": [
+            ph("tests", "tests", None, "ok", summary="40 passed, 3 deselected in 61.0s"),
+            ph("roofline:llama-3.1-8b", "roofline", "llama-3.1-8b", "ok", roof),
+            ph("offline:llama-3.2-1b", "offline", "llama-3.2-1b", "timeout", offline,
+               note="partial JSON kept", log_tail=["", "Killed while running HF"]),
+            ph("overlap:llama-3.2-1b", "overlap", "llama-3.2-1b", "ok", overlap),
+            ph("capture:llama-3.2-1b", "capture", "llama-3.2-1b", "ok", capture),
+            ph("kernels", "kernels", None, "missing", note="benchmarks/kernels.py is not here"),
+            ph("kernels2", "kernels", None, "ok", kernels),
+            ph("capture:llama-3.1-8b", "capture", "llama-3.1-8b", "skipped", wall_s=None),
+        ],
+    }  # fmt: skip
+
+
+def test_suite_table_from_sample_json() -> None:
+    suite = _load("gpu_suite")
+    md = suite.build_markdown(sample_suite())
+    assert md.startswith("# graphrt GPU suite: NVIDIA H100 80GB HBM3, 2026-11-27")
+    assert "commit abc123" in md
+    for title, _ in suite.SECTIONS:
+        assert f"## {title}" in md
+    assert "could not render" not in md
+    # Phases: every status is shown, with the last output line of a killed phase.
+    assert "| tests | ok | 12 / 30 | 40 passed, 3 deselected in 61.0s |" in md
+    assert "| offline:llama-3.2-1b | timeout |" in md and "Killed while running HF" in md
+    assert "| kernels | missing |" in md and "| capture:llama-3.1-8b | skipped | - / 30 |" in md
+    # Headline: graphrt with spread, the HF peer with the ratio, the ceiling.
+    assert "41,234 [40,100–41,900]" in md and "HF generate 1,114 (37.0×; same requests 8.1×)" in md
+    assert "HF CB: RuntimeError: out of memory" in md
+    assert "80,000 decode-only HBM bound (graphrt at 51.5%)" in md
+    assert "| llama-3.1-8b | decode bs 1, ctx 256, tok/s | 164 [159–167] (6.10 ms, MBU 88.1%)" in md
+    assert "187 HBM roofline (5.36 ms)" in md
+    # Detail tables.
+    assert "| 1 | 256 | 6.100 [6.000–6.300] | 6.000 [5.900–6.100] | 5.360 | 1.017 |" in md
+    assert "| 64 | 256 | 8.000 [7.900–8.200] | - | - | - |" in md
+    assert "HF generate, first 64 requests, outputs ≤ 128, batch 64 | 1.00 [0.90–1.10]" in md
+    assert "| 8 | thread | 2.000 [1.900–2.100] | 1.950 | 1.020 [1.000–1.030] | 2.0 [1.0–3.0]" in md
+    assert "bs 8: 1.004" in md
+    assert "graphrt / HF generate: 37.0× per token, 8.1× on the same requests." in md
+    assert "| 1 | 50.0 | 10.0 | 20.000 | 6.000 | 25.0 | 3.3 | 5.360 | 89.3% |" in md
+    assert "| decode b64 ctx2048 | triton | 180.00 [179.00–181.00] | 2,900 | 96.3 |" in md
+
+
+def test_suite_table_survives_a_changed_benchmark_json() -> None:
+    suite = _load("gpu_suite")
+    s = sample_suite()
+    s["phases"][1]["result"] = {"rows": [{"bs": 1, "engine": "not a dict"}]}
+    md = suite.build_markdown(s)
+    assert "could not render this section" in md
+    assert "## Offline throughput" in md and "41,234 [40,100–41,900]" in md
+    assert suite.build_markdown({}).count("No ") >= 5  # an empty run still renders
