@@ -63,7 +63,6 @@ class DecodeGraphRunner:
         self.kv_len_bound = runner.settings.max_pages_per_seq * cfg.page_size
         self.buffers = DecodeBuffers.allocate(max(self.max_bs, 1), runner.max_logprobs, self.device)
         self.graphs: dict[tuple[int, SamplerFlags], torch.cuda.CUDAGraph] = {}
-        self.meta: dict[int, object] = {}
         self.stats: list[BucketStats] = []
         pin = self.device.type == "cuda"
         # A small ring of pinned staging arrays: a step's H2D copy may still be reading one
@@ -144,6 +143,12 @@ class DecodeGraphRunner:
         with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
             step()
         return graph
+
+    def close(self) -> None:
+        """Release the graphs and their memory pool."""
+        for g in self.graphs.values():
+            g.reset()
+        self.graphs.clear()
 
     # ---- replay ---------------------------------------------------------------------------
     def run(self, plan: StepPlan, bucket: int, flags: SamplerFlags) -> SampleOutputs:

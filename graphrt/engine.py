@@ -105,6 +105,7 @@ class Engine:
         self._rng = random.Random(config.seed)
         self._groups: dict[str, _Group] = {}
         self._inflight: StepHandle | None = None
+        self._closed = False
         self._ids = itertools.count()
         self.stats = {"steps": 0, "graph_steps": 0, "failed_requests": 0}
 
@@ -123,6 +124,8 @@ class Engine:
         With ``stream`` (the default), ``step()`` reports the request whenever it progresses;
         otherwise only once, when all its completions have finished.
         """
+        if self._closed:
+            raise RuntimeError("the engine has been shut down")
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._groups:
@@ -450,7 +453,10 @@ class Engine:
 
     # ---- lifecycle ------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Stop the launcher thread and drop device state."""
+        """Abort what is left, stop the launcher thread and free the device memory (weights,
+        KV pool, graphs). The engine cannot be used afterwards. Calling it twice is harmless."""
+        if self._closed:
+            return
         for rid in list(self._groups):
             self.abort(rid)
         if self._inflight is not None:
@@ -459,6 +465,8 @@ class Engine:
             self._inflight.release()
             self._inflight = None
         self.launcher.shutdown()
+        self.runner.close()
+        self._closed = True
 
     def __enter__(self) -> Engine:
         return self

@@ -168,6 +168,18 @@ class ModelRunner:
         if self.device.type == "cuda" and self.graphs.buckets:
             self.graph_memory_bytes = self.graphs.capture_all()
 
+    def close(self) -> None:
+        """Drop every device tensor this runner owns and return the memory to the driver."""
+        if self.graphs is not None:
+            self.graphs.close()
+        self.graphs = None
+        for name in ("kv", "attn", "model", "token_buf", "page_table", "slot_state"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     # ---- memory ---------------------------------------------------------------------------
     @property
     def num_pages(self) -> int:

@@ -94,3 +94,25 @@ def test_capture_progress_and_memory_accounting(tiny_model_factory) -> None:
     assert r.graph_memory_bytes >= 0
     assert eng.pages.num_usable > 0
     eng.shutdown()
+
+
+def test_shutdown_frees_gpu_memory(tiny_model_factory) -> None:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    eng = Engine(
+        str(tiny_model_factory("LlamaForCausalLM")),
+        show_progress=False,
+        dtype="bfloat16",
+        cuda_graph_max_bs=16,
+        gpu_memory_utilization=0.3,
+    )
+    eng.generate([[1, 2, 3]] * 3)
+    assert torch.cuda.memory_allocated() > before + (1 << 20)
+    eng.shutdown()
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before < (1 << 20)
+    with pytest.raises(RuntimeError, match="shut down"):
+        eng.add_request(None, [1, 2], None)
