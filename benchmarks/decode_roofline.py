@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from graphrt import Engine, SamplingParams
-from graphrt.capture.profile import _Bench, measure_hbm_bandwidth
+from graphrt.capture.profile import DecodeBench, measure_hbm_bandwidth
 from graphrt.overlap import StepProfiler
 from graphrt.sampling import GREEDY
 from graphrt.step_plan import StepPlan
@@ -172,7 +172,7 @@ def replay_repeats(
     graphs = eng.runner.graphs
     if graphs is None or (bs, GREEDY) not in graphs.graphs:
         return None
-    bench = _Bench(eng, ctx)
+    bench = DecodeBench(eng, ctx)
     ms, issue = [], []
     for _ in range(repeats):
         m, us = bench.replay(bs, iters)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from graphrt import Engine, SamplingParams
-from graphrt.capture.profile import _Bench, measure_hbm_bandwidth
+from graphrt.capture.profile import DecodeBench, measure_hbm_bandwidth
 from graphrt.overlap import StepProfiler
 from graphrt.sampling import GREEDY
 
@@ -91,7 +91,7 @@ def replay_ceiling_ms(eng: Engine, bs: int, ctx: int, iters: int) -> float | Non
     bucket = graphs.bucket_for(bs)
     if bucket is None or (bucket, GREEDY) not in graphs.graphs:
         return None
-    bench = _Bench(eng, ctx)
+    bench = DecodeBench(eng, ctx)
     gpu_ms, _ = bench.replay(bucket, iters)
     return gpu_ms
 

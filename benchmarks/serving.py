@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
+import multiprocessing
 import random
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +37,6 @@ from urllib.parse import urlparse
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from graphrt.serve.launcher import ServerProcess, is_loopback
 
 # Short common words; prompts of random words are for servers that only take text.
 _WORD_TEXT = (
@@ -161,18 +162,37 @@ async def one_request(
     )
 
 
-async def run_load(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+def _client(base_url: str, api_key: str | None) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits) as client:
+    return httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits)
+
+
+async def prepare(args: argparse.Namespace, base_url: str) -> str:
+    """The model name to send; also runs the warm-up requests."""
+    async with _client(base_url, args.api_key) as client:
         model = args.model or (await client.get("/v1/models")).json()["data"][0]["id"]
-        jobs = make_jobs(args)
-        for job in jobs[: args.warmup]:
+        for job in make_jobs(args)[: args.warmup]:
             path, body = request_body(args, model, Job(job.prompt, min(job.output_len, 8)))
             warm = await one_request(client, path, body, args.timeout)
             if not warm.ok:
                 raise SystemExit(f"warm-up request failed: {warm.error}")
-        gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+    return model
+
+
+async def drive(
+    args: argparse.Namespace,
+    base_url: str,
+    model: str,
+    jobs: list[Job],
+    send_at: list[float],
+    cap: int | None,
+    start_at: float,
+) -> tuple[list[Result], float]:
+    """Send ``jobs[i]`` at wall time ``start_at + send_at[i]`` with at most ``cap`` in flight.
+    Returns the results and the wall time the last one ended."""
+    gate = asyncio.Semaphore(cap) if cap else None
+    async with _client(base_url, args.api_key) as client:
 
         async def limited(job: Job) -> Result:
             path, body = request_body(args, model, job)
@@ -182,13 +202,43 @@ async def run_load(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
                 return await one_request(client, path, body, args.timeout)
 
         tasks = []
-        start = time.perf_counter()
-        for job, gap in zip(jobs, arrival_gaps(args, len(jobs))):
-            if gap:
-                await asyncio.sleep(gap)
+        for job, at in zip(jobs, send_at):
+            delay = start_at + at - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(limited(job)))
         results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+    return list(results), time.time()
+
+
+def _worker(payload: tuple) -> tuple[list[Result], float]:
+    return asyncio.run(drive(*payload))
+
+
+def run_load(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
+    """Run the whole load, split over ``--num-workers`` client processes when asked: one Python
+    process parses about 10-20k SSE events/s, less than a fast server sends."""
+    model = asyncio.run(prepare(args, base_url))
+    jobs = make_jobs(args)
+    send_at = list(itertools.accumulate(arrival_gaps(args, len(jobs))))
+    w = max(1, min(args.num_workers, len(jobs)))
+    caps: list[int | None] = [None] * w
+    if args.max_concurrency:
+        caps = [args.max_concurrency // w + (k < args.max_concurrency % w) for k in range(w)]
+    # Client workers import only httpx (not graphrt, whose import pulls in torch): two seconds
+    # is plenty for them to start before the first send.
+    start_at = time.time() + (2.0 if w > 1 else 0.0)
+    parts = [
+        (args, base_url, model, jobs[k::w], send_at[k::w], caps[k], start_at) for k in range(w)
+    ]
+    if w == 1:
+        outs = [_worker(parts[0])]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(w, mp_context=ctx) as pool:
+            outs = list(pool.map(_worker, parts))
+    results = [r for rs, _ in outs for r in rs]
+    duration = max(end for _, end in outs) - start_at
     return summarize(args, model, results, duration)
 
 
@@ -226,6 +276,7 @@ def summarize(
                 "request_rate",
                 "burstiness",
                 "max_concurrency",
+                "num_workers",
                 "input_len",
                 "output_len",
                 "range_ratio",
@@ -292,6 +343,13 @@ def make_parser() -> argparse.ArgumentParser:
         help="gamma shape of the arrivals: 1 is Poisson, <1 burstier",
     )
     p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=1,
+        help="client processes sharing the load (and the concurrency cap); use several when "
+        "one cannot keep up with the server's chunk rate",
+    )
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument(
@@ -318,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     if args.burstiness <= 0 or args.request_rate <= 0:
         raise SystemExit("--request-rate and --burstiness must be > 0")
+    from graphrt.serve.launcher import ServerProcess, is_loopback
+
     server = None
     if args.launch_server:
         if args.api_key:
@@ -330,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--base-url must be a loopback address, not {host!r}")
         base_url = args.base_url.rstrip("/")
     try:
-        summary = asyncio.run(run_load(args, base_url))
+        summary = run_load(args, base_url)
     finally:
         if server is not None:
             server.stop()

@@ -59,7 +59,7 @@ def measure_hbm_bandwidth(device: torch.device, nbytes: int = 2 << 30, iters: in
     return nbytes / statistics.median(times)
 
 
-class _Bench:
+class DecodeBench:
     """Sets up ``max_bs`` fake running rows, each with ``ctx`` tokens of cache."""
 
     def __init__(self, engine: Engine, ctx: int) -> None:
@@ -157,7 +157,7 @@ def profile(engine: Engine, ctx: int, iters: int) -> tuple[list[BucketProfile], 
     r = engine.runner
     cuda = r.device.type == "cuda"
     bw = measure_hbm_bandwidth(r.device) if cuda else None
-    bench = _Bench(engine, ctx)
+    bench = DecodeBench(engine, ctx)
     stats = {s.bs: s for s in r.graphs.stats}
     sizes = r.graphs.buckets or [b for b in (1, 2, 4, 8, 16, 32) if b <= bench.max_bs]
     rows = []

@@ -87,25 +87,32 @@ class Generation:
             while not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             now = time.monotonic()
+            # Metrics once per batch, not per output: this loop runs per token.
+            progressed: set[int] = set()
+            num = 0
             for tag, out in batch:
                 if out.error is not None:
                     self.failed = True
                     raise GenerationFailed(out.error)
-                num = sum(len(c.token_ids) for c in out.choices)
-                if num:
-                    self._observe_tokens(tag, num, now)
+                n = sum(len(c.token_ids) for c in out.choices)
+                if n:
+                    num += n
+                    progressed.add(tag)
                 if out.finished:
                     self._unfinished.discard(tag)
+            if num:
+                self._observe(progressed, num, now)
             yield batch
 
-    def _observe_tokens(self, tag: int, num: int, now: float) -> None:
+    def _observe(self, tags: set[int], num: int, now: float) -> None:
         m = self.metrics
-        if self._first[tag] is None:
-            self._first[tag] = now
-            m.ttft.observe(now - self.arrival)
-        else:
-            m.itl.observe(now - self._last[tag])
-        self._last[tag] = now
+        for tag in tags:
+            if self._first[tag] is None:
+                self._first[tag] = now
+                m.ttft.observe(now - self.arrival)
+            else:
+                m.itl.observe(now - self._last[tag])
+            self._last[tag] = now
         self.num_generated += num
         m.generation_tokens.inc(num)
 

@@ -311,6 +311,9 @@ class OpenAIServing:
         obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
         head = {"id": job.request_id, "object": obj, "created": job.created}
         head["model"] = self.model_name
+        # Every chunk of a stream shares its head; JSON-encode it once, not once per token.
+        prefix = b"data: " + _dumps(head)[:-1].encode() + b',"choices":['
+        suffix = b'],"usage":null}\n\n' if job.include_usage else b"]}\n\n"
         try:
             async for batch in gen.outputs():
                 for idx, c in _merge(batch, job.n).items():
@@ -319,10 +322,11 @@ class OpenAIServing:
                         continue
                     ch.add(c)
                     choice = await self._chunk_choice(job, idx, ch, c)
-                    chunk = {**head, "choices": [choice]}
-                    if job.include_usage:
-                        chunk["usage"] = _usage(job, choices) if job.continuous_usage else None
-                    yield _sse(chunk)
+                    if job.continuous_usage:
+                        usage = _dumps(_usage(job, choices)).encode()
+                        yield prefix + choice.encode() + b'],"usage":' + usage + b"}\n\n"
+                    else:
+                        yield prefix + choice.encode() + suffix
         except GenerationFailed as e:
             self.metrics.fail("engine_error")
             yield _sse(error_body(500, f"generation failed: {e}"))
@@ -345,31 +349,21 @@ class OpenAIServing:
             yield _sse({**head, "choices": [], "usage": _usage(job, choices)})
         yield b"data: [DONE]\n\n"
 
-    async def _chunk_choice(
-        self, job: _Job, idx: int, ch: _Choice, c: ChoiceDelta
-    ) -> dict[str, Any]:
-        lp = None
+    async def _chunk_choice(self, job: _Job, idx: int, ch: _Choice, c: ChoiceDelta) -> str:
+        """One choice of a stream chunk, as JSON text (built by hand: this runs per token)."""
+        lp = "null"
         if job.logprobs is not None and c.logprobs:
-            lp = await self._format_logprobs(job, ch, c.logprobs)
+            lp = _dumps(await self._format_logprobs(job, ch, c.logprobs))
+        end = f'"logprobs":{lp},"finish_reason":{_dumps(c.finish_reason)},' + (
+            f'"stop_reason":{_dumps(c.stop_reason)}}}'
+        )
         if job.kind == "chat":
-            delta: dict[str, Any] = {"content": c.text}
+            role = ""
             if not ch.sent_role:
-                delta["role"] = "assistant"
+                role = '"role":"assistant",'
                 ch.sent_role = True
-            return {
-                "index": idx,
-                "delta": delta,
-                "logprobs": lp,
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-        return {
-            "index": idx,
-            "text": c.text,
-            "logprobs": lp,
-            "finish_reason": c.finish_reason,
-            "stop_reason": c.stop_reason,
-        }
+            return f'{{"index":{idx},"delta":{{{role}"content":{_dumps(c.text)}}},{end}'
+        return f'{{"index":{idx},"text":{_dumps(c.text)},{end}'
 
     async def _format_logprobs(
         self, job: _Job, ch: _Choice, lps: list[TokenLogprob]
@@ -671,8 +665,12 @@ def _usage(job: _Job, choices: list[_Choice]) -> dict[str, int]:
     }
 
 
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
 def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + _dumps(obj).encode() + b"\n\n"
 
 
 def _finite(v: float) -> float:
