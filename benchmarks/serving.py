@@ -188,9 +188,9 @@ async def drive(
     send_at: list[float],
     cap: int | None,
     start_at: float,
-) -> tuple[list[Result], float]:
+) -> tuple[list[Result], float, float]:
     """Send ``jobs[i]`` at wall time ``start_at + send_at[i]`` with at most ``cap`` in flight.
-    Returns the results and the wall time the last one ended."""
+    Returns the results and the wall times of the first send and of the last end."""
     gate = asyncio.Semaphore(cap) if cap else None
     async with _client(base_url, args.api_key) as client:
 
@@ -202,16 +202,19 @@ async def drive(
                 return await one_request(client, path, body, args.timeout)
 
         tasks = []
-        for job, at in zip(jobs, send_at):
+        first = time.time()
+        for i, (job, at) in enumerate(zip(jobs, send_at)):
             delay = start_at + at - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if i == 0:
+                first = time.time()
             tasks.append(asyncio.create_task(limited(job)))
         results = await asyncio.gather(*tasks)
-    return list(results), time.time()
+    return list(results), first, time.time()
 
 
-def _worker(payload: tuple) -> tuple[list[Result], float]:
+def _worker(payload: tuple) -> tuple[list[Result], float, float]:
     return asyncio.run(drive(*payload))
 
 
@@ -237,8 +240,8 @@ def run_load(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(w, mp_context=ctx) as pool:
             outs = list(pool.map(_worker, parts))
-    results = [r for rs, _ in outs for r in rs]
-    duration = max(end for _, end in outs) - start_at
+    results = [r for rs, _, _ in outs for r in rs]
+    duration = max(end for _, _, end in outs) - min(first for _, first, _ in outs)
     return summarize(args, model, results, duration)
 
 
