@@ -4,6 +4,7 @@ here (no module-level state), so tests can build several apps in one process."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 from collections.abc import AsyncIterator
@@ -61,6 +62,10 @@ def build_app(server: ServerConfig, engine: EngineConfig) -> FastAPI:
             await warm
             tok = TokenizerService(await asyncio.to_thread(_load_tokenizer, engine, info))
             serving.attach(client, info, tok)
+            # Everything allocated so far lives as long as the server: keep the cyclic GC from
+            # rescanning it on every collection, which the per-token path triggers often.
+            gc.collect()
+            gc.freeze()
             logger.info("serving %r on http://%s:%d", name, server.host, server.port)
             yield
         finally:

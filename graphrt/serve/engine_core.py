@@ -10,6 +10,7 @@ process treats as a heartbeat (see :mod:`graphrt.serve.ipc` for the messages).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -69,6 +70,9 @@ def serve_engine(
             logger.exception("engine failed to start")
             outbox.send(pack([Msg.FATAL, f"engine failed to start: {type(e).__name__}: {e}"]))
             return 1
+        if parent_pid is not None:  # own process: the model and its state live until exit
+            gc.collect()
+            gc.freeze()
         try:
             outbox.send(pack([Msg.READY, _engine_info(engine)]))
             return EngineCore(engine, inbox, outbox, heartbeat_s, parent_pid).run()

@@ -630,22 +630,26 @@ class _CleanupStreamingResponse(StreamingResponse):
 def _merge(batch: list[tuple[int, OutputDelta]], n: int) -> dict[int, ChoiceDelta]:
     """One delta per choice for a batch of outputs. When the API falls behind the engine,
     several steps arrive at once; sending them as one chunk per choice keeps the per-token cost
-    of JSON and SSE from compounding the lag."""
+    of JSON and SSE from compounding the lag. Copies only choices that appear twice."""
     merged: dict[int, ChoiceDelta] = {}
+    copied: set[int] = set()
     for tag, out in batch:
         for c in out.choices:
             idx = tag * n + c.index
             m = merged.get(idx)
             if m is None:
-                merged[idx] = ChoiceDelta(
-                    c.index,
-                    c.text,
-                    list(c.token_ids),
-                    list(c.logprobs) if c.logprobs is not None else None,
-                    c.finish_reason,
-                    c.stop_reason,
-                )
+                merged[idx] = c
                 continue
+            if idx not in copied:
+                copied.add(idx)
+                m = merged[idx] = ChoiceDelta(
+                    m.index,
+                    m.text,
+                    list(m.token_ids),
+                    list(m.logprobs) if m.logprobs is not None else None,
+                    m.finish_reason,
+                    m.stop_reason,
+                )
             m.text += c.text
             m.token_ids.extend(c.token_ids)
             if c.logprobs:
