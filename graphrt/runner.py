@@ -178,6 +178,11 @@ class ModelRunner:
                 delattr(self, name)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            # cuBLAS keeps a workspace per (handle, stream) in the caching allocator; the
+            # launcher and capture streams each got one.
+            clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear is not None:
+                clear()
             torch.cuda.empty_cache()
 
     # ---- memory ---------------------------------------------------------------------------
