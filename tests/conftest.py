@@ -10,6 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run on CPU under the interpreter. The variable must be set before anything
+# imports triton: triton's own @jit helpers (tl.cdiv, tl.max, ...) are built at import time, and
+# compiled-mode helpers cannot be called from interpreted kernels. transformers imports triton
+# when it is installed, so a module-level setting in one test file is too late.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,
