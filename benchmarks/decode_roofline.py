@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from graphrt import Engine, SamplingParams
-from graphrt.capture.profile import DecodeBench, measure_hbm_bandwidth
+from graphrt.capture.measure import DecodeBench, measure_hbm_bandwidth, summarize
 from graphrt.overlap import StepProfiler
 from graphrt.sampling import GREEDY
 from graphrt.step_plan import StepPlan
@@ -61,18 +61,6 @@ class _KVProfiler(StepProfiler):
     def record(self, plan: StepPlan):  # type: ignore[override]
         self.seq_lens[plan.step_id] = plan.seq_lens
         return super().record(plan)
-
-
-def summarize(values: list[float]) -> dict[str, Any]:
-    """Median, min and max of repeated measurements, with the values themselves."""
-    if not values:
-        return {"median": None, "min": None, "max": None, "values": []}
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "values": list(values),
-    }
 
 
 def fmt_stat(stat: dict[str, Any] | None, spec: str = ".3f", scale: float = 1.0) -> str:

@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from graphrt import Engine, EngineConfig, SamplingParams
-from graphrt.capture.profile import measure_hbm_bandwidth
+from graphrt.capture.measure import measure_hbm_bandwidth, summarize
 
 
 @dataclass
@@ -100,18 +100,6 @@ def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
     o_lens = rng.integers(args.min_output_len, args.max_output_len + 1, size=n)
     prompts = [rng.integers(0, vocab_size, size=int(k)).tolist() for k in p_lens]
     return Workload(prompts, [int(x) for x in o_lens])
-
-
-def summarize(values: list[float]) -> dict[str, Any]:
-    """Median, min and max of repeated measurements, with the values themselves."""
-    if not values:
-        return {"median": None, "min": None, "max": None, "values": []}
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "values": list(values),
-    }
 
 
 def fmt_stat(stat: dict[str, Any] | None, spec: str = ",.0f") -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from graphrt import Engine, SamplingParams
-from graphrt.capture.profile import DecodeBench, measure_hbm_bandwidth
+from graphrt.capture.measure import DecodeBench, measure_hbm_bandwidth, summarize
 from graphrt.overlap import StepProfiler
 from graphrt.sampling import GREEDY
 
@@ -94,13 +94,6 @@ def replay_ceiling_ms(eng: Engine, bs: int, ctx: int, iters: int) -> float | Non
     bench = DecodeBench(eng, ctx)
     gpu_ms, _ = bench.replay(bucket, iters)
     return gpu_ms
-
-
-def summarize(values: list[float | None]) -> dict:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"median": None, "min": None, "max": None}
-    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
 
 
 def main(argv: list[str] | None = None) -> int:

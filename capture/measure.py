@@ -1,0 +1,141 @@
+"""Measurement helpers shared by ``capture-profile`` and the benchmarks: HBM bandwidth, a
+decode bench of fake running rows over a live engine, GPU timing, and repeat statistics."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from graphrt.engine import Engine
+from graphrt.sampling import GREEDY
+
+
+def summarize(values: Iterable[float | None]) -> dict[str, Any]:
+    """Median, min and max of repeated measurements (``None`` entries skipped), with the values."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "values": []}
+    return {
+        "median": statistics.median(vals),
+        "min": min(vals),
+        "max": max(vals),
+        "values": vals,
+    }
+
+
+def measure_hbm_bandwidth(device: torch.device, nbytes: int = 2 << 30, iters: int = 10) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus written."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    return nbytes / statistics.median(times)
+
+
+class DecodeBench:
+    """Sets up ``max_bs`` fake running rows, each with ``ctx`` tokens of cache."""
+
+    def __init__(self, engine: Engine, ctx: int) -> None:
+        self.eng = engine
+        r = engine.runner
+        self.r = r
+        self.ctx = ctx
+        ps = engine.config.page_size
+        self.max_bs = engine.config.max_num_seqs
+        pages_per_row = -(-ctx // ps)
+        need = self.max_bs * pages_per_row
+        if need > engine.pages.num_usable:
+            raise SystemExit(
+                f"KV pool has {engine.pages.num_usable} pages; {self.max_bs} rows of {ctx} "
+                f"tokens need {need}. Lower --context-len or --max-num-seqs."
+            )
+        slots = np.arange(1, self.max_bs + 1, dtype=np.int64)
+        table = torch.zeros_like(r.page_table)
+        pages = torch.arange(1, need + 1, dtype=torch.int32).view(self.max_bs, pages_per_row)
+        table[1 : self.max_bs + 1, :pages_per_row] = pages.to(table.device)
+        r.page_table.copy_(table)
+        r.token_buf.random_(0, r.model_cfg.vocab_size)
+        self.slots = slots
+        self.seq_lens = np.full(self.max_bs, ctx, dtype=np.int64)
+
+    def inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = self.r.device
+        s = torch.from_numpy(self.slots[:bs]).to(dev)
+        seq = torch.from_numpy(self.seq_lens[:bs]).to(dev)
+        return s, seq - 1, seq
+
+    def bytes_per_step(self, bs: int) -> int:
+        spec = self.r.kv_spec
+        kv = bs * self.ctx * spec.bytes_per_token
+        return self.r.weight_bytes + kv
+
+    def eager_ms(self, bs: int, iters: int) -> float:
+        from graphrt.sampling import SampleOutputs
+
+        r = self.r
+        s, pos, seq = self.inputs(bs)
+        out = SampleOutputs.allocate(bs, r.max_logprobs, r.device)
+        bound = r.settings.max_pages_per_seq * r.config.page_size
+        host = self.seq_lens[:bs]
+
+        def step() -> None:
+            r.decode_forward(s, pos, seq, out, GREEDY, bound, seq_lens_host=host)
+
+        return time_ms(step, iters, r.device)
+
+    def replay(self, bs: int, iters: int) -> tuple[float, float]:
+        g = self.r.graphs
+        graph = g.graphs[(bs, GREEDY)]
+        s, pos, seq = self.inputs(bs)
+        g.buffers.inputs[0, :bs].copy_(s)
+        g.buffers.inputs[1, :bs].copy_(pos)
+        g.buffers.inputs[2, :bs].copy_(seq)
+        host_seq, host_slots = self.seq_lens[:bs], self.slots[:bs]
+        self.r.attn.prepare_for_replay(bs, host_seq, host_slots)
+        gpu_ms = time_ms(graph.replay, iters, self.r.device)
+        # CPU cost of issuing: the backend's per-replay host work plus the launch itself.
+        issue = []
+        for _ in range(iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            self.r.attn.prepare_for_replay(bs, host_seq, host_slots)
+            graph.replay()
+            issue.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        return gpu_ms, statistics.median(issue) * 1e6
+
+
+def time_ms(fn: Callable[[], None], iters: int, device: torch.device) -> float:
+    """Mean ms per call of ``fn`` over ``iters`` back-to-back calls (CUDA events on GPU)."""
+    with torch.inference_mode():
+        for _ in range(3):
+            fn()
+        if device.type != "cuda":
+            t = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                t.append(time.perf_counter() - t0)
+            return statistics.median(t) * 1e3
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / iters
