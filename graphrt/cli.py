@@ -13,7 +13,7 @@ from graphrt.sampling_params import SamplingParams
 
 DEFAULT_QUESTIONS = [
     "What is the capital of France?",
-    "Write a haiku about graphics cards.",
+    "Name three primary colors.",
     "Explain in one sentence what a CUDA graph is.",
 ]
 
