@@ -70,7 +70,7 @@ class DecodeGraphRunner:
         self._staging = [
             torch.empty(3, max(self.max_bs, 1), dtype=torch.int64, pin_memory=pin) for _ in range(4)
         ]
-        self._staging_events: list[torch.cuda.Event | None] = [None] * len(self._staging)
+        self._staging_events = [torch.cuda.Event() if pin else None for _ in self._staging]
         self._next_staging = 0
 
     @property
@@ -160,14 +160,12 @@ class DecodeGraphRunner:
         self._next_staging = (i + 1) % len(self._staging)
         event = self._staging_events[i]
         if event is not None:
-            event.synchronize()  # the copy two steps ago; long done in steady state
+            event.synchronize()  # the copy four steps ago; long done in steady state
         staging = self._staging[i]
         host = fill_inputs(staging.numpy(), plan.slots, plan.seq_lens, bucket)
         self.buffers.inputs[:, :bucket].copy_(staging[:, :bucket], non_blocking=True)
-        if self.device.type == "cuda":
-            ev = torch.cuda.Event()
-            ev.record()
-            self._staging_events[i] = ev
+        if event is not None:
+            event.record()
         variant = variant_for(flags)
         graph = self.graphs.get((bucket, variant))
         if graph is not None:

@@ -48,9 +48,12 @@ def fill_inputs(
     staging: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray, bucket: int
 ) -> np.ndarray:
     """Write a decode batch, padded to ``bucket`` rows, into ``staging[:, :bucket]``."""
+    # In place, with no temporaries: this runs for every replayed step.
     b = slots.shape[0]
     staging[SLOTS, :b] = slots
-    staging[POSITIONS, :b] = seq_lens - 1
+    np.subtract(seq_lens, 1, out=staging[POSITIONS, :b])
     staging[SEQ_LENS, :b] = seq_lens
-    staging[:, b:bucket] = padding_rows(bucket - b)
+    staging[SLOTS, b:bucket] = DUMMY_SLOT
+    staging[POSITIONS, b:bucket] = 0
+    staging[SEQ_LENS, b:bucket] = 1
     return staging[:, :bucket]
