@@ -30,7 +30,6 @@ import datetime
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from graphrt import Engine, SamplingParams
-from graphrt.capture.measure import DecodeBench, measure_hbm_bandwidth, summarize
+from graphrt.capture.measure import DecodeBench, measure_hbm_bandwidth, run_until_idle, summarize
 from graphrt.overlap import StepProfiler
 from graphrt.sampling import GREEDY
 from graphrt.step_plan import StepPlan
@@ -121,14 +120,8 @@ def engine_windows(eng: Engine, bs: int, args: argparse.Namespace) -> list[dict[
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for _ in range(bs):
         eng.add_request(None, torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), params)
-    host_end: dict[int, float] = {}
     try:
-        while eng.has_unfinished():
-            eng.step()
-            now = time.perf_counter()
-            for sid in prof.records:
-                host_end.setdefault(sid, now)
-        eng.drain()
+        host_end = run_until_idle(eng, prof.records)
     finally:
         eng.launcher.profiler = None
     cuda = eng.runner.device.type == "cuda"

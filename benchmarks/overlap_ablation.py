@@ -24,13 +24,12 @@ import itertools
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from graphrt import Engine, SamplingParams
-from graphrt.capture.measure import DecodeBench, measure_hbm_bandwidth, summarize
+from graphrt.capture.measure import DecodeBench, measure_hbm_bandwidth, run_until_idle, summarize
 from graphrt.overlap import StepProfiler
 from graphrt.sampling import GREEDY
 
@@ -50,13 +49,7 @@ def run_once(
     params = SamplingParams(temperature=0, max_tokens=warm + steps + 2, ignore_eos=True)
     for p in prompts:
         eng.add_request(None, p, params)
-    processed_at: dict[int, float] = {}
-    while eng.has_unfinished():
-        eng.step()
-        now = time.perf_counter()
-        for sid in prof.records:
-            processed_at.setdefault(sid, now)
-    eng.drain()
+    processed_at = run_until_idle(eng, prof.records)
     eng.launcher.profiler = None
     if eng.runner.device.type == "cuda":
         torch.cuda.synchronize()
