@@ -308,7 +308,7 @@ class ModelRunner:
         """Enqueue one step. Returns device outputs; nothing here waits for the GPU."""
         with torch.inference_mode():
             self.prepare(plan)
-            flags = sampler_flags(plan)
+            flags = plan.needs
             if plan.is_decode and self.graphs is not None:
                 bucket = self.graphs.bucket_for(plan.batch_size)
                 if bucket is not None:
@@ -433,11 +433,6 @@ class ModelRunner:
         if self.device.type == "cuda":
             return self.settings.max_pages_per_seq * self.config.page_size
         return _round_up(int(plan.seq_lens.max()), self.config.page_size)
-
-
-def sampler_flags(plan: StepPlan) -> SamplerFlags:
-    n = plan.needs
-    return SamplerFlags(full=n.full, filters=n.filters, logprobs=n.logprobs)
 
 
 def _round_up(x: int, m: int) -> int:

@@ -18,35 +18,19 @@ import numpy as np
 import torch
 
 from graphrt.sampling_params import MIN_TEMPERATURE
-from graphrt.step_plan import MAX_BANNED_IDS, SlotInit
+from graphrt.step_plan import GREEDY_NEEDS, MAX_BANNED_IDS, SamplerNeeds, SlotInit, needs_of
 
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 multipliers, as signed int64
 _M2 = 0x94D049BB133111EB - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 
 
-@dataclass(frozen=True)
-class SamplerFlags:
-    """What a step's sampler must compute; the union of its rows' needs.
-
-    ``full`` covers temperature, penalties and min_tokens bans; ``filters`` top-k/top-p/min-p
-    (which need a sort); ``logprobs`` the log-softmax and its top entries.
-    """
-
-    full: bool = False
-    filters: bool = False
-    logprobs: bool = False
-
-    def __or__(self, other: SamplerFlags) -> SamplerFlags:
-        return SamplerFlags(
-            self.full or other.full,
-            self.filters or other.filters,
-            self.logprobs or other.logprobs,
-        )
-
-
-GREEDY = SamplerFlags()
-EVERYTHING = SamplerFlags(full=True, filters=True, logprobs=True)
+# What a step's sampler must compute is the union of its rows' needs (``step_plan.SamplerNeeds``):
+# ``full`` covers temperature, penalties and min_tokens bans; ``filters`` top-k/top-p/min-p
+# (which need a sort); ``logprobs`` the log-softmax and its top entries.
+SamplerFlags = SamplerNeeds
+GREEDY = GREEDY_NEEDS
+EVERYTHING = needs_of(True, True, True)
 
 
 @dataclass
