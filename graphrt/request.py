@@ -115,15 +115,6 @@ class Request:
         return self.num_computed >= len(self.prefill_ids)
 
     @property
-    def num_tokens_scheduled(self) -> int:
-        """Prompt + outputs once every launched step has landed."""
-        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
-
-    @property
-    def can_sample_more(self) -> bool:
-        return self.num_tokens_scheduled < self.max_len
-
-    @property
     def in_flight(self) -> bool:
         return self.num_pending > 0
 

@@ -91,7 +91,7 @@ class Scheduler:
             if req.status is not running or nc < len(req.prefill_ids):
                 continue
             if len(req.prompt_ids) + len(req.output_ids) + req.num_pending >= req.max_len:
-                continue  # its last token is in flight
+                continue  # prompt + outputs incl. in-flight ones reach max_len: last token launched
             if nc // ps >= len(req.pages) and not self._reserve_pages(req, nc + 1, b, True):
                 continue  # preempted itself
             b.decode_row(req, nc)

@@ -97,10 +97,6 @@ _BACKENDS = {
 }
 
 
-def available_backends() -> list[str]:
-    return list(_BACKENDS)
-
-
 def get_backend_class(name: str) -> type[AttentionBackend]:
     """Import a backend lazily by name; unknown names list the known ones."""
     if name not in _BACKENDS:
