@@ -1,0 +1,194 @@
+"""Where a decode step's GPU time goes: a kernel-by-kernel profile of one captured step.
+
+For each batch size it replays the bucket's CUDA graph (and runs the same step eagerly) under
+``torch.profiler`` and groups the GPU kernels by name: calls and microseconds per step, and each
+group's share. It also reports
+
+- **wall**: the replay's step time from CUDA events, without the profiler;
+- **kernel sum**: the summed kernel durations per step; ``wall - kernel sum`` is time the GPU
+  spends between kernels (launch gaps, dependency drains) inside the graph;
+- **ideal**: the step's bytes (weights + KV read) at the HBM bandwidth measured in this run.
+
+So a missed MBU target splits into "kernels below bandwidth" (which kernels, by how much) and
+"gaps between kernels" (how many launches). This is the profile issue 7 asks for when a target is
+missed.
+
+    python benchmarks/step_profile.py --model benchmarks/models/llama-3.2-1b --load-format dummy \\
+        --batch-sizes 1 64 256 --json step_profile.json
+
+GPU only: without CUDA it says so and exits 0 (there are no kernels to time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from graphrt import Engine
+from graphrt.capture.measure import DecodeBench, measure_hbm_bandwidth, time_ms
+from graphrt.sampling import GREEDY, SampleOutputs
+
+# Long kernel names (templated CUTLASS/cuBLAS, Triton's mangled ones) collapse to a readable
+# family so that one GEMM shape shows as one row per distinct kernel.
+_SHORTEN = [
+    (re.compile(r"^(_[a-z0-9_]+?_kernel)\b.*"), r"\1"),
+    (re.compile(r"^void cutlass::Kernel2?<([A-Za-z0-9_]+).*"), r"\1"),
+    (re.compile(r"^void at::native::(?:\(anonymous namespace\)::)?([A-Za-z_]+)<.*"), r"at::\1"),
+    (re.compile(r"^void ([A-Za-z_0-9:]+)<.*"), r"\1"),
+]
+
+
+def short_name(name: str) -> str:
+    """A readable kernel family name, at most 90 characters."""
+    for pat, rep in _SHORTEN:
+        if pat.match(name):
+            name = pat.sub(rep, name)
+            break
+    return name[:90]
+
+
+def kernel_table(fn, steps: int) -> dict[str, Any]:
+    """Profile ``steps`` calls of ``fn``; kernels grouped by name, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    groups: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    total = 0.0
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        dur = ev.device_time  # µs
+        if dur <= 0:
+            continue
+        name = short_name(ev.name)
+        if name.startswith("Memcpy") or name.startswith("Memset"):
+            name = name.split(" ")[0] + " " + name.split(" ")[1] if " " in name else name
+        g = groups[name]
+        g[0] += 1
+        g[1] += dur
+        total += dur
+    rows = [
+        {"kernel": k, "calls": c / steps, "us": t / steps, "share": t / total if total else 0.0}
+        for k, (c, t) in groups.items()
+    ]
+    rows.sort(key=lambda r: -r["us"])
+    return {"kernels": rows, "kernel_us": total / steps, "launches": sum(r["calls"] for r in rows)}
+
+
+def profile_bs(bench: DecodeBench, bs: int, steps: int, bw: float) -> dict[str, Any]:
+    r = bench.r
+    s, pos, seq = bench.inputs(bs)
+    bound = r.settings.max_pages_per_seq * r.config.page_size
+    host = bench.seq_lens[:bs]
+    out = SampleOutputs.allocate(bs, r.max_logprobs, r.device)
+
+    def eager() -> None:
+        r.decode_forward(s, pos, seq, out, GREEDY, bound, seq_lens_host=host)
+
+    res: dict[str, Any] = {"batch_size": bs}
+    if r.graphs is not None and (bs, GREEDY) in r.graphs.graphs:
+        _, issue_us = bench.replay(bs, 50)
+        graph = r.graphs.graphs[(bs, GREEDY)]
+        res["replay_ms"] = statistics.median(time_ms(graph.replay, 50, r.device) for _ in range(5))
+        res["replay_issue_us"] = issue_us
+        res["graph"] = kernel_table(graph.replay, steps)
+    with torch.inference_mode():
+        res["eager_ms"] = time_ms(eager, 20, r.device)
+        res["eager"] = kernel_table(eager, steps)
+    nbytes = bench.bytes_per_step(bs)
+    res["bytes"] = nbytes
+    res["ideal_ms"] = nbytes / bw * 1e3
+    return res
+
+
+def render(res: dict[str, Any], top: int) -> str:
+    lines = []
+    for row in res["results"]:
+        bs = row["batch_size"]
+        g = row.get("graph") or row["eager"]
+        wall = row.get("replay_ms", row["eager_ms"])
+        kind = "graph replay" if "graph" in row else "eager"
+        lines.append(
+            f"\n## bs {bs} ({kind}): wall {wall * 1e3:.1f} us, kernel sum {g['kernel_us']:.1f} us, "
+            f"gaps {wall * 1e3 - g['kernel_us']:.1f} us over {g['launches']:.0f} launches, "
+            f"ideal {row['ideal_ms'] * 1e3:.1f} us (MBU {row['ideal_ms'] / wall:.1%}); "
+            f"eager {row['eager_ms'] * 1e3:.1f} us"
+        )
+        lines.append("| kernel | calls/step | us/step | share |\n|---|---:|---:|---:|")
+        for k in g["kernels"][:top]:
+            lines.append(f"| {k['kernel']} | {k['calls']:.0f} | {k['us']:.1f} | {k['share']:.1%} |")
+        rest = g["kernels"][top:]
+        if rest:
+            us = sum(k["us"] for k in rest)
+            calls = sum(k["calls"] for k in rest)
+            lines.append(f"| ({len(rest)} others) | {calls:.0f} | {us:.1f} | - |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--context-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10, help="profiled steps per batch size")
+    p.add_argument("--top", type=int, default=14, help="kernel rows shown per batch size")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("step_profile: no CUDA device; a kernel profile needs a GPU.")
+        return 0
+    max_bs = max(args.batch_sizes)
+    eng = Engine(
+        args.model,
+        load_format=args.load_format,
+        attention_backend=args.attention_backend,
+        max_num_seqs=max_bs,
+        cuda_graph_max_bs=max_bs,
+        cuda_graph_batch_sizes=tuple(sorted(set(args.batch_sizes))),
+        max_model_len=-(-(args.context_len + 64) // 64) * 64,
+        show_progress=False,
+    )
+    try:
+        bw = measure_hbm_bandwidth(eng.runner.device)
+        bench = DecodeBench(eng, args.context_len)
+        out = {
+            "date": datetime.date.today().isoformat(),
+            "device": torch.cuda.get_device_name(),
+            "model": args.model,
+            "attention_backend": eng.runner.attn.name,
+            "context_len": args.context_len,
+            "hbm_bytes_per_s": bw,
+            "weight_bytes": eng.runner.weight_bytes,
+            "results": [],
+        }
+        for bs in args.batch_sizes:
+            out["results"].append(profile_bs(bench, bs, args.steps, bw))
+            if args.json:
+                Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"# step profile: {args.model}, {out['device']}, HBM {bw / 1e12:.2f} TB/s, "
+              f"backend {out['attention_backend']}, context {args.context_len}")  # fmt: skip
+        print(render(out, args.top))
+    finally:
+        eng.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
