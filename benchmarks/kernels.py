@@ -11,6 +11,8 @@ the same run, the torch reference and flashinfer.
   256 (and 2048, and L2-hot), SiLU-and-mul at batch 256, rotary + KV write at 256 tokens.
 - Decode at batch 8, context 8k (split-K on and off) and chunked prefill (4 x 512 new tokens
   over a 1536 prefix) for the backend choice; flashinfer's host cost per graph replay.
+- Skinny GEMMs: cuBLAS against the Triton GEMV at m = 1-16 rows for every decode GEMM of
+  Llama-3.1-8B and Llama-3.2-1B; greedy argmax over a 128,256 vocabulary (batch 1-256).
 
 Each measurement captures ``iters`` calls into one CUDA graph (no launch gaps from Python) and
 times its replays with CUDA events; ``--reps`` replays give the median and the min-max spread.
@@ -488,6 +490,95 @@ def bench_extend(timer: Timer, dev: torch.device, smoke: bool, sweep: bool) -> l
     return res
 
 
+# ---- skinny GEMMs and the greedy argmax ----------------------------------------------------------
+
+# (model, layer, N, K) of Llama-3.1-8B and Llama-3.2-1B's decode GEMMs (q/k/v and gate/up fused).
+GEMV_SHAPES = [
+    ("8b", "qkv", 6144, 4096),
+    ("8b", "o", 4096, 4096),
+    ("8b", "gate_up", 28672, 4096),
+    ("8b", "down", 4096, 14336),
+    ("8b", "lm_head", 128256, 4096),
+    ("1b", "qkv", 3072, 2048),
+    ("1b", "o", 2048, 2048),
+    ("1b", "gate_up", 16384, 2048),
+    ("1b", "down", 2048, 8192),
+    ("1b", "lm_head", 128256, 2048),
+]
+
+
+def _gemv_sweep_configs(m: int):
+    from graphrt.kernels.triton_gemv import GemvConfig
+
+    if m == 1:
+        return [
+            GemvConfig(bn, bk, w, st)
+            for bn in (8, 16, 32)
+            for bk in (128, 256, 512)
+            for w, st in ((4, 4), (8, 4), (4, 6))
+        ]
+    return [GemvConfig(bn, bk, w, 4) for bn in (16, 32) for bk in (128, 256) for w in (4, 8)]
+
+
+def bench_gemv(timer: Timer, dev: torch.device, smoke: bool, sweep: bool) -> list[Result]:
+    """cuBLAS (``F.linear``) against the GEMV kernel at decode's few-row shapes; bytes = weight +
+    input + output. With ``--sweep``, every launch config at m = 1 and 8."""
+    import torch.nn.functional as F
+
+    from graphrt.kernels import triton_gemv as tg
+
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    shapes = [("tiny", "x", 512, 64)] if smoke else GEMV_SHAPES
+    ms = (1, 2) if smoke else (1, 2, 4, 8, 16)
+    iters = 2 if smoke else 20
+    res = []
+    for model, layer, n, k in shapes:
+        wbytes = n * k * 2
+        ws = [
+            torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for _ in range(_copies(wbytes, smoke))
+        ]
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=dt)
+            nbytes = wbytes + 2 * m * (n + k)
+            label = f"linear {model} {layer} m{m} {n}x{k}"
+            fns = [lambda w=w, x=x: F.linear(x, w) for w in ws]
+            res.append(Result(label, "cublas", nbytes, timer(fns, iters)))
+            cfg = tg.gemv_config(m, n, k)
+            if cfg is not None:
+                fns = [lambda w=w, x=x, c=cfg: tg.gemv(x, w, None, c) for w in ws]
+                res.append(Result(label, "triton", nbytes, timer(fns, iters), str(cfg)))
+            if sweep and m in (1, 8):
+                for c in _gemv_sweep_configs(m):
+                    fns = [lambda w=w, x=x, c=c: tg.gemv(x, w, None, c) for w in ws]
+                    r = Result(label, "triton-sweep", nbytes, timer(fns, iters), str(c))
+                    r.extra["config"] = asdict(c)
+                    res.append(r)
+        del ws
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def bench_argmax(timer: Timer, dev: torch.device, smoke: bool) -> list[Result]:
+    """Greedy sampling over a 128,256 vocabulary: the old path (fp32 copy of the bf16 logits, then
+    ``torch.argmax``) against the two-pass Triton argmax on the bf16 logits. Bytes = logits read
+    once (the kernel's own traffic; the old path moves 3x that)."""
+    from graphrt.kernels import triton_argmax
+
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    vocab = 5000 if smoke else 128256
+    res = []
+    for b in (1, 2) if smoke else (1, 8, 64, 256):
+        nbytes = b * vocab * 2
+        xs = [torch.randn(b, vocab, device=dev, dtype=dt) for _ in range(_copies(nbytes, smoke))]
+        label = f"argmax b{b} v{vocab}"
+        fns = [lambda x=x: x.float().argmax(dim=-1) for x in xs]
+        res.append(Result(label, "torch", nbytes, timer(fns, 20), "fp32 copy + torch.argmax"))
+        fns = [lambda x=x: triton_argmax.argmax(x) for x in xs]
+        res.append(Result(label, "triton", nbytes, timer(fns, 20)))
+    return res
+
+
 # ---- driver --------------------------------------------------------------------------------------
 
 
@@ -532,6 +623,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script only")
     ap.add_argument("--skip-ops", action="store_true", help="attention only")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=["decode", "extend", "ops", "gemv", "argmax"],
+        help="run only these sections (the HBM ceiling always runs)",
+    )
     args = ap.parse_args(argv)
     if args.reps < 5 and not args.smoke:
         ap.error("--reps must be at least 5")
@@ -555,12 +652,19 @@ def main(argv: list[str] | None = None) -> None:
         cases = [(DecodeCase(64, 2048), dsweep), (DecodeCase(64, 8192), dsweep)]
         cases.append((DecodeCase(8, 8192), False))
     # A failing section is reported and skipped, so the others still give their figures.
-    sections = [lambda c=c, sw=sw: bench_decode(timer, dev, c, sw, args.smoke) for c, sw in cases]
-    sections.append(lambda: bench_extend(timer, dev, args.smoke, args.sweep))
+    sections = [
+        ("decode", lambda c=c, sw=sw: bench_decode(timer, dev, c, sw, args.smoke))
+        for c, sw in cases
+    ]
+    sections.append(("extend", lambda: bench_extend(timer, dev, args.smoke, args.sweep)))
     if not args.skip_ops:
         impls = {"triton": triton_ops, "torch": reference}
-        sections.append(lambda: bench_ops(timer, dev, args.smoke, impls, args.sweep))
-    for section in sections:
+        sections.append(("ops", lambda: bench_ops(timer, dev, args.smoke, impls, args.sweep)))
+        sections.append(("gemv", lambda: bench_gemv(timer, dev, args.smoke, args.sweep)))
+        sections.append(("argmax", lambda: bench_argmax(timer, dev, args.smoke)))
+    for name, section in sections:
+        if args.only and name not in args.only:
+            continue
         try:
             results += section()
         except Exception as e:

@@ -360,7 +360,17 @@ class ModelRunner:
             attn_meta=attn_meta,
         )
         logits = self.model.compute_logits(self.model(fb))
-        sample(logits, slots, slots, seq_lens, self.slot_state, self.token_buf, flags, out)
+        sample(
+            logits,
+            slots,
+            slots,
+            seq_lens,
+            self.slot_state,
+            self.token_buf,
+            flags,
+            out,
+            self.ops.argmax,
+        )
 
     def _eager(self, plan: StepPlan, flags: SamplerFlags) -> SampleOutputs:
         dev = self.device
@@ -420,7 +430,17 @@ class ModelRunner:
             attn_meta=self.attn.prepare_metadata(inputs),
         )
         logits = self.model.compute_logits(self.model(fb))
-        sample(logits, slots, out_slots, seq_lens, self.slot_state, self.token_buf, flags, out)
+        sample(
+            logits,
+            slots,
+            out_slots,
+            seq_lens,
+            self.slot_state,
+            self.token_buf,
+            flags,
+            out,
+            self.ops.argmax,
+        )
         return out
 
     def _decode_bound(self, plan: StepPlan) -> int:

@@ -12,11 +12,13 @@ consults a stateful generator (which a CUDA graph would freeze).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from graphrt.kernels import reference
 from graphrt.sampling_params import MIN_TEMPERATURE
 from graphrt.step_plan import GREEDY_NEEDS, MAX_BANNED_IDS, SamplerNeeds, SlotInit, needs_of
 
@@ -200,20 +202,23 @@ def sample(
     token_buf: torch.Tensor,
     flags: SamplerFlags,
     out: SampleOutputs,
+    argmax: Callable[[torch.Tensor], torch.Tensor] = reference.argmax,
 ) -> None:
     """Sample one token per row and write it to ``out`` and to ``token_buf[out_slots]``.
 
-    ``logits``: ``[B, V]`` fp32; ``slots``: whose parameters each row uses; ``out_slots``: where
-    each row's token goes (the dummy slot for rows that must not record one); ``positions``: the
-    position the sampled token will occupy. No host synchronisation, no allocation that depends
+    ``logits``: ``[B, V]`` in the model dtype, upcast to fp32 only for logprobs and the full
+    sampler (greedy needs no copy); ``slots``: whose parameters each row uses; ``out_slots``:
+    where each row's token goes (the dummy slot for rows that must not record one);
+    ``positions``: the position the sampled token will occupy; ``argmax``: the greedy kernel
+    (``Ops.argmax``). No host synchronisation, no allocation that depends
     on values: safe to capture.
     """
     if flags.logprobs:
-        logp = logits.log_softmax(dim=-1)
+        logp = logits.float().log_softmax(dim=-1)
     if not flags.full:
-        ids = logits.argmax(dim=-1)
+        ids = argmax(logits)
     else:
-        work = apply_penalties(logits, slots, state)
+        work = apply_penalties(logits.float(), slots, state)
         work = ban_stop_ids(work, slots, positions, state)
         greedy_ids = work.argmax(dim=-1)
         temp = state.temperature.index_select(0, slots)

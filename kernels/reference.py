@@ -26,6 +26,16 @@ def fused_add_rms_norm(
     return rms_norm(summed, weight, eps), summed
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``: every linear layer of a model."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy sampling: the index of each row's largest logit (the lowest one on ties)."""
+    return logits.argmax(dim=-1)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for the fused gate/up projection output."""
     d = x.shape[-1] // 2

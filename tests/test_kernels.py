@@ -34,7 +34,8 @@ from graphrt.kernels.attention_backend import (
 
 def _kernel_modules():
     """Import the Triton modules, reloading any imported before the interpreter was enabled."""
-    names = ["triton_ops", "triton_attention", "flashinfer_attention"]
+    names = ["triton_ops", "triton_attention", "flashinfer_attention", "triton_gemv"]
+    names.append("triton_argmax")
     mods = []
     for n in names:
         full = f"graphrt.kernels.{n}"
@@ -45,6 +46,8 @@ def _kernel_modules():
                 "triton_ops": "_rms_norm_kernel",
                 "triton_attention": "_decode_kernel",
                 "flashinfer_attention": "_gather_page_indices_kernel",
+                "triton_gemv": "_gemv_kernel",
+                "triton_argmax": "_argmax_chunk_kernel",
             }[n]
             if type(getattr(mod, probe)).__name__ != "InterpretedFunction":
                 mod = importlib.reload(mod)
@@ -52,7 +55,7 @@ def _kernel_modules():
     return mods
 
 
-T, A, FI = _kernel_modules()
+T, A, FI, GEMV, AMAX = _kernel_modules()
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GARBAGE = 1e3
@@ -174,6 +177,63 @@ def test_silu_and_mul(dtype) -> None:
     for shape in [(5, 2 * 48), (2, 3, 2 * 40), (1, 2 * 1500)]:
         x = (2 * torch.randn(*shape, device=DEV)).to(dtype)
         _close(T.silu_and_mul(x), reference.silu_and_mul(x), *_tol(dtype))
+
+
+# ---- GEMV and argmax -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize(("n", "k", "block_n", "block_k"), [(64, 128, 8, 32), (40, 56, 16, 32)])
+def test_gemv(m, n, k, block_n, block_k, dtype) -> None:
+    if m > 1 and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter's bf16 tl.dot is wrong (the m > 1 path is a dot)")
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(dtype)
+    b = torch.randn(n, device=DEV).to(dtype)
+    for bias in (None, b):
+        cfg = GEMV.GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=2)
+        out = GEMV.gemv(x, w, bias, cfg)
+        _close(out, reference.linear(x, w, bias), *_tol(dtype))
+    # A row-strided input (a view into a wider buffer) is read in place.
+    wide = torch.randn(m, k + 8, device=DEV).to(dtype)
+    cfg = GEMV.GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=2)
+    _close(GEMV.gemv(wide[:, :k], w, None, cfg), reference.linear(wide[:, :k], w), *_tol(dtype))
+
+
+def test_gemv_dispatch() -> None:
+    """``linear`` uses the kernel for few rows and cuBLAS/torch beyond; both equal F.linear."""
+    n, k = 512, 64
+    w = torch.randn(n, k, device=DEV) / 8
+    assert GEMV.gemv_config(1, n, k) is not None
+    assert GEMV.gemv_config(GEMV.GEMV_MAX_ROWS + 1, n, k) is None
+    assert GEMV.gemv_config(1, 64, k) is None  # too few columns for a full grid
+    for m in (1, 3, GEMV.GEMV_MAX_ROWS, GEMV.GEMV_MAX_ROWS + 1):
+        x = torch.randn(m, k, device=DEV)
+        _close(GEMV.linear(x, w), reference.linear(x, w), 1e-4, 1e-4)
+    x3 = torch.randn(2, 3, k, device=DEV)
+    _close(GEMV.linear(x3, w), reference.linear(x3, w), 1e-5, 1e-5)
+    assert GEMV.linear(torch.empty(0, k, device=DEV), w).shape == (0, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax(dtype) -> None:
+    rows, vocab = 5, 9000  # three chunks, the last one partial
+    logits = torch.randn(rows, vocab, device=DEV).to(dtype)
+    top = logits.max().item() + 1
+    logits[1, [50, 8999]] = top  # tie across chunks
+    logits[2, [4100, 4101]] = top  # tie within a chunk
+    logits[3, 8999] = top  # the last element
+    logits[4] = -float("inf")
+    logits[4, 7] = -1e30
+    out = AMAX.argmax(logits)
+    assert out.dtype == torch.int64
+    assert torch.equal(out, reference.argmax(logits))
+    assert out[1:4].tolist() == [50, 4100, 8999]
+    # A row-strided view and an empty batch.
+    wide = torch.randn(3, vocab + 5, device=DEV).to(dtype)
+    assert torch.equal(AMAX.argmax(wide[:, :vocab]), reference.argmax(wide[:, :vocab]))
+    assert AMAX.argmax(logits[:0]).shape == (0,)
 
 
 def _rope_case(t: int, hq: int, hkv: int, dim: int, dtype, cache_rows: int = 64):
@@ -380,6 +440,26 @@ def test_gpu_ops_real_shapes() -> None:
     _close(q_out, q_ref, 2e-2, 1e-2)
     torch.testing.assert_close(kc, kc_ref, atol=2e-2, rtol=1e-2, equal_nan=True)
     torch.testing.assert_close(vc, vc_ref, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (6144, 4096), (2048, 8192), (3072, 2048)])
+def test_gpu_gemv_real_shapes(m, n, k) -> None:
+    x = torch.randn(m, k, device=DEV, dtype=BF16)
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(BF16)
+    b = torch.randn(n, device=DEV, dtype=BF16)
+    assert GEMV.gemv_config(m, n, k) is not None
+    ref = (x.float() @ w.float().T + b.float()).to(BF16)
+    _close(GEMV.linear(x, w, b), ref, 2e-2, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 7, 256])
+def test_gpu_argmax_vocab(rows) -> None:
+    logits = torch.randn(rows, 128256, device=DEV, dtype=BF16) * 4
+    out = AMAX.argmax(logits)
+    assert torch.equal(out, logits.float().argmax(dim=-1))
 
 
 LONG = [1, 300, 4000, 17, 2049, 1000, 64, 3333]

@@ -1,8 +1,8 @@
 """Llama-family decoder (Llama 2/3/3.1/3.2, SmolLM2, TinyLlama), the base of the other families.
 
 Q, K and V projections are fused into one matrix and gate/up into another at load time, so a
-layer runs four GEMMs. Norms, rotary+KV write and SiLU-and-mul come from the ``Ops`` bundle;
-attention from the backend in the ``ForwardBatch``.
+layer runs four GEMMs. Linear layers, norms, rotary+KV write and SiLU-and-mul come from the
+``Ops`` bundle; attention from the backend in the ``ForwardBatch``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden = ops.rms_norm(hidden, self.input_norm, eps)
         else:
             hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.input_norm, eps)
-        qkv = F.linear(hidden, self.qkv_proj, self.qkv_bias)
+        qkv = ops.linear(hidden, self.qkv_proj, self.qkv_bias)
         t = qkv.shape[0]
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(t, cfg.num_heads, cfg.head_dim)
@@ -76,9 +76,9 @@ class LlamaDecoderLayer(nn.Module):
             fb.kv_locs,
         )
         attn = backend.forward(q, layer_idx, fb.attn_meta)
-        hidden = F.linear(attn.reshape(t, cfg.q_size), self.o_proj)
+        hidden = ops.linear(attn.reshape(t, cfg.q_size), self.o_proj)
         hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.post_attn_norm, eps)
-        hidden = F.linear(ops.silu_and_mul(F.linear(hidden, self.gate_up_proj)), self.down_proj)
+        hidden = ops.linear(ops.silu_and_mul(ops.linear(hidden, self.gate_up_proj)), self.down_proj)
         return hidden, residual
 
 
@@ -129,8 +129,9 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[B, V]`` fp32 logits."""
-        return F.linear(hidden, self.lm_head).float()
+        """``[B, V]`` logits in the model dtype; the sampler upcasts only when it must (greedy
+        argmax does not: the bf16 -> fp32 cast is exact and monotone)."""
+        return self.ops.linear(hidden, self.lm_head)
 
     # ---- weights -------------------------------------------------------------------------
     _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
