@@ -11,7 +11,7 @@ from this checkout (``PYTHONPATH``), never pip-installed there.
     python benchmarks/gpu_suite.py --dry-run            # the plan: phases, budgets, commands
 
 Phases run in priority order, each in its own process with a timeout, so one slow or hung phase
-cannot sink the others. The whole run has a budget (``--budget``, default 510 s). Each phase
+cannot sink the others. The whole run has a budget (``--budget``, default 540 s). Each phase
 gets its own budget plus whatever earlier phases left unused; a phase that does not finish in
 time is killed and reported as ``timeout``, one that cannot start in time as ``skipped``, and a
 benchmark script that is not in the checkout as ``missing``. What a killed phase had already
@@ -47,25 +47,27 @@ MODELS = {
     "llama-3.2-1b": "benchmarks/models/llama-3.2-1b",
     "llama-3.1-8b": "benchmarks/models/llama-3.1-8b",
 }
-KINDS = ("install", "tests", "roofline", "offline", "overlap", "capture", "kernels")
+KINDS = ("install", "tests", "roofline", "offline", "overlap", "capture", "profile", "kernels")
 MIN_PHASE_S = 10.0  # a phase that would get less than this is skipped, not started
 
 # First guesses at what each phase needs on an H100 (model start-up included); the table reports
 # every phase's wall time, so tune these from a real run. They sum to the default --budget.
 BUDGETS: dict[str, float] = {
     "install": 10,
-    "tests": 70,
-    "roofline:llama-3.2-1b": 35,
-    "roofline:llama-3.1-8b": 45,
+    "tests": 90,
+    "roofline:llama-3.2-1b": 30,
+    "roofline:llama-3.1-8b": 40,
     "offline:llama-3.2-1b": 110,
-    "offline:llama-3.1-8b": 80,
-    "overlap:llama-3.2-1b": 35,
-    "overlap:llama-3.1-8b": 45,
+    "offline:llama-3.1-8b": 60,
+    "overlap:llama-3.2-1b": 30,
+    "overlap:llama-3.1-8b": 40,
     "capture:llama-3.2-1b": 20,
     "capture:llama-3.1-8b": 25,
-    "kernels": 35,
+    "profile:llama-3.2-1b": 20,
+    "profile:llama-3.1-8b": 25,
+    "kernels": 40,
 }
-DEFAULT_BUDGET = {"roofline": 40, "offline": 90, "overlap": 40, "capture": 25}
+DEFAULT_BUDGET = {"roofline": 40, "offline": 90, "overlap": 40, "capture": 25, "profile": 30}
 
 
 @dataclass
@@ -131,7 +133,8 @@ def phase_args(kind: str, model: str, model_dir: str, profile: str) -> tuple[lis
             # 8B: a smaller workload (its prefill alone is ~15 s per 1,000 requests) and eager
             # generate only; HF's per-step cost barely depends on model size (GPU.md).
             n, hf = ("200", ("32", "32", "64")) if big else ("1000", ("64", "64", "128"))
-        args = ["--num-requests", n, "--repeats", "5"]
+        # Three repeats: the 1B default workload takes ~12 s per repeat on an H100.
+        args = ["--num-requests", n, "--repeats", "3"]
         note = f"{n} requests"
         if hf:
             req, bs, cap = hf
@@ -161,6 +164,10 @@ def phase_args(kind: str, model: str, model_dir: str, profile: str) -> tuple[lis
             extra = ["--max-model-len", "2048", "--context-len", "256", "--iters", "20"]
         args = ["--max-num-seqs", sizes[-1], "--cuda-graph-batch-sizes", *sizes, *extra]
         return m + args, f"buckets {','.join(sizes)}"
+    if kind == "profile":
+        sizes = ["1", "2"] if profile == "smoke" else ["1", "64"] if big else ["1", "8", "256"]
+        steps = "2" if profile == "smoke" else "10"
+        return [*m, "--batch-sizes", *sizes, "--steps", steps], f"bs {','.join(sizes)}"
     raise ValueError(kind)
 
 
@@ -209,8 +216,9 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
         "offline": "benchmarks/offline_throughput.py",
         "overlap": "benchmarks/overlap_ablation.py",
         "capture": "capture/profile.py",
+        "profile": "benchmarks/step_profile.py",
     }
-    for kind in ("roofline", "offline", "overlap", "capture"):
+    for kind in ("roofline", "offline", "overlap", "capture", "profile"):
         for model, model_dir in models.items():
             name = f"{kind}:{model}"
             rest, note = phase_args(kind, model, model_dir, args.profile)
@@ -746,6 +754,39 @@ def section_capture(suite: dict[str, Any]) -> list[str]:
     return out or ["No capture-profile results in this run."]
 
 
+def section_profile(suite: dict[str, Any]) -> list[str]:
+    """Where each step's GPU time goes: wall vs summed kernels vs the HBM ideal, top kernels."""
+    out: list[str] = []
+    for p in _phases_of(suite, "profile"):
+        r = p["result"]
+        out.append(
+            f"**{p['model']}**: context {r.get('context_len')}, {r.get('attention_backend')}"
+        )
+        out.append("")
+        rows = []
+        for x in r.get("results", []):
+            g = x.get("graph") or x.get("eager") or {}
+            wall = x.get("replay_ms", x.get("eager_ms"))
+            top = ", ".join(
+                f"{k['kernel'][:28]} {k['us']:.0f}" for k in (g.get("kernels") or [])[:4]
+            )
+            ideal = x.get("ideal_ms")
+            rows.append(
+                [
+                    str(x.get("batch_size")),
+                    _num(wall * 1e3 if wall else None, ".0f"),
+                    _num(g.get("kernel_us"), ".0f"),
+                    _num(g.get("launches"), ".0f"),
+                    _num(ideal * 1e3 if ideal else None, ".0f"),
+                    _pct(ideal / wall if ideal and wall else None),
+                    top,
+                ]
+            )
+        head = ["bs", "wall µs", "kernel sum µs", "launches", "ideal µs", "MBU"]
+        out += [*_table([*head, "top kernels (µs/step)"], rows), ""]
+    return out or ["No step profiles in this run."]
+
+
 def section_kernels(suite: dict[str, Any]) -> list[str]:
     out: list[str] = []
     for p in _phases_of(suite, "kernels"):
@@ -779,6 +820,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("Offline throughput", section_offline),
     ("Overlap ablation", section_overlap),
     ("Capture profile", section_capture),
+    ("Step profile", section_profile),
     ("Kernels", section_kernels),
 ]
 
@@ -824,7 +866,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), help="names, or name=dir, comma list")
     p.add_argument("--quick", action="store_true", help="smaller sizes everywhere")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, CPU: checks the plumbing")
-    p.add_argument("--budget", type=float, default=510.0, help="seconds for the whole run")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
     p.add_argument("--phase-budget", action="append", default=[], metavar="PHASE=SECONDS")
     p.add_argument("--wheels", default=".wheels", help="folder of wheels to install")
     p.add_argument("--wheel-target", default="/tmp/graphrt-site", help="pip --target folder")

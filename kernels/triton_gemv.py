@@ -4,13 +4,13 @@ At batch 1-8 a decode step's GEMMs are matrix-vector products that should stream
 HBM speed. cuBLAS picks tiles that leave SMs idle for some shapes: on the H100, Llama-3.1-8B's
 ``o_proj`` (4096 x 4096) runs on 64 CTAs at about 55% of HBM bandwidth, and Llama-3.2-1B's
 ``qkv``/``o_proj`` at about 54% (``benchmarks/step_profile.py``). Here each program owns
-``BLOCK_N`` output columns over the whole of ``K``, so the grid has ``N / BLOCK_N`` programs (256
-for N = 4096), each streaming a contiguous slab of rows, and no split-K reduction is needed:
+``BLOCK_N`` output columns over the whole of ``K``, so the grid has ``N / BLOCK_N`` programs (512
+for N = 4096 at one row), each streaming a contiguous slab of rows, and no split-K reduction is needed:
 every output is summed in one program, in one order, so results are deterministic.
 
-``linear`` takes the GEMV path only where :func:`gemv_config` has a measured config, and falls
-back to ``F.linear`` otherwise. The choice depends on shapes alone, so it is fixed per captured
-graph.
+``linear`` takes the GEMV path only where :func:`gemv_config` says it measured faster than
+cuBLAS, and falls back to ``F.linear`` otherwise. The choice depends on shapes alone, so it is
+fixed per captured graph.
 """
 
 from __future__ import annotations
@@ -106,15 +106,27 @@ def _gemv_kernel(
 def gemv_config(m: int, n: int, k: int) -> GemvConfig | None:
     """The launch config for an ``[m, k] x [n, k]^T`` product, or None to use cuBLAS.
 
-    Programs = n / block_n: at least two per SM on an H100 (132 SMs) keeps every SM streaming.
+    From the H100 sweep in ``benchmarks/RESULTS.md`` (``benchmarks/kernels.py --only gemv
+    --sweep``), at the decode GEMMs of Llama-3.1-8B and Llama-3.2-1B:
+
+    - one row: 8 columns x 512-wide K blocks per program beats cuBLAS by 2-12% on every shape
+      except the long-K down projections (K > 2N), where cuBLAS's split-K is as fast or faster;
+    - 2-8 rows (the tensor-core path): cuBLAS is as fast or faster except on the vocabulary
+      projection (N >= 32768), where this kernel streams the weight 9% faster.
     """
     if m > GEMV_MAX_ROWS or k % 16 or n < 512:
         return None
-    block_n = 16 if n >= 4096 else 8
-    if m > 1:
-        block_n = 16  # the tensor-core path's smallest tile
-    return GemvConfig(block_n=block_n, block_k=256 if k >= 256 else 16 * (k // 16), num_warps=4,
-                      num_stages=4)  # fmt: skip
+    if m == 1:
+        if k > 2 * n:
+            return None
+        return GemvConfig(block_n=8, block_k=min(512, _pow2_at_most(k)), num_warps=4, num_stages=4)
+    if n < 32768:
+        return None
+    return GemvConfig(block_n=16, block_k=min(256, _pow2_at_most(k)), num_warps=4, num_stages=4)
+
+
+def _pow2_at_most(k: int) -> int:
+    return 1 << (k.bit_length() - 1)
 
 
 def gemv(

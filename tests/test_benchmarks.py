@@ -148,6 +148,25 @@ def test_decode_roofline_runs_and_reports(llama, tmp_path) -> None:
         assert r["engine"]["mbu"] is None and r["replay"] is None and r["roofline_ms"] is None
 
 
+# ---- API capacity (mock engine) -------------------------------------------------------------
+
+
+def test_api_capacity_with_mock_engine(tmp_path) -> None:
+    mod = _load("api_capacity")
+    out = tmp_path / "capacity.json"
+    argv = ["--streams", "3", "--step-ms", "5", "--output-len", "12", "--repeats", "2"]
+    assert mod.main([*argv, "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert len(d["rounds"]) == 2
+    for r in d["rounds"]:
+        assert r["completed"] == 3 and r["failed"] == 0
+        assert r["tokens"] == 36 and 1 <= r["chunks"] <= 36
+        assert r["api_cpu_s"] >= 0 and r["engine_cpu_s"] >= 0
+        assert r["itl_ms"]["median"] is not None
+    s = d["summary"]["api_us_per_chunk"]
+    assert s["min"] <= s["median"] <= s["max"]
+
+
 # ---- the GPU suite ------------------------------------------------------------------------------
 
 
@@ -198,7 +217,7 @@ def test_suite_plan_only_models_and_dry_run(capsys) -> None:
     assert "not flashinfer" in phases[0].argv and "tests/test_benchmarks.py" not in phases[0].argv
     assert phases[1].argv[1] == "benchmarks/decode_roofline.py" and "--json" in phases[1].argv
     full = suite.plan(suite.parse_args([]), Path("/tmp/w"), Path("/tmp/o"))
-    assert sum(p.budget_s for p in full) <= 510
+    assert sum(p.budget_s for p in full) <= 540
     assert {p.kind for p in full} == set(suite.KINDS)
     with pytest.raises(SystemExit):
         suite.parse_args(["--only", "nonsense"])

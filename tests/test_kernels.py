@@ -208,6 +208,10 @@ def test_gemv_dispatch() -> None:
     assert GEMV.gemv_config(1, n, k) is not None
     assert GEMV.gemv_config(GEMV.GEMV_MAX_ROWS + 1, n, k) is None
     assert GEMV.gemv_config(1, 64, k) is None  # too few columns for a full grid
+    assert GEMV.gemv_config(1, 2048, 8192) is None  # long K: cuBLAS split-K
+    assert GEMV.gemv_config(4, 4096, 4096) is None  # several rows: cuBLAS ...
+    assert GEMV.gemv_config(4, 128256, 4096) is not None  # ... except the vocabulary
+    assert GEMV.gemv_config(1, 576, 576).block_k == 512  # K not a power of two: masked tail
     for m in (1, 3, GEMV.GEMV_MAX_ROWS, GEMV.GEMV_MAX_ROWS + 1):
         x = torch.randn(m, k, device=DEV)
         _close(GEMV.linear(x, w), reference.linear(x, w), 1e-4, 1e-4)
@@ -444,14 +448,16 @@ def test_gpu_ops_real_shapes() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 3, 8])
-@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (6144, 4096), (2048, 8192), (3072, 2048)])
+@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (6144, 4096), (2048, 8192), (32768, 2048)])
 def test_gpu_gemv_real_shapes(m, n, k) -> None:
     x = torch.randn(m, k, device=DEV, dtype=BF16)
     w = (torch.randn(n, k, device=DEV) / k**0.5).to(BF16)
     b = torch.randn(n, device=DEV, dtype=BF16)
-    assert GEMV.gemv_config(m, n, k) is not None
     ref = (x.float() @ w.float().T + b.float()).to(BF16)
     _close(GEMV.linear(x, w, b), ref, 2e-2, 2e-2)
+    # Every config the sweep tries, whatever the dispatch picks.
+    for cfg in (GEMV.GemvConfig(8, 512, 4, 4), GEMV.GemvConfig(32, 128, 8, 4)):
+        _close(GEMV.gemv(x, w, b, cfg), ref, 2e-2, 2e-2)
 
 
 @pytest.mark.gpu
