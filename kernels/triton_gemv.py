@@ -4,9 +4,10 @@ At batch 1-8 a decode step's GEMMs are matrix-vector products that should stream
 HBM speed. cuBLAS picks tiles that leave SMs idle for some shapes: on the H100, Llama-3.1-8B's
 ``o_proj`` (4096 x 4096) runs on 64 CTAs at about 55% of HBM bandwidth, and Llama-3.2-1B's
 ``qkv``/``o_proj`` at about 54% (``benchmarks/step_profile.py``). Here each program owns
-``BLOCK_N`` output columns over the whole of ``K``, so the grid has ``N / BLOCK_N`` programs (512
-for N = 4096 at one row), each streaming a contiguous slab of rows, and no split-K reduction is needed:
-every output is summed in one program, in one order, so results are deterministic.
+``BLOCK_N`` output columns over the whole of ``K``, so the grid has ``N / BLOCK_N`` programs
+(512 for N = 4096 at one row), each streaming a contiguous slab of rows, and no split-K
+reduction is needed: every output is summed in one program, in one order, so results are
+deterministic.
 
 ``linear`` takes the GEMV path only where :func:`gemv_config` says it measured faster than
 cuBLAS, and falls back to ``F.linear`` otherwise. The choice depends on shapes alone, so it is
