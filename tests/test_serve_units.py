@@ -143,3 +143,29 @@ def test_chat_request_accepts_openai_client_fields() -> None:
     )
     assert req.messages[0].content[0].text == "hi"
     assert req.stream_options.include_usage
+
+
+def test_mock_engine_paces_tokens_and_counts_pages() -> None:
+    from graphrt.engine import EngineOverloaded, RequestRejected
+    from graphrt.serve.mock_engine import MockEngine
+
+    eng = MockEngine(0.001, max_model_len=64, max_num_seqs=2, max_waiting_requests=4, page_size=4)
+    eng.add_request("a", [1, 2, 3], SamplingParams(max_tokens=3, n=2, logprobs=1))
+    eng.add_request("b", [1], SamplingParams(max_tokens=5))  # waits: two seqs already running
+    with pytest.raises(RequestRejected, match="context length"):
+        eng.add_request("c", [1] * 60, SamplingParams(max_tokens=10))
+    with pytest.raises(EngineOverloaded):
+        eng.add_request("d", [1], SamplingParams(n=4))
+    wire = []
+    for _ in range(3):
+        outs = eng.step()
+        assert [o.request_id for o in outs] == ["a"]
+        wire.append(decode_output(unpack(pack(encode_output(outs[0])))))
+    assert [len(c.token_ids) for w in wire for c in w.choices] == [1] * 6
+    assert wire[-1].finished and wire[-1].choices[0].finish_reason == "length"
+    assert wire[0].choices[0].logprobs[0].token_id == wire[0].choices[0].token_ids[0]
+    assert eng.pages.num_free == eng.pages.num_usable  # "a" finished: its pages are back
+    assert eng.step()[0].request_id == "b"  # admitted once "a" left
+    assert eng.pages.num_free < eng.pages.num_usable
+    assert eng.abort("b") and not eng.has_unfinished()
+    assert eng.pages.num_free == eng.pages.num_usable and eng.kv_usage() == 0.0

@@ -53,6 +53,11 @@ def build_app(server: ServerConfig, engine: EngineConfig) -> FastAPI:
             heartbeat_timeout_s=server.engine_heartbeat_timeout,
             log_level=logging.getLevelName(server.log_level.upper()),
             in_thread=server.engine_mode == "thread",
+            mock_step_s=(
+                server.mock_engine_step_ms / 1000
+                if server.mock_engine_step_ms is not None
+                else None
+            ),
         )
         # Import transformers while the engine process loads the model.
         warm = asyncio.create_task(asyncio.to_thread(importlib.import_module, "transformers"))

@@ -35,6 +35,9 @@ _HELP: dict[str, str] = {
     "log_level": "logging level",
     "engine_mode": "'process': the engine loop in its own process (the design); 'thread': in a "
     "thread of the API process, where HTTP work competes with it for the GIL (for measurement)",
+    "mock_engine_step_ms": "benchmarks only (benchmarks/api_capacity.py): load no model; a mock "
+    "engine gives every running request one token per this many ms, to measure the API side "
+    "alone (token-id prompts only)",
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "engine_mode": ("process", "thread"),
@@ -67,6 +70,7 @@ class ServerConfig:
     engine_heartbeat_timeout: float = 30.0
     log_level: str = "info"
     engine_mode: str = "process"
+    mock_engine_step_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -89,6 +93,8 @@ class ServerConfig:
         _check_float("drain_timeout", self.drain_timeout, 0.0, 86400.0)
         _check_float("engine_start_timeout", self.engine_start_timeout, 1.0, 86400.0)
         _check_float("engine_heartbeat_timeout", self.engine_heartbeat_timeout, 0.5, 86400.0)
+        if self.mock_engine_step_ms is not None:
+            _check_float("mock_engine_step_ms", self.mock_engine_step_ms, 0.01, 60000.0)
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(
@@ -146,6 +152,7 @@ _FLAG_TYPES: dict[str, type] = {
     "drain_timeout": float,
     "engine_start_timeout": float,
     "engine_heartbeat_timeout": float,
+    "mock_engine_step_ms": float,
 }
 
 

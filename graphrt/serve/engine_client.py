@@ -78,14 +78,18 @@ class EngineClient:
         heartbeat_timeout_s: float = 30.0,
         log_level: int = logging.INFO,
         in_thread: bool = False,
+        mock_step_s: float | None = None,
     ) -> None:
         """``in_thread`` runs the engine loop on a thread of this process instead of its own
         process: the same messages over the same sockets, for measuring what the separate
-        process buys (HTTP work then competes with the scheduler for the GIL)."""
+        process buys (HTTP work then competes with the scheduler for the GIL). ``mock_step_s``
+        runs a :class:`~graphrt.serve.mock_engine.MockEngine` (no model) that gives each running
+        request one token per period, for measuring the API side alone."""
         self.engine_config = engine_config
         self.in_thread = in_thread
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.log_level = log_level
+        self.mock_step_s = mock_step_s
         self.info: EngineInfo | None = None
         self.stats: dict[str, Any] = {}
         self._dead: str | None = None
@@ -136,7 +140,14 @@ class EngineClient:
             ctx = multiprocessing.get_context("spawn")
             self._proc = ctx.Process(
                 target=run_engine_core,
-                args=(engine_kwargs, in_addr, out_addr, HEARTBEAT_S, self.log_level),
+                args=(
+                    engine_kwargs,
+                    in_addr,
+                    out_addr,
+                    HEARTBEAT_S,
+                    self.log_level,
+                    self.mock_step_s,
+                ),
                 name="graphrt-engine-core",
                 daemon=True,
             )
@@ -164,7 +175,9 @@ class EngineClient:
         def target() -> None:
             code = 1
             try:
-                code = serve_engine(engine_kwargs, in_addr, out_addr, HEARTBEAT_S, None)
+                code = serve_engine(
+                    engine_kwargs, in_addr, out_addr, HEARTBEAT_S, None, self.mock_step_s
+                )
             finally:
                 loop.call_soon_threadsafe(self._on_worker_exit, code)
 

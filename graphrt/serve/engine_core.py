@@ -26,6 +26,22 @@ from graphrt.serve.ipc import Msg, RejectKind, encode_output, pack, unpack
 
 logger = logging.getLogger(__name__)
 
+# The engine core's name in ps, top and /proc/PID/comm (at most 15 bytes).
+ENGINE_PROCESS_NAME = "graphrt-engine"
+
+
+def set_process_name(name: str) -> None:
+    """Name this process for ps/top (Linux ``prctl(PR_SET_NAME)``); a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # 15: PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
 
 def run_engine_core(
     engine_kwargs: dict[str, Any],
@@ -33,6 +49,7 @@ def run_engine_core(
     out_addr: str,
     heartbeat_s: float,
     log_level: int,
+    mock_step_s: float | None = None,
 ) -> None:
     """Process entry point (a ``multiprocessing`` "spawn" target). Exits with status 0 after a
     SHUTDOWN message, 1 after a fatal error, 2 when the API process has gone."""
@@ -40,10 +57,11 @@ def run_engine_core(
     # must not kill the engine before the API process has drained its requests.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    set_process_name(ENGINE_PROCESS_NAME)
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s [engine-core] %(name)s: %(message)s"
     )
-    sys.exit(serve_engine(engine_kwargs, in_addr, out_addr, heartbeat_s, os.getppid()))
+    sys.exit(serve_engine(engine_kwargs, in_addr, out_addr, heartbeat_s, os.getppid(), mock_step_s))
 
 
 def serve_engine(
@@ -52,9 +70,12 @@ def serve_engine(
     out_addr: str,
     heartbeat_s: float,
     parent_pid: int | None,
+    mock_step_s: float | None = None,
 ) -> int:
     """Load the engine, announce it, and run the step loop until SHUTDOWN. Returns the exit
-    status. ``parent_pid`` enables the orphan check (None when run in a thread)."""
+    status. ``parent_pid`` enables the orphan check (None when run in a thread).
+    ``mock_step_s`` replaces the engine by a :class:`~graphrt.serve.mock_engine.MockEngine`
+    stepping at that period (benchmarks of the API side)."""
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.connect(in_addr)
@@ -65,7 +86,12 @@ def serve_engine(
     outbox.connect(out_addr)
     try:
         try:
-            engine = Engine(show_progress=sys.stderr.isatty(), **engine_kwargs)
+            if mock_step_s is not None:
+                from graphrt.serve.mock_engine import MockEngine
+
+                engine = MockEngine(mock_step_s, **engine_kwargs)
+            else:
+                engine = Engine(show_progress=sys.stderr.isatty(), **engine_kwargs)
         except BaseException as e:
             logger.exception("engine failed to start")
             outbox.send(pack([Msg.FATAL, f"engine failed to start: {type(e).__name__}: {e}"]))

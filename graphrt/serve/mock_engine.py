@@ -1,0 +1,217 @@
+"""``MockEngine``: a stand-in for :class:`~graphrt.engine.Engine` inside the engine-core process,
+for measuring the API side without a model or a GPU (``--mock-engine-step-ms``, used by
+``benchmarks/api_capacity.py``).
+
+It loads nothing and computes nothing: every ``step_s`` seconds each running completion gets one
+token (a fixed id-to-word mapping), as a decode step on a real GPU would deliver them, and a
+request finishes after exactly ``max_tokens`` tokens. Everything around it is the real server:
+the engine-core loop, the wire format, the API process(es), HTTP and SSE. Admission is FIFO up
+to ``max_num_seqs`` running completions; KV pages are counted (not allocated), so the engine
+gauges and abort-frees-pages behave as with a real engine. Stop strings, stop ids, EOS,
+``min_tokens`` and penalties are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graphrt.engine import EngineOverloaded, RequestRejected
+from graphrt.request import RequestOutput, TokenLogprob
+from graphrt.sampling_params import SamplingParams
+
+# Words of about four characters, like an average BPE token of English text.
+_WORDS = (" the", " time", " of", " year", " and", " people", " way", " day", " to", " world")
+
+
+@dataclass(slots=True)
+class _MockChoice:
+    """The attributes of :class:`~graphrt.request.CompletionOutput` that the wire format reads."""
+
+    index: int
+    delta_token_ids: list[int]
+    delta_text: str
+    delta_logprobs: list[TokenLogprob] | None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class _Group:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    generated: list[int] = field(default_factory=list)  # per choice
+    pages: int = 0
+
+
+class _Pages:
+    def __init__(self, num_usable: int, page_size: int) -> None:
+        self.num_usable = num_usable
+        self.page_size = page_size
+        self.num_free = num_usable
+
+    @property
+    def num_used(self) -> int:
+        return self.num_usable - self.num_free
+
+
+class _Scheduler:
+    def __init__(self) -> None:
+        self.running: list[_Group] = []
+        self.waiting: list[_Group] = []
+        self.num_preemptions = 0
+
+
+class _Info:
+    """What ``engine_core._engine_info`` reads besides the engine's own attributes."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+class MockEngine:
+    """Duck-types the parts of :class:`~graphrt.engine.Engine` that the engine core uses."""
+
+    def __init__(
+        self,
+        step_s: float,
+        *,
+        model: str | None = None,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_waiting_requests: int = 4096,
+        max_logprobs: int = 20,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        **_ignored: Any,
+    ) -> None:
+        if step_s <= 0:
+            raise ValueError(f"the mock engine's step period must be > 0, got {step_s}")
+        vocab_size, context = 32000, 4096
+        cfg_path = Path(model).expanduser() / "config.json" if model else None
+        if cfg_path is not None and cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text())
+            vocab_size = int(cfg.get("vocab_size", vocab_size))
+            context = int(cfg.get("max_position_embeddings", context))
+        self.step_s = step_s
+        self.model_dir = str(cfg_path.parent) if cfg_path is not None else "mock"
+        self.max_model_len = max_model_len or context
+        self.model_config = _Info(vocab_size=vocab_size)
+        self.config = _Info(max_logprobs=max_logprobs)
+        self.tokenizer = None  # the API process then takes token-id prompts only
+        self.max_num_seqs = max_num_seqs
+        self.max_waiting_requests = max_waiting_requests
+        if num_pages is None:
+            num_pages = max_num_seqs * math.ceil(self.max_model_len / page_size)
+        self.pages = _Pages(num_pages, page_size)
+        self.scheduler = _Scheduler()
+        self.stats = {"steps": 0, "graph_steps": 0, "failed_requests": 0}
+        self._groups: dict[str, _Group] = {}
+        self._next_tick = 0.0
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> str:
+        if request_id in self._groups:
+            raise RequestRejected(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise RequestRejected("the prompt is empty")
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if max_tokens > room or room < 1:
+            raise RequestRejected(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                f"context length of {self.max_model_len} tokens"
+            )
+        waiting = sum(g.params.n for g in self.scheduler.waiting)
+        if waiting + params.n > self.max_waiting_requests:
+            raise EngineOverloaded(f"{waiting} requests already waiting; retry later")
+        group = _Group(request_id, list(prompt_ids), params, max_tokens, [0] * params.n)
+        self._groups[request_id] = group
+        self.scheduler.waiting.append(group)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return False
+        self._release(group)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._groups)
+
+    def kv_usage(self) -> float:
+        return self.pages.num_used / self.pages.num_usable
+
+    def shutdown(self) -> None:
+        for rid in list(self._groups):
+            self.abort(rid)
+
+    def step(self) -> list[RequestOutput]:
+        """Wait for the next tick of the step clock, then give every running completion one
+        token. A late tick is not made up for with a burst: the clock restarts from now."""
+        now = time.perf_counter()
+        if self._next_tick > now:
+            time.sleep(self._next_tick - now)
+            now = self._next_tick
+        self._next_tick = now + self.step_s
+        self._admit()
+        sched = self.scheduler
+        if not sched.running:
+            return []
+        self.stats["steps"] += 1
+        outs = []
+        still = []
+        for g in sched.running:
+            choices = []
+            finished = True
+            for i, done in enumerate(g.generated):
+                if done >= g.max_tokens:
+                    continue
+                pos = len(g.prompt_ids) + done
+                tid = (pos * 7919 + i) % self.model_config.vocab_size
+                lps = None
+                if g.params.logprobs is not None:
+                    lps = [TokenLogprob(tid, -1.0, [(tid, -1.0)] * g.params.logprobs)]
+                g.generated[i] = done = done + 1
+                finish = "length" if done >= g.max_tokens else None
+                finished = finished and finish is not None
+                choices.append(_MockChoice(i, [tid], _WORDS[tid % len(_WORDS)], lps, finish))
+            self._grow(g)
+            outs.append(RequestOutput(g.request_id, None, g.prompt_ids, choices, finished))
+            if finished:
+                self._groups.pop(g.request_id, None)
+                self._release(g, running=False)
+            else:
+                still.append(g)
+        sched.running = still
+        return outs
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _admit(self) -> None:
+        sched = self.scheduler
+        seqs = sum(g.params.n for g in sched.running)
+        while sched.waiting and seqs + sched.waiting[0].params.n <= self.max_num_seqs:
+            g = sched.waiting.pop(0)
+            sched.running.append(g)
+            seqs += g.params.n
+
+    def _grow(self, g: _Group) -> None:
+        ps = self.pages.page_size
+        need = sum(math.ceil((len(g.prompt_ids) + k) / ps) for k in g.generated)
+        self.pages.num_free -= need - g.pages
+        g.pages = need
+
+    def _release(self, g: _Group, running: bool | None = None) -> None:
+        self.pages.num_free += g.pages
+        g.pages = 0
+        sched = self.scheduler
+        if running is not False and g in sched.running:
+            sched.running.remove(g)
+        if g in sched.waiting:
+            sched.waiting.remove(g)
