@@ -60,8 +60,39 @@ class EngineInfo:
     pid: int
 
 
-# An item in a request's queue: (tag chosen by the caller, the output).
+# An item in a request's output box: (tag chosen by the caller, the output).
 QueueItem = tuple[int, OutputDelta]
+
+
+class OutputBox:
+    """Where the reader task drops one HTTP request's outputs, and where its handler waits for
+    them: a list and at most one waiting future. This runs once per token per stream, so it does
+    less than an ``asyncio.Queue`` (no per-item bookkeeping; one wake-up per batch)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[QueueItem] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: QueueItem) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def get_all(self) -> list[QueueItem]:
+        """Everything that has arrived since the last call, waiting for at least one item."""
+        while not self._items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        items, self._items = self._items, []
+        return items
 
 
 class EngineClient:
@@ -94,7 +125,7 @@ class EngineClient:
         self.stats: dict[str, Any] = {}
         self._dead: str | None = None
         self._stopping = False
-        self._sinks: dict[str, tuple[asyncio.Queue[QueueItem], int]] = {}
+        self._sinks: dict[str, tuple[OutputBox, int]] = {}
         self._acks: dict[str, asyncio.Future[None]] = {}
         self._stats_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._stats_seq = 0
@@ -228,7 +259,7 @@ class EngineClient:
         request_id: str,
         prompt_ids: list[int],
         params: dict[str, Any],
-        queue: asyncio.Queue[QueueItem],
+        queue: OutputBox,
         tag: int = 0,
     ) -> asyncio.Future[None]:
         """Send a request to the engine. Its outputs will arrive in ``queue`` as

@@ -18,6 +18,7 @@ from graphrt.serve.engine_client import (
     EngineClient,
     EngineDeadError,
     EngineRejected,
+    OutputBox,
     QueueItem,
 )
 from graphrt.serve.errors import APIError
@@ -45,7 +46,7 @@ class Generation:
         self.metrics = metrics
         self.rids = [f"{base_id}-{i}" for i in range(num_prompts)]
         self.arrival = arrival
-        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue()
+        self.queue = OutputBox()
         self._unfinished = set(range(num_prompts))
         self._first: list[float | None] = [None] * num_prompts
         self._last: list[float] = [arrival] * num_prompts
@@ -83,9 +84,7 @@ class Generation:
         """Yield batches of outputs (all that have arrived since the last batch) until every
         engine request has finished. Raises :class:`GenerationFailed` on an engine error."""
         while self._unfinished:
-            batch = [await self.queue.get()]
-            while not self.queue.empty():
-                batch.append(self.queue.get_nowait())
+            batch = await self.queue.get_all()
             now = time.monotonic()
             # Metrics once per batch, not per output: this loop runs per token.
             progressed: set[int] = set()

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring as _json_str  # json.dumps(str, ensure_ascii=False)
 from typing import Any
 
 from pydantic import ValidationError
@@ -314,6 +315,7 @@ class OpenAIServing:
         # Every chunk of a stream shares its head; JSON-encode it once, not once per token.
         prefix = b"data: " + _dumps(head)[:-1].encode() + b',"choices":['
         suffix = b'],"usage":null}\n\n' if job.include_usage else b"]}\n\n"
+        chat = job.kind == "chat"
         try:
             async for batch in gen.outputs():
                 for idx, c in _merge(batch, job.n).items():
@@ -321,7 +323,10 @@ class OpenAIServing:
                     if ch.finish_reason is not None:
                         continue
                     ch.add(c)
-                    choice = await self._chunk_choice(job, idx, ch, c)
+                    lp = "null"
+                    if job.logprobs is not None and c.logprobs:
+                        lp = _dumps(await self._format_logprobs(job, ch, c.logprobs))
+                    choice = _chunk_choice(chat, idx, ch, c, lp)
                     if job.continuous_usage:
                         usage = _dumps(_usage(job, choices)).encode()
                         yield prefix + choice.encode() + b'],"usage":' + usage + b"}\n\n"
@@ -348,22 +353,6 @@ class OpenAIServing:
         if job.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(job, choices)})
         yield b"data: [DONE]\n\n"
-
-    async def _chunk_choice(self, job: _Job, idx: int, ch: _Choice, c: ChoiceDelta) -> str:
-        """One choice of a stream chunk, as JSON text (built by hand: this runs per token)."""
-        lp = "null"
-        if job.logprobs is not None and c.logprobs:
-            lp = _dumps(await self._format_logprobs(job, ch, c.logprobs))
-        end = f'"logprobs":{lp},"finish_reason":{_dumps(c.finish_reason)},' + (
-            f'"stop_reason":{_dumps(c.stop_reason)}}}'
-        )
-        if job.kind == "chat":
-            role = ""
-            if not ch.sent_role:
-                role = '"role":"assistant",'
-                ch.sent_role = True
-            return f'{{"index":{idx},"delta":{{{role}"content":{_dumps(c.text)}}},{end}'
-        return f'{{"index":{idx},"text":{_dumps(c.text)},{end}'
 
     async def _format_logprobs(
         self, job: _Job, ch: _Choice, lps: list[TokenLogprob]
@@ -657,6 +646,37 @@ def _merge(batch: list[tuple[int, OutputDelta]], n: int) -> dict[int, ChoiceDelt
             if c.finish_reason is not None:
                 m.finish_reason, m.stop_reason = c.finish_reason, c.stop_reason
     return merged
+
+
+# The end of a stream chunk's choice while it is running: no logprobs, not finished.
+_RUNNING_END = '"logprobs":null,"finish_reason":null,"stop_reason":null}'
+
+
+def _chunk_choice(chat: bool, idx: int, ch: _Choice, c: ChoiceDelta, logprobs: str) -> str:
+    """One choice of a stream chunk as JSON text, ``logprobs`` already JSON. Built by hand from
+    constant pieces and the C string encoder: this runs once per token per stream."""
+    if logprobs == "null" and c.finish_reason is None and c.stop_reason is None:
+        end = _RUNNING_END
+    else:
+        end = (
+            f'"logprobs":{logprobs},"finish_reason":{_json_scalar(c.finish_reason)},'
+            f'"stop_reason":{_json_scalar(c.stop_reason)}}}'
+        )
+    if chat:
+        role = ""
+        if not ch.sent_role:
+            role = '"role":"assistant",'
+            ch.sent_role = True
+        return f'{{"index":{idx},"delta":{{{role}"content":{_json_str(c.text)}}},{end}'
+    return f'{{"index":{idx},"text":{_json_str(c.text)},{end}'
+
+
+def _json_scalar(v: str | int | None) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, str):
+        return _json_str(v)
+    return _dumps(v)
 
 
 def _usage(job: _Job, choices: list[_Choice]) -> dict[str, int]:
