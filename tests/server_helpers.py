@@ -50,20 +50,61 @@ def engine_idle_and_kv_full(base_url: str) -> bool:
     )
 
 
-def engine_core_pid(server_pid: int) -> int:
-    """The engine-core child of a server process (a multiprocessing "spawn" child)."""
+def children(pid: int) -> list[tuple[int, str, bytes]]:
+    """(pid, comm, cmdline) of each child of ``pid``."""
+    out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            comm = (entry / "comm").read_text().strip()
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == server_pid and b"spawn_main" in cmdline:
-            return int(entry.name)
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append((int(entry.name), comm, cmdline))
+    return out
+
+
+def engine_core_pid(server_pid: int) -> int:
+    """The engine-core child of a server process (named ``graphrt-engine``; with several API
+    processes the server process is their supervisor and the engine core's parent)."""
+    for pid, comm, _ in children(server_pid):
+        if comm == "graphrt-engine":
+            return pid
     raise LookupError(f"no engine-core child of pid {server_pid}")
+
+
+def api_server_pids(server_pid: int) -> list[int]:
+    """The API processes under a supervisor (``--api-server-count`` > 1)."""
+    return sorted(pid for pid, comm, _ in children(server_pid) if comm.startswith("graphrt-api-"))
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has a TCP socket listening on ``port`` (Linux /proc)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    inodes = set()
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port and f[9] in inodes:
+                return True
+    return False
 
 
 def pid_alive(pid: int) -> bool:

@@ -169,3 +169,42 @@ def test_mock_engine_paces_tokens_and_counts_pages() -> None:
     assert eng.pages.num_free < eng.pages.num_usable
     assert eng.abort("b") and not eng.has_unfinished()
     assert eng.pages.num_free == eng.pages.num_usable and eng.kv_usage() == 0.0
+
+
+def test_api_server_count_default_and_validation() -> None:
+    from graphrt.serve.config import default_api_server_count
+
+    assert [default_api_server_count(c) for c in (1, 2, 7, 8, 12, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
+    assert ServerConfig(api_server_count=3).num_api_servers == 3
+    assert ServerConfig().num_api_servers >= 1
+    with pytest.raises(ValueError, match="engine_mode"):
+        ServerConfig(api_server_count=2, engine_mode="thread")
+    with pytest.raises(ValueError, match="api_server_count"):
+        ServerConfig(api_server_count=0)
+    server, _ = parse_args(["--api-server-count", "2", "--max-concurrent-requests", "5"])
+    assert server.api_server_count == 2
+
+
+def test_output_box_hands_over_batches() -> None:
+    import asyncio
+
+    from graphrt.serve.engine_client import OutputBox
+
+    async def run() -> list[list]:
+        box = OutputBox()
+        got = []
+
+        async def reader() -> None:
+            while len(got) < 2:
+                got.append(await box.get_all())
+
+        task = asyncio.create_task(reader())
+        await asyncio.sleep(0)
+        box.put_nowait((0, "a"))
+        await asyncio.sleep(0)
+        box.put_nowait((0, "b"))
+        box.put_nowait((1, "c"))
+        await task
+        return got
+
+    assert asyncio.run(run()) == [[(0, "a")], [(0, "b"), (1, "c")]]

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 
 from graphrt.config import EngineConfig
 from graphrt.serve.config import ServerConfig
-from graphrt.serve.engine_client import EngineClient, EngineInfo
+from graphrt.serve.engine_client import EngineClient, EngineInfo, EnginePipes
 from graphrt.serve.errors import APIError, error_body, failure_reason
 from graphrt.serve.metrics import ServerMetrics
 from graphrt.serve.middleware import APIKeyMiddleware, BodyLimitMiddleware
@@ -39,11 +39,23 @@ def served_model_name(server: ServerConfig, engine: EngineConfig) -> str:
     return DEFAULT_MODEL_NAME
 
 
-def build_app(server: ServerConfig, engine: EngineConfig) -> FastAPI:
+def build_app(
+    server: ServerConfig,
+    engine: EngineConfig,
+    *,
+    pipes: EnginePipes | None = None,
+    rank: int = 0,
+    engine_pid: int | None = None,
+) -> FastAPI:
     """The OpenAI-compatible app. Its lifespan starts the engine process and stops it (after
-    uvicorn has drained the in-flight requests)."""
+    uvicorn has drained the in-flight requests).
+
+    One of several API processes (``server.api_server_count`` > 1) is given the shared
+    ``pipes``, its ``rank`` (its pipe pair) and the pid of the engine core the supervisor
+    started: its lifespan then attaches to that engine instead."""
     name = served_model_name(server, engine)
-    metrics = ServerMetrics(name)
+    num_servers = server.api_server_count or 1
+    metrics = ServerMetrics(name, api_server=rank, multiprocess=num_servers > 1)
     serving = OpenAIServing(server, name, metrics)
 
     @asynccontextmanager
@@ -58,6 +70,9 @@ def build_app(server: ServerConfig, engine: EngineConfig) -> FastAPI:
                 if server.mock_engine_step_ms is not None
                 else None
             ),
+            pipes=pipes,
+            index=rank,
+            engine_pid=engine_pid,
         )
         # Import transformers while the engine process loads the model.
         warm = asyncio.create_task(asyncio.to_thread(importlib.import_module, "transformers"))
@@ -71,7 +86,8 @@ def build_app(server: ServerConfig, engine: EngineConfig) -> FastAPI:
             # rescanning it on every collection, which the per-token path triggers often.
             gc.collect()
             gc.freeze()
-            logger.info("serving %r on http://%s:%d", name, server.host, server.port)
+            which = f" (API process {rank + 1} of {num_servers})" if num_servers > 1 else ""
+            logger.info("serving %r on http://%s:%d%s", name, server.host, server.port, which)
             yield
         finally:
             await client.shutdown()

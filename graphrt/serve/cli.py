@@ -1,12 +1,15 @@
-"""``python -m graphrt.serve``: parse flags, bind the socket, run uvicorn."""
+"""``python -m graphrt.serve``: parse flags, bind the socket, run uvicorn (or, with several API
+processes, the supervisor in :mod:`graphrt.serve.api_servers`)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import socket
 import sys
+from typing import Any
 
 from graphrt.config import EngineConfig
 from graphrt.serve.config import ServerConfig
@@ -37,11 +40,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, EngineConfi
         raise  # unreachable: parser.error exits
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind before the model loads, so a taken port fails in a second, not after a minute."""
+def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """Bind before the model loads, so a taken port fails in a second, not after a minute.
+
+    ``reuse_port``: SO_REUSEPORT, so that several API processes can each bind and listen on the
+    same port and the kernel spreads new connections across them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        if not hasattr(socket, "SO_REUSEPORT"):
+            sock.close()
+            raise SystemExit("--api-server-count > 1 needs SO_REUSEPORT (Linux)")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -49,6 +60,34 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise SystemExit(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def uvicorn_config(app: Any, server: ServerConfig) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        log_level=server.log_level,
+        # uvicorn drains in-flight requests on SIGTERM for at most this long, then cancels them
+        # (which aborts them in the engine), then runs the lifespan shutdown.
+        timeout_graceful_shutdown=server.drain_timeout,
+        timeout_keep_alive=5,
+        access_log=False,
+        lifespan="on",
+        server_header=False,
+    )
+
+
+def warn_slow_paths() -> None:
+    """uvicorn falls back to pure-Python HTTP and event loop when these are missing."""
+    missing = [m for m in ("uvloop", "httptools") if importlib.util.find_spec(m) is None]
+    if missing:
+        logger.warning(
+            "%s not installed: the API process spends more CPU on every streamed token "
+            "(pip install %s)",
+            " and ".join(missing),
+            " ".join(missing),
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,6 +101,13 @@ def main(argv: list[str] | None = None) -> None:
             "the model (set --api-key or GRAPHRT_API_KEY)",
             server.host,
         )
+    warn_slow_paths()
+    server = dataclasses.replace(server, api_server_count=server.num_api_servers)
+    if server.api_server_count > 1:
+        from graphrt.serve.api_servers import run_supervisor
+
+        sys.exit(run_supervisor(server, engine))
+
     import uvicorn
 
     from graphrt.serve.app import build_app
@@ -70,18 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     # --port 0 picks a free port; log and report the real one.
     server = dataclasses.replace(server, port=sock.getsockname()[1])
     app = build_app(server, engine)
-    config = uvicorn.Config(
-        app,
-        log_level=server.log_level,
-        # uvicorn drains in-flight requests on SIGTERM for at most this long, then cancels them
-        # (which aborts them in the engine), then runs the lifespan shutdown.
-        timeout_graceful_shutdown=server.drain_timeout,
-        timeout_keep_alive=5,
-        access_log=False,
-        lifespan="on",
-        server_header=False,
-    )
-    uv = uvicorn.Server(config)
+    uv = uvicorn.Server(uvicorn_config(app, server))
     uv.run(sockets=[sock])
     if not uv.started:  # the lifespan failed (e.g. the model did not load)
         sys.exit(1)

@@ -35,6 +35,10 @@ _HELP: dict[str, str] = {
     "log_level": "logging level",
     "engine_mode": "'process': the engine loop in its own process (the design); 'thread': in a "
     "thread of the API process, where HTTP work competes with it for the GIL (for measurement)",
+    "api_server_count": "API processes (HTTP, JSON, SSE) sharing the port through SO_REUSEPORT, "
+    "all feeding the one engine process; one process sends about 1e6 / (its CPU µs per chunk) "
+    "stream chunks per second (benchmarks/api_capacity.py measures it). Default: 1 below 8 CPUs, "
+    "else one per 4 CPUs, at most 4",
     "mock_engine_step_ms": "benchmarks only (benchmarks/api_capacity.py): load no model; a mock "
     "engine gives every running request one token per this many ms, to measure the API side "
     "alone (token-id prompts only)",
@@ -70,6 +74,7 @@ class ServerConfig:
     engine_heartbeat_timeout: float = 30.0
     log_level: str = "info"
     engine_mode: str = "process"
+    api_server_count: int | None = None
     mock_engine_step_ms: float | None = None
 
     def __post_init__(self) -> None:
@@ -93,6 +98,10 @@ class ServerConfig:
         _check_float("drain_timeout", self.drain_timeout, 0.0, 86400.0)
         _check_float("engine_start_timeout", self.engine_start_timeout, 1.0, 86400.0)
         _check_float("engine_heartbeat_timeout", self.engine_heartbeat_timeout, 0.5, 86400.0)
+        if self.api_server_count is not None:
+            _check_int("api_server_count", self.api_server_count, 1, 64)
+            if self.api_server_count > 1 and self.engine_mode != "process":
+                raise ValueError("api_server_count > 1 needs engine_mode='process'")
         if self.mock_engine_step_ms is not None:
             _check_float("mock_engine_step_ms", self.mock_engine_step_ms, 0.01, 60000.0)
         for name, choices in _CHOICES.items():
@@ -100,6 +109,13 @@ class ServerConfig:
                 raise ValueError(
                     f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}"
                 )
+
+    @property
+    def num_api_servers(self) -> int:
+        """``api_server_count``, or the default for this machine's CPUs when it is None."""
+        if self.api_server_count is not None:
+            return self.api_server_count
+        return default_api_server_count(available_cpus())
 
     @property
     def is_loopback(self) -> bool:
@@ -153,7 +169,29 @@ _FLAG_TYPES: dict[str, type] = {
     "engine_start_timeout": float,
     "engine_heartbeat_timeout": float,
     "mock_engine_step_ms": float,
+    "api_server_count": int,
 }
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_api_server_count(cpus: int) -> int:
+    """1 below 8 CPUs, else one API process per 4 CPUs, at most 4.
+
+    The engine process needs a core of its own (scheduler and launcher threads), a streaming
+    load generator on the same host needs several, and an API process at full load takes one.
+    Small machines keep the single process: a second one would only compete with the engine
+    for the same cores. 4 processes leave each under a third of a core at the issue's load (64
+    streams, a token each per 1.8 ms: about 36k chunks/s; benchmarks/RESULTS.md, Serving)."""
+    if cpus < 8:
+        return 1
+    return min(4, cpus // 4)
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:

@@ -1,9 +1,14 @@
-"""``EngineClient``: the API process's handle on the engine-core process.
+"""``EngineClient``: an API process's handle on the engine-core process.
 
-It starts the engine core (``multiprocessing`` "spawn"), binds the two ZMQ pipes in a private
-temporary directory, and runs one reader task that routes each step's outputs to the queue of
-the HTTP request that owns them. It also watches the process: when it exits, every pending
-request is failed at once (nothing waits forever) and :meth:`health_problem` says why.
+It binds its two ZMQ pipes in a private temporary directory, starts the engine core
+(``multiprocessing`` "spawn") unless another process does, and runs one reader task that routes
+each step's outputs to the output box of the HTTP request that owns them. It also watches the
+engine process: when it exits, every pending request is failed at once (nothing waits forever)
+and :meth:`health_problem` says why.
+
+With several API processes (``--api-server-count``), :class:`EnginePipes` names one pipe pair
+per process; the supervisor's client starts the engine core with all of them, and each API
+process's client attaches to its own pair and watches the engine by its pid.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from graphrt.serve.ipc import Msg, OutputDelta, RejectKind, decode_output, pack,
 
 logger = logging.getLogger(__name__)
 
-# Longest path a Unix socket address may have (sun_path), less the "/out" suffix.
+# Longest path a Unix socket address may have (sun_path), less the "/outNN" suffix.
 _MAX_SOCKET_DIR_LEN = 100
 HEARTBEAT_S = 1.0
 
@@ -58,6 +63,28 @@ class EngineInfo:
     page_size: int
     has_tokenizer: bool
     pid: int
+
+
+@dataclass(frozen=True)
+class EnginePipes:
+    """The ipc addresses of ``count`` pipe pairs between API processes and the engine core, in
+    one private directory: pair ``i`` is ``in{i}`` (to the core) and ``out{i}`` (back)."""
+
+    directory: str
+    count: int
+
+    @classmethod
+    def create(cls, count: int) -> EnginePipes:
+        return cls(_private_socket_dir(), count)
+
+    def in_addr(self, i: int) -> str:
+        return f"ipc://{self.directory}/in{i}"
+
+    def out_addr(self, i: int) -> str:
+        return f"ipc://{self.directory}/out{i}"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 # An item in a request's output box: (tag chosen by the caller, the output).
@@ -96,7 +123,7 @@ class OutputBox:
 
 
 class EngineClient:
-    """Starts, feeds, watches and stops one engine-core process.
+    """Starts (or attaches to), feeds, watches and stops the engine-core process.
 
     Use from a single asyncio event loop: :meth:`start`, then :meth:`add`/:meth:`abort` per
     request, :meth:`shutdown` at the end.
@@ -110,21 +137,32 @@ class EngineClient:
         log_level: int = logging.INFO,
         in_thread: bool = False,
         mock_step_s: float | None = None,
+        pipes: EnginePipes | None = None,
+        index: int = 0,
+        engine_pid: int | None = None,
     ) -> None:
         """``in_thread`` runs the engine loop on a thread of this process instead of its own
         process: the same messages over the same sockets, for measuring what the separate
         process buys (HTTP work then competes with the scheduler for the GIL). ``mock_step_s``
         runs a :class:`~graphrt.serve.mock_engine.MockEngine` (no model) that gives each running
-        request one token per period, for measuring the API side alone."""
+        request one token per period, for measuring the API side alone.
+
+        ``pipes`` and ``index``: this client's pipe pair among several. Without ``pipes`` the
+        client makes (and removes) its own single pair. ``engine_pid`` *attaches* to an engine
+        core that another process started (with the same ``pipes``): the client starts
+        nothing, never stops the engine, and watches that pid to notice its exit."""
         self.engine_config = engine_config
         self.in_thread = in_thread
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.log_level = log_level
         self.mock_step_s = mock_step_s
+        self.attached = engine_pid is not None
+        self.engine_pid = engine_pid
         self.info: EngineInfo | None = None
         self.stats: dict[str, Any] = {}
         self._dead: str | None = None
         self._stopping = False
+        self._closed = False
         self._sinks: dict[str, tuple[OutputBox, int]] = {}
         self._acks: dict[str, asyncio.Future[None]] = {}
         self._stats_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -132,7 +170,10 @@ class EngineClient:
         self._last_seen = time.monotonic()
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._thread: threading.Thread | None = None
-        self._tmpdir: str | None = None
+        self._pipes = pipes
+        self._own_pipes = pipes is None
+        self._index = index
+        self._pidfd: int | None = None
         self._sctx: zmq.Context | None = None
         self._actx: zmq.asyncio.Context | None = None
         self._tx: zmq.Socket | None = None
@@ -144,47 +185,57 @@ class EngineClient:
 
     # ---- lifecycle --------------------------------------------------------------------------
     async def start(self, timeout_s: float) -> EngineInfo:
-        """Spawn the engine core and wait until its model has loaded."""
+        """Spawn the engine core (or attach to it) and wait until its model has loaded."""
+        self.launch()
+        return await self.wait_ready(timeout_s)
+
+    def launch(self) -> int | None:
+        """Bind this client's pipes and start the engine core, or, attached, watch it. Returns
+        the engine process's pid (None when it runs in a thread). Call from the event loop."""
         self._loop = loop = asyncio.get_running_loop()
-        self._tmpdir = _private_socket_dir()
-        in_addr = f"ipc://{self._tmpdir}/in"
-        out_addr = f"ipc://{self._tmpdir}/out"
+        if self._pipes is None:
+            self._pipes = EnginePipes.create(1)
+        pipes, i = self._pipes, self._index
         self._sctx = zmq.Context()
         self._tx = self._sctx.socket(zmq.PUSH)
         # Sends never block the event loop; the engine core drains its inbox every step.
         self._tx.setsockopt(zmq.SNDHWM, 0)
         self._tx.setsockopt(zmq.LINGER, 0)
-        self._tx.bind(in_addr)
+        self._tx.bind(pipes.in_addr(i))
         self._actx = zmq.asyncio.Context()
         self._rx = self._actx.socket(zmq.PULL)
         self._rx.setsockopt(zmq.RCVHWM, 0)
         self._rx.setsockopt(zmq.LINGER, 0)
-        self._rx.bind(out_addr)
+        self._rx.bind(pipes.out_addr(i))
         self._ready = loop.create_future()
         self._exited = asyncio.Event()
+        self._reader = asyncio.create_task(self._read_loop(), name="graphrt-engine-reader")
+        if self.attached:
+            self._watch_pid(self.engine_pid)
+            return self.engine_pid
         engine_kwargs = {
             f.name: getattr(self.engine_config, f.name) for f in fields(self.engine_config)
         }
+        in_addrs = [pipes.in_addr(k) for k in range(pipes.count)]
+        out_addrs = [pipes.out_addr(k) for k in range(pipes.count)]
         if self.in_thread:
-            self._start_thread(engine_kwargs, in_addr, out_addr)
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            self._proc = ctx.Process(
-                target=run_engine_core,
-                args=(
-                    engine_kwargs,
-                    in_addr,
-                    out_addr,
-                    HEARTBEAT_S,
-                    self.log_level,
-                    self.mock_step_s,
-                ),
-                name="graphrt-engine-core",
-                daemon=True,
-            )
-            self._proc.start()
-            loop.add_reader(self._proc.sentinel, self._on_process_exit)
-        self._reader = asyncio.create_task(self._read_loop(), name="graphrt-engine-reader")
+            self._start_thread(engine_kwargs, in_addrs, out_addrs)
+            return None
+        ctx = multiprocessing.get_context("spawn")
+        args = (engine_kwargs, in_addrs, out_addrs, HEARTBEAT_S, self.log_level, self.mock_step_s)
+        self._proc = ctx.Process(
+            target=run_engine_core,
+            args=args,
+            name="graphrt-engine-core",
+            daemon=True,
+        )
+        self._proc.start()
+        loop.add_reader(self._proc.sentinel, self._on_process_exit)
+        self.engine_pid = self._proc.pid
+        return self.engine_pid
+
+    async def wait_ready(self, timeout_s: float) -> EngineInfo:
+        """Wait until the engine core has loaded its model (after :meth:`launch`)."""
         try:
             self.info = await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
         except asyncio.TimeoutError:
@@ -200,14 +251,16 @@ class EngineClient:
         )
         return self.info
 
-    def _start_thread(self, engine_kwargs: dict[str, Any], in_addr: str, out_addr: str) -> None:
+    def _start_thread(
+        self, engine_kwargs: dict[str, Any], in_addrs: list[str], out_addrs: list[str]
+    ) -> None:
         loop = self._loop
 
         def target() -> None:
             code = 1
             try:
                 code = serve_engine(
-                    engine_kwargs, in_addr, out_addr, HEARTBEAT_S, None, self.mock_step_s
+                    engine_kwargs, in_addrs, out_addrs, HEARTBEAT_S, None, self.mock_step_s
                 )
             finally:
                 loop.call_soon_threadsafe(self._on_worker_exit, code)
@@ -215,10 +268,38 @@ class EngineClient:
         self._thread = threading.Thread(target=target, name="graphrt-engine-core", daemon=True)
         self._thread.start()
 
+    def _watch_pid(self, pid: int) -> None:
+        """Notice the exit of an engine process that is not our child (Linux pidfd). Without
+        pidfd, only the heartbeat tells: /health turns 503 after the heartbeat timeout."""
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError) as e:
+            if isinstance(e, ProcessLookupError):
+                self._on_worker_exit(None)
+                return
+            logger.warning("cannot watch the engine process (%s); relying on its heartbeat", e)
+            return
+        self._loop.add_reader(self._pidfd, self._on_pidfd_exit)
+
+    def _on_pidfd_exit(self) -> None:
+        self._close_pidfd()
+        self._on_worker_exit(None)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
     async def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Stop the engine core (politely, then by force) and release every resource."""
+        """Stop the engine core (politely, then by force) and release every resource. Attached,
+        only release this client's resources: the engine's owner stops it."""
+        if self._closed:
+            return
         proc = self._proc
         self._stopping = True
+        if self._loop is not None:
+            self._close_pidfd()
         if self._thread is not None and self._thread.is_alive():
             if self._dead is None:
                 self._send([Msg.SHUTDOWN])
@@ -249,9 +330,10 @@ class EngineClient:
         for ctx in (self._sctx, self._actx):
             if ctx is not None:
                 ctx.term()
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
+        if self._own_pipes and self._pipes is not None:
+            self._pipes.remove()
+            self._pipes = None
+        self._closed = True
 
     # ---- requests ---------------------------------------------------------------------------
     def add(
@@ -390,10 +472,12 @@ class EngineClient:
         self._on_worker_exit(code)
 
     def _on_worker_exit(self, code: int | None) -> None:
+        """``code`` is None when the engine is not our child (its status is its parent's)."""
         self._exited.set()
+        how = "" if code is None else f" (exit code {code})"
         if self._dead is None and not self._stopping:
-            logger.error("engine core exited unexpectedly (exit code %s)", code)
-        self._mark_dead(f"engine process exited (exit code {code})")
+            logger.error("engine core exited unexpectedly%s", how)
+        self._mark_dead(f"engine process exited{how}")
 
     def _mark_dead(self, reason: str) -> None:
         """Fail everything pending; later requests are refused with ``reason``."""

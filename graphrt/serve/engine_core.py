@@ -2,10 +2,15 @@
 else.
 
 The API process (HTTP, JSON, tokenization, SSE) lives elsewhere so none of that work competes
-with the scheduler for the GIL. Between steps the loop drains its inbox (adds, aborts, stats
-queries) without blocking, then steps and ships the step's outputs as one message. When there is
-nothing to run it blocks on the inbox, waking every ``heartbeat_s`` to send stats, which the API
-process treats as a heartbeat (see :mod:`graphrt.serve.ipc` for the messages).
+with the scheduler for the GIL. Between steps the loop drains its inboxes (adds, aborts, stats
+queries) without blocking, then steps and ships the step's outputs as one message per API
+process. When there is nothing to run it blocks on the inboxes, waking every ``heartbeat_s`` to
+send stats, which the API processes treat as a heartbeat (see :mod:`graphrt.serve.ipc` for the
+messages).
+
+Several API processes (``--api-server-count``) may share one engine core: each has its own pair
+of pipes, and the core routes each request's acks and outputs back through the pair its ADD
+came in on. Pair 0 belongs to the process that started the core, which alone sends SHUTDOWN.
 """
 
 from __future__ import annotations
@@ -45,14 +50,14 @@ def set_process_name(name: str) -> None:
 
 def run_engine_core(
     engine_kwargs: dict[str, Any],
-    in_addr: str,
-    out_addr: str,
+    in_addrs: list[str],
+    out_addrs: list[str],
     heartbeat_s: float,
     log_level: int,
     mock_step_s: float | None = None,
 ) -> None:
     """Process entry point (a ``multiprocessing`` "spawn" target). Exits with status 0 after a
-    SHUTDOWN message, 1 after a fatal error, 2 when the API process has gone."""
+    SHUTDOWN message, 1 after a fatal error, 2 when the process that started it has gone."""
     # The API process owns the lifecycle: a Ctrl-C or SIGTERM sent to the whole process group
     # must not kill the engine before the API process has drained its requests.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -61,29 +66,42 @@ def run_engine_core(
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s [engine-core] %(name)s: %(message)s"
     )
-    sys.exit(serve_engine(engine_kwargs, in_addr, out_addr, heartbeat_s, os.getppid(), mock_step_s))
+    sys.exit(
+        serve_engine(engine_kwargs, in_addrs, out_addrs, heartbeat_s, os.getppid(), mock_step_s)
+    )
 
 
 def serve_engine(
     engine_kwargs: dict[str, Any],
-    in_addr: str,
-    out_addr: str,
+    in_addrs: list[str],
+    out_addrs: list[str],
     heartbeat_s: float,
     parent_pid: int | None,
     mock_step_s: float | None = None,
 ) -> int:
-    """Load the engine, announce it, and run the step loop until SHUTDOWN. Returns the exit
-    status. ``parent_pid`` enables the orphan check (None when run in a thread).
+    """Load the engine, announce it to every API process (one pipe pair each: ``in_addrs[i]``,
+    ``out_addrs[i]``), and run the step loop until SHUTDOWN. Returns the exit status.
+    ``parent_pid`` enables the orphan check (None when run in a thread).
     ``mock_step_s`` replaces the engine by a :class:`~graphrt.serve.mock_engine.MockEngine`
     stepping at that period (benchmarks of the API side)."""
     ctx = zmq.Context()
-    inbox = ctx.socket(zmq.PULL)
-    inbox.connect(in_addr)
-    outbox = ctx.socket(zmq.PUSH)
-    # Unbounded: a slow API process must never block a step; the orphan check ends us if it
-    # has gone away for good.
-    outbox.setsockopt(zmq.SNDHWM, 0)
-    outbox.connect(out_addr)
+    inboxes, outboxes = [], []
+    for in_addr, out_addr in zip(in_addrs, out_addrs, strict=True):
+        inbox = ctx.socket(zmq.PULL)
+        inbox.connect(in_addr)
+        inboxes.append(inbox)
+        outbox = ctx.socket(zmq.PUSH)
+        # Unbounded: a slow API process must never block a step; the orphan check ends us if
+        # the process that started us has gone away for good.
+        outbox.setsockopt(zmq.SNDHWM, 0)
+        outbox.connect(out_addr)
+        outboxes.append(outbox)
+
+    def broadcast(msg: list[Any]) -> None:
+        data = pack(msg)
+        for outbox in outboxes:
+            outbox.send(data)
+
     try:
         try:
             if mock_step_s is not None:
@@ -94,20 +112,22 @@ def serve_engine(
                 engine = Engine(show_progress=sys.stderr.isatty(), **engine_kwargs)
         except BaseException as e:
             logger.exception("engine failed to start")
-            outbox.send(pack([Msg.FATAL, f"engine failed to start: {type(e).__name__}: {e}"]))
+            broadcast([Msg.FATAL, f"engine failed to start: {type(e).__name__}: {e}"])
             return 1
         if parent_pid is not None:  # own process: the model and its state live until exit
             gc.collect()
             gc.freeze()
         try:
-            outbox.send(pack([Msg.READY, _engine_info(engine)]))
-            return EngineCore(engine, inbox, outbox, heartbeat_s, parent_pid).run()
+            broadcast([Msg.READY, _engine_info(engine)])
+            return EngineCore(engine, inboxes, outboxes, heartbeat_s, parent_pid).run()
         finally:
             engine.shutdown()
     finally:
         # Give a last FATAL message a moment to leave before the sockets go.
-        inbox.close(linger=0)
-        outbox.close(linger=2000)
+        for inbox in inboxes:
+            inbox.close(linger=0)
+        for outbox in outboxes:
+            outbox.close(linger=2000)
         ctx.term()
 
 
@@ -126,86 +146,116 @@ def _engine_info(engine: Engine) -> dict[str, Any]:
 
 
 class EngineCore:
-    """The step loop: inbox, step, outbox, repeat."""
+    """The step loop: inboxes, step, outboxes, repeat."""
 
     def __init__(
         self,
         engine: Engine,
-        inbox: zmq.Socket,
-        outbox: zmq.Socket,
+        inboxes: list[zmq.Socket],
+        outboxes: list[zmq.Socket],
         heartbeat_s: float,
         parent_pid: int | None,
     ) -> None:
         self.engine = engine
-        self.inbox = inbox
-        self.outbox = outbox
+        self.inboxes = inboxes
+        self.outboxes = outboxes
         self.heartbeat_s = heartbeat_s
         self.parent_pid = parent_pid
         self._stop = False
         # The engine plans one step ahead; after the last request finishes, one more step
         # consumes the step still in flight.
         self._flush_pending = False
-        self._last_sent = 0.0
+        # Which API process (pipe pair) each unfinished request came from.
+        self._owner: dict[str, int] = {}
+        self._last_sent = [0.0] * len(outboxes)
 
     def run(self) -> int:
         poller = zmq.Poller()
-        poller.register(self.inbox, zmq.POLLIN)
+        for inbox in self.inboxes:
+            poller.register(inbox, zmq.POLLIN)
+        index = {inbox: i for i, inbox in enumerate(self.inboxes)}
         while True:
             busy = self.engine.has_unfinished() or self._flush_pending
             timeout_ms = 0 if busy else int(self.heartbeat_s * 1000)
-            if poller.poll(timeout_ms):
-                self._drain_inbox()
+            for sock, _ in poller.poll(timeout_ms):
+                self._drain_inbox(index[sock])
             if self._stop:
                 return 0
             if busy or self.engine.has_unfinished():
                 try:
                     self._step()
                 except Exception as e:
-                    # Engine state can no longer be trusted: report, and let the API process
-                    # fail what is in flight and mark itself unhealthy.
+                    # Engine state can no longer be trusted: report, and let the API processes
+                    # fail what is in flight and mark themselves unhealthy.
                     logger.exception("engine step failed")
-                    self._send([Msg.FATAL, f"engine step failed: {type(e).__name__}: {e}"])
+                    for i in range(len(self.outboxes)):
+                        self._send(i, [Msg.FATAL, f"engine step failed: {type(e).__name__}: {e}"])
                     return 1
             elif self.parent_pid is not None and os.getppid() != self.parent_pid:
-                logger.error("API process is gone; exiting")
+                logger.error("the process that started the engine core is gone; exiting")
                 return 2
-            if time.monotonic() - self._last_sent >= self.heartbeat_s:
-                self._send_stats(None)
+            now = time.monotonic()
+            stale = [i for i, t in enumerate(self._last_sent) if now - t >= self.heartbeat_s]
+            if stale:
+                stats = self._stats()
+                for i in stale:
+                    self._send(i, [Msg.STATS_REPLY, None, stats])
 
     def _step(self) -> None:
         outs = self.engine.step()
         self._flush_pending = self.engine.has_unfinished()
-        if outs:
-            self._send([Msg.OUTPUTS, [encode_output(o) for o in outs]])
+        if not outs:
+            return
+        owner = self._owner
+        if len(self.outboxes) == 1:
+            for o in outs:
+                if o.finished:
+                    owner.pop(o.request_id, None)
+            self._send(0, [Msg.OUTPUTS, [encode_output(o) for o in outs]])
+            return
+        # One message per API process per step, holding only its own requests' outputs.
+        per_client: dict[int, list[list[Any]]] = {}
+        for o in outs:
+            i = owner.pop(o.request_id, None) if o.finished else owner.get(o.request_id)
+            if i is None:
+                logger.debug("output for unknown request %s dropped", o.request_id)
+                continue
+            per_client.setdefault(i, []).append(encode_output(o))
+        for i, encoded in per_client.items():
+            self._send(i, [Msg.OUTPUTS, encoded])
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self, client: int) -> None:
+        inbox = self.inboxes[client]
         acks: list[list[Any]] = []
         while True:
             try:
-                raw = self.inbox.recv(zmq.NOBLOCK)
+                raw = inbox.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
             try:
                 msg = unpack(raw)
                 tag = msg[0]
                 if tag == Msg.ADD:
-                    acks.append([msg[1], self._add(msg[1], msg[2], msg[3])])
+                    acks.append([msg[1], self._add(client, msg[1], msg[2], msg[3])])
                 elif tag == Msg.ABORT:
                     for rid in msg[1]:
                         self.engine.abort(rid)
+                        self._owner.pop(rid, None)
                 elif tag == Msg.STATS:
-                    self._send_stats(msg[1])
+                    self._send(client, [Msg.STATS_REPLY, msg[1], self._stats()])
                 elif tag == Msg.SHUTDOWN:
                     self._stop = True
                 else:
                     logger.error("unknown message tag %r", tag)
             except Exception:
-                logger.exception("bad message from the API process")
+                logger.exception("bad message from API process %d", client)
         if acks:
             # Before stepping, so a rejection reaches the client without waiting on a step.
-            self._send([Msg.ACKS, acks])
+            self._send(client, [Msg.ACKS, acks])
 
-    def _add(self, rid: str, prompt_ids: list[int], params: dict[str, Any]) -> list | None:
+    def _add(
+        self, client: int, rid: str, prompt_ids: list[int], params: dict[str, Any]
+    ) -> list | None:
         try:
             self.engine.add_request(rid, prompt_ids, SamplingParams(**params))
         except EngineOverloaded as e:
@@ -215,11 +265,12 @@ class EngineCore:
         except Exception as e:
             logger.exception("adding request %s failed", rid)
             return [RejectKind.ERROR, f"{type(e).__name__}: {e}"]
+        self._owner[rid] = client
         return None
 
-    def _send_stats(self, seq: int | None) -> None:
+    def _stats(self) -> dict[str, Any]:
         e = self.engine
-        stats = {
+        return {
             "running": len(e.scheduler.running),
             "waiting": len(e.scheduler.waiting),
             "kv_usage": e.kv_usage(),
@@ -229,8 +280,7 @@ class EngineCore:
             "steps": e.stats.get("steps", 0),
             "failed_requests": e.stats.get("failed_requests", 0),
         }
-        self._send([Msg.STATS_REPLY, seq, stats])
 
-    def _send(self, msg: list[Any]) -> None:
-        self.outbox.send(pack(msg))
-        self._last_sent = time.monotonic()
+    def _send(self, client: int, msg: list[Any]) -> None:
+        self.outboxes[client].send(pack(msg))
+        self._last_sent[client] = time.monotonic()

@@ -1,8 +1,17 @@
 """Prometheus metrics of one server, in their own registry (so several apps, e.g. in tests, never
-share counters)."""
+share counters).
+
+With several API processes (``--api-server-count``) each process records its own requests, and
+prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor before
+the API processes start) merges them on every scrape, whichever process answers: counters and
+histograms (TTFT, ITL, E2E) are summed over the processes, requests in flight are summed over
+the live ones, and the engine gauges come from the engine's stats as fetched by the process
+answering the scrape.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prometheus_client import (
@@ -13,6 +22,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -41,36 +52,53 @@ class ServerMetrics:
     """Every metric the server exports. Engine-side gauges are refreshed from the engine's
     stats just before each scrape."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, api_server: int = 0, multiprocess: bool = False) -> None:
+        """``multiprocess``: one of several API processes; needs ``PROMETHEUS_MULTIPROC_DIR`` set
+        before prometheus_client was first imported."""
+        if multiprocess and not os.environ.get(MULTIPROC_DIR_ENV):
+            raise RuntimeError(f"multiprocess metrics need {MULTIPROC_DIR_ENV}")
+        self.multiprocess = multiprocess
         self.registry = r = CollectorRegistry()
         labels = ["model_name"]
         self._model = model_name
+        # Engine gauges: the value set last, by the process answering the scrape.
+        recent = {"multiprocess_mode": "mostrecent"}
         self.running = Gauge(
-            "graphrt_num_requests_running", "Sequences running in the engine", labels, registry=r
-        )
+            "graphrt_num_requests_running", "Sequences running in the engine", labels, registry=r,
+            **recent,
+        )  # fmt: skip
         self.waiting = Gauge(
-            "graphrt_num_requests_waiting", "Sequences waiting in the engine", labels, registry=r
-        )
+            "graphrt_num_requests_waiting", "Sequences waiting in the engine", labels, registry=r,
+            **recent,
+        )  # fmt: skip
         self.kv_usage = Gauge(
-            "graphrt_kv_cache_usage_perc", "Fraction of usable KV pages in use", labels, registry=r
-        )
+            "graphrt_kv_cache_usage_perc", "Fraction of usable KV pages in use", labels,
+            registry=r, **recent,
+        )  # fmt: skip
         self.kv_free = Gauge(
-            "graphrt_kv_cache_free_pages", "KV pages free in the allocator", labels, registry=r
-        )
+            "graphrt_kv_cache_free_pages", "KV pages free in the allocator", labels, registry=r,
+            **recent,
+        )  # fmt: skip
         self.kv_usable = Gauge(
-            "graphrt_kv_cache_usable_pages", "KV pages requests can use", labels, registry=r
-        )
+            "graphrt_kv_cache_usable_pages", "KV pages requests can use", labels, registry=r,
+            **recent,
+        )  # fmt: skip
         self.preemptions = Gauge(
-            "graphrt_num_preemptions", "Preemptions since the engine started", labels, registry=r
-        )
+            "graphrt_num_preemptions", "Preemptions since the engine started", labels,
+            registry=r, **recent,
+        )  # fmt: skip
         self.engine_healthy = Gauge(
             "graphrt_engine_healthy", "1 while the engine process is alive and reporting",
-            labels, registry=r,
+            labels, registry=r, **recent,
         )  # fmt: skip
         self.in_flight = Gauge(
             "graphrt_api_requests_in_flight", "Generation requests the API is serving now",
-            labels, registry=r,
+            labels, registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        self.api_server_requests = Counter(
+            "graphrt_api_server_requests", "Generation requests admitted, by API process",
+            [*labels, "api_server"], registry=r,
+        ).labels(model_name, str(api_server))  # fmt: skip
         self.ttft = Histogram(
             "graphrt_time_to_first_token_seconds", "Request arrival to first generated token",
             labels, buckets=_TTFT_BUCKETS, registry=r,
@@ -127,5 +155,12 @@ class ServerMetrics:
         self.success.labels(self._model, finish_reason).inc()
 
     def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The exposition text and its content type; merged over all API processes in
+        multiprocess mode."""
+        if not self.multiprocess:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged), CONTENT_TYPE_LATEST

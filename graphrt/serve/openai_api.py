@@ -116,6 +116,9 @@ class OpenAIServing:
         self.info: EngineInfo | None = None
         self.tok: TokenizerService | None = None
         self.in_flight = 0
+        # With several API processes each admits its share of the limit (connections are
+        # spread across them by the kernel, evenly on average).
+        self.max_in_flight = -(-config.max_concurrent_requests // (config.api_server_count or 1))
 
     def attach(self, client: EngineClient, info: EngineInfo, tok: TokenizerService) -> None:
         self.client, self.info, self.tok = client, info, tok
@@ -226,16 +229,19 @@ class OpenAIServing:
                 gen.close()
 
     def _open_generation(self, job: _Job) -> Generation:
-        limit = self.config.max_concurrent_requests
-        if self.in_flight >= limit:
+        if self.in_flight >= self.max_in_flight:
+            limit = self.config.max_concurrent_requests
+            n = self.config.api_server_count or 1
+            share = "" if n == 1 else f" (this API process's share of it, with {n} processes)"
             raise APIError(
                 503,
                 f"the server is at its limit of max_concurrent_requests={limit} requests in "
-                "flight; retry later",
+                f"flight{share}; retry later",
                 code="server_overloaded",
             )
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
+        self.metrics.api_server_requests.inc()
 
         def release() -> None:
             self.in_flight -= 1
