@@ -161,6 +161,13 @@ def _comm(pid: int) -> str:
         return ""
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all CPUs, /proc/stat)."""
+    f = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(x) for x in f]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _CLK_TCK  # less idle and iowait
+
+
 def cpu_by_role(server_pid: int) -> dict[str, float]:
     """CPU seconds so far: the engine core (by its process name) and everything else under the
     server's process (the API side: its process(es) and any supervisor)."""
@@ -191,12 +198,12 @@ def run_round(args: argparse.Namespace, server: Any, pool: Any) -> dict[str, Any
     shares = [args.streams // w + (k < args.streams % w) for k in range(w)]
     start_at = time.time() + (1.0 if w > 1 else 0.0)
     parts = [(server.host, server.port, [body] * n, args.api_key, start_at) for n in shares]
-    cpu0 = cpu_by_role(server.proc.pid)
+    cpu0, busy0, t0 = cpu_by_role(server.proc.pid), machine_busy_s(), time.monotonic()
     if w == 1:
         outs = [_worker(parts[0])]
     else:
         outs = list(pool.map(_worker, parts))
-    cpu1 = cpu_by_role(server.proc.pid)
+    cpu1, busy1, t1 = cpu_by_role(server.proc.pid), machine_busy_s(), time.monotonic()
     results = [r for rs, _, _, _ in outs for r in rs]
     errors = sorted({r["error"] for r in results if "error" in r})
     ok = [r for r in results if "error" not in r]
@@ -225,6 +232,9 @@ def run_round(args: argparse.Namespace, server: Any, pool: Any) -> dict[str, Any
         "engine_cpu_s": engine_cpu,
         "engine_cores": engine_cpu / wall,
         "client_cpu_s": sum(c for _, _, _, c in outs),
+        # Everything else the machine ran meanwhile (other users, the kernel): contention.
+        "other_cores": ((busy1 - busy0) - api_cpu - engine_cpu - sum(c for _, _, _, c in outs))
+        / (t1 - t0),
         "itl_ms": {
             "median": statistics.median(gaps) * 1e3 if gaps else None,
             "p90": _pct(gaps, 0.9) * 1e3 if gaps else None,
@@ -253,6 +263,7 @@ SUMMARY_KEYS = (
     ("tokens_per_chunk", None),
     ("api_cores", None),
     ("engine_cores", None),
+    ("other_cores", None),
     ("itl_ms", "median"),
     ("itl_ms", "p90"),
     ("itl_ms", "p99"),

@@ -39,6 +39,9 @@ SERVER_ARGS = [
     "--max-request-body-bytes", "65536",
     "--max-concurrent-requests", "4",
     "--engine-heartbeat-timeout", "60",
+    # One API process whatever the machine's CPUs (the limit tests count on it);
+    # test_server_multi.py covers several.
+    "--api-server-count", "1",
 ]  # fmt: skip
 PROMPT = "Hello, my name is"
 

@@ -26,6 +26,7 @@ PROMPT = [1, 2, 3, 4]
 def servers(tiny_model_factory) -> dict[str, ServerProcess]:
     model = tiny_model_factory("LlamaForCausalLM", max_position_embeddings=LONG + 96)
     common = ["--model", str(model), "--cpu-kv-cache-gb", "0.01", "--max-num-seqs", "8"]
+    common += ["--api-server-count", "1"]  # test_server_multi.py covers several
     procs = {
         "drain": ServerProcess([*common, "--drain-timeout", "120"]),
         "doomed": ServerProcess([*common, "--engine-heartbeat-timeout", "2"]),
