@@ -57,6 +57,8 @@ class Result:
     output_tokens: int = 0
     prompt_tokens: int = 0
     error: str = ""
+    status: int | None = None  # HTTP status; None if no response came
+    code: str | None = None  # the OpenAI error body's "code" (e.g. "server_overloaded")
 
 
 @dataclass
@@ -128,7 +130,13 @@ async def one_request(
     try:
         async with client.stream("POST", path, json=body, timeout=timeout) as resp:
             if resp.status_code != 200:
-                return Result(False, error=f"HTTP {resp.status_code}: {(await resp.aread())[:200]}")
+                raw = await resp.aread()
+                return Result(
+                    False,
+                    error=f"HTTP {resp.status_code}: {raw[:200]}",
+                    status=resp.status_code,
+                    code=_error_code(raw),
+                )
             async for line in resp.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -137,7 +145,7 @@ async def one_request(
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    return Result(False, error=str(chunk["error"].get("message")))
+                    return Result(False, error=str(chunk["error"].get("message")), status=200)
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 if not chunk.get("choices"):
@@ -151,15 +159,25 @@ async def one_request(
     except (httpx.HTTPError, OSError, ValueError) as e:
         return Result(False, error=f"{type(e).__name__}: {e}")
     if first is None or usage is None:
-        return Result(False, error="stream ended without tokens or usage")
+        return Result(False, error="stream ended without tokens or usage", status=200)
     return Result(
         True,
+        status=200,
         ttft=first - start,
         e2e=last - start,
         itl=itl,
         output_tokens=usage["completion_tokens"],
         prompt_tokens=usage["prompt_tokens"],
     )
+
+
+def _error_code(raw: bytes) -> str | None:
+    """The "code" of an OpenAI-style error body, if it is one."""
+    try:
+        err = json.loads(raw)["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return err.get("code") if isinstance(err, dict) else None
 
 
 def _client(base_url: str, api_key: str | None) -> httpx.AsyncClient:
