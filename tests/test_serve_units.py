@@ -208,3 +208,25 @@ def test_output_box_hands_over_batches() -> None:
         return got
 
     assert asyncio.run(run()) == [[(0, "a")], [(0, "b"), (1, "c")]]
+
+
+def test_buffered_metrics_match_direct_observations() -> None:
+    from graphrt.serve.metrics import ServerMetrics
+
+    m = ServerMetrics("m")
+    for v in (0.0005, 0.001, 0.002, 0.0018, 7.0):
+        m.itl.observe(v)
+    m.generation_tokens.inc(3)
+    m.generation_tokens.inc(2)
+    text = m.render()[0].decode()  # render flushes first
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("graphrt_"))
+    itl = "graphrt_inter_token_latency_seconds"
+    assert float(lines[f'{itl}_bucket{{le="0.001",model_name="m"}}']) == 2  # le is inclusive
+    assert float(lines[f'{itl}_bucket{{le="0.0025",model_name="m"}}']) == 4
+    assert float(lines[f'{itl}_bucket{{le="5.0",model_name="m"}}']) == 4
+    assert float(lines[f'{itl}_bucket{{le="+Inf",model_name="m"}}']) == 5
+    assert float(lines[f'{itl}_count{{model_name="m"}}']) == 5
+    assert float(lines[f'{itl}_sum{{model_name="m"}}']) == pytest.approx(7.0053)
+    assert float(lines['graphrt_generation_tokens_total{model_name="m"}']) == 5
+    m.flush()  # nothing buffered: no change
+    assert m.render()[0].decode().count(f'{itl}_count{{model_name="m"}} 5.0') == 1

@@ -77,6 +77,7 @@ def build_app(
         # Import transformers while the engine process loads the model.
         warm = asyncio.create_task(asyncio.to_thread(importlib.import_module, "transformers"))
         tok: TokenizerService | None = None
+        flusher: asyncio.Task | None = None
         try:
             info = await client.start(server.engine_start_timeout)
             await warm
@@ -86,10 +87,13 @@ def build_app(
             # rescanning it on every collection, which the per-token path triggers often.
             gc.collect()
             gc.freeze()
+            flusher = asyncio.create_task(_flush_periodically(metrics))
             which = f" (API process {rank + 1} of {num_servers})" if num_servers > 1 else ""
             logger.info("serving %r on http://%s:%d%s", name, server.host, server.port, which)
             yield
         finally:
+            if flusher is not None:
+                flusher.cancel()
             await client.shutdown()
             if tok is not None:
                 tok.close()
@@ -142,6 +146,14 @@ def build_app(
     app.add_api_route("/health", serving.health, methods=["GET"])
     app.add_api_route("/metrics", serving.metrics_endpoint, methods=["GET"])
     return app
+
+
+async def _flush_periodically(metrics: ServerMetrics, period_s: float = 1.0) -> None:
+    """Per-chunk metrics are buffered; publish them at least this often (with several API
+    processes, another process may answer the next scrape)."""
+    while True:
+        await asyncio.sleep(period_s)
+        metrics.flush()
 
 
 def _load_tokenizer(engine: EngineConfig, info: EngineInfo):

@@ -128,6 +128,7 @@ class Generation:
             self.client.abort([self.rids[t] for t in sorted(self._unfinished)])
         elif self._first[0] is not None:
             self.metrics.e2e.observe(max(self._last) - self.arrival)
+        self.metrics.flush()
         self._on_close()
 
 

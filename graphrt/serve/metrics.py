@@ -11,6 +11,7 @@ answering the scrape.
 
 from __future__ import annotations
 
+import bisect
 import os
 from typing import Any
 
@@ -137,6 +138,19 @@ class ServerMetrics:
             "generation_tokens",
         ):  # fmt: skip
             setattr(self, attr, getattr(self, attr).labels(model_name))
+        # Observed once per stream chunk: counted locally, added to the metrics in bulk by
+        # flush() (a prometheus observe costs microseconds, an mmap'd one in multiprocess mode
+        # several more).
+        self.ttft = _BufferedHistogram(self.ttft, _TTFT_BUCKETS)
+        self.itl = _BufferedHistogram(self.itl, _ITL_BUCKETS)
+        self.generation_tokens = _BufferedCounter(self.generation_tokens)
+
+    def flush(self) -> None:
+        """Add what the per-chunk metrics buffered to the exported ones. Called before each
+        render, when a request ends, and periodically by the app."""
+        self.ttft.flush()
+        self.itl.flush()
+        self.generation_tokens.flush()
 
     def update_engine(self, stats: dict[str, Any], healthy: bool) -> None:
         if stats:
@@ -157,6 +171,7 @@ class ServerMetrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type; merged over all API processes in
         multiprocess mode."""
+        self.flush()
         if not self.multiprocess:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         from prometheus_client import multiprocess
@@ -164,3 +179,61 @@ class ServerMetrics:
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged), CONTENT_TYPE_LATEST
+
+
+class _BufferedCounter:
+    __slots__ = ("_counter", "_pending")
+
+    def __init__(self, counter: Any) -> None:
+        self._counter = counter
+        self._pending = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self._pending += amount
+
+    def flush(self) -> None:
+        if self._pending:
+            self._counter.inc(self._pending)
+            self._pending = 0.0
+
+
+class _BufferedHistogram:
+    """One labelled prometheus histogram's observations, counted per bucket here and added in
+    bulk. Falls back to one ``observe`` per value if the histogram's internals (per-bucket
+    values and the sum, prometheus-client's layout since its first releases) differ."""
+
+    __slots__ = ("_bounds", "_bulk", "_counts", "_hist", "_n", "_sum", "_values")
+
+    def __init__(self, hist: Any, buckets: tuple[float, ...]) -> None:
+        self._hist = hist
+        self._bounds = [*buckets, float("inf")]
+        self._bulk = len(getattr(hist, "_buckets", ())) == len(self._bounds) and hasattr(
+            hist, "_sum"
+        )
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._n = 0
+        self._values: list[float] = []
+
+    def observe(self, value: float) -> None:
+        if self._bulk:
+            self._counts[bisect.bisect_left(self._bounds, value)] += 1
+            self._sum += value
+            self._n += 1
+        else:
+            self._values.append(value)
+
+    def flush(self) -> None:
+        if self._values:
+            values, self._values = self._values, []
+            for v in values:
+                self._hist.observe(v)
+        if not self._n:
+            return
+        for i, k in enumerate(self._counts):
+            if k:
+                self._hist._buckets[i].inc(k)
+                self._counts[i] = 0
+        self._hist._sum.inc(self._sum)
+        self._sum = 0.0
+        self._n = 0
