@@ -26,11 +26,12 @@ from graphrt.output_processor import (
 )
 from graphrt.output_processor import (
     append_token,
+    completion_output,
     fail,
     request_output,
 )
 from graphrt.overlap import Launcher, StepHandle
-from graphrt.request import Request, RequestOutput
+from graphrt.request import Request, RequestOutput, RequestStatus
 from graphrt.runner import ModelRunner
 from graphrt.sampling_params import SamplingParams
 from graphrt.scheduler import EngineOverloaded, Scheduler
@@ -291,11 +292,22 @@ class Engine:
 
     def _collect(self, touched: dict[str, _Group]) -> list[RequestOutput]:
         outs = []
+        finished = RequestStatus.FINISHED
         for gid, group in touched.items():
             kids = group.children
-            done = kids[0].finished if len(kids) == 1 else all(c.finished for c in kids)
-            if not done and not kids[0].stream:
-                continue  # final-only requests report once, when every completion is done
+            if len(kids) == 1:
+                kid = kids[0]
+                done = kid.status is finished
+                if not done:
+                    if kid.stream:
+                        # Every streaming request, every step: the cheapest correct output.
+                        co = completion_output(kid)
+                        outs.append(RequestOutput(gid, group.prompt, group.prompt_ids, [co], False))
+                    continue
+            else:
+                done = all(c.status is finished for c in kids)
+                if not done and not kids[0].stream:
+                    continue  # final-only requests report once, when every completion is done
             outs.append(request_output(gid, kids, group.prompt, group.prompt_ids, done))
             if done:
                 del self._groups[gid]

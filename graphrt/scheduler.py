@@ -83,7 +83,10 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         ps = self.pages.page_size
         running = RequestStatus.RUNNING
-        # The decode loop runs for every running request every step: keep it flat.
+        # The decode loop runs for every running request every step (at 256 rows it is a
+        # quarter of the CPU time a 1B model's 2 ms step leaves): keep it flat. Each decode row
+        # feeds the token at position nc (already on the GPU) and samples the next one.
+        rows, slots, seq_lens, extra = b.rows, b.slots, b.seq_lens, b.extra_needs
         for req in list(self.running):
             if budget == 0:
                 break
@@ -94,7 +97,13 @@ class Scheduler:
                 continue  # prompt + outputs incl. in-flight ones reach max_len: last token launched
             if nc // ps >= len(req.pages) and not self._reserve_pages(req, nc + 1, b, True):
                 continue  # preempted itself
-            b.decode_row(req, nc)
+            rows.append(req)
+            slots.append(req.slot)
+            seq_lens.append(nc + 1)
+            req.num_computed = nc + 1
+            req.num_pending += 1
+            if req.needs is not GREEDY_NEEDS:
+                extra.append(req.needs)
             budget -= 1
         for req in list(self.running):
             if budget == 0:
@@ -202,16 +211,6 @@ class _PlanBuilder:
         self.slot_inits: list[SlotInit] = []
         self.extra_needs: list[SamplerNeeds] = []  # needs of sampling rows beyond greedy
         self.last_chunk = 0
-
-    def decode_row(self, req: Request, pos: int) -> None:
-        """Feed the token at ``pos`` (on the GPU already) and sample the next one."""
-        self.rows.append(req)
-        self.slots.append(req.slot)
-        self.seq_lens.append(pos + 1)
-        req.num_computed = pos + 1
-        req.num_pending += 1
-        if req.needs is not GREEDY_NEEDS:
-            self.extra_needs.append(req.needs)
 
     def prefill_row(self, req: Request, n: int) -> None:
         start = req.num_computed
