@@ -743,13 +743,15 @@ def section_capture(suite: dict[str, Any]) -> list[str]:
                 _num(x.get("eager_ms"), ".3f"),
                 _num(x.get("replay_ms"), ".3f"),
                 _num(x.get("replay_issue_us"), ".1f"),
+                _num(x.get("replay_issue_idle_us"), ".1f"),
                 _num(x.get("speedup"), ".1f"),
                 _num(x.get("roofline_ms"), ".3f"),
                 _pct(x.get("mbu")),
             ]
             for x in r.get("rows", [])
         ]
-        head = ["bs", "capture ms", "graph MB", "eager ms", "replay ms", "issue µs", "speedup"]
+        head = ["bs", "capture ms", "graph MB", "eager ms", "replay ms", "issue µs"]
+        head += ["issue µs, idle GPU", "speedup"]
         out += [*_table([*head, "roofline ms", "MBU"], rows), ""]
     return out or ["No capture-profile results in this run."]
 

@@ -107,16 +107,31 @@ class DecodeBench:
         host_seq, host_slots = self.seq_lens[:bs], self.slots[:bs]
         self.r.attn.prepare_for_replay(bs, host_seq, host_slots)
         gpu_ms = time_ms(graph.replay, iters, self.r.device)
-        # CPU cost of issuing: the backend's per-replay host work plus the launch itself.
-        issue = []
+        busy, _ = self.issue_us(bs, iters)
+        return gpu_ms, busy
+
+    def issue_us(self, bs: int, iters: int) -> tuple[float, float]:
+        """Median CPU microseconds to issue one replay (the backend's per-replay host work plus
+        the launch): ``(busy, idle)``. Busy: issued while the previous replay still runs, as
+        the launcher issues step n+1 during step n. Idle: issued right after a synchronize
+        (a cold start: it also pays for the waiting thread's wake-up, and grows with the step's
+        GPU time)."""
+        graph = self.r.graphs.graphs[(bs, GREEDY)]
+        host_seq, host_slots = self.seq_lens[:bs], self.slots[:bs]
+        busy, idle = [], []
         for _ in range(iters):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             self.r.attn.prepare_for_replay(bs, host_seq, host_slots)
             graph.replay()
-            issue.append(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            self.r.attn.prepare_for_replay(bs, host_seq, host_slots)
+            graph.replay()
+            t2 = time.perf_counter()
+            idle.append(t1 - t0)
+            busy.append(t2 - t1)
         torch.cuda.synchronize()
-        return gpu_ms, statistics.median(issue) * 1e6
+        return statistics.median(busy) * 1e6, statistics.median(idle) * 1e6
 
 
 def time_ms(fn: Callable[[], None], iters: int, device: torch.device) -> float:

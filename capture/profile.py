@@ -1,8 +1,10 @@
 """``capture-profile``: what capturing each decode bucket costs and what replaying it saves.
 
 For each bucket it prints capture time, graph memory, eager step time, replay step time (GPU
-time from CUDA events, back-to-back replays), the CPU cost of issuing one replay, the speedup
-and the memory-bandwidth utilisation (MBU) against the HBM bandwidth measured in the same run.
+time from CUDA events, back-to-back replays), the CPU cost of issuing one replay (while the
+previous one runs, as the engine does, and onto an idle GPU right after a synchronize), the
+speedup and the memory-bandwidth utilisation (MBU) against the HBM bandwidth measured in the
+same run.
 Every row is a real decode step: ``bs`` rows, each with ``--context-len`` tokens of KV cache.
 
     capture-profile --model /path/to/llama --load-format dummy --json out.json --plot out.png
@@ -32,7 +34,8 @@ class BucketProfile:
     graph_mb: float | None
     eager_ms: float
     replay_ms: float | None
-    replay_issue_us: float | None
+    replay_issue_us: float | None  # issued while the previous step runs (the engine's case)
+    replay_issue_idle_us: float | None  # issued onto an idle GPU, right after a synchronize
     speedup: float | None
     bytes_per_step: int
     mbu: float | None
@@ -49,9 +52,10 @@ def profile(engine: Engine, ctx: int, iters: int) -> tuple[list[BucketProfile], 
     rows = []
     for bs in sizes:
         eager = bench.eager_ms(bs, max(3, iters // 4))
-        replay_ms = issue_us = None
+        replay_ms = issue_us = issue_idle_us = None
         if (bs, GREEDY) in r.graphs.graphs:
-            replay_ms, issue_us = bench.replay(bs, iters)
+            replay_ms, _ = bench.replay(bs, iters)
+            issue_us, issue_idle_us = bench.issue_us(bs, iters)
         nbytes = bench.bytes_per_step(bs)
         st = stats.get(bs)
         t = replay_ms if replay_ms is not None else eager
@@ -63,6 +67,7 @@ def profile(engine: Engine, ctx: int, iters: int) -> tuple[list[BucketProfile], 
                 eager_ms=eager,
                 replay_ms=replay_ms,
                 replay_issue_us=issue_us,
+                replay_issue_idle_us=issue_idle_us,
                 speedup=eager / replay_ms if replay_ms else None,
                 bytes_per_step=nbytes,
                 mbu=nbytes / (t / 1e3) / bw if bw else None,
@@ -87,6 +92,7 @@ def print_table(rows: list[BucketProfile], bw: float | None, header: str) -> Non
         "eager ms",
         "replay ms",
         "issue us",
+        "idle issue",
         "speedup",
         "roofline ms",
         "MBU",
@@ -100,6 +106,7 @@ def print_table(rows: list[BucketProfile], bw: float | None, header: str) -> Non
             _fmt(r.eager_ms, ".3f"),
             _fmt(r.replay_ms, ".3f"),
             _fmt(r.replay_issue_us, ".1f"),
+            _fmt(r.replay_issue_idle_us, ".1f"),
             _fmt(r.speedup, ".1f"),
             _fmt(r.roofline_ms, ".3f"),
             f"{r.mbu:.1%}" if r.mbu else "-",

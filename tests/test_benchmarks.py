@@ -274,7 +274,8 @@ def sample_suite() -> dict:
     capture = {
         "context_len": 256, "graph_memory_bytes": 123e6, "hbm_bytes_per_s": 3.0e12,
         "rows": [{"bs": 1, "capture_ms": 50.0, "graph_mb": 10.0, "eager_ms": 20.0,
-                  "replay_ms": 6.0, "replay_issue_us": 25.0, "speedup": 3.3,
+                  "replay_ms": 6.0, "replay_issue_us": 25.0, "replay_issue_idle_us": 60.0,
+                  "speedup": 3.3,
                   "roofline_ms": 5.36, "mbu": 0.893}],
     }  # fmt: skip
     kernels = {
@@ -332,7 +333,7 @@ def test_suite_table_from_sample_json() -> None:
     assert "| 8 | thread | 2.000 [1.900–2.100] | 1.950 | 1.020 [1.000–1.030] | 2.0 [1.0–3.0]" in md
     assert "bs 8: 1.004" in md
     assert "graphrt / HF generate: 37.0× per token, 8.1× on the same requests." in md
-    assert "| 1 | 50.0 | 10.0 | 20.000 | 6.000 | 25.0 | 3.3 | 5.360 | 89.3% |" in md
+    assert "| 1 | 50.0 | 10.0 | 20.000 | 6.000 | 25.0 | 60.0 | 3.3 | 5.360 | 89.3% |" in md
     assert "| decode b64 ctx2048 | triton | 180.00 [179.00–181.00] | 2,900 | 96.3 |" in md
 
 
