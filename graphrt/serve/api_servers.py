@@ -11,8 +11,9 @@ The process that ``python -m graphrt.serve`` started becomes a supervisor:
   fails at once and ``--port 0`` resolves to one port for all);
 * it starts the engine core through its own :class:`EngineClient` (pipe pair N of N + 1), and N
   API processes (pairs 0..N-1), which attach to that engine by its pid; each binds the port
-  with SO_REUSEPORT and listens once its start-up is done, and the kernel spreads new
-  connections across the listening processes;
+  with SO_REUSEPORT and listens once all of them have started (a barrier: a process listening
+  alone would keep every early keep-alive connection), and the kernel spreads new connections
+  across the listening processes;
 * the engine core routes every request's outputs to the process that submitted it;
 * it points prometheus-client's multiprocess mode at a private directory, so that ``/metrics``
   on any process reports the whole server;
@@ -36,6 +37,7 @@ import signal
 import sys
 import tempfile
 import time
+from typing import Any
 
 from graphrt.config import EngineConfig
 from graphrt.serve.config import ServerConfig
@@ -69,7 +71,12 @@ def run_supervisor(server: ServerConfig, engine: EngineConfig) -> int:
 
 
 def api_server_main(
-    server: ServerConfig, engine: EngineConfig, pipes: EnginePipes, rank: int, engine_pid: int
+    server: ServerConfig,
+    engine: EngineConfig,
+    pipes: EnginePipes,
+    rank: int,
+    engine_pid: int,
+    start_barrier: Any,
 ) -> None:
     """One API process (a ``multiprocessing`` "spawn" target): the same app and uvicorn as a
     single API process, attached to the supervisor's engine core."""
@@ -85,7 +92,9 @@ def api_server_main(
     from graphrt.serve.cli import bind_socket, uvicorn_config
 
     sock = bind_socket(server.host, server.port, reuse_port=True)
-    app = build_app(server, engine, pipes=pipes, rank=rank, engine_pid=engine_pid)
+    app = build_app(
+        server, engine, pipes=pipes, rank=rank, engine_pid=engine_pid, start_barrier=start_barrier
+    )
     uv = uvicorn.Server(uvicorn_config(app, server))
     uv.run(sockets=[sock])
     if not uv.started:  # the lifespan failed (e.g. the engine did not load)
@@ -103,6 +112,7 @@ class _Supervisor:
         self._signalled = False
         self._stopping = False
         self._failed_api: multiprocessing.process.BaseProcess | None = None
+        self._barrier: Any = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -127,10 +137,12 @@ class _Supervisor:
             # The API processes start (imports, tokenizer) while the engine loads its model.
             engine_pid = client.launch()
             ctx = multiprocessing.get_context("spawn")
+            # All API processes start listening together (see build_app).
+            self._barrier = ctx.Barrier(self.n)
             for rank in range(self.n):
                 proc = ctx.Process(
                     target=api_server_main,
-                    args=(server, self.engine, self.pipes, rank, engine_pid),
+                    args=(server, self.engine, self.pipes, rank, engine_pid, self._barrier),
                     name=API_PROCESS_NAME.format(rank),
                     daemon=True,
                 )
@@ -182,6 +194,8 @@ class _Supervisor:
         """SIGTERM every API process (each drains, then exits) and wait for them; kill those
         that outlive the drain. Before the engine is ready they are still starting (waiting
         for it), so stop the engine first: they notice its exit and give up."""
+        if self._barrier is not None:
+            self._barrier.abort()  # release any still waiting for the others to start
         live = [p for p in self.procs if p.is_alive()]
         for p in live:
             with contextlib.suppress(ProcessLookupError):

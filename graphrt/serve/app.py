@@ -7,9 +7,11 @@ import asyncio
 import gc
 import importlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,13 +48,16 @@ def build_app(
     pipes: EnginePipes | None = None,
     rank: int = 0,
     engine_pid: int | None = None,
+    start_barrier: Any = None,
 ) -> FastAPI:
     """The OpenAI-compatible app. Its lifespan starts the engine process and stops it (after
     uvicorn has drained the in-flight requests).
 
     One of several API processes (``server.api_server_count`` > 1) is given the shared
     ``pipes``, its ``rank`` (its pipe pair) and the pid of the engine core the supervisor
-    started: its lifespan then attaches to that engine instead."""
+    started: its lifespan then attaches to that engine instead, and waits at ``start_barrier``
+    (a ``multiprocessing`` barrier) until every API process is ready, so that none listens
+    before the others: connections made then would all stay with the first one."""
     name = served_model_name(server, engine)
     num_servers = server.api_server_count or 1
     metrics = ServerMetrics(name, api_server=rank, multiprocess=num_servers > 1)
@@ -88,6 +93,11 @@ def build_app(
             gc.collect()
             gc.freeze()
             flusher = asyncio.create_task(_flush_periodically(metrics))
+            if start_barrier is not None:
+                try:
+                    await asyncio.to_thread(start_barrier.wait, server.engine_start_timeout)
+                except threading.BrokenBarrierError:
+                    raise RuntimeError("another API process failed to start") from None
             which = f" (API process {rank + 1} of {num_servers})" if num_servers > 1 else ""
             logger.info("serving %r on http://%s:%d%s", name, server.host, server.port, which)
             yield

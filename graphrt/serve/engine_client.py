@@ -302,12 +302,12 @@ class EngineClient:
             self._close_pidfd()
         if self._thread is not None and self._thread.is_alive():
             if self._dead is None:
-                self._send([Msg.SHUTDOWN])
+                self._send_shutdown()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._exited.wait(), timeout_s)
         if proc is not None and proc.is_alive():
             if self._dead is None:
-                self._send([Msg.SHUTDOWN])
+                self._send_shutdown()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._exited.wait(), timeout_s)
             if proc.is_alive():
@@ -415,6 +415,12 @@ class EngineClient:
     # ---- internals --------------------------------------------------------------------------
     def _send(self, msg: list[Any]) -> None:
         self._tx.send(pack(msg), zmq.NOBLOCK)
+
+    def _send_shutdown(self) -> None:
+        try:
+            self._send([Msg.SHUTDOWN])
+        except zmq.Again:  # still loading, not connected yet: shutdown() ends it by force
+            logger.info("the engine core is not connected yet; it will be stopped by force")
 
     async def _read_loop(self) -> None:
         while True:
