@@ -54,13 +54,13 @@ MIN_PHASE_S = 10.0  # a phase that would get less than this is skipped, not star
 # every phase's wall time, so tune these from a real run. They sum to the default --budget.
 BUDGETS: dict[str, float] = {
     "install": 10,
-    "tests": 90,
+    "tests": 80,
     "roofline:llama-3.2-1b": 30,
-    "roofline:llama-3.1-8b": 40,
-    "offline:llama-3.2-1b": 110,
+    "roofline:llama-3.1-8b": 35,
+    "offline:llama-3.2-1b": 130,
     "offline:llama-3.1-8b": 60,
     "overlap:llama-3.2-1b": 30,
-    "overlap:llama-3.1-8b": 40,
+    "overlap:llama-3.1-8b": 35,
     "capture:llama-3.2-1b": 20,
     "capture:llama-3.1-8b": 25,
     "profile:llama-3.2-1b": 20,
@@ -133,8 +133,7 @@ def phase_args(kind: str, model: str, model_dir: str, profile: str) -> tuple[lis
             # 8B: a smaller workload (its prefill alone is ~15 s per 1,000 requests) and eager
             # generate only; HF's per-step cost barely depends on model size (GPU.md).
             n, hf = ("200", ("32", "32", "64")) if big else ("1000", ("64", "64", "128"))
-        # Three repeats: the 1B default workload takes ~12 s per repeat on an H100.
-        args = ["--num-requests", n, "--repeats", "3"]
+        args = ["--num-requests", n, "--repeats", "5"]
         note = f"{n} requests"
         if hf:
             req, bs, cap = hf

@@ -529,7 +529,7 @@ def bench_gemv(timer: Timer, dev: torch.device, smoke: bool, sweep: bool) -> lis
 
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     shapes = [("tiny", "x", 512, 64)] if smoke else GEMV_SHAPES
-    ms = (1, 2) if smoke else (1, 2, 4, 8, 16)
+    ms = (1, 2) if smoke else (1, 2, 4, 8, 16) if sweep else (1, 8)
     iters = 2 if smoke else 20
     res = []
     for model, layer, n, k in shapes:
