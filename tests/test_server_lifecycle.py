@@ -118,8 +118,11 @@ def test_dead_engine_fails_in_flight_requests_and_health(servers) -> None:
     health = httpx.get(url + "/health", timeout=10)
     assert health.status_code == 503
     assert "exited" in health.json()["error"]["message"]
+    assert health.json()["error"]["code"] == "engine_unavailable"
     again = httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
     assert again.status_code == 503
+    # Told apart from an overload (code "server_overloaded") by its code, not by its text.
+    assert again.json()["error"]["code"] == "engine_unavailable"
     m = metrics(url)
     assert m["graphrt_engine_healthy"] == 0
     assert m["graphrt_request_failure_total:engine_error"] >= 3

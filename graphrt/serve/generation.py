@@ -63,7 +63,9 @@ class Generation:
             for tag, ids in enumerate(prompts):
                 futures.append(self.client.add(self.rids[tag], ids, params, self.queue, tag))
         except EngineDeadError as e:
-            raise APIError(503, f"engine unavailable: {e}", reason="engine_error") from e
+            raise APIError(
+                503, f"engine unavailable: {e}", code="engine_unavailable", reason="engine_error"
+            ) from e
         except ValueError as e:
             raise APIError(400, str(e)) from e
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -75,7 +77,12 @@ class Generation:
                     raise APIError(400, str(r))
                 raise APIError(500, f"engine could not add the request: {r}")
             if isinstance(r, EngineDeadError):
-                raise APIError(503, f"engine unavailable: {r}", reason="engine_error")
+                raise APIError(
+                    503,
+                    f"engine unavailable: {r}",
+                    code="engine_unavailable",
+                    reason="engine_error",
+                )
             if isinstance(r, BaseException):
                 raise r
         self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))

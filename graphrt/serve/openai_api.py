@@ -127,7 +127,9 @@ class OpenAIServing:
     async def health(self, request: Request) -> Response:
         problem = self.client.health_problem() if self.client else "engine is starting"
         if problem is not None:
-            return JSONResponse(error_body(503, problem), status_code=503)
+            return JSONResponse(
+                error_body(503, problem, code="engine_unavailable"), status_code=503
+            )
         return JSONResponse({"status": "ok"})
 
     async def models(self, request: Request) -> Response:
