@@ -42,7 +42,7 @@ from graphrt.sampling import GREEDY, SampleOutputs
 # Long kernel names (templated CUTLASS/cuBLAS, Triton's mangled ones) collapse to a readable
 # family so that one GEMM shape shows as one row per distinct kernel.
 _SHORTEN = [
-    (re.compile(r"^(_[a-z0-9_]+?_kernel)\b.*"), r"\1"),
+    (re.compile(r"^(_[a-z0-9_]+?_kernel)(?:_[0-9][0-9a-z]*)?$"), r"\1"),
     (re.compile(r"^void cutlass::Kernel2?<([A-Za-z0-9_]+).*"), r"\1"),
     (re.compile(r"^void at::native::(?:\(anonymous namespace\)::)?([A-Za-z_]+)<.*"), r"at::\1"),
     (re.compile(r"^void ([A-Za-z_0-9:]+)<.*"), r"\1"),

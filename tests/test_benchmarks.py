@@ -151,6 +151,31 @@ def test_decode_roofline_runs_and_reports(llama, tmp_path) -> None:
 # ---- API capacity (mock engine) -------------------------------------------------------------
 
 
+def test_kernels_smoke_gemv_and_argmax(tmp_path) -> None:
+    """kernels.py's GEMV sweep and argmax sections run end to end (interpreted, tiny shapes)."""
+    import subprocess
+
+    out = tmp_path / "k.json"
+    cmd = [sys.executable, str(BENCH / "kernels.py"), "--smoke", "--sweep", "--reps", "2"]
+    cmd += ["--only", "gemv", "argmax", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    impls = {(x["name"].split()[0], x["impl"]) for x in rows}
+    assert {("linear", "cublas"), ("linear", "triton"), ("linear", "triton-sweep")} <= impls
+    assert {("argmax", "torch"), ("argmax", "triton")} <= impls
+    assert "benchmark section failed" not in r.stderr
+
+
+def test_step_profile_without_cuda_says_so() -> None:
+    sp = _load("step_profile")
+    assert sp.main(["--model", "unused"]) == 0
+    assert sp.short_name("void at::native::(anonymous namespace)::indexSelect<float>(x)") == (
+        "at::indexSelect"
+    )
+    assert sp.short_name("_gemv_kernel_0d1d") == "_gemv_kernel"
+
+
 def test_api_capacity_with_mock_engine(tmp_path) -> None:
     mod = _load("api_capacity")
     out = tmp_path / "capacity.json"
