@@ -336,9 +336,12 @@ def engine_state(m: dict[str, float]) -> dict[str, Any]:
 
 
 def is_idle(s: dict[str, Any]) -> bool:
+    """Nothing running, waiting or in flight, every KV page free, in a healthy engine's gauges
+    (a dead engine is never idle, whatever gauges a server reports for it)."""
     try:
         return (
-            s["running"] == 0
+            s["engine_healthy"] == 1
+            and s["running"] == 0
             and s["waiting"] == 0
             and s["in_flight"] == 0
             and s["kv_free_pages"] == s["kv_usable_pages"]
@@ -721,21 +724,30 @@ def crash_check(sampler: Sampler, server: Any, root_pid: int | None) -> dict[str
     return _check(ok, detail)
 
 
-def end_checks(
-    http: httpx.Client, args: argparse.Namespace, model: str, jobs: list, drained: tuple
-) -> dict[str, dict[str, Any]]:
+def state_checks(drained: tuple) -> dict[str, dict[str, Any]]:
+    """The end-of-run checks on the engine's gauges: drained, and every KV page free again. A
+    gauge the server does not export (it leaves the engine's state out while the engine is
+    unhealthy or dead) fails its check; so does NaN."""
     ok_drain, drain_s, state = drained
+    unhealthy = "" if state.get("engine_healthy") == 1 else ", engine NOT healthy"
     checks: dict[str, dict[str, Any]] = {}
     checks["drained"] = _check(
         ok_drain,
         f"running={state.get('running')} waiting={state.get('waiting')} "
-        f"in_flight={state.get('in_flight')} after {drain_s:.1f} s",
+        f"in_flight={state.get('in_flight')} after {drain_s:.1f} s{unhealthy}",
     )
     checks["kv_released"] = _check(
         state.get("kv_usage") == 0 and state.get("kv_free_pages") == state.get("kv_usable_pages"),
         f"kv_usage={state.get('kv_usage')} free={state.get('kv_free_pages')} "
         f"usable={state.get('kv_usable_pages')}",
     )
+    return checks
+
+
+def end_checks(
+    http: httpx.Client, args: argparse.Namespace, model: str, jobs: list, drained: tuple
+) -> dict[str, dict[str, Any]]:
+    checks = state_checks(drained)
     try:
         h = http.get("/health")
         checks["health_ok"] = _check(h.status_code == 200, f"HTTP {h.status_code}")

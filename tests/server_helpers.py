@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 
@@ -40,6 +43,17 @@ def wait_until(what: str, check: Callable[[], bool], deadline_s: float = POLL_DE
         time.sleep(0.1)
 
 
+# The engine-state gauges: exported only while the engine is healthy.
+ENGINE_STATE_GAUGES = (
+    "graphrt_num_requests_running",
+    "graphrt_num_requests_waiting",
+    "graphrt_kv_cache_usage_perc",
+    "graphrt_kv_cache_free_pages",
+    "graphrt_kv_cache_usable_pages",
+    "graphrt_num_preemptions",
+)
+
+
 def engine_idle_and_kv_full(base_url: str) -> bool:
     m = metrics(base_url)
     return (
@@ -48,6 +62,17 @@ def engine_idle_and_kv_full(base_url: str) -> bool:
         and m["graphrt_kv_cache_free_pages"] == m["graphrt_kv_cache_usable_pages"]
         and m["graphrt_api_requests_in_flight"] == 0
     )
+
+
+def load_test_module() -> ModuleType:
+    """``benchmarks/load_test.py`` (not a package), imported once."""
+    if "load_test" not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "benchmarks" / "load_test.py"
+        spec = importlib.util.spec_from_file_location("load_test", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["load_test"] = mod  # dataclasses look their module up while built
+        spec.loader.exec_module(mod)
+    return sys.modules["load_test"]
 
 
 def children(pid: int) -> list[tuple[int, str, bytes]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import array
-import importlib.util
 import json
 import os
 import socket
@@ -16,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from server_helpers import load_test_module
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 CHECKS = {
@@ -26,12 +26,7 @@ CHECKS = {
 
 @pytest.fixture(scope="module")
 def lt() -> ModuleType:
-    if "load_test" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("load_test", BENCH / "load_test.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["load_test"] = mod  # dataclasses look their module up while built
-        spec.loader.exec_module(mod)
-    return sys.modules["load_test"]
+    return load_test_module()
 
 
 @pytest.mark.default_model
@@ -88,6 +83,7 @@ def test_parse_metrics_and_idle(lt) -> None:
             'graphrt_kv_cache_usage_perc{model_name="m"} 0.0',
             'graphrt_kv_cache_free_pages{model_name="m"} 10.0',
             'graphrt_kv_cache_usable_pages{model_name="m"} 10.0',
+            'graphrt_engine_healthy{model_name="m"} 1.0',
             'graphrt_request_failure_total{model_name="m",reason="overloaded"} 3.0',
             'graphrt_request_failure_total{model_name="m",reason="engine_error"} 0.0',
             'graphrt_request_failure_created{model_name="m",reason="overloaded"} 1.7e9',
@@ -102,6 +98,43 @@ def test_parse_metrics_and_idle(lt) -> None:
     s = lt.engine_state(m)
     assert s["failures"] == {"overloaded": 3} and lt.is_idle(s)
     assert not lt.is_idle({**s, "kv_free_pages": 9}) and not lt.is_idle({})
+    assert not lt.is_idle({**s, "engine_healthy": 0})  # stale zeros of a dead engine
+    assert all(c["ok"] for c in lt.state_checks((True, 0.1, s)).values())
+
+
+def _scrape(lt, metrics) -> dict:
+    text = metrics.render()[0].decode()
+    return lt.engine_state(lt.parse_metrics(text))
+
+
+def test_checks_fail_on_a_dead_engine(lt) -> None:
+    """What the server exports for a dead engine (its last stats said idle, all pages free)
+    never passes as drained or released; nor would NaN gauges."""
+    from graphrt.serve.metrics import ServerMetrics
+
+    m = ServerMetrics("m")
+    idle = {
+        "running": 0, "waiting": 0, "kv_usage": 0.0, "free_pages": 10, "usable_pages": 10,
+        "preemptions": 0,
+    }  # fmt: skip
+    m.update_engine(idle, healthy=True)
+    alive = _scrape(lt, m)
+    assert lt.is_idle(alive) and all(c["ok"] for c in lt.state_checks((True, 0, alive)).values())
+
+    m.update_engine(idle, healthy=False)  # the API process's last stats, engine now dead
+    dead = _scrape(lt, m)
+    assert dead["engine_healthy"] == 0 and dead["in_flight"] == 0
+    assert not set(dead) & {"running", "waiting", "kv_usage", "kv_free_pages"}
+    assert not lt.is_idle(dead)
+    checks = lt.state_checks((lt.is_idle(dead), 1.0, dead))
+    assert {k: c["ok"] for k, c in checks.items()} == dict.fromkeys(checks, False)
+    assert "NOT healthy" in checks["drained"]["detail"]
+
+    nan = {**dead, **{k: float("nan") for k in ("running", "waiting", "kv_usage")}}
+    nan.update({k: float("nan") for k in ("kv_free_pages", "kv_usable_pages")})
+    nan.update(engine_healthy=1.0)
+    assert not lt.is_idle(nan)
+    assert not any(c["ok"] for c in lt.state_checks((False, 1.0, nan)).values())
 
 
 def test_classify(lt) -> None:

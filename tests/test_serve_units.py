@@ -230,3 +230,35 @@ def test_buffered_metrics_match_direct_observations() -> None:
     assert float(lines['graphrt_generation_tokens_total{model_name="m"}']) == 5
     m.flush()  # nothing buffered: no change
     assert m.render()[0].decode().count(f'{itl}_count{{model_name="m"}} 5.0') == 1
+
+
+def test_engine_gauges_are_left_out_unless_the_engine_is_healthy() -> None:
+    from server_helpers import ENGINE_STATE_GAUGES
+
+    from graphrt.serve.metrics import ServerMetrics
+
+    def samples(m: ServerMetrics) -> dict[str, float]:
+        text = m.render()[0].decode()
+        lines = [line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("graphrt_")]
+        return {k.split("{", 1)[0]: float(v) for k, v in lines}
+
+    m = ServerMetrics("m")
+    assert samples(m)["graphrt_engine_healthy"] == 0  # starting: no stats yet
+    assert not set(samples(m)) & set(ENGINE_STATE_GAUGES)
+    stats = {
+        "running": 2, "waiting": 1, "kv_usage": 0.25, "free_pages": 30, "usable_pages": 40,
+        "preemptions": 3, "steps": 9, "failed_requests": 0,
+    }  # fmt: skip
+    m.update_engine(stats, healthy=True)
+    s = samples(m)
+    assert s["graphrt_engine_healthy"] == 1 and set(ENGINE_STATE_GAUGES) <= set(s)
+    assert (s["graphrt_num_requests_running"], s["graphrt_kv_cache_usage_perc"]) == (2, 0.25)
+    assert (s["graphrt_kv_cache_free_pages"], s["graphrt_kv_cache_usable_pages"]) == (30, 40)
+
+    m.update_engine(stats, healthy=False)  # dead or stuck: its last stats are not reported
+    s = samples(m)
+    assert s["graphrt_engine_healthy"] == 0 and not set(s) & set(ENGINE_STATE_GAUGES)
+    text = m.render()[0].decode()
+    assert "# TYPE graphrt_num_requests_running gauge" in text  # still described
+    m.update_engine(stats, healthy=True)  # it recovered (a stuck engine resumed)
+    assert set(ENGINE_STATE_GAUGES) <= set(samples(m))

@@ -14,7 +14,15 @@ import threading
 
 import httpx
 import pytest
-from server_helpers import engine_core_pid, metrics, pid_alive, wait_until
+from server_helpers import (
+    ENGINE_STATE_GAUGES,
+    engine_core_pid,
+    engine_idle_and_kv_full,
+    load_test_module,
+    metrics,
+    pid_alive,
+    wait_until,
+)
 
 from graphrt.serve.launcher import ServerProcess
 
@@ -71,6 +79,8 @@ def test_sigterm_drains_in_flight_requests_then_exits(servers) -> None:
 def test_stuck_engine_fails_health(servers) -> None:
     server = servers["doomed"]
     engine_pid = engine_core_pid(server.proc.pid)
+    # The API process has the engine's stats (a scrape fetches them), as it will while stuck.
+    assert engine_idle_and_kv_full(server.base_url)
     os.kill(engine_pid, signal.SIGSTOP)
     try:
         wait_until(
@@ -79,12 +89,15 @@ def test_stuck_engine_fails_health(servers) -> None:
         )
         err = httpx.get(server.base_url + "/health", timeout=10).json()["error"]
         assert "has not reported" in err["message"]
+        m = metrics(server.base_url)  # a stuck engine's last stats are not reported as current
+        assert m["graphrt_engine_healthy"] == 0 and not set(m) & set(ENGINE_STATE_GAUGES)
     finally:
         os.kill(engine_pid, signal.SIGCONT)
     wait_until(
         "/health recovers",
         lambda: httpx.get(server.base_url + "/health", timeout=10).status_code == 200,
     )
+    wait_until("the engine gauges are back", lambda: engine_idle_and_kv_full(server.base_url))
 
 
 def test_dead_engine_fails_in_flight_requests_and_health(servers) -> None:
@@ -126,5 +139,16 @@ def test_dead_engine_fails_in_flight_requests_and_health(servers) -> None:
     m = metrics(url)
     assert m["graphrt_engine_healthy"] == 0
     assert m["graphrt_request_failure_total:engine_error"] >= 3
+    # The dead engine's last stats (running, KV in use) are not reported, and not
+    # as 0 either: no gauge of the engine's state is exported.
+    assert not set(m) & set(ENGINE_STATE_GAUGES), sorted(set(m) & set(ENGINE_STATE_GAUGES))
+    # So benchmarks/load_test.py's end-of-run checks fail against it instead of passing.
+    lt = load_test_module()
+    with httpx.Client(base_url=url, timeout=30) as http:
+        drained = lt.wait_drained(http, timeout=1.0)
+    assert drained[0] is False and drained[2]["engine_healthy"] == 0
+    checks = lt.state_checks(drained)
+    assert set(checks) == {"drained", "kv_released"}
+    assert not any(c["ok"] for c in checks.values()), checks
     assert server.proc.poll() is None  # the API process stays up to report the failure
     assert server.stop() in (0, -signal.SIGTERM)

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 from server_helpers import (
+    ENGINE_STATE_GAUGES,
     api_server_pids,
     engine_core_pid,
     engine_idle_and_kv_full,
@@ -174,6 +175,10 @@ def test_dead_engine_fails_health_on_every_process(servers) -> None:
             health = fresh.get(url + "/health", timeout=10)
         assert health.status_code == 503
         assert "exited" in health.json()["error"]["message"]
+        # The merged /metrics of either process: engine unhealthy, and none of the dead
+        # engine's state reported (in multiprocess mode too).
+        m = metrics(url)
+        assert m["graphrt_engine_healthy"] == 0 and not set(m) & set(ENGINE_STATE_GAUGES)
     assert server.proc.poll() is None  # the API processes stay up to report it
     assert server.stop() == 0
 

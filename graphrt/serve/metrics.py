@@ -6,7 +6,7 @@ prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by the 
 the API processes start) merges them on every scrape, whichever process answers: counters and
 histograms (TTFT, ITL, E2E) are summed over the processes, requests in flight are summed over
 the live ones, and the engine gauges come from the engine's stats as fetched by the process
-answering the scrape.
+answering the scrape (and are left out while the engine is not healthy: see ``EngineGauges``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -62,36 +63,8 @@ class ServerMetrics:
         self.registry = r = CollectorRegistry()
         labels = ["model_name"]
         self._model = model_name
-        # Engine gauges: the value set last, by the process answering the scrape.
-        recent = {"multiprocess_mode": "mostrecent"}
-        self.running = Gauge(
-            "graphrt_num_requests_running", "Sequences running in the engine", labels, registry=r,
-            **recent,
-        )  # fmt: skip
-        self.waiting = Gauge(
-            "graphrt_num_requests_waiting", "Sequences waiting in the engine", labels, registry=r,
-            **recent,
-        )  # fmt: skip
-        self.kv_usage = Gauge(
-            "graphrt_kv_cache_usage_perc", "Fraction of usable KV pages in use", labels,
-            registry=r, **recent,
-        )  # fmt: skip
-        self.kv_free = Gauge(
-            "graphrt_kv_cache_free_pages", "KV pages free in the allocator", labels, registry=r,
-            **recent,
-        )  # fmt: skip
-        self.kv_usable = Gauge(
-            "graphrt_kv_cache_usable_pages", "KV pages requests can use", labels, registry=r,
-            **recent,
-        )  # fmt: skip
-        self.preemptions = Gauge(
-            "graphrt_num_preemptions", "Preemptions since the engine started", labels,
-            registry=r, **recent,
-        )  # fmt: skip
-        self.engine_healthy = Gauge(
-            "graphrt_engine_healthy", "1 while the engine process is alive and reporting",
-            labels, registry=r, **recent,
-        )  # fmt: skip
+        self.engine = EngineGauges(model_name)
+        r.register(self.engine)
         self.in_flight = Gauge(
             "graphrt_api_requests_in_flight", "Generation requests the API is serving now",
             labels, registry=r, multiprocess_mode="livesum",
@@ -133,9 +106,7 @@ class ServerMetrics:
 
         # Bind the single-label metrics once; labels() is a dict lookup under a lock.
         for attr in (
-            "running", "waiting", "kv_usage", "kv_free", "kv_usable", "preemptions",
-            "engine_healthy", "in_flight", "ttft", "itl", "e2e", "prompt_tokens",
-            "generation_tokens",
+            "in_flight", "ttft", "itl", "e2e", "prompt_tokens", "generation_tokens",
         ):  # fmt: skip
             setattr(self, attr, getattr(self, attr).labels(model_name))
         # Observed once per stream chunk: counted locally, added to the metrics in bulk by
@@ -153,14 +124,8 @@ class ServerMetrics:
         self.generation_tokens.flush()
 
     def update_engine(self, stats: dict[str, Any], healthy: bool) -> None:
-        if stats:
-            self.running.set(stats["running"])
-            self.waiting.set(stats["waiting"])
-            self.kv_usage.set(stats["kv_usage"])
-            self.kv_free.set(stats["free_pages"])
-            self.kv_usable.set(stats["usable_pages"])
-            self.preemptions.set(stats["preemptions"])
-        self.engine_healthy.set(1 if healthy else 0)
+        """The engine's stats as just fetched, and whether it is alive and reporting."""
+        self.engine.update(stats, healthy)
 
     def fail(self, reason: str) -> None:
         self.failure.labels(self._model, reason).inc()
@@ -178,7 +143,66 @@ class ServerMetrics:
 
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
+        merged.register(self.engine)  # this process's fresh view; not kept in the shared files
         return generate_latest(merged), CONTENT_TYPE_LATEST
+
+
+class EngineGauges:
+    """The engine's state as gauges (a custom collector): from the stats that the process
+    answering the scrape fetched just before it, plus ``graphrt_engine_healthy``.
+
+    While the engine is not known healthy (starting, stuck past its heartbeat timeout, or
+    dead), the state gauges have no sample at all (their HELP and TYPE stay); only
+    ``graphrt_engine_healthy 0`` is exported. A dead engine's last stats describe nothing:
+    exported, they would read "0 running, all KV pages free" exactly when nothing can run. Why
+    absent rather than NaN: it is Prometheus' guidance for an exporter whose target is down (an
+    ``up``-style gauge at 0 and no target metrics, as mysqld_exporter's ``mysql_up``), and what
+    vLLM users see, since vLLM's server exits when its engine dies and its series go stale.
+    Prometheus marks a series that leaves a scrape stale, so queries stop returning the old
+    value at once and ``absent()`` can alert. NaN would keep the series, turn every aggregation
+    over replicas (``sum`` of running requests) into NaN, and is not valid JSON for clients that
+    record scrapes.
+
+    Nothing here goes into prometheus-client's multiprocess files, so with several API
+    processes a scrape reports the answering process's own fresh view.
+    """
+
+    # (metric, help, key in the engine core's stats)
+    STATE = (
+        ("graphrt_num_requests_running", "Sequences running in the engine", "running"),
+        ("graphrt_num_requests_waiting", "Sequences waiting in the engine", "waiting"),
+        ("graphrt_kv_cache_usage_perc", "Fraction of usable KV pages in use", "kv_usage"),
+        ("graphrt_kv_cache_free_pages", "KV pages free in the allocator", "free_pages"),
+        ("graphrt_kv_cache_usable_pages", "KV pages requests can use", "usable_pages"),
+        ("graphrt_num_preemptions", "Preemptions since the engine started", "preemptions"),
+    )
+    HEALTHY = ("graphrt_engine_healthy", "1 while the engine process is alive and reporting")
+
+    def __init__(self, model_name: str) -> None:
+        self._model = model_name
+        self._stats: dict[str, Any] = {}
+        self._healthy = False
+
+    def update(self, stats: dict[str, Any], healthy: bool) -> None:
+        self._stats, self._healthy = dict(stats or {}), healthy
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(n, d, labels=["model_name"]) for n, d, _ in self.STATE] + [
+            GaugeMetricFamily(*self.HEALTHY, labels=["model_name"])
+        ]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        labels = [self._model]
+        out = []
+        for name, doc, key in self.STATE:
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            if self._healthy and key in self._stats:
+                g.add_metric(labels, self._stats[key])
+            out.append(g)
+        g = GaugeMetricFamily(*self.HEALTHY, labels=["model_name"])
+        g.add_metric(labels, 1 if self._healthy else 0)
+        out.append(g)
+        return out
 
 
 class _BufferedCounter:
