@@ -163,7 +163,11 @@ class DecodeGraphRunner:
             event.synchronize()  # the copy four steps ago; long done in steady state
         staging = self._staging[i]
         host = fill_inputs(staging.numpy(), plan.slots, plan.seq_lens, bucket)
-        self.buffers.inputs[:, :bucket].copy_(staging[:, :bucket], non_blocking=True)
+        # Row by row: a [3, bucket] slice of the [3, max_bs] buffers is not contiguous, and
+        # torch would stage a non-contiguous copy through pageable memory, which makes CUDA
+        # wait for the previous step to finish first.
+        for row in range(host.shape[0]):
+            self.buffers.inputs[row, :bucket].copy_(staging[row, :bucket], non_blocking=True)
         if event is not None:
             event.record()
         variant = variant_for(flags)

@@ -22,6 +22,7 @@ import torch
 from graphrt.capture.graph_runner import DecodeGraphRunner
 from graphrt.config import EngineConfig
 from graphrt.forward_batch import ForwardBatch
+from graphrt.host_copy import to_device
 from graphrt.kernels.attention_backend import AttentionSpec, AttnInputs, get_backend_class
 from graphrt.kernels.ops import make_ops
 from graphrt.memory.kv_pool import KVPool, KVPoolSpec
@@ -301,7 +302,7 @@ class ModelRunner:
         if plan.slot_inits:
             self.slot_state.write(plan.slot_inits)
         if plan.page_updates.shape[1]:
-            upd = torch.from_numpy(plan.page_updates).to(self.device, non_blocking=True)
+            upd = to_device(plan.page_updates, self.device)
             self.page_table.index_put_((upd[0], upd[1]), upd[2].to(torch.int32))
 
     def execute(self, plan: StepPlan) -> StepOutputs:
@@ -378,7 +379,7 @@ class ModelRunner:
         out = SampleOutputs.allocate(b, self.max_logprobs, dev)
         if plan.is_decode:
             packed = np.stack([plan.slots, plan.seq_lens - 1, plan.seq_lens])
-            d = torch.from_numpy(packed).to(dev, non_blocking=True)
+            d = to_device(packed, dev)
             self.decode_forward(
                 d[0], d[1], d[2], out, flags, self._decode_bound(plan), seq_lens_host=plan.seq_lens
             )
@@ -397,7 +398,7 @@ class ModelRunner:
                 cu,
             ]
         )
-        d = torch.from_numpy(packed).to(dev, non_blocking=True)
+        d = to_device(packed, dev)
         ids, positions, tslots = d[:t], d[t : 2 * t], d[2 * t : 3 * t]
         o = 3 * t
         slots, out_slots, seq_lens, cu_d = (

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from graphrt.host_copy import to_device
 from graphrt.kernels import reference
 from graphrt.sampling_params import MIN_TEMPERATURE
 from graphrt.step_plan import GREEDY_NEEDS, MAX_BANNED_IDS, SamplerNeeds, SlotInit, needs_of
@@ -80,37 +81,47 @@ class SlotSamplingState:
         self.prompt_mask = torch.zeros(num_slots, vocab_size, dtype=torch.bool, device=device)
 
     def write(self, inits: list[SlotInit]) -> None:
-        """Write newly admitted slots. Runs on the forward stream before the step that needs it."""
+        """Write newly admitted slots. Runs on the forward stream before the step that needs it;
+        each field goes up in one pinned copy (``to_device``), so nothing waits for the GPU."""
         if not inits:
             return
         dev = self.temperature.device
-        slots = torch.tensor([i.slot for i in inits], dtype=torch.int64).to(dev, non_blocking=True)
-        for name, attr in (
+        slots = to_device(np.array([i.slot for i in inits], dtype=np.int64), dev)
+        floats = (
             ("temperature", "temperature"),
             ("top_p", "top_p"),
             ("min_p", "min_p"),
             ("repetition_penalty", "rep"),
             ("presence_penalty", "pres"),
             ("frequency_penalty", "freq"),
-        ):
-            vals = torch.tensor([getattr(i, name) for i in inits], dtype=torch.float32)
-            getattr(self, attr).index_copy_(0, slots, vals.to(dev, non_blocking=True))
-        for name, attr in (("top_k", "top_k"), ("seed", "seed"), ("min_pos", "min_pos")):
-            vals = torch.tensor([_to_i64(getattr(i, name)) for i in inits], dtype=torch.int64)
-            getattr(self, attr).index_copy_(0, slots, vals.to(dev, non_blocking=True))
-        banned = np.full((len(inits), MAX_BANNED_IDS), -1, dtype=np.int64)
+        )
+        fvals = to_device(
+            np.array([[getattr(i, name) for i in inits] for name, _ in floats], dtype=np.float32),
+            dev,
+        )
+        for r, (_, attr) in enumerate(floats):
+            getattr(self, attr).index_copy_(0, slots, fvals[r])
+        ints = (("top_k", "top_k"), ("seed", "seed"), ("min_pos", "min_pos"))
+        ivals = np.empty((len(ints) + MAX_BANNED_IDS, len(inits)), dtype=np.int64)
+        for r, (name, _) in enumerate(ints):
+            ivals[r] = [_to_i64(getattr(i, name)) for i in inits]
+        banned = ivals[len(ints) :].T  # [len(inits), MAX_BANNED_IDS] view
+        banned.fill(-1)
         for r, i in enumerate(inits):
             banned[r, : len(i.banned_ids)] = i.banned_ids
-        self.banned.index_copy_(0, slots, torch.from_numpy(banned).to(dev, non_blocking=True))
+        ivals_d = to_device(ivals, dev)
+        for r, (_, attr) in enumerate(ints):
+            getattr(self, attr).index_copy_(0, slots, ivals_d[r])
+        self.banned.index_copy_(0, slots, ivals_d[len(ints) :].T)
         for i in inits:
             if i.penalty_prompt_ids is None:
                 continue
             self.prompt_mask[i.slot].zero_()
             self.counts[i.slot].zero_()
-            p = torch.tensor(i.penalty_prompt_ids, dtype=torch.int64).to(dev)
+            p = to_device(np.asarray(i.penalty_prompt_ids, dtype=np.int64), dev)
             self.prompt_mask[i.slot].index_fill_(0, p, True)
             if i.penalty_output_ids:
-                o = torch.tensor(i.penalty_output_ids, dtype=torch.int64).to(dev)
+                o = to_device(np.asarray(i.penalty_output_ids, dtype=np.int64), dev)
                 self.counts[i.slot].index_add_(0, o, torch.ones_like(o, dtype=torch.int32))
 
 
