@@ -1,6 +1,6 @@
 """Load test (issue #8): open-loop traffic above the measured saturation rate for minutes, then
-checks that the server survived it: no crash, no failed request, no leaked KV page, no growth in
-resident memory beyond a stated bound. Reports p99 TTFT.
+checks that the server survived it: no crash, no failed request, no leaked KV page or request
+slot, no growth in resident memory beyond a stated bound. Reports p99 TTFT.
 
     # start a server with these flags, measure saturation, run 300 s at 1.2x, check, stop it
     python benchmarks/load_test.py --num-workers 4 --timeout 60 --json load.json -- \\
@@ -63,6 +63,8 @@ GAUGES = {
     "kv_usage": "graphrt_kv_cache_usage_perc",
     "kv_free_pages": "graphrt_kv_cache_free_pages",
     "kv_usable_pages": "graphrt_kv_cache_usable_pages",
+    "free_slots": "graphrt_free_slots",
+    "usable_slots": "graphrt_usable_slots",
     "in_flight": "graphrt_api_requests_in_flight",
     "preemptions": "graphrt_num_preemptions",
     "engine_healthy": "graphrt_engine_healthy",
@@ -725,9 +727,9 @@ def crash_check(sampler: Sampler, server: Any, root_pid: int | None) -> dict[str
 
 
 def state_checks(drained: tuple) -> dict[str, dict[str, Any]]:
-    """The end-of-run checks on the engine's gauges: drained, and every KV page free again. A
-    gauge the server does not export (it leaves the engine's state out while the engine is
-    unhealthy or dead) fails its check; so does NaN."""
+    """The end-of-run checks on the engine's gauges: drained, and every KV page and request slot
+    free again. A gauge the server does not export (it leaves the engine's state out while the
+    engine is unhealthy or dead) fails its check; so does NaN."""
     ok_drain, drain_s, state = drained
     unhealthy = "" if state.get("engine_healthy") == 1 else ", engine NOT healthy"
     checks: dict[str, dict[str, Any]] = {}
@@ -740,6 +742,10 @@ def state_checks(drained: tuple) -> dict[str, dict[str, Any]]:
         state.get("kv_usage") == 0 and state.get("kv_free_pages") == state.get("kv_usable_pages"),
         f"kv_usage={state.get('kv_usage')} free={state.get('kv_free_pages')} "
         f"usable={state.get('kv_usable_pages')}",
+    )
+    free, usable = state.get("free_slots"), state.get("usable_slots")
+    checks["slots_released"] = _check(
+        usable is not None and usable > 0 and free == usable, f"free={free} usable={usable}"
     )
     return checks
 

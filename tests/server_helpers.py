@@ -50,16 +50,20 @@ ENGINE_STATE_GAUGES = (
     "graphrt_kv_cache_usage_perc",
     "graphrt_kv_cache_free_pages",
     "graphrt_kv_cache_usable_pages",
+    "graphrt_free_slots",
+    "graphrt_usable_slots",
     "graphrt_num_preemptions",
 )
 
 
 def engine_idle_and_kv_full(base_url: str) -> bool:
+    """Nothing running, waiting or in flight, and every KV page and request slot free."""
     m = metrics(base_url)
     return (
         m["graphrt_num_requests_running"] == 0
         and m["graphrt_num_requests_waiting"] == 0
         and m["graphrt_kv_cache_free_pages"] == m["graphrt_kv_cache_usable_pages"]
+        and m["graphrt_free_slots"] == m["graphrt_usable_slots"] > 0
         and m["graphrt_api_requests_in_flight"] == 0
     )
 

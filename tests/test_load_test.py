@@ -19,7 +19,7 @@ from server_helpers import load_test_module
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 CHECKS = {
-    "no_failures", "drained", "kv_released", "health_ok", "final_request_ok",
+    "no_failures", "drained", "kv_released", "slots_released", "health_ok", "final_request_ok",
     "no_server_errors", "no_crash", "shutdown_clean", "rss_bound",
 }  # fmt: skip
 
@@ -64,6 +64,7 @@ def test_load_test_smoke_run(default_model_dir, tmp_path) -> None:
         p = procs[role]
         assert p["ok"] is True and p["first_mib"] > 0 and p["max_mib"] >= p["last_mib"]
     assert d["end_state"]["running"] == 0 and d["end_state"]["kv_usage"] == 0
+    assert d["end_state"]["free_slots"] == d["end_state"]["usable_slots"] == 4  # --max-num-seqs
     assert d["checks"]["shutdown_clean"]["exit_code"] in (0, -15)
     assert set(d["phase_seconds"]) >= {"startup", "saturation", "load", "drain", "shutdown"}
     rss_ts, metrics_ts = d["rss_series"], d["metrics_series"]
@@ -83,6 +84,8 @@ def test_parse_metrics_and_idle(lt) -> None:
             'graphrt_kv_cache_usage_perc{model_name="m"} 0.0',
             'graphrt_kv_cache_free_pages{model_name="m"} 10.0',
             'graphrt_kv_cache_usable_pages{model_name="m"} 10.0',
+            'graphrt_free_slots{model_name="m"} 4.0',
+            'graphrt_usable_slots{model_name="m"} 4.0',
             'graphrt_engine_healthy{model_name="m"} 1.0',
             'graphrt_request_failure_total{model_name="m",reason="overloaded"} 3.0',
             'graphrt_request_failure_total{model_name="m",reason="engine_error"} 0.0',
@@ -100,6 +103,9 @@ def test_parse_metrics_and_idle(lt) -> None:
     assert not lt.is_idle({**s, "kv_free_pages": 9}) and not lt.is_idle({})
     assert not lt.is_idle({**s, "engine_healthy": 0})  # stale zeros of a dead engine
     assert all(c["ok"] for c in lt.state_checks((True, 0.1, s)).values())
+    leaked = lt.state_checks((True, 0.1, {**s, "free_slots": 3.0}))
+    assert leaked["slots_released"] == {"ok": False, "detail": "free=3.0 usable=4.0"}
+    assert leaked["kv_released"]["ok"] and leaked["drained"]["ok"]
 
 
 def _scrape(lt, metrics) -> dict:
@@ -108,14 +114,14 @@ def _scrape(lt, metrics) -> dict:
 
 
 def test_checks_fail_on_a_dead_engine(lt) -> None:
-    """What the server exports for a dead engine (its last stats said idle, all pages free)
-    never passes as drained or released; nor would NaN gauges."""
+    """What the server exports for a dead engine (its last stats said idle, all pages and slots
+    free) never passes as drained or released; nor would NaN gauges."""
     from graphrt.serve.metrics import ServerMetrics
 
     m = ServerMetrics("m")
     idle = {
         "running": 0, "waiting": 0, "kv_usage": 0.0, "free_pages": 10, "usable_pages": 10,
-        "preemptions": 0,
+        "free_slots": 4, "usable_slots": 4, "preemptions": 0,
     }  # fmt: skip
     m.update_engine(idle, healthy=True)
     alive = _scrape(lt, m)
@@ -124,7 +130,7 @@ def test_checks_fail_on_a_dead_engine(lt) -> None:
     m.update_engine(idle, healthy=False)  # the API process's last stats, engine now dead
     dead = _scrape(lt, m)
     assert dead["engine_healthy"] == 0 and dead["in_flight"] == 0
-    assert not set(dead) & {"running", "waiting", "kv_usage", "kv_free_pages"}
+    assert not set(dead) & {"running", "waiting", "kv_usage", "free_slots", "usable_slots"}
     assert not lt.is_idle(dead)
     checks = lt.state_checks((lt.is_idle(dead), 1.0, dead))
     assert {k: c["ok"] for k, c in checks.items()} == dict.fromkeys(checks, False)
@@ -132,7 +138,7 @@ def test_checks_fail_on_a_dead_engine(lt) -> None:
 
     nan = {**dead, **{k: float("nan") for k in ("running", "waiting", "kv_usage")}}
     nan.update({k: float("nan") for k in ("kv_free_pages", "kv_usable_pages")})
-    nan.update(engine_healthy=1.0)
+    nan.update(free_slots=float("nan"), usable_slots=float("nan"), engine_healthy=1.0)
     assert not lt.is_idle(nan)
     assert not any(c["ok"] for c in lt.state_checks((False, 1.0, nan)).values())
 

@@ -165,10 +165,12 @@ def test_mock_engine_paces_tokens_and_counts_pages() -> None:
     assert wire[-1].finished and wire[-1].choices[0].finish_reason == "length"
     assert wire[0].choices[0].logprobs[0].token_id == wire[0].choices[0].token_ids[0]
     assert eng.pages.num_free == eng.pages.num_usable  # "a" finished: its pages are back
+    assert eng.slots.num_free == eng.slots.num_usable == 2  # and its two slots
     assert eng.step()[0].request_id == "b"  # admitted once "a" left
-    assert eng.pages.num_free < eng.pages.num_usable
+    assert eng.pages.num_free < eng.pages.num_usable and eng.slots.num_free == 1
     assert eng.abort("b") and not eng.has_unfinished()
     assert eng.pages.num_free == eng.pages.num_usable and eng.kv_usage() == 0.0
+    assert eng.slots.num_free == 2
 
 
 def test_api_server_count_default_and_validation() -> None:
@@ -247,18 +249,19 @@ def test_engine_gauges_are_left_out_unless_the_engine_is_healthy() -> None:
     assert not set(samples(m)) & set(ENGINE_STATE_GAUGES)
     stats = {
         "running": 2, "waiting": 1, "kv_usage": 0.25, "free_pages": 30, "usable_pages": 40,
-        "preemptions": 3, "steps": 9, "failed_requests": 0,
+        "free_slots": 6, "usable_slots": 8, "preemptions": 3, "steps": 9, "failed_requests": 0,
     }  # fmt: skip
     m.update_engine(stats, healthy=True)
     s = samples(m)
     assert s["graphrt_engine_healthy"] == 1 and set(ENGINE_STATE_GAUGES) <= set(s)
     assert (s["graphrt_num_requests_running"], s["graphrt_kv_cache_usage_perc"]) == (2, 0.25)
+    assert (s["graphrt_free_slots"], s["graphrt_usable_slots"]) == (6, 8)
     assert (s["graphrt_kv_cache_free_pages"], s["graphrt_kv_cache_usable_pages"]) == (30, 40)
 
     m.update_engine(stats, healthy=False)  # dead or stuck: its last stats are not reported
     s = samples(m)
     assert s["graphrt_engine_healthy"] == 0 and not set(s) & set(ENGINE_STATE_GAUGES)
     text = m.render()[0].decode()
-    assert "# TYPE graphrt_num_requests_running gauge" in text  # still described
+    assert "# TYPE graphrt_free_slots gauge" in text  # still described
     m.update_engine(stats, healthy=True)  # it recovered (a stuck engine resumed)
     assert set(ENGINE_STATE_GAUGES) <= set(samples(m))

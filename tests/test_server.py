@@ -350,10 +350,12 @@ def test_streaming_client_disconnect_aborts(server: ServerProcess, http: httpx.C
         assert resp.status_code == 200
         lines = resp.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
-        assert metrics(server.base_url)["graphrt_num_requests_running"] == 1
+        m = metrics(server.base_url)
+        assert m["graphrt_num_requests_running"] == 1
+        assert m["graphrt_free_slots"] == m["graphrt_usable_slots"] - 1 == 16 - 1
     # Leaving the block closed the connection mid-stream.
     wait_until("the stream's request is aborted", lambda: _disconnects(server.base_url) > before)
-    wait_until("its pages are freed", lambda: engine_idle_and_kv_full(server.base_url))
+    wait_until("its pages and slot are freed", lambda: engine_idle_and_kv_full(server.base_url))
 
 
 def test_non_streaming_client_disconnect_aborts(server: ServerProcess) -> None:
@@ -594,6 +596,11 @@ def test_metrics_content(server: ServerProcess) -> None:
         "graphrt_num_requests_running",
         "graphrt_num_requests_waiting",
         "graphrt_kv_cache_usage_perc",
+        "graphrt_kv_cache_free_pages",
+        "graphrt_kv_cache_usable_pages",
+        "graphrt_free_slots",
+        "graphrt_usable_slots",
+        "graphrt_num_preemptions",
         "graphrt_time_to_first_token_seconds_count",
         "graphrt_inter_token_latency_seconds_count",
         "graphrt_prompt_tokens_total",
@@ -605,6 +612,7 @@ def test_metrics_content(server: ServerProcess) -> None:
     assert m["graphrt_inter_token_latency_seconds_count"] > 0
     assert m["graphrt_generation_tokens_total"] > 0
     assert m["graphrt_engine_healthy"] == 1
+    assert m["graphrt_usable_slots"] == 16  # --max-num-seqs
     assert m["graphrt_request_success_total:length"] > 0
     for reason in ("invalid_request", "unauthorized", "not_found", "too_large", "overloaded"):
         assert m[f"graphrt_request_failure_total:{reason}"] > 0, reason

@@ -114,6 +114,7 @@ def test_dead_engine_fails_in_flight_requests_and_health(servers) -> None:
     worker.start()
     wait_until("the first request is in flight",
                lambda: metrics(url)["graphrt_api_requests_in_flight"] == 1)  # fmt: skip
+    wait_until("it holds a slot", lambda: metrics(url)["graphrt_free_slots"] == 8 - 1)
     stream_body = {**body, "stream": True}
     with httpx.stream("POST", url + "/v1/completions", json=stream_body, timeout=120) as r:
         lines = r.iter_lines()
@@ -139,7 +140,7 @@ def test_dead_engine_fails_in_flight_requests_and_health(servers) -> None:
     m = metrics(url)
     assert m["graphrt_engine_healthy"] == 0
     assert m["graphrt_request_failure_total:engine_error"] >= 3
-    # The dead engine's last stats (running, KV in use) are not reported, and not
+    # The dead engine's last stats (running, KV in use, slots held) are not reported, and not
     # as 0 either: no gauge of the engine's state is exported.
     assert not set(m) & set(ENGINE_STATE_GAUGES), sorted(set(m) & set(ENGINE_STATE_GAUGES))
     # So benchmarks/load_test.py's end-of-run checks fail against it instead of passing.
@@ -148,7 +149,7 @@ def test_dead_engine_fails_in_flight_requests_and_health(servers) -> None:
         drained = lt.wait_drained(http, timeout=1.0)
     assert drained[0] is False and drained[2]["engine_healthy"] == 0
     checks = lt.state_checks(drained)
-    assert set(checks) == {"drained", "kv_released"}
+    assert set(checks) == {"drained", "kv_released", "slots_released"}
     assert not any(c["ok"] for c in checks.values()), checks
     assert server.proc.poll() is None  # the API process stays up to report the failure
     assert server.stop() in (0, -signal.SIGTERM)

@@ -155,6 +155,7 @@ def test_metrics_merge_both_processes(servers, client) -> None:
     assert after["graphrt_api_requests_in_flight"] == 0
     assert after["graphrt_engine_healthy"] == 1
     assert after["graphrt_kv_cache_usable_pages"] > 0
+    assert after["graphrt_free_slots"] == after["graphrt_usable_slots"] == 8  # --max-num-seqs
 
 
 def test_dead_engine_fails_health_on_every_process(servers) -> None:

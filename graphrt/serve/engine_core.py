@@ -276,6 +276,8 @@ class EngineCore:
             "kv_usage": e.kv_usage(),
             "free_pages": e.pages.num_free,
             "usable_pages": e.pages.num_usable,
+            "free_slots": e.slots.num_free,
+            "usable_slots": e.slots.num_usable,
             "preemptions": e.scheduler.num_preemptions,
             "steps": e.stats.get("steps", 0),
             "failed_requests": e.stats.get("failed_requests", 0),

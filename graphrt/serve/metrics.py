@@ -174,6 +174,8 @@ class EngineGauges:
         ("graphrt_kv_cache_usage_perc", "Fraction of usable KV pages in use", "kv_usage"),
         ("graphrt_kv_cache_free_pages", "KV pages free in the allocator", "free_pages"),
         ("graphrt_kv_cache_usable_pages", "KV pages requests can use", "usable_pages"),
+        ("graphrt_free_slots", "Request slots free in the allocator", "free_slots"),
+        ("graphrt_usable_slots", "Request slots (one per running sequence)", "usable_slots"),
         ("graphrt_num_preemptions", "Preemptions since the engine started", "preemptions"),
     )
     HEALTHY = ("graphrt_engine_healthy", "1 while the engine process is alive and reporting")

@@ -6,9 +6,9 @@ It loads nothing and computes nothing: every ``step_s`` seconds each running com
 token (a fixed id-to-word mapping), as a decode step on a real GPU would deliver them, and a
 request finishes after exactly ``max_tokens`` tokens. Everything around it is the real server:
 the engine-core loop, the wire format, the API process(es), HTTP and SSE. Admission is FIFO up
-to ``max_num_seqs`` running completions; KV pages are counted (not allocated), so the engine
-gauges and abort-frees-pages behave as with a real engine. Stop strings, stop ids, EOS,
-``min_tokens`` and penalties are accepted and ignored.
+to ``max_num_seqs`` running completions; KV pages and request slots are counted (not
+allocated), so the engine gauges and abort-frees-pages behave as with a real engine. Stop
+strings, stop ids, EOS, ``min_tokens`` and penalties are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -61,6 +61,18 @@ class _Pages:
         return self.num_usable - self.num_free
 
 
+class _Slots:
+    """Request slots: one per running completion, as the engine's ``SlotAllocator`` hands out."""
+
+    def __init__(self, num_usable: int, scheduler: _Scheduler) -> None:
+        self.num_usable = num_usable
+        self._scheduler = scheduler
+
+    @property
+    def num_free(self) -> int:
+        return self.num_usable - sum(g.params.n for g in self._scheduler.running)
+
+
 class _Scheduler:
     def __init__(self) -> None:
         self.running: list[_Group] = []
@@ -111,6 +123,7 @@ class MockEngine:
             num_pages = max_num_seqs * math.ceil(self.max_model_len / page_size)
         self.pages = _Pages(num_pages, page_size)
         self.scheduler = _Scheduler()
+        self.slots = _Slots(max_num_seqs, self.scheduler)
         self.stats = {"steps": 0, "graph_steps": 0, "failed_requests": 0}
         self._groups: dict[str, _Group] = {}
         self._next_tick = 0.0
