@@ -281,19 +281,9 @@ class ModelRunner:
         )
         with torch.inference_mode():
             fb.attn_meta = self.attn.prepare_metadata(inputs)
-            logits = self.model.compute_logits(self.model(fb))
             out = SampleOutputs.allocate(rows, self.max_logprobs, self.device)
             slots = torch.zeros(rows, dtype=torch.int64, device=self.device)
-            sample(
-                logits,
-                slots,
-                slots,
-                slots,
-                self.slot_state,
-                self.token_buf,
-                SamplerFlags(True, True, True),
-                out,
-            )
+            self._forward_and_sample(fb, slots, slots, slots, SamplerFlags(True, True, True), out)
         torch.cuda.synchronize()
 
     # ---- steps ----------------------------------------------------------------------------
@@ -360,18 +350,7 @@ class ModelRunner:
             attn_backend=self.attn,
             attn_meta=attn_meta,
         )
-        logits = self.model.compute_logits(self.model(fb))
-        sample(
-            logits,
-            slots,
-            slots,
-            seq_lens,
-            self.slot_state,
-            self.token_buf,
-            flags,
-            out,
-            self.ops.argmax,
-        )
+        self._forward_and_sample(fb, slots, slots, seq_lens, flags, out)
 
     def _eager(self, plan: StepPlan, flags: SamplerFlags) -> SampleOutputs:
         dev = self.device
@@ -430,19 +409,31 @@ class ModelRunner:
             attn_backend=self.attn,
             attn_meta=self.attn.prepare_metadata(inputs),
         )
+        self._forward_and_sample(fb, slots, out_slots, seq_lens, flags, out)
+        return out
+
+    def _forward_and_sample(
+        self,
+        fb: ForwardBatch,
+        slots: torch.Tensor,
+        out_slots: torch.Tensor,
+        positions: torch.Tensor,
+        flags: SamplerFlags,
+        out: SampleOutputs,
+    ) -> None:
+        """The model, its logits and the sampler: the tail every step shares (see ``sample``)."""
         logits = self.model.compute_logits(self.model(fb))
         sample(
             logits,
             slots,
             out_slots,
-            seq_lens,
+            positions,
             self.slot_state,
             self.token_buf,
             flags,
             out,
             self.ops.argmax,
         )
-        return out
 
     def _decode_bound(self, plan: StepPlan) -> int:
         """Static KV-length bound of decode steps run without a graph.
