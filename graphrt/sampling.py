@@ -221,15 +221,17 @@ def sample(
     sampler (greedy needs no copy); ``slots``: whose parameters each row uses; ``out_slots``:
     where each row's token goes (the dummy slot for rows that must not record one);
     ``positions``: the position the sampled token will occupy; ``argmax``: the greedy kernel
-    (``Ops.argmax``). No host synchronisation, no allocation that depends
-    on values: safe to capture.
+    (``Ops.argmax``). No host synchronisation, no allocation that depends on values: safe to
+    capture.
     """
+    # One fp32 copy, shared by logprobs and the full sampler; greedy alone needs none.
+    lf = logits.float() if flags.logprobs or flags.full else logits
     if flags.logprobs:
-        logp = logits.float().log_softmax(dim=-1)
+        logp = lf.log_softmax(dim=-1)
     if not flags.full:
         ids = argmax(logits)
     else:
-        work = apply_penalties(logits.float(), slots, state)
+        work = apply_penalties(lf, slots, state)
         work = ban_stop_ids(work, slots, positions, state)
         greedy_ids = work.argmax(dim=-1)
         temp = state.temperature.index_select(0, slots)
