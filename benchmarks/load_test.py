@@ -853,25 +853,14 @@ def make_parser() -> argparse.ArgumentParser:
     add("--api-key", default=None)
     add("--model", default=None, help="model name to send (default: the server's first)")
     w = p.add_argument_group("workload (serving.py's)")
-    w.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    w.add_argument("--input-len", type=int, default=256)
-    w.add_argument("--output-len", type=int, default=128)
-    w.add_argument(
-        "--range-ratio", type=float, default=0.5, help="lengths uniform in len * [1 - r, 1 + r]"
-    )
-    w.add_argument("--prompt-kind", choices=["token-ids", "words"], default="token-ids")
-    w.add_argument("--token-id-min", type=int, default=1000)
-    w.add_argument("--token-id-max", type=int, default=9000, help="exclusive")
+    serving.add_workload_args(w, input_len=256, range_ratio=0.5)
     w.add_argument(
         "--num-distinct-prompts",
         type=int,
         default=1024,
         help="seeded prompt/length pairs, used in turn",
     )
-    w.add_argument("--temperature", type=float, default=0.0)
-    w.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false")
     w.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 is Poisson")
-    w.add_argument("--seed", type=int, default=0)
     w.add_argument("--warmup", type=int, default=2, help="requests sent before anything")
     w.add_argument(
         "--timeout",
@@ -934,11 +923,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    server_args: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, server_args = argv[:cut], argv[cut + 1 :]
+    argv, server_args = serving.split_server_args(argv)
     args = make_parser().parse_args(argv)
     positive = ("duration", "load_factor", "timeout", "sample_interval", "saturation_duration")
     for name in positive:

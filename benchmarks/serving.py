@@ -352,7 +352,6 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--api-key", default=None)
     p.add_argument("--model", default=None, help="default: the server's first model")
-    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument(
         "--request-rate", type=float, default=float("inf"), help="requests/s; inf sends all at once"
@@ -371,10 +370,26 @@ def make_parser() -> argparse.ArgumentParser:
         help="client processes sharing the load (and the concurrency cap); use several when "
         "one cannot keep up with the server's chunk rate",
     )
-    p.add_argument("--input-len", type=int, default=128)
+    add_workload_args(p, input_len=128, range_ratio=0.0)
+    p.add_argument("--warmup", type=int, default=1, help="requests sent before measuring")
+    p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    p.add_argument("--json", default=None, help="write the results here ('-' for stdout)")
+    return p
+
+
+def add_workload_args(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, *, input_len: int, range_ratio: float
+) -> None:
+    """The seeded synthetic workload's flags (``request_body`` and the job generator read
+    them); ``load_test.py`` shares them with its own defaults."""
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument("--input-len", type=int, default=input_len)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument(
-        "--range-ratio", type=float, default=0.0, help="lengths uniform in len * [1 - r, 1 + r]"
+        "--range-ratio",
+        type=float,
+        default=range_ratio,
+        help="lengths uniform in len * [1 - r, 1 + r]",
     )
     p.add_argument("--prompt-kind", choices=["token-ids", "words"], default="token-ids")
     p.add_argument("--token-id-min", type=int, default=1000)
@@ -382,18 +397,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup", type=int, default=1, help="requests sent before measuring")
-    p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
-    p.add_argument("--json", default=None, help="write the results here ('-' for stdout)")
-    return p
+
+
+def split_server_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """The command line split at ``--``: this script's arguments, then the server's."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    server_args: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, server_args = argv[:cut], argv[cut + 1 :]
+    argv, server_args = split_server_args(argv)
     args = make_parser().parse_args(argv)
     if args.burstiness <= 0 or args.request_rate <= 0:
         raise SystemExit("--request-rate and --burstiness must be > 0")
