@@ -26,7 +26,6 @@ from the host clock and MBU is not reported.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -39,7 +38,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from graphrt import Engine, SamplingParams
-from graphrt.capture.measure import DecodeBench, measure_hbm_bandwidth, run_until_idle, summarize
+from graphrt.capture.measure import (
+    DecodeBench,
+    measure_hbm_bandwidth,
+    run_header,
+    run_until_idle,
+    summarize,
+)
 from graphrt.overlap import StepProfiler
 from graphrt.sampling import GREEDY
 from graphrt.step_plan import StepPlan
@@ -275,20 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     # Measured before the engine takes its share of memory; the same figure for every row.
     bw = measure_hbm_bandwidth(torch.device("cuda")) if want_cuda else None
     eng = build_engine(args)
-    r = eng.runner
-    dev = torch.cuda.get_device_name(r.device) if r.device.type == "cuda" else "cpu"
     header = {
-        "benchmark": "decode_roofline",
-        "model": args.model,
-        "device": dev,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "hbm_bytes_per_s": bw,
-        "weight_bytes": r.weight_bytes,
-        "kv_bytes_per_token": r.kv_spec.bytes_per_token,
-        "dtype": str(r.settings.dtype).removeprefix("torch."),
-        "attention_backend": r.settings.attention_backend,
-        "overlap": eng.config.overlap,
+        **run_header("decode_roofline", args.model, eng, bw),
         "context_len": args.context_len,
         "prompt_len": _prompt_len(args),
         "warmup_steps": args.warmup_steps,

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import json
 import statistics
@@ -53,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from graphrt import Engine, EngineConfig, SamplingParams
-from graphrt.capture.measure import measure_hbm_bandwidth, summarize
+from graphrt.capture.measure import measure_hbm_bandwidth, run_header, summarize
 
 
 @dataclass
@@ -512,21 +511,11 @@ def main(argv: list[str] | None = None) -> int:
     wl = make_workload(args, eng.model_config.vocab_size)
     res: dict[str, Any] = {
         "header": {
-            "benchmark": "offline_throughput",
-            "model": args.model,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "hbm_bytes_per_s": bw,
-            "weight_bytes": r.weight_bytes,
-            "kv_bytes_per_token": r.kv_spec.bytes_per_token,
-            "dtype": str(r.settings.dtype).removeprefix("torch."),
-            "attention_backend": r.settings.attention_backend,
+            **run_header("offline_throughput", args.model, eng, bw),
             "max_num_seqs": eng.config.max_num_seqs,
             "max_num_batched_tokens": eng.config.max_num_batched_tokens,
             "max_model_len": eng.max_model_len,
             "num_pages": eng.pages.num_usable,
-            "overlap": eng.config.overlap,
             "repeats": args.repeats,
             "workload_seed": args.workload_seed,
             "workload": wl.describe(),

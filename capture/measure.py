@@ -3,6 +3,7 @@ decode bench of fake running rows over a live engine, GPU timing, and repeat sta
 
 from __future__ import annotations
 
+import datetime
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +26,26 @@ def summarize(values: Iterable[float | None]) -> dict[str, Any]:
         "min": min(vals),
         "max": max(vals),
         "values": vals,
+    }
+
+
+def run_header(benchmark: str, model: str, eng: Engine, hbm_bytes_per_s: float | None) -> dict:
+    """What every benchmark's JSON starts with: the run, the card, the model's byte counts and
+    the engine settings that decide its speed. Callers add their own keys."""
+    r = eng.runner
+    dev = r.device
+    return {
+        "benchmark": benchmark,
+        "model": model,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "hbm_bytes_per_s": hbm_bytes_per_s,
+        "weight_bytes": r.weight_bytes,
+        "kv_bytes_per_token": r.kv_spec.bytes_per_token,
+        "dtype": str(r.settings.dtype).removeprefix("torch."),
+        "attention_backend": r.settings.attention_backend,
+        "overlap": eng.config.overlap,
     }
 
 

@@ -16,7 +16,7 @@ import openai
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from server_helpers import engine_idle_and_kv_full, metrics, wait_until
+from server_helpers import ENGINE_STATE_GAUGES, engine_idle_and_kv_full, metrics, wait_until
 
 from graphrt.serve.launcher import ServerProcess
 
@@ -593,14 +593,7 @@ def test_property_any_json_never_5xx(http: httpx.Client, body: object, path: str
 def test_metrics_content(server: ServerProcess) -> None:
     m = metrics(server.base_url)
     for name in (
-        "graphrt_num_requests_running",
-        "graphrt_num_requests_waiting",
-        "graphrt_kv_cache_usage_perc",
-        "graphrt_kv_cache_free_pages",
-        "graphrt_kv_cache_usable_pages",
-        "graphrt_free_slots",
-        "graphrt_usable_slots",
-        "graphrt_num_preemptions",
+        *ENGINE_STATE_GAUGES,
         "graphrt_time_to_first_token_seconds_count",
         "graphrt_inter_token_latency_seconds_count",
         "graphrt_prompt_tokens_total",
