@@ -86,6 +86,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         dtype=args.dtype,
         device=args.device,
         attention_backend=args.attention_backend,
+        pdl=args.pdl,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=max_bs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -256,6 +257,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--no-pdl", dest="pdl", action="store_false", help="launch kernels without PDL")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="prefill chunk")
     p.add_argument("--seed", type=int, default=0)

@@ -180,7 +180,12 @@ def _sweep_norm_warps(timer, sets, w, label, nbytes, iters) -> list[Result]:
 
 
 def bench_ops(
-    timer: Timer, dev: torch.device, smoke: bool, impls: dict, sweep: bool = False
+    timer: Timer,
+    dev: torch.device,
+    smoke: bool,
+    impls: dict,
+    sweep: bool = False,
+    pdl: bool = False,
 ) -> list[Result]:
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     b, h, inter = (4, 256, 512) if smoke else (256, 4096, 14336)
@@ -202,6 +207,16 @@ def bench_ops(
         for name, mod in impls.items():
             fns = [lambda x=x, r=r, m=mod: m.fused_add_rms_norm(x, r, w, 1e-5) for x, r in sets]
             res.append(Result(label, name, nbytes, timer(fns, iters)))
+        if pdl:
+            # Back to back with PDL, as in a step: each call waits for the previous one to
+            # complete before it reads, but its launch overlaps the previous call's tail.
+            from graphrt.kernels import triton_ops
+
+            fns = [
+                lambda x=x, r=r: triton_ops.fused_add_rms_norm(x, r, w, 1e-5, pdl=True)
+                for x, r in sets
+            ]
+            res.append(Result(label, "triton-pdl", nbytes, timer(fns, iters), "PDL launches"))
         if sweep and rows == b and not hot:
             res += _sweep_norm_warps(timer, sets, w, label, nbytes, iters)
         del sets
@@ -520,15 +535,19 @@ def _gemv_sweep_configs(m: int):
     return [GemvConfig(bn, bk, w, 4) for bn in (16, 32) for bk in (128, 256) for w in (4, 8)]
 
 
-def bench_gemv(timer: Timer, dev: torch.device, smoke: bool, sweep: bool) -> list[Result]:
+def bench_gemv(
+    timer: Timer, dev: torch.device, smoke: bool, sweep: bool, pdl: bool = False
+) -> list[Result]:
     """cuBLAS (``F.linear``) against the GEMV kernel at decode's few-row shapes; bytes = weight +
-    input + output. With ``--sweep``, every launch config at m = 1 and 8."""
+    input + output. ``pdl`` adds the GEMV launched with PDL, back to back as in a step (its first
+    weight block loads while the previous call finishes). With ``--sweep``, every launch config
+    at m = 1 and 8."""
     import torch.nn.functional as F
 
     from graphrt.kernels import triton_gemv as tg
 
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    shapes = [("tiny", "x", 512, 64)] if smoke else GEMV_SHAPES
+    shapes = [("tiny", "down", 512, 64)] if smoke else GEMV_SHAPES
     ms = (1, 2) if smoke else (1, 2, 4, 8, 16) if sweep else (1, 8)
     iters = 2 if smoke else 20
     res = []
@@ -547,6 +566,11 @@ def bench_gemv(timer: Timer, dev: torch.device, smoke: bool, sweep: bool) -> lis
             if cfg is not None:
                 fns = [lambda w=w, x=x, c=cfg: tg.gemv(x, w, None, c) for w in ws]
                 res.append(Result(label, "triton", nbytes, timer(fns, iters), str(cfg)))
+                if pdl:
+                    fns = [lambda w=w, x=x, c=cfg: tg.gemv(x, w, None, c, pdl=True) for w in ws]
+                    res.append(Result(label, "triton-pdl", nbytes, timer(fns, iters), str(cfg)))
+            if layer == "down" and m == 1:
+                res += _bench_down_silu(timer, ws, m, n, k, iters, pdl)
             if sweep and m in (1, 8):
                 for c in _gemv_sweep_configs(m):
                     fns = [lambda w=w, x=x, c=c: tg.gemv(x, w, None, c) for w in ws]
@@ -556,6 +580,30 @@ def bench_gemv(timer: Timer, dev: torch.device, smoke: bool, sweep: bool) -> lis
         del ws
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    return res
+
+
+def _bench_down_silu(timer, ws, m, n, k, iters, pdl) -> list[Result]:
+    """The down projection on the gate/up output: SiLU-and-mul then cuBLAS (two kernels, plus
+    cuBLAS's split-K reduction) against the GEMV that applies SiLU as it loads its input. Bytes
+    = weight + gate/up input + output, as the fused kernel reads them."""
+    import torch.nn.functional as F
+
+    from graphrt.kernels import triton_gemv as tg
+    from graphrt.kernels import triton_ops
+
+    gu = torch.randn(m, 2 * k, device=ws[0].device, dtype=ws[0].dtype)
+    nbytes = n * k * 2 + 2 * m * (n + 2 * k)
+    label = f"silu+down m{m} {n}x{k}"
+    res = []
+    fns = [lambda w=w: F.linear(triton_ops.silu_and_mul(gu), w) for w in ws]
+    res.append(Result(label, "silu+cublas", nbytes, timer(fns, iters), "two kernels"))
+    cfg = tg.gemv_config(m, n, k, silu_mul=True)
+    if cfg is not None:
+        for on in (False, True) if pdl else (False,):
+            fns = [lambda w=w, on=on: tg.gemv(gu, w, None, cfg, silu_mul=True, pdl=on) for w in ws]
+            impl = "triton-silu-pdl" if on else "triton-silu"
+            res.append(Result(label, impl, nbytes, timer(fns, iters), str(cfg)))
     return res
 
 
@@ -622,6 +670,9 @@ def main(argv: list[str] | None = None) -> None:
         "--no-decode-sweep", action="store_true", help="with --sweep: extend and norm only"
     )
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script only")
+    ap.add_argument(
+        "--no-pdl", action="store_true", help="skip the rows launched with PDL (sm_90+ only)"
+    )
     ap.add_argument("--skip-ops", action="store_true", help="attention only")
     ap.add_argument(
         "--only",
@@ -640,7 +691,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
 
     from graphrt.kernels import reference, triton_ops
+    from graphrt.kernels.pdl import pdl_supported
 
+    pdl = pdl_supported(dev) and not args.no_pdl
     timer = Timer(dev, args.reps)
     results = bench_hbm(timer, dev, args.smoke)
     # The ceiling: the fastest copy, bytes read + written (DESIGN.md's definition).
@@ -659,8 +712,8 @@ def main(argv: list[str] | None = None) -> None:
     sections.append(("extend", lambda: bench_extend(timer, dev, args.smoke, args.sweep)))
     if not args.skip_ops:
         impls = {"triton": triton_ops, "torch": reference}
-        sections.append(("ops", lambda: bench_ops(timer, dev, args.smoke, impls, args.sweep)))
-        sections.append(("gemv", lambda: bench_gemv(timer, dev, args.smoke, args.sweep)))
+        sections.append(("ops", lambda: bench_ops(timer, dev, args.smoke, impls, args.sweep, pdl)))
+        sections.append(("gemv", lambda: bench_gemv(timer, dev, args.smoke, args.sweep, pdl)))
         sections.append(("argmax", lambda: bench_argmax(timer, dev, args.smoke)))
     for name, section in sections:
         if args.only and name not in args.only:

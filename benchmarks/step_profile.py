@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--load-format", default="auto")
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--no-pdl", dest="pdl", action="store_false", help="launch kernels without PDL")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--context-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="profiled steps per batch size")
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model,
         load_format=args.load_format,
         attention_backend=args.attention_backend,
+        pdl=args.pdl,
         max_num_seqs=max_bs,
         cuda_graph_max_bs=max_bs,
         cuda_graph_batch_sizes=tuple(sorted(set(args.batch_sizes))),

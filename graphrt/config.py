@@ -38,6 +38,8 @@ _HELP: dict[str, str] = {
     "attention_backend": "attention kernels: 'torch' (reference), 'triton', 'flashinfer'",
     "cuda_graph_max_bs": "largest decode batch captured as a CUDA graph; 0 disables graphs",
     "cuda_graph_batch_sizes": "explicit decode batch-size buckets to capture",
+    "pdl": "launch the Triton kernels with programmatic dependent launch where the GPU supports "
+    "it (sm_90+): each kernel's launch overlaps the end of the one before",
     "overlap": "'thread': launcher thread, scheduler one step ahead; 'inline': one step ahead "
     "on the scheduler thread; 'off': synchronous; 'two_events': also waits on launch_done",
 }
@@ -69,6 +71,7 @@ class EngineConfig:
     attention_backend: AttentionBackendName = "auto"
     cuda_graph_max_bs: int = 256
     cuda_graph_batch_sizes: tuple[int, ...] | None = None
+    pdl: bool = True
     overlap: OverlapMode = "thread"
 
     def __post_init__(self) -> None:
@@ -132,6 +135,8 @@ class EngineConfig:
             elif f.name == "cuda_graph_batch_sizes":
                 kwargs["type"] = int
                 kwargs["nargs"] = "+"
+            elif tp is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction  # --pdl / --no-pdl
             else:
                 kwargs["type"] = _scalar_type(tp)
             if kwargs["help"]:

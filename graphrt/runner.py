@@ -25,6 +25,7 @@ from graphrt.forward_batch import ForwardBatch
 from graphrt.host_copy import to_device
 from graphrt.kernels.attention_backend import AttentionSpec, AttnInputs, get_backend_class
 from graphrt.kernels.ops import make_ops
+from graphrt.kernels.pdl import pdl_supported
 from graphrt.memory.kv_pool import KVPool, KVPoolSpec
 from graphrt.models.loader import build_model, init_dummy, load_safetensors
 from graphrt.models.model_config import ModelConfig
@@ -42,6 +43,7 @@ class ResolvedSettings:
     dtype: torch.dtype
     attention_backend: str
     ops: str
+    pdl: bool  # launch the Triton kernels with programmatic dependent launch
     max_model_len: int
     max_pages_per_seq: int
     num_slots: int
@@ -79,6 +81,7 @@ def resolve_settings(config: EngineConfig, model_cfg: ModelConfig) -> ResolvedSe
         dtype=dtype,
         attention_backend=backend,
         ops=ops,
+        pdl=config.pdl and ops == "triton" and pdl_supported(device),
         max_model_len=max_len,
         max_pages_per_seq=pages,
         num_slots=config.max_num_seqs + 1,  # + the dummy slot
@@ -122,7 +125,7 @@ class ModelRunner:
         s = self.settings = resolve_settings(config, model_cfg)
         self.device = s.device
         t0 = time.perf_counter()
-        self.ops = make_ops(s.ops)
+        self.ops = make_ops(s.ops, pdl=s.pdl)
         self.model = build_model(model_cfg, self.ops, s.dtype, s.device, s.max_model_len + 1)
         self.model_cfg: ModelConfig = self.model.cfg
         if config.load_format == "dummy" or model_dir is None:
@@ -151,6 +154,7 @@ class ModelRunner:
             scale=c.head_dim**-0.5,
             dtype=s.dtype,
             device=s.device,
+            pdl=s.pdl,
         )
         self.backend_cls = get_backend_class(s.attention_backend)
         # Slot-indexed device state. Slot 0 and page 0 are the dummies padded rows point at.

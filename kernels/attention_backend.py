@@ -31,6 +31,9 @@ class AttentionSpec:
     scale: float
     dtype: torch.dtype
     device: torch.device
+    # Launch decode kernels with programmatic dependent launch (graphrt.kernels.pdl); backends
+    # without PDL kernels ignore it.
+    pdl: bool = False
 
 
 @dataclass

@@ -3,11 +3,12 @@
 Models receive an :class:`Ops` explicitly; nothing here is global. ``"torch"`` is the reference
 (and the CPU path); ``"triton"`` uses the fused Triton kernels in :mod:`graphrt.kernels.triton_ops`,
 the few-row GEMV of :mod:`graphrt.kernels.triton_gemv` (cuBLAS above it) and the two-pass argmax
-of :mod:`graphrt.kernels.triton_argmax`.
+of :mod:`graphrt.kernels.triton_argmax`, optionally launched with PDL (:mod:`graphrt.kernels.pdl`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,11 +24,17 @@ class Ops:
     silu_and_mul: Callable
     rope_and_store_kv: Callable
     linear: Callable
+    silu_mul_linear: Callable
     argmax: Callable
+    pdl: bool = False
 
 
-def make_ops(impl: str) -> Ops:
+def make_ops(impl: str, pdl: bool = False) -> Ops:
+    """The ops of ``impl``. ``pdl`` launches the Triton kernels with programmatic dependent
+    launch (:mod:`graphrt.kernels.pdl`); the caller checks the device supports it."""
     if impl == "torch":
+        if pdl:
+            raise ValueError("pdl needs the 'triton' ops")
         return Ops(
             name="torch",
             rms_norm=reference.rms_norm,
@@ -35,19 +42,26 @@ def make_ops(impl: str) -> Ops:
             silu_and_mul=reference.silu_and_mul,
             rope_and_store_kv=reference.rope_and_store_kv,
             linear=reference.linear,
+            silu_mul_linear=reference.silu_mul_linear,
             argmax=reference.argmax,
         )
     if impl == "triton":
         mod = importlib.import_module("graphrt.kernels.triton_ops")
         gemv = importlib.import_module("graphrt.kernels.triton_gemv")
         amax = importlib.import_module("graphrt.kernels.triton_argmax")
+
+        def bind(f: Callable) -> Callable:
+            return functools.partial(f, pdl=True) if pdl else f
+
         return Ops(
             name="triton",
-            rms_norm=mod.rms_norm,
-            fused_add_rms_norm=mod.fused_add_rms_norm,
-            silu_and_mul=mod.silu_and_mul,
-            rope_and_store_kv=mod.rope_and_store_kv,
-            linear=gemv.linear,
-            argmax=amax.argmax,
+            rms_norm=bind(mod.rms_norm),
+            fused_add_rms_norm=bind(mod.fused_add_rms_norm),
+            silu_and_mul=bind(mod.silu_and_mul),
+            rope_and_store_kv=bind(mod.rope_and_store_kv),
+            linear=bind(gemv.linear),
+            silu_mul_linear=bind(gemv.silu_mul_linear),
+            argmax=bind(amax.argmax),
+            pdl=pdl,
         )
     raise ValueError(f"unknown op implementation {impl!r}; choose 'torch' or 'triton'")

@@ -14,11 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
+from graphrt.kernels.pdl import launch_options, pdl_enter
+
 _CHUNK = 4096
 
 
 @triton.jit
-def _argmax_chunk_kernel(x_ptr, val_ptr, idx_ptr, n, stride_x, n_chunks, BLOCK: tl.constexpr):
+def _argmax_chunk_kernel(
+    x_ptr, val_ptr, idx_ptr, n, stride_x, n_chunks, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -30,7 +35,10 @@ def _argmax_chunk_kernel(x_ptr, val_ptr, idx_ptr, n, stride_x, n_chunks, BLOCK: 
 
 
 @triton.jit
-def _argmax_rows_kernel(val_ptr, idx_ptr, out_ptr, n_chunks, BLOCK_C: tl.constexpr):
+def _argmax_rows_kernel(
+    val_ptr, idx_ptr, out_ptr, n_chunks, BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr
+):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0)
     c = tl.arange(0, BLOCK_C)
     mask = c < n_chunks
@@ -42,7 +50,7 @@ def _argmax_rows_kernel(val_ptr, idx_ptr, out_ptr, n_chunks, BLOCK_C: tl.constex
     tl.store(out_ptr + row, first.to(tl.int64))
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:
+def argmax(logits: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` for a ``[B, V]`` tensor: int64 ``[B]``."""
     rows, n = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
@@ -55,9 +63,11 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     vals = torch.empty((rows, n_chunks), dtype=torch.float32, device=logits.device)
     idx = torch.empty((rows, n_chunks), dtype=torch.int32, device=logits.device)
     _argmax_chunk_kernel[(rows, n_chunks)](
-        logits, vals, idx, n, logits.stride(0), n_chunks, BLOCK=block, num_warps=8
-    )
+        logits, vals, idx, n, logits.stride(0), n_chunks, BLOCK=block, USE_PDL=pdl,
+        num_warps=8, **launch_options(pdl),
+    )  # fmt: skip
     _argmax_rows_kernel[(rows,)](
-        vals, idx, out, n_chunks, BLOCK_C=triton.next_power_of_2(n_chunks), num_warps=1
-    )
+        vals, idx, out, n_chunks, BLOCK_C=triton.next_power_of_2(n_chunks), USE_PDL=pdl,
+        num_warps=1, **launch_options(pdl),
+    )  # fmt: skip
     return out

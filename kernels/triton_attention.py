@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from graphrt.kernels.attention_backend import AttentionBackend, AttentionSpec, AttnInputs
+from graphrt.kernels.pdl import launch_options, pdl_enter
 
 _LOG2E = 1.4426950408889634
 
@@ -92,7 +93,10 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    # Before the early return below: a PDL kernel must not complete before the one it follows.
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -171,7 +175,9 @@ def _decode_merge_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -223,6 +229,7 @@ def paged_decode_attention(
     mid_lse: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: TritonAttentionConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """One query token per row. ``q``: ``[B, Hq, D]``; caches ``[pages, page_size, Hkv, D]``;
     ``page_rows``: ``[B, W]`` int32; ``seq_lens``: ``[B]`` (KV length including this token).
@@ -260,7 +267,8 @@ def paged_decode_attention(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=cfg.decode_block_n,
         NUM_SPLITS=num_splits, NUM_STAGES=cfg.decode_stages,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.decode_warps,
+        DOT_PRECISION=_dot_precision(q.dtype), USE_PDL=pdl, num_warps=cfg.decode_warps,
+        **launch_options(pdl),
     )  # fmt: skip
     if num_splits > 1:
         _decode_merge_kernel[(bsz, hq)](
@@ -268,7 +276,8 @@ def paged_decode_attention(
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
             HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_N=cfg.decode_block_n, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+            BLOCK_S=triton.next_power_of_2(num_splits), USE_PDL=pdl, num_warps=4,
+            **launch_options(pdl),
         )  # fmt: skip
     return out
 
@@ -562,6 +571,7 @@ class TritonAttentionBackend(AttentionBackend):
                 meta.mid_o,
                 meta.mid_lse,
                 config=self.config,
+                pdl=self.spec.pdl,
             )
         return paged_extend_attention(
             q,

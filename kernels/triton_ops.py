@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from graphrt.kernels.pdl import launch_options, pdl_enter
+
 
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(n)
@@ -37,9 +39,11 @@ def _rms_norm_kernel(
     n_cols,
     eps,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # Rows are addressed as (outer, inner) so [T, H, D] views of a fused qkv (not flattenable
     # without a copy) are read in place.
+    pdl_enter(USE_PDL)
     row = tl.program_id(0)
     outer = row // n_inner
     inner = row % n_inner
@@ -54,7 +58,9 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row.to(tl.int64) * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False
+) -> torch.Tensor:
     """``weight * x / rms(x)`` over the last dim; ``x`` may be a strided ``[T, H, D]`` view."""
     n = x.shape[-1]
     if x.stride(-1) != 1:
@@ -71,8 +77,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return out
     block = _pow2(n)
     _rms_norm_kernel[(rows,)](
-        x, weight, out, n_inner, s0, s1, n, eps, BLOCK=block, num_warps=_norm_warps(block)
-    )
+        x, weight, out, n_inner, s0, s1, n, eps, BLOCK=block, USE_PDL=pdl,
+        num_warps=_norm_warps(block), **launch_options(pdl),
+    )  # fmt: skip
     return out
 
 
@@ -86,7 +93,9 @@ def _fused_add_rms_norm_kernel(
     n_cols,
     eps,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64) * n_cols
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -104,7 +113,7 @@ def _fused_add_rms_norm_kernel(
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(rms_norm(x + residual), x + residual)`` in one pass over memory.
 
@@ -135,8 +144,9 @@ def fused_add_rms_norm(
         return out, res_out
     block = _pow2(n)
     _fused_add_rms_norm_kernel[(rows,)](
-        x, residual, weight, out, res_out, n, eps, BLOCK=block, num_warps=_norm_warps(block)
-    )
+        x, residual, weight, out, res_out, n, eps, BLOCK=block, USE_PDL=pdl,
+        num_warps=_norm_warps(block), **launch_options(pdl),
+    )  # fmt: skip
     return out, res_out
 
 
@@ -144,7 +154,8 @@ def fused_add_rms_norm(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -157,7 +168,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * d + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for the fused gate/up projection output."""
     d = x.shape[-1] // 2
     if x.stride(-1) != 1 or (x.dim() > 2 and not x.is_contiguous()):
@@ -169,7 +180,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, _pow2(d))
     grid = (rows, triton.cdiv(d, block))
-    _silu_and_mul_kernel[grid](x2, out, d, x2.stride(0), BLOCK=block, num_warps=4)
+    _silu_and_mul_kernel[grid](
+        x2, out, d, x2.stride(0), BLOCK=block, USE_PDL=pdl, num_warps=4, **launch_options(pdl)
+    )
     return out
 
 
@@ -246,7 +259,9 @@ def _rope_and_store_kv_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     loc = tl.load(locs_ptr + t).to(tl.int64)
@@ -284,6 +299,8 @@ def rope_and_store_kv(
     k_cache_flat: torch.Tensor,
     v_cache_flat: torch.Tensor,
     locs: torch.Tensor,
+    *,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox rotary on ``q`` and ``k`` and the write of rotated ``k`` and ``v`` into cache rows
     ``locs``, in one kernel. ``q``/``k``/``v`` may be strided views of a fused qkv output.
@@ -306,6 +323,6 @@ def rope_and_store_kv(
         cos_sin.stride(0), k_cache_flat.stride(0), k_cache_flat.stride(1),
         hq, hkv,
         HALF=half, BLOCK_HQ=_pow2(hq), BLOCK_HKV=_pow2(hkv), BLOCK_HALF=_pow2(half),
-        num_warps=4,
+        USE_PDL=pdl, num_warps=4, **launch_options(pdl),
     )  # fmt: skip
     return q_out, k_out

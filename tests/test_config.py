@@ -139,6 +139,9 @@ def _to_argv(cfg: EngineConfig) -> list[str]:
         v = getattr(cfg, f.name)
         if v is None:
             continue
+        if isinstance(v, bool):  # --flag / --no-flag
+            argv.append(("--" if v else "--no-") + f.name.replace("_", "-"))
+            continue
         argv.append("--" + f.name.replace("_", "-"))
         argv.extend(str(x) for x in v) if isinstance(v, tuple) else argv.append(str(v))
     return argv
@@ -164,6 +167,7 @@ def test_cli_round_trip_of_non_default_config() -> None:
         attention_backend="triton",
         cuda_graph_max_bs=32,
         cuda_graph_batch_sizes=(1, 2, 4, 32),
+        pdl=False,
         overlap="two_events",
     )
     # Every field differs from its default, so a flag that is dropped or mistyped shows.

@@ -64,6 +64,45 @@ def test_graph_replay_equals_eager(tiny_model_factory, arch: str, backend: str) 
     eager.shutdown()
 
 
+def test_pdl_changes_no_token(tiny_model_factory) -> None:
+    """Programmatic dependent launch changes when kernels start, never what they compute: graphs
+    captured with it give exactly the tokens and logprobs of graphs captured without it. The
+    shapes put every one-row linear layer on the GEMV (the down projection with SiLU fused)."""
+    from graphrt.kernels.pdl import pdl_supported
+
+    if not pdl_supported(torch.device("cuda")):
+        pytest.skip("PDL needs sm_90")
+    d = tiny_model_factory(
+        "LlamaForCausalLM",
+        initializer_range=0.3,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=1024,
+    )
+    common = dict(
+        show_progress=False, dtype="bfloat16", max_model_len=256, cuda_graph_batch_sizes=BUCKETS
+    )
+    on = Engine(str(d), pdl=True, **common)
+    off = Engine(str(d), pdl=False, **common)
+    assert on.runner.settings.pdl and on.runner.ops.pdl and not off.runner.settings.pdl
+    # The greedy graphs (argmax only), then the full-sampler graphs (logprobs).
+    for lp in (None, 2):
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=lp)
+        for n in (1, 3, 8, 13):
+            prompts = _prompts(n)
+            a = [o.outputs[0] for o in on.generate(prompts, params)]
+            b = [o.outputs[0] for o in off.generate(prompts, params)]
+            assert [x.token_ids for x in a] == [x.token_ids for x in b], f"bs={n} lp={lp}"
+            lp_a = [x.cumulative_logprob for x in a]
+            assert lp_a == [x.cumulative_logprob for x in b], f"bs={n}"
+    assert on.stats["graph_steps"] > 0
+    on.shutdown()
+    off.shutdown()
+
+
 def test_sampled_graph_replay_equals_eager(tiny_model_factory) -> None:
     d = tiny_model_factory("LlamaForCausalLM", initializer_range=0.3)
     common = dict(show_progress=False, dtype="bfloat16", max_model_len=256, overlap="thread")

@@ -208,7 +208,9 @@ def test_gemv_dispatch() -> None:
     assert GEMV.gemv_config(1, n, k) is not None
     assert GEMV.gemv_config(GEMV.GEMV_MAX_ROWS + 1, n, k) is None
     assert GEMV.gemv_config(1, 64, k) is None  # too few columns for a full grid
-    assert GEMV.gemv_config(1, 2048, 8192) is None  # long K: cuBLAS split-K
+    assert GEMV.gemv_config(1, 2048, 8192) is None  # long K: cuBLAS split-K ...
+    assert GEMV.gemv_config(1, 2048, 8192, silu_mul=True) is not None  # ... unless fused
+    assert GEMV.gemv_config(2, 2048, 8192, silu_mul=True) is None
     assert GEMV.gemv_config(4, 4096, 4096) is None  # several rows: cuBLAS ...
     assert GEMV.gemv_config(4, 128256, 4096) is not None  # ... except the vocabulary
     assert GEMV.gemv_config(1, 576, 576).block_k == 512  # K not a power of two: masked tail
@@ -218,6 +220,38 @@ def test_gemv_dispatch() -> None:
     x3 = torch.randn(2, 3, k, device=DEV)
     _close(GEMV.linear(x3, w), reference.linear(x3, w), 1e-5, 1e-5)
     assert GEMV.linear(torch.empty(0, k, device=DEV), w).shape == (0, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "k"), [(1, 64), (1, 80), (3, 64)])
+def test_silu_mul_linear(m, k, dtype) -> None:
+    """The down projection with SiLU-and-mul applied on load (one row; k=80 has a masked tail
+    block) and the two-kernel fallback for more rows, against the reference."""
+    n = 512
+    x = torch.randn(m, 2 * k, device=DEV).to(dtype)
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(dtype)
+    assert (GEMV.gemv_config(m, n, k, silu_mul=True) is not None) == (m == 1)
+    out = GEMV.silu_mul_linear(x, w)
+    _close(out, reference.silu_mul_linear(x, w), *_tol(dtype))
+    if m == 1:
+        # The fused kernel reads silu(gate) * up rounded exactly as silu_and_mul writes it.
+        cfg = GEMV.gemv_config(1, n, k, silu_mul=True)
+        unfused = GEMV.gemv(T.silu_and_mul(x), w, None, cfg)
+        torch.testing.assert_close(out, unfused, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="does not match"):
+        GEMV.gemv(x[:, :k], w, None, GEMV.GemvConfig(8, 32, 4, 2), silu_mul=True)
+
+
+def test_pdl_is_off_without_sm90() -> None:
+    from graphrt.kernels.ops import make_ops
+    from graphrt.kernels.pdl import launch_options, pdl_supported
+
+    assert not pdl_supported(torch.device("cpu"))
+    assert launch_options(False) == {}  # nothing new reaches Triton's launcher when off
+    assert launch_options(True) == {"launch_pdl": True}
+    with pytest.raises(ValueError, match="triton"):
+        make_ops("torch", pdl=True)
+    assert make_ops("torch").pdl is False
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -458,6 +492,60 @@ def test_gpu_gemv_real_shapes(m, n, k) -> None:
     # Every config the sweep tries, whatever the dispatch picks.
     for cfg in (GEMV.GemvConfig(8, 512, 4, 4), GEMV.GemvConfig(32, 128, 8, 4)):
         _close(GEMV.gemv(x, w, b, cfg), ref, 2e-2, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4])
+def test_gpu_pdl_chain_in_graph_is_exact(rows) -> None:
+    """A chain of dependent kernels (norm, GEMVs, fused down projection, decode attention with
+    split-K and merge, argmax) launched with PDL and replayed from a graph gives bit-identical
+    results to the same chain launched plainly: each kernel waits for its inputs."""
+    from graphrt.kernels.pdl import pdl_supported
+
+    if not pdl_supported(DEV):
+        pytest.skip("PDL needs sm_90")
+    h, inter, vocab, hq, hkv, dim = 2048, 8192, 32768, 32, 8, 64
+    g = torch.Generator(device=DEV).manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=DEV, generator=g) * scale).to(BF16)
+
+    nw = (1 + 0.1 * torch.randn(h, device=DEV, generator=g)).to(BF16)
+    w_q, w_o = rnd(hq * dim, h, scale=h**-0.5), rnd(h, hq * dim, scale=h**-0.5)
+    w_gu, w_dn = rnd(2 * inter, h, scale=h**-0.5), rnd(h, inter, scale=inter**-0.5)
+    w_lm = rnd(vocab, h, scale=h**-0.5)
+    paged = Paged([1500, 700, 33, 1024][:rows], hkv, dim, 16, BF16)
+    x, r = rnd(rows, h), rnd(rows, h)
+
+    def chain(pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        hs, res = T.fused_add_rms_norm(x.clone(), r.clone(), nw, 1e-5, pdl=pdl)
+        q = GEMV.linear(hs, w_q, pdl=pdl).view(rows, hq, dim)
+        att = A.paged_decode_attention(
+            q, paged.k, paged.v, paged.page_rows, paged.seq_lens, dim**-0.5, 4, pdl=pdl
+        )
+        hs, res = T.fused_add_rms_norm(GEMV.linear(att.view(rows, -1), w_o, pdl=pdl), res, nw,
+                                       1e-5, pdl=pdl)  # fmt: skip
+        d = GEMV.silu_mul_linear(GEMV.linear(hs, w_gu, pdl=pdl), w_dn, pdl=pdl)
+        hs, _ = T.fused_add_rms_norm(d, res, nw, 1e-5, pdl=pdl)
+        logits = GEMV.linear(hs, w_lm, pdl=pdl)
+        return logits, AMAX.argmax(logits, pdl=pdl)
+
+    ref_logits, ref_ids = chain(False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(True)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits, ids = chain(True)
+    for _ in range(3):
+        logits.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(logits, ref_logits)
+        assert torch.equal(ids, ref_ids)
+    assert torch.equal(ref_ids, ref_logits.float().argmax(dim=-1))
 
 
 @pytest.mark.gpu

@@ -78,7 +78,7 @@ class LlamaDecoderLayer(nn.Module):
         attn = backend.forward(q, layer_idx, fb.attn_meta)
         hidden = ops.linear(attn.reshape(t, cfg.q_size), self.o_proj)
         hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.post_attn_norm, eps)
-        hidden = ops.linear(ops.silu_and_mul(ops.linear(hidden, self.gate_up_proj)), self.down_proj)
+        hidden = ops.silu_mul_linear(ops.linear(hidden, self.gate_up_proj), self.down_proj)
         return hidden, residual
 
 
