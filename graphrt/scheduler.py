@@ -87,25 +87,37 @@ class Scheduler:
         # quarter of the CPU time a 1B model's 2 ms step leaves): keep it flat. Each decode row
         # feeds the token at position nc (already on the GPU) and samples the next one.
         rows, slots, seq_lens, extra = b.rows, b.slots, b.seq_lens, b.extra_needs
+        greedy = GREEDY_NEEDS
+        prefilling: list[Request] = []  # running requests with prefill left, in running order
+        last_extra = greedy
         for req in list(self.running):
             if budget == 0:
                 break
+            if req.status is not running:
+                continue  # preempted by a row before it in this loop
             nc = req.num_computed
-            if req.status is not running or nc < len(req.prefill_ids):
+            if nc < len(req.prefill_ids):
+                prefilling.append(req)
                 continue
-            if len(req.prompt_ids) + len(req.output_ids) + req.num_pending >= req.max_len:
-                continue  # prompt + outputs incl. in-flight ones reach max_len: last token launched
+            # Past its prefill, a running request has launched every position before nc and one
+            # sampled token per position from its prompt's end on, so prompt + outputs + in-flight
+            # tokens == nc + 1; when that reaches max_len its last token has been launched.
+            if nc + 1 >= req.max_len:
+                continue
             if nc // ps >= len(req.pages) and not self._reserve_pages(req, nc + 1, b, True):
                 continue  # preempted itself
             rows.append(req)
             slots.append(req.slot)
-            seq_lens.append(nc + 1)
-            req.num_computed = nc + 1
+            nc += 1
+            seq_lens.append(nc)
+            req.num_computed = nc
             req.num_pending += 1
-            if req.needs is not GREEDY_NEEDS:
-                extra.append(req.needs)
+            needs = req.needs
+            if needs is not greedy and needs is not last_extra:
+                extra.append(needs)  # instances are shared, so runs of one kind append once
+                last_extra = needs
             budget -= 1
-        for req in list(self.running):
+        for req in prefilling:
             if budget == 0:
                 break
             if req.status is not running or req.prefill_done:

@@ -51,9 +51,16 @@ class SamplerNeeds:
         )
 
 
-@functools.cache
 def needs_of(full: bool, filters: bool, logprobs: bool) -> SamplerNeeds:
     """The one shared instance of each combination, so greedy rows compare by identity."""
+    # Normalized to positional bools: functools.cache keys keyword and positional calls apart,
+    # so needs_of(full=False, ...) used to return a second, equal instance of GREEDY_NEEDS and
+    # every greedy row took the scheduler's slow path for non-greedy needs.
+    return _needs_of(bool(full), bool(filters), bool(logprobs))
+
+
+@functools.cache
+def _needs_of(full: bool, filters: bool, logprobs: bool) -> SamplerNeeds:
     return SamplerNeeds(full, filters, logprobs)
 
 

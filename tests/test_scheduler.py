@@ -208,6 +208,10 @@ class Sim:
         assert len(running) == self.slots.num_used
         assert len({r.slot for r in running}) == len(running)
         assert len(running) <= self.max_num_seqs
+        for r in running:
+            if r.prefill_done:
+                # The scheduler's decode loop tests max_len on num_computed alone, by this.
+                assert len(r.prompt_ids) + len(r.output_ids) + r.num_pending == r.num_computed + 1
         for r in self.sched.waiting:
             assert not r.pages and r.slot is None
             assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
@@ -597,3 +601,12 @@ def test_random_workloads_exercise_preemption_and_chunking() -> None:
             preempted += sim.sched.num_preemptions
             chunked += sum(1 for p in sim.plans for i in range(p.batch_size) if not p.samples[i])
     assert preempted > 20 and chunked > 50
+
+
+def test_needs_of_shares_instances_across_call_styles() -> None:
+    # Greedy rows are told apart by identity; keyword calls once made a second, equal instance.
+    from graphrt.engine import _sampler_needs
+
+    assert needs_of(full=False, filters=False, logprobs=False) is GREEDY_NEEDS
+    assert _sampler_needs(SamplingParams(temperature=0)) is GREEDY_NEEDS
+    assert needs_of(full=1, filters=0, logprobs=0) is needs_of(True, False, False)
