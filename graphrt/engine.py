@@ -255,30 +255,57 @@ class Engine:
             self.stats["graph_steps"] += 1
         # One conversion per step: indexing numpy scalars per row costs more than the row.
         ids = res.ids.tolist()
-        samples = plan.samples.tolist()
+        samples = None if plan.is_decode else plan.samples.tolist()  # decode rows all sample
         lps = res.logprob.tolist() if res.logprob is not None else None
+        if lps is not None:
+            top_ids, top_lps = res.top_ids.tolist(), res.top_logprobs.tolist()
+        finished = RequestStatus.FINISHED
+        groups = self._groups
+        outs: list[RequestOutput | None] = []
+        # Groups of n > 1 completions are reported once per step after every row is in: they
+        # get a place in ``outs`` when first touched (the order _collect gives), filled at the end.
+        multi: dict[str, int] = {}
         for r, req in enumerate(plan.requests):
-            if not samples[r] or req.finished:
-                continue  # a partial prefill chunk, or the extra step of a finished request
+            if req.status is finished or (samples is not None and not samples[r]):
+                continue  # the extra step of a finished request, or a partial prefill chunk
             req.num_pending -= 1
             try:
                 if lps is None:
                     append_token(req, ids[r], None, None, None)
                 else:
-                    append_token(
-                        req, ids[r], lps[r], res.top_ids[r].tolist(), res.top_logprobs[r].tolist()
-                    )
+                    append_token(req, ids[r], lps[r], top_ids[r], top_lps[r])
             except Exception as e:  # a tokenizer or stop-string error fails this request only
                 logger.exception("request %s failed while processing its output", req.request_id)
                 self._fail(req, f"{type(e).__name__}: {e}")
-            if req.finish_reason is not None:
-                if not req.finished:
+            done = req.finish_reason is not None
+            if done:
+                if req.status is not finished:
                     self.scheduler.finish(req)
-                self._touch(req, touched)
-            elif req.stream:
-                self._touch(req, touched)
+            elif not req.stream:
+                continue
+            gid = req.group_id or req.request_id
+            group = groups.get(gid)
+            if group is None:
+                continue
+            if len(group.children) > 1:
+                if gid not in multi:
+                    multi[gid] = len(outs)
+                    outs.append(None)
+            elif done:
+                outs.append(
+                    request_output(gid, group.children, group.prompt, group.prompt_ids, True)
+                )
+                del groups[gid]
+            else:
+                # Every streaming request, every step: the cheapest correct output.
+                co = completion_output(req)
+                outs.append(RequestOutput(gid, group.prompt, group.prompt_ids, [co], False))
         handle.release()
-        return self._collect(touched)
+        if multi:
+            for gid, i in multi.items():
+                outs[i] = self._group_output(groups[gid])
+            return [o for o in outs if o is not None]
+        return outs  # type: ignore[return-value]  # no placeholders without multi
 
     def _fail(self, req: Request, message: str) -> None:
         fail(req, message)
@@ -292,26 +319,33 @@ class Engine:
 
     def _collect(self, touched: dict[str, _Group]) -> list[RequestOutput]:
         outs = []
-        finished = RequestStatus.FINISHED
-        for gid, group in touched.items():
-            kids = group.children
-            if len(kids) == 1:
-                kid = kids[0]
-                done = kid.status is finished
-                if not done:
-                    if kid.stream:
-                        # Every streaming request, every step: the cheapest correct output.
-                        co = completion_output(kid)
-                        outs.append(RequestOutput(gid, group.prompt, group.prompt_ids, [co], False))
-                    continue
-            else:
-                done = all(c.status is finished for c in kids)
-                if not done and not kids[0].stream:
-                    continue  # final-only requests report once, when every completion is done
-            outs.append(request_output(gid, kids, group.prompt, group.prompt_ids, done))
-            if done:
-                del self._groups[gid]
+        for group in touched.values():
+            out = self._group_output(group)
+            if out is not None:
+                outs.append(out)
         return outs
+
+    def _group_output(self, group: _Group) -> RequestOutput | None:
+        """The output of a group touched this step (dropped from ``_groups`` once done), or
+        None for a final-only group that is not done yet."""
+        finished = RequestStatus.FINISHED
+        gid, kids = group.request_id, group.children
+        if len(kids) == 1:
+            kid = kids[0]
+            done = kid.status is finished
+            if not done:
+                if not kid.stream:
+                    return None
+                co = completion_output(kid)
+                return RequestOutput(gid, group.prompt, group.prompt_ids, [co], False)
+        else:
+            done = all(c.status is finished for c in kids)
+            if not done and not kids[0].stream:
+                return None  # final-only requests report once, when every completion is done
+        out = request_output(gid, kids, group.prompt, group.prompt_ids, done)
+        if done:
+            del self._groups[gid]
+        return out
 
     def drain(self) -> list[RequestOutput]:
         """Run steps until every request has finished."""

@@ -27,30 +27,36 @@ def append_token(
 
     Sets ``req.finish_reason`` (and ``stop_reason``) when it is; the caller frees the request.
     """
+    # Runs for every row of every step: locals over repeated attribute chains, and one set test
+    # (``req.stop_ids``) for stop ids and EOS together.
     if req.first_token_time is None:
         req.first_token_time = time.monotonic()
-    req.output_ids.append(token)
-    p = req.params
-    if req.logprobs is not None and logprob is not None:
-        k = p.logprobs or 0
+    out = req.output_ids
+    out.append(token)
+    if logprob is not None and req.logprobs is not None:
+        k = req.params.logprobs or 0
         top = list(zip(top_ids[:k], top_logprobs[:k])) if k else []
         req.logprobs.append(TokenLogprob(token, float(logprob), top))
-    n_out = len(req.output_ids)
-    if token in p.stop_token_ids:
-        _finish(req, FinishReason.STOP, token)
-    elif token in req.eos_ids and not p.ignore_eos:
-        _finish(req, FinishReason.STOP, None)
-    elif req.detokenizer is not None:
-        delta = req.detokenizer.step([token])
-        # Stop strings count only once min_tokens outputs exist, as in vLLM.
-        if req.stop_matcher is not None and n_out >= p.min_tokens:
-            safe, stopped = req.stop_matcher.feed(delta)
-            req.append_text(safe)
-            if stopped:
-                _finish(req, FinishReason.STOP, req.stop_matcher.matched)
-                return
-        else:
-            req.append_text(delta)
+    n_out = len(out)
+    if token in req.stop_ids:
+        # A stop token id wins over EOS (an id in both reports itself as the stop reason).
+        p = req.params
+        _finish(req, FinishReason.STOP, token if token in p.stop_token_ids else None)
+    else:
+        detok = req.detokenizer
+        if detok is not None:
+            delta = detok.step_one(token)
+            matcher = req.stop_matcher
+            # Stop strings count only once min_tokens outputs exist, as in vLLM.
+            if matcher is not None and n_out >= req.params.min_tokens:
+                safe, stopped = matcher.feed(delta)
+                req.append_text(safe)
+                if stopped:
+                    _finish(req, FinishReason.STOP, matcher.matched)
+                    return
+            elif delta:
+                req.text_parts.append(delta)
+                req.text_len += len(delta)
     if req.finish_reason is None and len(req.prompt_ids) + n_out >= req.max_len:
         _finish(req, FinishReason.LENGTH, None)
     if req.finish_reason is not None:

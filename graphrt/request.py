@@ -84,10 +84,17 @@ class Request:
     needs: SamplerNeeds = GREEDY_NEEDS
     first_token_time: float | None = None
     finish_time: float | None = None
+    # Sampled ids that end the request: stop_token_ids, and the EOS ids unless ignore_eos.
+    # One set, so the per-token check is one lookup (output_processor.append_token).
+    stop_ids: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.prefill_ids:
             self.prefill_ids = list(self.prompt_ids)
+        p = self.params
+        self.stop_ids = frozenset(p.stop_token_ids) | (
+            frozenset() if p.ignore_eos else self.eos_ids
+        )
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
 

@@ -305,6 +305,7 @@ class IncrementalDetokenizer:
         ``use_decode_stream=False`` forces the built-in algorithm (mainly for tests).
         """
         self._tokenizer = tokenizer
+        self._backend = tokenizer._backend
         self._skip = skip_special_tokens
         self._ids: list[int] = []
         self._chunks: list[str] = []
@@ -400,6 +401,27 @@ class IncrementalDetokenizer:
             self._chunks.append(delta)
             self._text_cache = None
         return delta
+
+    def step_one(self, token_id: int) -> str:
+        """Append one id (an ``int``) and return the text it completes: ``step([token_id])``
+        without the list, for the engine's per-token path."""
+        self._ids.append(token_id)
+        stream = self._stream
+        if stream is None:
+            piece = self._window_step(token_id)
+        else:
+            try:
+                piece = stream.step(self._backend, token_id)
+            except Exception:
+                # As in _step_one: DecodeStream gave up; resynchronize the window decode.
+                self._stream = None
+                piece = self._resync()
+            if not piece:
+                return ""
+        if piece:
+            self._chunks.append(piece)
+            self._text_cache = None
+        return piece
 
     def _step_one(self, token_id: int) -> str:
         if self._stream is not None:

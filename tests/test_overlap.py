@@ -140,6 +140,9 @@ def test_detokenizer_fault_fails_only_its_request(llama, mode: str) -> None:
         def step(self, ids):
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
 
+        def step_one(self, token_id):
+            return self.step([token_id])
+
         def flush(self):
             return ""
 
