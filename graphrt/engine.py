@@ -85,6 +85,10 @@ class Engine:
         self.model_dir = resolve_model_dir(config)
         model_cfg = ModelConfig.from_dir(self.model_dir)
         self.tokenizer = _load_tokenizer(config, self.model_dir)
+        if self.tokenizer is not None:
+            # Built here rather than by the first request (a fraction of a second for a large
+            # vocabulary): the detokenizer's lookup table for the default skip_special_tokens.
+            self.tokenizer.simple_token_texts(True)
         self.runner = ModelRunner(config, self.model_dir, model_cfg, show_progress=show_progress)
         self.model_config = self.runner.model_cfg
         self.max_model_len = self.runner.settings.max_model_len

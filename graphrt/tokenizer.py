@@ -48,6 +48,19 @@ def _common_prefix_len(a: str, b: str) -> int:
     return i
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte-level (GPT-2) alphabet: the printable character standing for each byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    chars = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
 def _read_generation_config_eos(directory: Path) -> list[int] | None:
     """Return ``eos_token_id`` from ``directory/generation_config.json`` as a list, if any."""
     path = directory / "generation_config.json"
@@ -133,6 +146,8 @@ class Tokenizer:
         # space; computed on first use by token_strings.
         self._anchor: tuple[list[int], str] | None = None
         self._anchor_checked = False
+        # skip_special_tokens -> per-id text for byte-level decoders (see simple_token_texts).
+        self._simple_texts: dict[bool, list[str | None] | None] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
@@ -270,6 +285,52 @@ class Tokenizer:
             raise TypeError(f"apply_chat_template returned {type(out).__name__}, expected str")
         return out
 
+    def simple_token_texts(self, skip_special_tokens: bool) -> list[str | None] | None:
+        """Per id, the text it adds on its own after any complete character, or None.
+
+        Only for a plain byte-level decoder (GPT-2 style: Llama 3, Qwen, SmolLM), whose decode
+        of ids is the UTF-8 decode of their concatenated bytes. An id's entry is its text when
+        its bytes are complete, valid UTF-8 not ending in U+FFFD ("" for ids that decode to
+        nothing), else None (part of a character). Built on first use and checked against
+        ``decode([id])`` for every id; returns None when the decoder is another kind or a check
+        fails, and the detokenizer then decodes every token.
+        """
+        if skip_special_tokens not in self._simple_texts:
+            self._simple_texts[skip_special_tokens] = self._build_simple_texts(skip_special_tokens)
+        return self._simple_texts[skip_special_tokens]
+
+    def _build_simple_texts(self, skip: bool) -> list[str | None] | None:
+        from tokenizers import decoders
+
+        be = self._backend
+        if be is None or type(be.decoder) is not decoders.ByteLevel:
+            return None
+        to_byte = _byte_level_alphabet()
+        special = {i for i, t in be.get_added_tokens_decoder().items() if t.special}
+        n = be.get_vocab_size(with_added_tokens=True)
+        texts: list[str | None] = []
+        lossy: list[str] = []
+        for i in range(n):
+            tok = be.id_to_token(i)
+            if tok is None or (skip and i in special):
+                raw = b""
+            else:
+                try:
+                    raw = bytes(to_byte[c] for c in tok)
+                except KeyError:
+                    raw = tok.encode()  # what the byte-level decoder does with such a token
+            text = raw.decode("utf-8", "replace")
+            lossy.append(text)
+            try:
+                strict = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                strict = None
+            texts.append(None if strict is None or strict.endswith(_REPLACEMENT_CHAR) else strict)
+        decoded = be.decode_batch([[i] for i in range(n)], skip_special_tokens=skip)
+        if decoded != lossy:
+            return None
+        return texts
+
     def new_detokenizer(
         self, prompt_ids: Sequence[int], skip_special_tokens: bool = True
     ) -> IncrementalDetokenizer:
@@ -299,10 +360,12 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         *,
         use_decode_stream: bool = True,
+        fast_path: bool = True,
     ) -> None:
         """Prepare to detokenize ids that follow ``prompt_ids``.
 
-        ``use_decode_stream=False`` forces the built-in algorithm (mainly for tests).
+        ``use_decode_stream=False`` forces the built-in algorithm and ``fast_path=False`` turns
+        off the byte-level lookup (mainly for tests).
         """
         self._tokenizer = tokenizer
         self._backend = tokenizer._backend
@@ -324,6 +387,20 @@ class IncrementalDetokenizer:
         self._window = list(context)
         self._read_offset = complete
         self._prefix_text = self._context_text
+        # Fast mode (byte-level decoders): at a character boundary, an id whose bytes are
+        # complete text on their own adds exactly that text, so step_one looks it up instead of
+        # decoding. An id that is part of a character hands over to the decoder, which starts
+        # afresh (a byte-level decode needs no context at a boundary); the next delta it emits
+        # ends on a character again, and fast mode resumes.
+        self._simple: list[str | None] | None = None
+        # A context decoding to a trailing U+FFFD may end inside a character: no fast mode.
+        if (
+            fast_path
+            and complete == len(context)
+            and not self._context_text.endswith(_REPLACEMENT_CHAR)
+        ):
+            self._simple = tokenizer.simple_token_texts(skip_special_tokens)
+        self._fast = self._simple is not None
 
     def _ends_on_char_boundary(self, ids: Sequence[int], pos: int) -> bool:
         """Whether the text of ``ids[:pos]`` ends on a complete character, looking back a bit.
@@ -391,20 +468,26 @@ class IncrementalDetokenizer:
         """Append ``token_ids`` and return the text they complete (may be ``""``)."""
         parts = []
         for token_id in token_ids:
-            token_id = int(token_id)
-            self._ids.append(token_id)
-            piece = self._step_one(token_id)
+            piece = self.step_one(int(token_id))
             if piece:
                 parts.append(piece)
-        delta = "".join(parts)
-        if delta:
-            self._chunks.append(delta)
-            self._text_cache = None
-        return delta
+        return "".join(parts)
 
     def step_one(self, token_id: int) -> str:
         """Append one id (an ``int``) and return the text it completes: ``step([token_id])``
         without the list, for the engine's per-token path."""
+        if self._fast:
+            simple = self._simple
+            piece = simple[token_id] if 0 <= token_id < len(simple) else ""  # type: ignore[index]
+            if piece is not None:
+                self._ids.append(token_id)
+                if piece:
+                    self._chunks.append(piece)
+                    self._text_cache = None
+                return piece
+            self._fast = False
+            if self._ids:
+                self._restart_decoder()
         self._ids.append(token_id)
         stream = self._stream
         if stream is None:
@@ -416,12 +499,22 @@ class IncrementalDetokenizer:
                 # As in _step_one: DecodeStream gave up; resynchronize the window decode.
                 self._stream = None
                 piece = self._resync()
-            if not piece:
-                return ""
-        if piece:
-            self._chunks.append(piece)
-            self._text_cache = None
+        if not piece:
+            return ""
+        self._chunks.append(piece)
+        self._text_cache = None
+        # An emitted delta never ends inside a character, so lookups are exact again.
+        self._fast = self._simple is not None
         return piece
+
+    def _restart_decoder(self) -> None:
+        """Leave fast mode at a character boundary: the decoder restarts with no context."""
+        if self._stream is not None:
+            self._stream = DecodeStream(skip_special_tokens=self._skip)
+        else:
+            self._window = []
+            self._read_offset = 0
+            self._prefix_text = ""
 
     def _step_one(self, token_id: int) -> str:
         if self._stream is not None:

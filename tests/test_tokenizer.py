@@ -477,6 +477,59 @@ def test_detokenizer_random_ids(
             assert tail == ""
 
 
+def test_simple_token_texts_only_for_byte_level(
+    byte_level: Tokenizer, metaspace: Tokenizer, llama2: Tokenizer
+) -> None:
+    assert metaspace.simple_token_texts(True) is None
+    assert llama2.simple_token_texts(True) is None
+    for skip in (True, False):
+        texts = byte_level.simple_token_texts(skip)
+        assert texts is not None and texts is byte_level.simple_token_texts(skip)
+        for i, t in enumerate(texts):
+            if t is not None:
+                assert byte_level.decode([i], skip_special_tokens=skip) == t
+    emoji = byte_level.encode("🎉", add_special_tokens=False)
+    assert byte_level.simple_token_texts(True)[emoji[0]] is None  # part of a character
+    eos = byte_level.hf.eos_token_id
+    assert byte_level.simple_token_texts(True)[eos] == ""
+    assert byte_level.simple_token_texts(False)[eos] == "<|im_end|>"
+
+
+@pytest.mark.parametrize("use_decode_stream", [True, False])
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+@settings(settings.get_profile("graphrt-tokenizer"))
+@given(data=st.data())
+def test_detokenizer_fast_path_gives_the_same_deltas(
+    byte_level: Tokenizer, use_decode_stream: bool, skip_special_tokens: bool, data: st.DataObject
+) -> None:
+    # The byte-level lookup must give exactly the deltas of decoding, token by token, for any
+    # prompt and any ids: text, byte pieces of characters, special tokens, ids past the vocab.
+    vocab = byte_level.vocab_size
+    text = data.draw(st.text(alphabet=ALPHABET, max_size=30))
+    ids = byte_level.encode(text, add_special_tokens=False)
+    noise = data.draw(st.lists(st.tuples(st.integers(0, 60), st.integers(0, vocab + 5))))
+    for pos, tid in noise:
+        ids.insert(pos % (len(ids) + 1), tid)
+    cut = data.draw(st.integers(0, len(ids)))
+    prompt, gen = [t for t in ids[:cut] if t < vocab], ids[cut:]
+    kw = dict(skip_special_tokens=skip_special_tokens, use_decode_stream=use_decode_stream)
+    fast = IncrementalDetokenizer(byte_level, prompt, **kw)
+    slow = IncrementalDetokenizer(byte_level, prompt, fast_path=False, **kw)
+    assert [fast.step_one(t) for t in gen] == [slow.step_one(t) for t in gen]
+    assert fast.text == slow.text and fast.token_ids == slow.token_ids
+    assert fast.flush() == slow.flush()
+
+
+def test_default_tokenizer_fast_path(default_model_dir: Path) -> None:
+    tok = Tokenizer.from_pretrained(default_model_dir)
+    assert tok.simple_token_texts(True) is not None  # SmolLM2: a byte-level decoder
+    ids = tok.encode("Déjà vu 東京 🚀 <|im_end|> fin.\n", add_special_tokens=False)
+    for skip in (True, False):
+        fast = tok.new_detokenizer([1, 2, 3], skip)
+        slow = IncrementalDetokenizer(tok, [1, 2, 3], skip, fast_path=False)
+        assert [fast.step_one(t) for t in ids] == [slow.step_one(t) for t in ids]
+
+
 @settings(settings.get_profile("graphrt-tokenizer"))
 @given(text=st.text(alphabet=ALPHABET, min_size=1, max_size=40), data=st.data())
 def test_detokenizer_decode_stream_and_window_agree(
