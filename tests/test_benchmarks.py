@@ -370,3 +370,18 @@ def test_suite_table_survives_a_changed_benchmark_json() -> None:
     assert "could not render this section" in md
     assert "## Offline throughput" in md and "41,234 [40,100–41,900]" in md
     assert suite.build_markdown({}).count("No ") >= 5  # an empty run still renders
+
+
+# ---- CPU step cost ----------------------------------------------------------------------------
+
+
+def test_cpu_step_cost_smoke(default_model_dir, tmp_path) -> None:
+    mod = _load("cpu_step_cost")
+    out = tmp_path / "cpu.json"
+    rc = mod.main(["--smoke", "--tokenizer", str(default_model_dir), "--json", str(out)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    assert d["batch_size"] == 4
+    for w in mod.WORKLOADS:
+        for key in ("schedule_ms", "process_ms", "total_ms"):
+            assert d[w][key]["median"] > 0
