@@ -296,7 +296,11 @@ class Tokenizer:
         fails, and the detokenizer then decodes every token.
         """
         if skip_special_tokens not in self._simple_texts:
-            self._simple_texts[skip_special_tokens] = self._build_simple_texts(skip_special_tokens)
+            try:
+                texts = self._build_simple_texts(skip_special_tokens)
+            except Exception:  # an API this tokenizers version lacks: decode every token
+                texts = None
+            self._simple_texts[skip_special_tokens] = texts
         return self._simple_texts[skip_special_tokens]
 
     def _build_simple_texts(self, skip: bool) -> list[str | None] | None:
