@@ -160,22 +160,36 @@ def bench_hbm(timer: Timer, dev: torch.device, smoke: bool) -> list[Result]:
 # ---- fused ops -----------------------------------------------------------------------------------
 
 
-def _sweep_norm_warps(timer, sets, w, label, nbytes, iters) -> list[Result]:
-    """The fused norm kernel at other warp counts (the wrapper picks 16 for hidden 4096)."""
+def _sweep_norm_warps(timer, sets, w, label, nbytes, iters, pdl=False) -> list[Result]:
+    """The fused norm kernel at other warp counts (the wrapper picks 16 for hidden 4096), with
+    and without PDL where the GPU has it."""
     from graphrt.kernels import triton_ops
+    from graphrt.kernels.pdl import launch_options
 
     kern = triton_ops._fused_add_rms_norm_kernel
     n = w.shape[0]
     block = 1 << (n - 1).bit_length()
     out = []
-    for warps in (4, 8, 16, 32):
-        fns = [
-            lambda x=x, r=r, nw=warps: kern[(x.shape[0],)](
-                x, r, w, x, r, n, 1e-5, BLOCK=block, num_warps=nw
-            )
-            for x, r in sets
-        ]
-        out.append(Result(label, "triton-sweep", nbytes, timer(fns, iters), f"warps={warps}"))
+    for on in (False, True) if pdl else (False,):
+        for warps in (4, 8, 16, 32):
+            fns = [
+                lambda x=x, r=r, nw=warps, on=on: kern[(x.shape[0],)](
+                    x,
+                    r,
+                    w,
+                    x,
+                    r,
+                    n,
+                    1e-5,
+                    BLOCK=block,
+                    USE_PDL=on,
+                    num_warps=nw,
+                    **launch_options(on),
+                )
+                for x, r in sets
+            ]
+            note = f"warps={warps}" + (" pdl" if on else "")
+            out.append(Result(label, "triton-sweep", nbytes, timer(fns, iters), note))
     return out
 
 
@@ -218,7 +232,7 @@ def bench_ops(
             ]
             res.append(Result(label, "triton-pdl", nbytes, timer(fns, iters), "PDL launches"))
         if sweep and rows == b and not hot:
-            res += _sweep_norm_warps(timer, sets, w, label, nbytes, iters)
+            res += _sweep_norm_warps(timer, sets, w, label, nbytes, iters, pdl)
         del sets
 
     nbytes = 2 * b * h * esz + h * esz
@@ -528,15 +542,21 @@ def _gemv_sweep_configs(m: int):
     if m == 1:
         return [
             GemvConfig(bn, bk, w, st)
-            for bn in (8, 16, 32)
-            for bk in (128, 256, 512)
-            for w, st in ((4, 4), (8, 4), (4, 6))
+            for bn in (2, 4, 8, 16)
+            for bk in (256, 512, 1024)
+            for w, st in ((2, 4), (4, 4), (8, 4))
         ]
     return [GemvConfig(bn, bk, w, 4) for bn in (16, 32) for bk in (128, 256) for w in (4, 8)]
 
 
 def bench_gemv(
-    timer: Timer, dev: torch.device, smoke: bool, sweep: bool, pdl: bool = False
+    timer: Timer,
+    dev: torch.device,
+    smoke: bool,
+    sweep: bool,
+    pdl: bool = False,
+    only_shapes: list[str] | None = None,
+    rows: list[int] | None = None,
 ) -> list[Result]:
     """cuBLAS (``F.linear``) against the GEMV kernel at decode's few-row shapes; bytes = weight +
     input + output. ``pdl`` adds the GEMV launched with PDL, back to back as in a step (its first
@@ -548,7 +568,11 @@ def bench_gemv(
 
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     shapes = [("tiny", "down", 512, 64)] if smoke else GEMV_SHAPES
+    if only_shapes:
+        shapes = [s for s in shapes if f"{s[0]}:{s[1]}" in only_shapes]
     ms = (1, 2) if smoke else (1, 2, 4, 8, 16) if sweep else (1, 8)
+    if rows:
+        ms = tuple(rows)
     iters = 2 if smoke else 20
     res = []
     for model, layer, n, k in shapes:
@@ -572,11 +596,23 @@ def bench_gemv(
             if layer == "down" and m == 1:
                 res += _bench_down_silu(timer, ws, m, n, k, iters, pdl)
             if sweep and m in (1, 8):
+                # Launched as a step launches them: with PDL where the GPU has it.
+                gu = torch.randn(m, 2 * k, device=dev, dtype=dt)
+                fused = layer == "down" and m == 1
                 for c in _gemv_sweep_configs(m):
-                    fns = [lambda w=w, x=x, c=c: tg.gemv(x, w, None, c) for w in ws]
+                    fns = [lambda w=w, x=x, c=c: tg.gemv(x, w, None, c, pdl=pdl) for w in ws]
                     r = Result(label, "triton-sweep", nbytes, timer(fns, iters), str(c))
                     r.extra["config"] = asdict(c)
                     res.append(r)
+                    if fused:
+                        fns = [
+                            lambda w=w, c=c, gu=gu: tg.gemv(gu, w, None, c, silu_mul=True, pdl=pdl)
+                            for w in ws
+                        ]
+                        r = Result(f"silu+down m{m} {n}x{k}", "triton-sweep",
+                                   nbytes + 2 * m * k, timer(fns, iters), str(c))  # fmt: skip
+                        r.extra["config"] = asdict(c)
+                        res.append(r)
         del ws
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -648,15 +684,20 @@ def _table(results: list[Result], hbm_gbps: float, device: str) -> str:
     return "\n".join(lines)
 
 
-def _sweep_table(results: list[Result], hbm_gbps: float) -> str:
+def _sweep_table(results: list[Result], hbm_gbps: float, top: int = 6) -> str:
+    """Per kernel: the ``top`` fastest sweep configs and the default (every one is in the JSON)."""
     names = {r.name for r in results if r.impl == "triton-sweep"}
-    rows = [r for r in results if r.impl in ("triton", "triton-sweep") and r.name in names]
-    rows.sort(key=lambda r: (r.name, r.median_us))
-    out = ["triton sweep (median us, % HBM):"]
+    rows = []
+    for name in sorted(names):
+        mine = [r for r in results if r.name == name]
+        sweep = sorted((r for r in mine if r.impl == "triton-sweep"), key=lambda r: r.median_us)
+        defaults = [r for r in mine if r.impl.startswith("triton") and r.impl != "triton-sweep"]
+        rows += sweep[:top] + defaults
+    out = [f"triton sweep (median us, % HBM; the {top} fastest configs, then the defaults):"]
     for r in rows:
         out.append(
-            f"  {r.name:<40} {r.median_us:>9.2f} {100 * r.gbps(r.median_us) / hbm_gbps:>5.1f}%  "
-            f"{r.note}"
+            f"  {r.name:<40} {r.impl:<16} {r.median_us:>9.2f} "
+            f"{100 * r.gbps(r.median_us) / hbm_gbps:>5.1f}%  {r.note}"
         )
     return "\n".join(out)
 
@@ -673,6 +714,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--no-pdl", action="store_true", help="skip the rows launched with PDL (sm_90+ only)"
     )
+    ap.add_argument(
+        "--gemv-shapes",
+        nargs="+",
+        metavar="MODEL:LAYER",
+        help="GEMV shapes to run, e.g. 1b:qkv 1b:down (default: all)",
+    )
+    ap.add_argument("--gemv-rows", type=int, nargs="+", help="GEMV row counts (default: 1 8)")
     ap.add_argument("--skip-ops", action="store_true", help="attention only")
     ap.add_argument(
         "--only",
@@ -713,7 +761,14 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_ops:
         impls = {"triton": triton_ops, "torch": reference}
         sections.append(("ops", lambda: bench_ops(timer, dev, args.smoke, impls, args.sweep, pdl)))
-        sections.append(("gemv", lambda: bench_gemv(timer, dev, args.smoke, args.sweep, pdl)))
+        sections.append(
+            (
+                "gemv",
+                lambda: bench_gemv(
+                    timer, dev, args.smoke, args.sweep, pdl, args.gemv_shapes, args.gemv_rows
+                ),
+            )
+        )
         sections.append(("argmax", lambda: bench_argmax(timer, dev, args.smoke)))
     for name, section in sections:
         if args.only and name not in args.only:

@@ -9,6 +9,10 @@ group's share. It also reports
   spends between kernels (launch gaps, dependency drains) inside the graph;
 - **ideal**: the step's bytes (weights + KV read) at the HBM bandwidth measured in this run.
 
+With programmatic dependent launch (the default on an H100) a kernel starts before the one
+before it ends and parks in its wait, so durations overlap, include that wait, and sum to more
+than the wall time; the table says so. Profile with ``--no-pdl`` to attribute time per kernel.
+
 So a missed MBU target splits into "kernels below bandwidth" (which kernels, by how much) and
 "gaps between kernels" (how many launches). This is the profile issue 7 asks for when a target is
 missed.
@@ -129,6 +133,11 @@ def render(res: dict[str, Any], top: int) -> str:
             f"ideal {row['ideal_ms'] * 1e3:.1f} us (MBU {row['ideal_ms'] / wall:.1%}); "
             f"eager {row['eager_ms'] * 1e3:.1f} us"
         )
+        if g["kernel_us"] > wall * 1e3:
+            lines.append(
+                "\nKernels overlap (PDL): durations include time parked in the PDL wait and sum "
+                "past the wall time; run with --no-pdl to attribute time per kernel."
+            )
         lines.append("| kernel | calls/step | us/step | share |\n|---|---:|---:|---:|")
         for k in g["kernels"][:top]:
             lines.append(f"| {k['kernel']} | {k['calls']:.0f} | {k['us']:.1f} | {k['share']:.1%} |")
