@@ -137,16 +137,24 @@ def _gemv_kernel(
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+# At or below this many output columns a one-row GEMV needs narrow programs to fill the GPU.
+NARROW_N = 3072
+
+
 def gemv_config(m: int, n: int, k: int, silu_mul: bool = False) -> GemvConfig | None:
     """The launch config for an ``[m, k] x [n, k]^T`` product, or None to use cuBLAS.
 
-    From the H100 sweep in ``benchmarks/RESULTS.md`` (``benchmarks/kernels.py --only gemv
+    From the H100 sweeps in ``benchmarks/RESULTS.md`` (``benchmarks/kernels.py --only gemv
     --sweep``), at the decode GEMMs of Llama-3.1-8B and Llama-3.2-1B:
 
-    - one row: 8 columns x 512-wide K blocks per program beats cuBLAS by 2-12% on every shape
-      except the long-K down projections (K > 2N), where cuBLAS's split-K is as fast or faster
-      on its own. With ``silu_mul`` (the down projection reading the gate/up output) the GEMV
-      is taken anyway: it saves the SiLU kernel and cuBLAS's split-K reduction kernel;
+    - one row, N <= 3072 (Llama-3.2-1B's qkv, o and down): 2 columns x 1024-wide K blocks per
+      program (4 columns with SiLU fused), so even N = 2048 makes 1,024 programs. With PDL this
+      ran qkv at 80% of HBM against 60% for 8-column programs and cuBLAS's 50%, o at 64%
+      against 52% and 43%, and the down projection in 13.8 us against cuBLAS's 16.4;
+    - one row, wider: 8 columns x 512-wide K blocks beats cuBLAS by 2-12% on every shape except
+      the long-K down projections (K > 2N), where cuBLAS's split-K is as fast or faster on its
+      own. With ``silu_mul`` (the down projection reading the gate/up output) the GEMV is taken
+      anyway: it saves the SiLU kernel and cuBLAS's split-K reduction kernel;
     - 2-8 rows (the tensor-core path): cuBLAS is as fast or faster except on the vocabulary
       projection (N >= 32768), where this kernel streams the weight 9% faster. ``silu_mul`` is
       one-row only.
@@ -154,6 +162,9 @@ def gemv_config(m: int, n: int, k: int, silu_mul: bool = False) -> GemvConfig | 
     if m > GEMV_MAX_ROWS or k % 16 or n < 512:
         return None
     if m == 1:
+        if n <= NARROW_N:
+            block_n, warps = (4, 8) if silu_mul else (2, 4)
+            return GemvConfig(block_n, min(1024, _pow2_at_most(k)), warps, 4)
         if k > 2 * n and not silu_mul:
             return None
         return GemvConfig(block_n=8, block_k=min(512, _pow2_at_most(k)), num_warps=4, num_stages=4)

@@ -208,12 +208,17 @@ def test_gemv_dispatch() -> None:
     assert GEMV.gemv_config(1, n, k) is not None
     assert GEMV.gemv_config(GEMV.GEMV_MAX_ROWS + 1, n, k) is None
     assert GEMV.gemv_config(1, 64, k) is None  # too few columns for a full grid
-    assert GEMV.gemv_config(1, 2048, 8192) is None  # long K: cuBLAS split-K ...
-    assert GEMV.gemv_config(1, 2048, 8192, silu_mul=True) is not None  # ... unless fused
-    assert GEMV.gemv_config(2, 2048, 8192, silu_mul=True) is None
+    assert GEMV.gemv_config(1, 4096, 14336) is None  # long K: cuBLAS split-K ...
+    assert GEMV.gemv_config(1, 4096, 14336, silu_mul=True) is not None  # ... unless fused
+    assert GEMV.gemv_config(2, 4096, 14336, silu_mul=True) is None
+    # Narrow outputs (Llama-3.2-1B): narrow programs, long K included.
+    assert GEMV.gemv_config(1, 2048, 8192) == GEMV.GemvConfig(2, 1024, 4, 4)
+    assert GEMV.gemv_config(1, 2048, 8192, silu_mul=True) == GEMV.GemvConfig(4, 1024, 8, 4)
+    assert GEMV.gemv_config(1, 4096, 4096).block_n == 8
     assert GEMV.gemv_config(4, 4096, 4096) is None  # several rows: cuBLAS ...
     assert GEMV.gemv_config(4, 128256, 4096) is not None  # ... except the vocabulary
     assert GEMV.gemv_config(1, 576, 576).block_k == 512  # K not a power of two: masked tail
+    assert GEMV.gemv_config(1, 576, 1536).block_k == 1024
     for m in (1, 3, GEMV.GEMV_MAX_ROWS, GEMV.GEMV_MAX_ROWS + 1):
         x = torch.randn(m, k, device=DEV)
         _close(GEMV.linear(x, w), reference.linear(x, w), 1e-4, 1e-4)
@@ -490,8 +495,15 @@ def test_gpu_gemv_real_shapes(m, n, k) -> None:
     ref = (x.float() @ w.float().T + b.float()).to(BF16)
     _close(GEMV.linear(x, w, b), ref, 2e-2, 2e-2)
     # Every config the sweep tries, whatever the dispatch picks.
-    for cfg in (GEMV.GemvConfig(8, 512, 4, 4), GEMV.GemvConfig(32, 128, 8, 4)):
+    cfgs = [GEMV.GemvConfig(8, 512, 4, 4), GEMV.GemvConfig(32, 128, 8, 4)]
+    if m == 1:
+        cfgs += [GEMV.GemvConfig(2, 1024, 4, 4), GEMV.GemvConfig(4, 1024, 8, 4)]
+    for cfg in cfgs:
         _close(GEMV.gemv(x, w, b, cfg), ref, 2e-2, 2e-2)
+    if m == 1:
+        gu = torch.randn(1, 2 * k, device=DEV, dtype=BF16)
+        ref = reference.silu_mul_linear(gu.float(), w.float()).to(BF16)
+        _close(GEMV.silu_mul_linear(gu, w), ref, 2e-2, 2e-2)
 
 
 @pytest.mark.gpu
