@@ -536,9 +536,11 @@ GEMV_SHAPES = [
 ]
 
 
-def _gemv_sweep_configs(m: int):
+def _gemv_sweep_configs(m: int, smoke: bool = False):
     from graphrt.kernels.triton_gemv import GemvConfig
 
+    if smoke:  # the interpreter runs a config in seconds: two check the plumbing
+        return [GemvConfig(2, 32, 2, 4), GemvConfig(16, 64, 4, 4)][: 2 if m == 1 else 1]
     if m == 1:
         return [
             GemvConfig(bn, bk, w, st)
@@ -599,7 +601,7 @@ def bench_gemv(
                 # Launched as a step launches them: with PDL where the GPU has it.
                 gu = torch.randn(m, 2 * k, device=dev, dtype=dt)
                 fused = layer == "down" and m == 1
-                for c in _gemv_sweep_configs(m):
+                for c in _gemv_sweep_configs(m, smoke):
                     fns = [lambda w=w, x=x, c=c: tg.gemv(x, w, None, c, pdl=pdl) for w in ws]
                     r = Result(label, "triton-sweep", nbytes, timer(fns, iters), str(c))
                     r.extra["config"] = asdict(c)

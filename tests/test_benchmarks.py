@@ -163,6 +163,8 @@ def test_kernels_smoke_gemv_and_argmax(tmp_path) -> None:
     rows = json.loads(out.read_text())["results"]
     impls = {(x["name"].split()[0], x["impl"]) for x in rows}
     assert {("linear", "cublas"), ("linear", "triton"), ("linear", "triton-sweep")} <= impls
+    assert {("silu+down", "silu+cublas"), ("silu+down", "triton-silu")} <= impls
+    assert ("silu+down", "triton-sweep") in impls
     assert {("argmax", "torch"), ("argmax", "triton")} <= impls
     assert "benchmark section failed" not in r.stderr
 
