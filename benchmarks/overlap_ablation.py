@@ -78,6 +78,106 @@ def run_once(
     return out
 
 
+def _gpu_intervals(prof) -> list[tuple[str, float, float]]:
+    """(name, start us, end us) of every GPU kernel and copy in a torch.profiler run."""
+    from step_profile import short_name
+
+    out = []
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA or ev.device_time <= 0:
+            continue
+        start = ev.time_range.start
+        out.append((short_name(ev.name), start, start + ev.device_time))
+    return out
+
+
+def _busy_us(iv: list[tuple[str, float, float]]) -> float:
+    """Length of the union of the intervals (PDL kernels overlap)."""
+    busy, end = 0.0, float("-inf")
+    for _, a, b in sorted(iv, key=lambda x: x[1]):
+        if a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    return busy
+
+
+def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, steps: int) -> dict:
+    """Where an engine step's GPU time goes beyond a bare replay: ``steps`` steady decode steps
+    under ``torch.profiler``, every GPU op grouped by name per step, against the bucket's graph
+    replayed alone under the same profiler. Ops that only the engine step has (copies, page
+    updates) and kernels that run longer there show as the difference."""
+    from step_profile import kernel_table
+    from torch.profiler import ProfilerActivity, profile
+
+    eng.set_overlap(mode)
+    g = torch.Generator().manual_seed(123)
+    vocab = eng.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=warm + steps + 8, ignore_eos=True)
+    for _ in range(bs):
+        eng.add_request(None, torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), params)
+    sched = eng.scheduler
+    while sched.waiting or not all(q.prefill_done for q in sched.running):  # the prefill
+        eng.step()
+    for _ in range(warm):  # then steady decode steps
+        eng.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    run_until_idle(eng, {})
+    iv = _gpu_intervals(prof)
+    if not iv:
+        return {}
+    wall = max(b for _, _, b in iv) - min(a for _, a, _ in iv)
+    groups: dict[str, list[float]] = {}
+    for name, a, b in iv:
+        grp = groups.setdefault(name, [0, 0.0])
+        grp[0] += 1
+        grp[1] += b - a
+    engine_ops = {k: {"calls": c / steps, "us": t / steps} for k, (c, t) in groups.items()}
+    graphs = eng.runner.graphs
+    bucket = graphs.bucket_for(bs)
+    replay = kernel_table(graphs.graphs[(bucket, GREEDY)].replay, steps)
+    replay_ops = {r["kernel"]: r for r in replay["kernels"]}
+    diff = []
+    for name, e in engine_ops.items():
+        r = replay_ops.get(name, {"calls": 0.0, "us": 0.0})
+        if abs(e["us"] - r["us"]) >= 0.5 or abs(e["calls"] - r["calls"]) >= 0.5:
+            diff.append({"op": name, "engine": e, "replay": {"calls": r["calls"], "us": r["us"]}})
+    for name, r in replay_ops.items():
+        if name not in engine_ops:
+            diff.append({"op": name, "engine": {"calls": 0.0, "us": 0.0}, "replay": r})
+    diff.sort(key=lambda d: -abs(d["engine"]["us"] - d["replay"]["us"]))
+    return {
+        "mode": mode,
+        "bs": bs,
+        "steps": steps,
+        "engine_wall_us": wall / steps,
+        "engine_busy_us": _busy_us(iv) / steps,
+        "engine_op_us": sum(e["us"] for e in engine_ops.values()),
+        "replay_op_us": replay["kernel_us"],
+        "diff": diff,
+    }
+
+
+def print_trace(t: dict, top: int = 12) -> None:
+    print(
+        f"\ntrace bs={t['bs']} {t['mode']}: per step, GPU span {t['engine_wall_us']:.1f} us, busy "
+        f"{t['engine_busy_us']:.1f} us, op time {t['engine_op_us']:.1f} us; the graph replayed "
+        f"alone: op time {t['replay_op_us']:.1f} us. Ops that differ (engine vs replay alone):"
+    )
+    for d in t["diff"][:top]:
+        e, r = d["engine"], d["replay"]
+        print(
+            f"  {d['op'][:60]:<60} {e['calls']:>6.1f} calls {e['us']:>8.1f} us | "
+            f"{r['calls']:>6.1f} calls {r['us']:>8.1f} us"
+        )
+
+
 def replay_ceiling_ms(eng: Engine, bs: int, ctx: int, iters: int) -> float | None:
     """Back-to-back replays of the bucket that serves ``bs`` rows, at context ``ctx``."""
     graphs = eng.runner.graphs
@@ -105,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--trace-steps",
+        type=int,
+        default=0,
+        help="also profile this many steady steps per batch size (first mode) against a bare "
+        "replay, to show what the engine's step adds on the GPU (CUDA only)",
+    )
     args = p.parse_args(argv)
 
     max_bs = max(args.batch_sizes)
@@ -125,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.cuda.get_device_name() if r.device.type == "cuda" else "cpu"
     bw = measure_hbm_bandwidth(r.device) if r.device.type == "cuda" else None
     ctx = args.prompt_len + args.warmup_steps + args.steps // 2
-    results = []
+    results, traces = [], []
     for bs in args.batch_sizes:
         ceiling = replay_ceiling_ms(eng, bs, ctx, iters=50)
         runs: dict[str, list[dict]] = {m: [] for m in args.modes}
@@ -154,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
             row["graph_bs"] = runs[mode][0]["graph_bs"]
             results.append(row)
             print_row(row)
+        if args.trace_steps and r.device.type == "cuda":
+            t = trace_steps(
+                eng, args.modes[0], bs, args.prompt_len, args.warmup_steps, args.trace_steps
+            )
+            if t:
+                traces.append(t)
+                print_trace(t)
     seed = seed_question(results)
     header = {
         "model": args.model,
@@ -173,7 +287,15 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if args.json:
         args.json.write_text(
-            json.dumps({"header": header, "rows": results, "seed_question": seed["rows"]}, indent=2)
+            json.dumps(
+                {
+                    "header": header,
+                    "rows": results,
+                    "seed_question": seed["rows"],
+                    "traces": traces,
+                },
+                indent=2,
+            )
         )
     eng.shutdown()
     return 0
