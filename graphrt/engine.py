@@ -295,15 +295,9 @@ class Engine:
                 if gid not in multi:
                     multi[gid] = len(outs)
                     outs.append(None)
-            elif done:
-                outs.append(
-                    request_output(gid, group.children, group.prompt, group.prompt_ids, True)
-                )
-                del groups[gid]
             else:
-                # Every streaming request, every step: the cheapest correct output.
-                co = completion_output(req)
-                outs.append(RequestOutput(gid, group.prompt, group.prompt_ids, [co], False))
+                # One completion that is done or streams: _group_output always has an output.
+                outs.append(self._group_output(group))
         handle.release()
         if multi:
             for gid, i in multi.items():
