@@ -78,23 +78,11 @@ def run_once(
     return out
 
 
-def _gpu_intervals(prof) -> list[tuple[str, float, float]]:
-    """(name, start us, end us) of every GPU kernel and copy in a torch.profiler run."""
-    from step_profile import short_name
-
-    out = []
-    for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CUDA or ev.device_time <= 0:
-            continue
-        start = ev.time_range.start
-        out.append((short_name(ev.name), start, start + ev.device_time))
-    return out
-
-
-def _busy_us(iv: list[tuple[str, float, float]]) -> float:
-    """Length of the union of the intervals (PDL kernels overlap)."""
+def _busy_us(events: list[tuple[str, float, float]]) -> float:
+    """Length of the union of the events' intervals (PDL kernels overlap)."""
     busy, end = 0.0, float("-inf")
-    for _, a, b in sorted(iv, key=lambda x: x[1]):
+    for _, a, dur in sorted(events, key=lambda x: x[1]):
+        b = a + dur
         if a > end:
             busy += b - a
             end = b
@@ -109,7 +97,7 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
     under ``torch.profiler``, every GPU op grouped by name per step, against the bucket's graph
     replayed alone under the same profiler. Ops that only the engine step has (copies, page
     updates) and kernels that run longer there show as the difference."""
-    from step_profile import kernel_table
+    from step_profile import gpu_events, group_events, kernel_table
     from torch.profiler import ProfilerActivity, profile
 
     eng.set_overlap(mode)
@@ -129,16 +117,12 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
             eng.step()
         torch.cuda.synchronize()
     run_until_idle(eng, {})
-    iv = _gpu_intervals(prof)
-    if not iv:
+    events = gpu_events(prof)
+    if not events:
         return {}
-    wall = max(b for _, _, b in iv) - min(a for _, a, _ in iv)
-    groups: dict[str, list[float]] = {}
-    for name, a, b in iv:
-        grp = groups.setdefault(name, [0, 0.0])
-        grp[0] += 1
-        grp[1] += b - a
-    engine_ops = {k: {"calls": c / steps, "us": t / steps} for k, (c, t) in groups.items()}
+    wall = max(a + d for _, a, d in events) - min(a for _, a, _ in events)
+    engine = group_events(events, steps)
+    engine_ops = {r["kernel"]: r for r in engine["kernels"]}
     graphs = eng.runner.graphs
     bucket = graphs.bucket_for(bs)
     replay = kernel_table(graphs.graphs[(bucket, GREEDY)].replay, steps)
@@ -157,8 +141,8 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
         "bs": bs,
         "steps": steps,
         "engine_wall_us": wall / steps,
-        "engine_busy_us": _busy_us(iv) / steps,
-        "engine_op_us": sum(e["us"] for e in engine_ops.values()),
+        "engine_busy_us": _busy_us(events) / steps,
+        "engine_op_us": engine["kernel_us"],
         "replay_op_us": replay["kernel_us"],
         "diff": diff,
     }

@@ -62,6 +62,35 @@ def short_name(name: str) -> str:
     return name[:90]
 
 
+def gpu_events(prof) -> list[tuple[str, float, float]]:
+    """``(name, start us, duration us)`` of every GPU kernel and copy in a torch.profiler run,
+    names shortened to their family (copies to their kind, e.g. ``Memcpy HtoD``)."""
+    out = []
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA or ev.device_time <= 0:
+            continue
+        name = short_name(ev.name)
+        if name.startswith(("Memcpy", "Memset")) and " " in name:
+            name = " ".join(name.split(" ")[:2])
+        out.append((name, ev.time_range.start, ev.device_time))
+    return out
+
+
+def group_events(events: list[tuple[str, float, float]], steps: int) -> dict[str, Any]:
+    """Events grouped by name: calls and microseconds per step, and each group's share."""
+    groups: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for name, _, dur in events:
+        groups[name][0] += 1
+        groups[name][1] += dur
+    total = sum(t for _, t in groups.values())
+    rows = [
+        {"kernel": k, "calls": c / steps, "us": t / steps, "share": t / total if total else 0.0}
+        for k, (c, t) in groups.items()
+    ]
+    rows.sort(key=lambda r: -r["us"])
+    return {"kernels": rows, "kernel_us": total / steps, "launches": sum(r["calls"] for r in rows)}
+
+
 def kernel_table(fn, steps: int) -> dict[str, Any]:
     """Profile ``steps`` calls of ``fn``; kernels grouped by name, per step."""
     from torch.profiler import ProfilerActivity, profile
@@ -71,27 +100,7 @@ def kernel_table(fn, steps: int) -> dict[str, Any]:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    groups: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    total = 0.0
-    for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        dur = ev.device_time  # µs
-        if dur <= 0:
-            continue
-        name = short_name(ev.name)
-        if name.startswith("Memcpy") or name.startswith("Memset"):
-            name = name.split(" ")[0] + " " + name.split(" ")[1] if " " in name else name
-        g = groups[name]
-        g[0] += 1
-        g[1] += dur
-        total += dur
-    rows = [
-        {"kernel": k, "calls": c / steps, "us": t / steps, "share": t / total if total else 0.0}
-        for k, (c, t) in groups.items()
-    ]
-    rows.sort(key=lambda r: -r["us"])
-    return {"kernels": rows, "kernel_us": total / steps, "launches": sum(r["calls"] for r in rows)}
+    return group_events(gpu_events(prof), steps)
 
 
 def profile_bs(bench: DecodeBench, bs: int, steps: int, bw: float) -> dict[str, Any]:

@@ -387,3 +387,40 @@ def test_cpu_step_cost_smoke(default_model_dir, tmp_path) -> None:
     for w in mod.WORKLOADS:
         for key in ("schedule_ms", "process_ms", "total_ms"):
             assert d[w][key]["median"] > 0
+
+
+def test_profiler_events_grouped_and_overlap_union() -> None:
+    """step_profile's event reading (shared by overlap_ablation --trace-steps): CUDA events only,
+    copies named by kind, per-step grouping; the busy time of overlapping (PDL) kernels is the
+    union of their intervals, not the sum."""
+    from types import SimpleNamespace
+
+    sp = _load("step_profile")
+    sys.path.insert(0, str(BENCH))  # overlap_ablation imports step_profile by name
+    try:
+        oa = _load("overlap_ablation")
+    finally:
+        sys.path.remove(str(BENCH))
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, start, dur, dev=cuda):
+        return SimpleNamespace(
+            name=name, device_type=dev, device_time=dur, time_range=SimpleNamespace(start=start)
+        )
+
+    prof = SimpleNamespace(
+        events=lambda: [
+            ev("_gemv_kernel_0d1d2d", 0.0, 10.0),
+            ev("_gemv_kernel_0d1d2d", 8.0, 10.0),  # overlaps the first by 2 us
+            ev("Memcpy HtoD (Pinned -> Device)", 30.0, 2.0),
+            ev("aten::mm", 0.0, 50.0, cpu),  # host events are not GPU time
+            ev("_rms_norm_kernel", 40.0, 0.0),  # no device time recorded
+        ]
+    )
+    events = sp.gpu_events(prof)
+    assert [e[0] for e in events] == ["_gemv_kernel", "_gemv_kernel", "Memcpy HtoD"]
+    table = sp.group_events(events, steps=2)
+    assert table["kernel_us"] == 11.0 and table["launches"] == 1.5
+    assert table["kernels"][0] == {"kernel": "_gemv_kernel", "calls": 1.0, "us": 10.0,
+                                   "share": 20 / 22}  # fmt: skip
+    assert oa._busy_us(events) == 18.0 + 2.0
