@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import json
 import statistics
 import sys
@@ -53,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from graphrt import Engine, EngineConfig, SamplingParams
 from graphrt.capture.measure import measure_hbm_bandwidth, run_header, summarize
+from graphrt.overlap import StepProfiler, StepRecord
 
 
 @dataclass
@@ -151,6 +153,169 @@ def run_graphrt(eng: Engine, wl: Workload, repeats: int) -> dict[str, Any]:
         run["graph_steps"] = eng.stats["graph_steps"] - graph0
         runs.append(run)
     return throughput(runs)
+
+
+def _run_steps(eng: Engine, wl: Workload, on_step: Callable[[int], None] | None = None) -> int:
+    """The workload through ``add_request`` + ``step`` (what ``generate`` does), calling
+    ``on_step(i)`` before the i-th step. Returns the number of steps."""
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in wl.output_lens]
+    for prompt, p in zip(wl.prompts, params):
+        eng.add_request(None, prompt, p)
+    i = 0
+    while eng.has_unfinished():
+        if on_step is not None:
+            on_step(i)
+        eng.step()
+        i += 1
+    eng.drain()
+    return i
+
+
+def _step_kind(rec: StepRecord) -> str:
+    if rec.is_decode:
+        return "decode, graph" if rec.graph_bs is not None else "decode, eager"
+    return "prefill + decode, eager" if rec.decode_rows else "prefill only, eager"
+
+
+def profile_steps(eng: Engine, wl: Workload) -> dict[str, Any]:
+    """One more run of the workload with each step's GPU start/end events and CPU times
+    (``StepProfiler``): the run's wall time split into GPU time per kind of step (decode steps
+    replayed from graphs, eager steps carrying prefill chunks) and GPU idle between steps."""
+    prof = StepProfiler(eng.runner.device)
+    eng.launcher.profiler = prof
+    _sync(eng.runner.device)
+    t0 = time.perf_counter()
+    try:
+        _run_steps(eng, wl)
+        _sync(eng.runner.device)
+    finally:
+        eng.launcher.profiler = None
+    wall = time.perf_counter() - t0
+    recs = [r for _, r in sorted(prof.records.items())]
+    if not recs or recs[0].start is None:
+        return {"wall_s": wall, "steps": len(recs), "cuda": False}
+    return summarize_steps(recs, wall)
+
+
+def summarize_steps(recs: list[StepRecord], wall: float) -> dict[str, Any]:
+    """Per kind of step: count, GPU seconds (start to end event), share of the wall time, rows
+    and prefill tokens per step, median CPU times; and the GPU idle between steps."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for r in recs:
+        k = kinds.setdefault(
+            _step_kind(r),
+            {"steps": 0, "gpu_s": 0.0, "rows": 0, "decode_rows": 0, "tokens": 0, "cpu": []},
+        )
+        k["steps"] += 1
+        k["gpu_s"] += r.start.elapsed_time(r.end) / 1e3
+        k["rows"] += r.batch_size
+        k["decode_rows"] += r.decode_rows
+        k["tokens"] += r.num_tokens
+        k["cpu"].append((r.schedule_s, r.launch_s, r.process_s))
+    # From the first start to the last end is the GPU's span; inside it, the time between one
+    # step's end and the next one's start is the GPU waiting for the host.
+    span = recs[0].start.elapsed_time(recs[-1].end) / 1e3
+    idle = sum(max(0.0, a.end.elapsed_time(b.start)) for a, b in itertools.pairwise(recs)) / 1e3
+    out_kinds = {}
+    for name, k in kinds.items():
+        n, cpu = k["steps"], k["cpu"]
+        out_kinds[name] = {
+            "steps": n,
+            "gpu_s": k["gpu_s"],
+            "gpu_ms_per_step": k["gpu_s"] / n * 1e3,
+            "share_of_wall": k["gpu_s"] / wall,
+            "rows_per_step": k["rows"] / n,
+            "decode_rows_per_step": k["decode_rows"] / n,
+            "prefill_tokens_per_step": (k["tokens"] - k["decode_rows"]) / n,
+            "schedule_ms": statistics.median(c[0] for c in cpu) * 1e3,
+            "launch_ms": statistics.median(c[1] for c in cpu) * 1e3,
+            "process_ms": statistics.median(c[2] for c in cpu) * 1e3,
+        }
+    return {
+        "cuda": True,
+        "wall_s": wall,
+        "steps": len(recs),
+        "gpu_span_s": span,
+        "gpu_idle_s": idle,
+        "kinds": out_kinds,
+    }
+
+
+def profile_kernels(eng: Engine, wl: Workload, first: int, steps: int) -> dict[str, Any]:
+    """One more run of the workload with ``torch.profiler`` on for ``steps`` steps from step
+    ``first``: GPU kernels and copies grouped by name, per step of that window, and the
+    window's GPU busy time (union of kernel intervals) against its span."""
+    from step_profile import busy_us, gpu_events, group_events
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    graph0 = eng.stats["graph_steps"]
+    seen = {"graph_at_start": 0, "graph_at_stop": 0}
+
+    def on_step(i: int) -> None:
+        if i == first:
+            _sync(eng.runner.device)
+            seen["graph_at_start"] = eng.stats["graph_steps"]
+            prof.start()
+        elif i == first + steps:
+            _sync(eng.runner.device)
+            prof.stop()
+            seen["graph_at_stop"] = eng.stats["graph_steps"]
+
+    total = _run_steps(eng, wl, on_step)
+    if total < first + steps:
+        if total > first:
+            prof.stop()
+        raise RuntimeError(f"the run had {total} steps; the window needs {first + steps}")
+    events = gpu_events(prof)
+    if not events:
+        return {}
+    span = max(a + d for _, a, d in events) - min(a for _, a, _ in events)
+    grouped = group_events(events, steps)
+    # Steps are processed one behind their launch, so the graph count lags by one step.
+    graph = seen["graph_at_stop"] - seen["graph_at_start"]
+    return {
+        "first_step": first,
+        "steps": steps,
+        "graph_steps_in_window": graph,
+        "span_us_per_step": span / steps,
+        "busy_us_per_step": busy_us(events) / steps,
+        "kernel_us_per_step": grouped["kernel_us"],
+        "kernels": grouped["kernels"],
+        "run_graph_steps": eng.stats["graph_steps"] - graph0,
+    }
+
+
+def print_profile(p: dict[str, Any] | None, k: dict[str, Any] | None, top: int = 14) -> None:
+    if p and p.get("cuda"):
+        print(
+            f"\nwhere the time goes (one more run with per-step CUDA events, {p['steps']} steps, "
+            f"wall {p['wall_s']:.2f} s, GPU span {p['gpu_span_s']:.2f} s, GPU idle between "
+            f"steps {p['gpu_idle_s']:.2f} s):"
+        )
+        print(
+            f"  {'kind':<24} {'steps':>6} {'GPU s':>7} {'of wall':>8} {'ms/step':>8} "
+            f"{'rows':>6} {'prefill tok':>11} {'sched/launch/proc ms':>22}"
+        )
+        for name, r in sorted(p["kinds"].items(), key=lambda x: -x[1]["gpu_s"]):
+            print(
+                f"  {name:<24} {r['steps']:>6} {r['gpu_s']:>7.2f} {r['share_of_wall']:>8.1%} "
+                f"{r['gpu_ms_per_step']:>8.2f} {r['rows_per_step']:>6.0f} "
+                f"{r['prefill_tokens_per_step']:>11.0f} "
+                f"{r['schedule_ms']:>6.2f}/{r['launch_ms']:.2f}/{r['process_ms']:.2f}"
+            )
+    if k:
+        print(
+            f"\nkernels, steps {k['first_step']}-{k['first_step'] + k['steps'] - 1} "
+            f"(~{k['graph_steps_in_window']} of them graph replays): per step, GPU span "
+            f"{k['span_us_per_step']:.0f} us, busy {k['busy_us_per_step']:.0f} us, kernel sum "
+            f"{k['kernel_us_per_step']:.0f} us"
+        )
+        for row in k["kernels"][:top]:
+            print(
+                f"  {row['kernel'][:64]:<64} {row['calls']:>7.1f} calls {row['us']:>9.1f} us "
+                f"{row['share']:>6.1%}"
+            )
 
 
 def decode_ceiling(
@@ -367,6 +532,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     w.add_argument("--workload-seed", type=int, default=0)
     b = p.add_argument_group("measurement")
     b.add_argument("--repeats", type=int, default=5, help="timed runs (>= 5)")
+    b.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more run with per-step CUDA events: GPU time per kind of step, GPU idle",
+    )
+    b.add_argument(
+        "--profile-kernels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="one more run with torch.profiler on for N steps from the middle of the run "
+        "(or --profile-first): kernels grouped by name",
+    )
+    b.add_argument("--profile-first", type=int, default=None, help="first profiled step")
     b.add_argument("--json", type=Path, default=None, help="write results as JSON (rewritten as "
                    "each part finishes, so a killed run keeps what it measured)")  # fmt: skip
     h = p.add_argument_group("HF transformers peer")
@@ -538,6 +717,16 @@ def main(argv: list[str] | None = None) -> int:
     res["header"]["warmup_s"] = time.perf_counter() - t0
     res["graphrt"] = run_graphrt(eng, wl, args.repeats)
     save()
+    cuda = device.type == "cuda"
+    if args.profile and cuda:
+        res["profile"] = profile_steps(eng, wl)
+        save()
+    if args.profile_kernels and cuda:
+        first = args.profile_first
+        if first is None:
+            first = max(0, int(res["graphrt"]["runs"][0]["steps"]) // 2 - args.profile_kernels // 2)
+        res["profile_kernels"] = profile_kernels(eng, wl, first, args.profile_kernels)
+        save()
     sub = None
     if args.peer == "hf":
         sub = wl.subsample(args.hf_max_requests or None, args.hf_max_output_len)
@@ -562,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     res["ratios"] = compute_ratios(res)
     save()
     print_summary(res)
+    print_profile(res.get("profile"), res.get("profile_kernels"))
     return 0
 
 

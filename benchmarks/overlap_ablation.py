@@ -78,26 +78,12 @@ def run_once(
     return out
 
 
-def _busy_us(events: list[tuple[str, float, float]]) -> float:
-    """Length of the union of the events' intervals (PDL kernels overlap)."""
-    busy, end = 0.0, float("-inf")
-    for _, a, dur in sorted(events, key=lambda x: x[1]):
-        b = a + dur
-        if a > end:
-            busy += b - a
-            end = b
-        elif b > end:
-            busy += b - end
-            end = b
-    return busy
-
-
 def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, steps: int) -> dict:
     """Where an engine step's GPU time goes beyond a bare replay: ``steps`` steady decode steps
     under ``torch.profiler``, every GPU op grouped by name per step, against the bucket's graph
     replayed alone under the same profiler. Ops that only the engine step has (copies, page
     updates) and kernels that run longer there show as the difference."""
-    from step_profile import gpu_events, group_events, kernel_table
+    from step_profile import busy_us, gpu_events, group_events, kernel_table
     from torch.profiler import ProfilerActivity, profile
 
     eng.set_overlap(mode)
@@ -141,7 +127,7 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
         "bs": bs,
         "steps": steps,
         "engine_wall_us": wall / steps,
-        "engine_busy_us": _busy_us(events) / steps,
+        "engine_busy_us": busy_us(events) / steps,
         "engine_op_us": engine["kernel_us"],
         "replay_op_us": replay["kernel_us"],
         "diff": diff,

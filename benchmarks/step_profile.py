@@ -91,6 +91,21 @@ def group_events(events: list[tuple[str, float, float]], steps: int) -> dict[str
     return {"kernels": rows, "kernel_us": total / steps, "launches": sum(r["calls"] for r in rows)}
 
 
+def busy_us(events: list[tuple[str, float, float]]) -> float:
+    """Length of the union of the events' intervals: time the GPU had work (PDL kernels and
+    copies overlap, so their durations sum to more)."""
+    busy, end = 0.0, float("-inf")
+    for _, a, dur in sorted(events, key=lambda x: x[1]):
+        b = a + dur
+        if a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    return busy
+
+
 def kernel_table(fn, steps: int) -> dict[str, Any]:
     """Profile ``steps`` calls of ``fn``; kernels grouped by name, per step."""
     from torch.profiler import ProfilerActivity, profile

@@ -187,6 +187,8 @@ class StepRecord:
     step_id: int
     batch_size: int
     is_decode: bool
+    num_tokens: int = 0  # tokens fed this step (decode rows + prefill chunk tokens)
+    decode_rows: int = 0  # rows that feed one already-sampled token
     schedule_s: float = 0.0  # scheduler thread: planning this step
     launch_s: float = 0.0  # launcher: prepare, replay or eager step, copies, event records
     wait_s: float = 0.0  # scheduler thread: blocked on this step's copy_done
@@ -205,7 +207,8 @@ class StepProfiler:
         self.records: dict[int, StepRecord] = {}
 
     def record(self, plan: StepPlan) -> StepRecord:
-        r = StepRecord(plan.step_id, plan.batch_size, plan.is_decode)
+        decode_rows = plan.batch_size if plan.is_decode else int((plan.input_ids < 0).sum())
+        r = StepRecord(plan.step_id, plan.batch_size, plan.is_decode, plan.num_tokens, decode_rows)
         if self.cuda:
             r.start = torch.cuda.Event(enable_timing=True)
             r.end = torch.cuda.Event(enable_timing=True)

@@ -101,6 +101,65 @@ def test_offline_throughput_fixed_shape(llama, tmp_path) -> None:
     assert d["header"]["max_model_len"] == 64  # sized from the workload, not the model limit
 
 
+def test_offline_profile_summary_splits_time_by_step_kind() -> None:
+    """--profile: GPU seconds per kind of step from start/end events, idle = gaps between one
+    step's end and the next one's start (overlap, where a start precedes the end before it,
+    counts as none)."""
+    from types import SimpleNamespace
+
+    mod = _load("offline_throughput")
+    from graphrt.overlap import StepRecord
+
+    def ev(t_ms):
+        return SimpleNamespace(elapsed_time=lambda other: other.t - t_ms, t=t_ms)
+
+    def rec(i, start, end, **kw):
+        r = StepRecord(i, kw.pop("bs"), kw.pop("dec"), **kw)
+        r.start, r.end = ev(start), ev(end)
+        r.schedule_s, r.launch_s, r.process_s = 1e-3, 2e-3, 3e-3
+        return r
+
+    recs = [
+        rec(0, 0.0, 10.0, bs=2, dec=False, num_tokens=100, decode_rows=0),
+        rec(1, 9.0, 14.0, bs=3, dec=False, num_tokens=50, decode_rows=2),  # starts early
+        rec(2, 15.0, 17.0, bs=3, dec=True, num_tokens=3, decode_rows=3, graph_bs=4),
+        rec(3, 20.0, 22.0, bs=3, dec=True, num_tokens=3, decode_rows=3, graph_bs=4),
+    ]
+    p = mod.summarize_steps(recs, wall=0.025)
+    assert p["steps"] == 4 and p["gpu_span_s"] == 0.022
+    assert abs(p["gpu_idle_s"] - 0.004) < 1e-12  # 14 -> 15 and 17 -> 20
+    k = p["kinds"]
+    assert set(k) == {"prefill only, eager", "prefill + decode, eager", "decode, graph"}
+    assert k["decode, graph"]["steps"] == 2 and abs(k["decode, graph"]["gpu_s"] - 0.004) < 1e-12
+    assert k["prefill + decode, eager"]["prefill_tokens_per_step"] == 48
+    assert k["prefill only, eager"]["share_of_wall"] == 0.010 / 0.025
+    assert k["decode, graph"]["launch_ms"] == 2.0
+
+
+def test_offline_profile_runs_on_cpu(llama) -> None:
+    """The profile runs drive the whole workload (CPU: no events, so no tables) and a kernel
+    window past the run's end is an error, not a silent empty table."""
+    mod = _load("offline_throughput")
+    from graphrt import Engine
+
+    wl = mod.Workload(prompts=[[1, 2, 3], [4, 5, 6, 7]], output_lens=[3, 2])
+    eng = Engine(str(llama), load_format="dummy", device="cpu", show_progress=False)
+    try:
+        p = mod.profile_steps(eng, wl)
+        assert p["cuda"] is False and p["steps"] >= 3 and not eng.has_unfinished()
+        # step() calls: with overlap one more than planned steps, to process the last one.
+        assert mod._run_steps(eng, wl) in (p["steps"], p["steps"] + 1)
+        sys.path.insert(0, str(BENCH))  # profile_kernels imports step_profile by name
+        try:
+            with pytest.raises(RuntimeError, match="window"):
+                mod.profile_kernels(eng, wl, first=1, steps=50)
+        finally:
+            sys.path.remove(str(BENCH))
+        assert not eng.has_unfinished()
+    finally:
+        eng.shutdown()
+
+
 def test_offline_workload_is_seeded_and_in_range() -> None:
     mod = _load("offline_throughput")
     args = mod.parse_args(["--model", "x", "--num-requests", "50", "--workload-seed", "3"])
@@ -396,11 +455,6 @@ def test_profiler_events_grouped_and_overlap_union() -> None:
     from types import SimpleNamespace
 
     sp = _load("step_profile")
-    sys.path.insert(0, str(BENCH))  # overlap_ablation imports step_profile by name
-    try:
-        oa = _load("overlap_ablation")
-    finally:
-        sys.path.remove(str(BENCH))
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
     def ev(name, start, dur, dev=cuda):
@@ -423,4 +477,4 @@ def test_profiler_events_grouped_and_overlap_union() -> None:
     assert table["kernel_us"] == 11.0 and table["launches"] == 1.5
     assert table["kernels"][0] == {"kernel": "_gemv_kernel", "calls": 1.0, "us": 10.0,
                                    "share": 20 / 22}  # fmt: skip
-    assert oa._busy_us(events) == 18.0 + 2.0
+    assert sp.busy_us(events) == 18.0 + 2.0
