@@ -18,7 +18,8 @@ Each measurement captures ``iters`` calls into one CUDA graph (no launch gaps fr
 times its replays with CUDA events; ``--reps`` replays give the median and the min-max spread.
 Inputs smaller than the L2 cache are rotated over enough copies to exceed it, so the figures
 are HBM figures, not L2 ones (except the row marked L2-hot). ``--sweep`` also times Triton
-decode launch configurations and the norm's warp counts.
+decode launch configurations and the fused norm's configs (rows per program, warps,
+streaming cache hints: ``kernels/triton_ops.py``'s ``norm_config``).
 ``--smoke`` runs tiny shapes (on CPU under ``TRITON_INTERPRET=1``) to check the script only.
 """
 
@@ -160,36 +161,86 @@ def bench_hbm(timer: Timer, dev: torch.device, smoke: bool) -> list[Result]:
 # ---- fused ops -----------------------------------------------------------------------------------
 
 
-def _sweep_norm_warps(timer, sets, w, label, nbytes, iters, pdl=False) -> list[Result]:
-    """The fused norm kernel at other warp counts (the wrapper picks 16 for hidden 4096), with
-    and without PDL where the GPU has it."""
-    from graphrt.kernels import triton_ops
-    from graphrt.kernels.pdl import launch_options
+def _norm_sweep_configs(n: int, smoke: bool = False):
+    """The fused norm's launch configs to time: rows per program {1, 2, 4, 8} x warps
+    {2, 4, 8, 16} x streaming hints off/on. A thread holds ``block / (32 * warps)`` values of
+    a row, and with more than one row per program two rows are live (the one being stored and
+    the one prefetched); configs where that exceeds 64 values are skipped (at hidden 4096,
+    rows >= 2 at 2 warps: ~190 registers a thread on sm_90), which leaves 26 at hidden 4096."""
+    from graphrt.kernels.triton_ops import NormConfig
 
-    kern = triton_ops._fused_add_rms_norm_kernel
-    n = w.shape[0]
+    if smoke:  # the interpreter runs a config in seconds: two check the plumbing (8: a tail)
+        return [NormConfig(2, 2, True), NormConfig(8, 4, False)]
     block = 1 << (n - 1).bit_length()
-    out = []
-    for on in (False, True) if pdl else (False,):
-        for warps in (4, 8, 16, 32):
-            fns = [
-                lambda x=x, r=r, nw=warps, on=on: kern[(x.shape[0],)](
-                    x,
-                    r,
-                    w,
-                    x,
-                    r,
-                    n,
-                    1e-5,
-                    BLOCK=block,
-                    USE_PDL=on,
-                    num_warps=nw,
-                    **launch_options(on),
+    return [
+        NormConfig(rows, warps, evict)
+        for rows in (1, 2, 4, 8)
+        for warps in (2, 4, 8, 16)
+        for evict in (False, True)
+        if (1 if rows == 1 else 2) * block // (32 * warps) <= 64
+    ]
+
+
+def _compile_in_parallel(compiles: list[Callable[[], object]]) -> None:
+    """Runs Triton warm-up compiles on a thread pool (Triton releases the GIL while it
+    compiles), so a sweep of many configs pays about one compile's time, not one per config.
+    Without Triton's async compile mode, each config compiles on its first call instead."""
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return
+    # A config that fails to compile is left to fail again on its first call, alone.
+    pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1))
+    try:
+        with pool, AsyncCompileMode(pool, ignore_errors=True):
+            for c in compiles:
+                c()
+    except Exception as e:  # a Triton whose warm-up API differs: compile on first call
+        print(f"  parallel compile skipped: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def _sweep_norm(timer, sets, w, label, nbytes, iters, pdl=False, smoke=False) -> list[Result]:
+    """The fused norm kernel at every config of :func:`_norm_sweep_configs`, launched with PDL
+    where the GPU has it (as a decode step launches it), and the default config without PDL
+    for reference. Each note names its config (``extra["config"]`` has it as a dict)."""
+    from graphrt.kernels import triton_ops
+
+    n = w.shape[0]
+    rows = sets[0][0].shape[0]
+    default = triton_ops.norm_config(rows, n)
+    runs = [(c, pdl) for c in _norm_sweep_configs(n, smoke)]
+    if pdl:
+        runs.append((default, False))
+    x0, r0 = sets[0]
+    if timer.device.type == "cuda":
+        _compile_in_parallel(
+            [
+                lambda c=c, on=on: triton_ops._launch_fused_add_rms_norm(
+                    x0, r0, w, x0, r0, 1e-5, c, on, warmup=True
                 )
-                for x, r in sets
+                for c, on in runs
             ]
-            note = f"warps={warps}" + (" pdl" if on else "")
-            out.append(Result(label, "triton-sweep", nbytes, timer(fns, iters), note))
+        )
+    out = []
+    for cfg, on in runs:
+        fns = [
+            lambda x=x, r=r, c=cfg, on=on: triton_ops.fused_add_rms_norm(
+                x, r, w, 1e-5, pdl=on, cfg=c
+            )
+            for x, r in sets
+        ]
+        note = f"rows/program={cfg.rows_per_program} warps={cfg.num_warps} evict={cfg.evict}"
+        note += (" pdl" if on else " no-pdl") + (" (default)" if cfg == default else "")
+        try:
+            times = timer(fns, iters)
+        except Exception as e:  # e.g. a config that does not compile
+            print(f"  sweep {note}: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        r = Result(label, "triton-sweep", nbytes, times, note)
+        r.extra["config"] = {**asdict(cfg), "pdl": on}
+        out.append(r)
     return out
 
 
@@ -232,7 +283,7 @@ def bench_ops(
             ]
             res.append(Result(label, "triton-pdl", nbytes, timer(fns, iters), "PDL launches"))
         if sweep and rows == b and not hot:
-            res += _sweep_norm_warps(timer, sets, w, label, nbytes, iters, pdl)
+            res += _sweep_norm(timer, sets, w, label, nbytes, iters, pdl, smoke)
         del sets
 
     nbytes = 2 * b * h * esz + h * esz
@@ -695,7 +746,10 @@ def _sweep_table(results: list[Result], hbm_gbps: float, top: int = 6) -> str:
         sweep = sorted((r for r in mine if r.impl == "triton-sweep"), key=lambda r: r.median_us)
         defaults = [r for r in mine if r.impl.startswith("triton") and r.impl != "triton-sweep"]
         rows += sweep[:top] + defaults
-    out = [f"triton sweep (median us, % HBM; the {top} fastest configs, then the defaults):"]
+    out = [
+        f"triton sweep (median us, % of the {hbm_gbps:.0f} GB/s HBM ceiling; the {top} fastest "
+        "configs, then the defaults):"
+    ]
     for r in rows:
         out.append(
             f"  {r.name:<40} {r.impl:<16} {r.median_us:>9.2f} "

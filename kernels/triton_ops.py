@@ -9,6 +9,8 @@ kernel launch per call. They also run on CPU under ``TRITON_INTERPRET=1`` (the t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -83,6 +85,61 @@ def rms_norm(
     return out
 
 
+@dataclass(frozen=True)
+class NormConfig:
+    """Launch parameters of the fused add + RMSNorm kernel. ``rows_per_program`` and ``evict``
+    change no arithmetic (every row runs the same fp32 ops, the sum rounded to the activation
+    dtype before the norm); ``num_warps`` sets the order of the fp32 sum of squares, which may
+    move the normed output by an ulp, never the residual sum. ``test_kernels.py`` checks both
+    (bit for bit on CPU; ``test_gpu_fused_add_rms_norm_configs_exact`` on a GPU)."""
+
+    rows_per_program: int  # ROWS: rows per program, grid = cdiv(rows, ROWS)
+    num_warps: int
+    evict: bool = False  # EVICT: streaming hints (loads evict_first, stores .cs)
+
+
+def norm_config(rows: int, n_cols: int) -> NormConfig:
+    """The launch config of :func:`fused_add_rms_norm` for ``rows`` rows of ``n_cols``.
+
+    The default is the kernel as it was first measured: one row per program, no cache hints,
+    :func:`_norm_warps` warps. On an H100 with PDL, batch 256 x hidden 4096 bf16 with inputs
+    rotated out of L2 reaches 69.8% of measured HBM (~4.0 us for 8 MB; 2.35 us L2-hot; issue
+    #3, the target is 80%): all 256 programs are resident at once, so every program loads,
+    then every program stores, and the read and write phases run one after the other. With
+    this config the kernel compiles to the same SASS as the one-row kernel before the configs
+    existed (sm_90, Triton 3.6 and 3.9).
+
+    The alternatives are not yet measured. ``rows_per_program > 1`` loads row i+1 before it
+    stores row i, so one row's stores overlap the next row's loads; ``evict`` streams the
+    inputs and outputs past L2. The figures to choose between them will come from the H100
+    sweep (``benchmarks/kernels.py --only ops --sweep --no-decode-sweep``, rows
+    ``triton-sweep`` of ``rmsnorm+residual b256 h4096``, every config with PDL) and belong in
+    ``benchmarks/RESULTS.md``; until then this returns the default for every shape. Note that
+    the sweep cannot see one cost of ``evict``: outputs stored with ``.cs`` are less likely to
+    be in L2 for the next kernel (the GEMM reading the normed output), so check a change to
+    ``evict`` end to end.
+    """
+    return NormConfig(rows_per_program=1, num_warps=_norm_warps(_pow2(n_cols)), evict=False)
+
+
+@triton.jit
+def _load_row(ptr, mask, EVICT: tl.constexpr):
+    if EVICT:
+        v = tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_first")
+    else:
+        v = tl.load(ptr, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
+def _store_row(ptr, value, mask, EVICT: tl.constexpr):
+    # Keyword arguments: Triton 3.6's tl.store takes boundary_check positionally before them.
+    if EVICT:
+        tl.store(ptr, value, mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
 @triton.jit
 def _fused_add_rms_norm_kernel(
     x_ptr,
@@ -90,30 +147,60 @@ def _fused_add_rms_norm_kernel(
     w_ptr,
     out_ptr,
     res_out_ptr,
+    n_rows,
     n_cols,
     eps,
     BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    TAIL: tl.constexpr,
+    EVICT: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    # ROWS rows per program. Row i+1's inputs are loaded before row i's results are stored, so
+    # the stores of one row overlap the loads of the next. TAIL (rows % ROWS != 0) masks the
+    # rows past the end (a row's mask is cols < n_cols, or cols < 0 past the end: one compare,
+    # and the interpreter rejects a block mask and'ed with a scalar). No early return: every
+    # program passes pdl_enter. The weight is loaded per row where the one-row kernel loaded it
+    # (after the first store), so ROWS=1 is that kernel unchanged.
     pdl_enter(USE_PDL)
-    row = tl.program_id(0).to(tl.int64) * n_cols
+    row0 = tl.program_id(0) * ROWS
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row + cols, mask=mask, other=0.0)
-    r = tl.load(r_ptr + row + cols, mask=mask, other=0.0)
-    # The sum is rounded to the activation dtype before the norm, as the reference does.
-    s = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
-    tl.store(res_out_ptr + row + cols, s, mask=mask)
-    sf = s.to(tl.float32)
-    inv = tl.rsqrt(tl.sum(sf * sf, axis=0) / n_cols + eps)
-    xn = (sf * inv).to(res_out_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    y = xn.to(tl.float32) * w.to(tl.float32)
-    tl.store(out_ptr + row + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    cmask = cols < n_cols
+    off = row0.to(tl.int64) * n_cols
+    mask = cmask
+    if TAIL:
+        mask = cols < tl.where(row0 < n_rows, n_cols, 0)
+    x = _load_row(x_ptr + off + cols, mask, EVICT)
+    r = _load_row(r_ptr + off + cols, mask, EVICT)
+    for i in tl.static_range(ROWS):
+        if i + 1 < ROWS:
+            next_off = off + n_cols
+            next_mask = cmask
+            if TAIL:
+                next_mask = cols < tl.where(row0 + i + 1 < n_rows, n_cols, 0)
+            next_x = _load_row(x_ptr + next_off + cols, next_mask, EVICT)
+            next_r = _load_row(r_ptr + next_off + cols, next_mask, EVICT)
+        # The sum is rounded to the activation dtype before the norm, as the reference does.
+        s = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+        _store_row(res_out_ptr + off + cols, s, mask, EVICT)
+        sf = s.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(sf * sf, axis=0) / n_cols + eps)
+        xn = (sf * inv).to(res_out_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
+        y = xn.to(tl.float32) * w.to(tl.float32)
+        _store_row(out_ptr + off + cols, y.to(out_ptr.dtype.element_ty), mask, EVICT)
+        if i + 1 < ROWS:
+            x, r, off, mask = next_x, next_r, next_off, next_mask
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    pdl: bool = False,
+    cfg: NormConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(rms_norm(x + residual), x + residual)`` in one pass over memory.
 
@@ -121,9 +208,8 @@ def fused_add_rms_norm(
     normed result overwrites ``x`` and the sum overwrites ``residual`` (both are returned). A
     decoder layer's residual stream and the GEMM output feeding it are dead after this call, so
     reusing them saves two activations per norm. Callers that still need either input must
-    pass a copy.
+    pass a copy. ``cfg`` overrides :func:`norm_config` (the benchmark sweeps it).
     """
-    n = x.shape[-1]
     out_dtype = torch.result_type(x, weight)
     res_dtype = torch.result_type(x, residual)
     inplace = (
@@ -139,15 +225,32 @@ def fused_add_rms_norm(
         x, residual = x.contiguous(), residual.expand_as(x).contiguous()
         out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
         res_out = torch.empty(x.shape, dtype=res_dtype, device=x.device)
+    _launch_fused_add_rms_norm(x, residual, weight, out, res_out, eps, cfg, pdl)
+    return out, res_out
+
+
+def _launch_fused_add_rms_norm(
+    x, residual, weight, out, res_out, eps, cfg, pdl, *, warmup: bool = False
+) -> None:
+    # The four activations are contiguous and of one shape (the tests pass poisoned outputs).
+    # ``warmup`` compiles without launching (the benchmark compiles its sweep in parallel).
+    n = x.shape[-1]
     rows = x.numel() // n
     if rows == 0:
-        return out, res_out
-    block = _pow2(n)
-    _fused_add_rms_norm_kernel[(rows,)](
-        x, residual, weight, out, res_out, n, eps, BLOCK=block, USE_PDL=pdl,
-        num_warps=_norm_warps(block), **launch_options(pdl),
+        return
+    if cfg is None:
+        cfg = norm_config(rows, n)
+    per = cfg.rows_per_program
+    grid = (triton.cdiv(rows, per),)
+    args = (x, residual, weight, out, res_out, rows, n, eps)
+    kwargs = dict(
+        BLOCK=_pow2(n), ROWS=per, TAIL=rows % per != 0, EVICT=cfg.evict, USE_PDL=pdl,
+        num_warps=cfg.num_warps, **launch_options(pdl),
     )  # fmt: skip
-    return out, res_out
+    if warmup:
+        _fused_add_rms_norm_kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        _fused_add_rms_norm_kernel[grid](*args, **kwargs)
 
 
 # ---- SiLU-and-mul -------------------------------------------------------------------------------

@@ -210,13 +210,14 @@ def test_decode_roofline_runs_and_reports(llama, tmp_path) -> None:
 # ---- API capacity (mock engine) -------------------------------------------------------------
 
 
-def test_kernels_smoke_gemv_and_argmax(tmp_path) -> None:
-    """kernels.py's GEMV sweep and argmax sections run end to end (interpreted, tiny shapes)."""
+def test_kernels_smoke_ops_gemv_and_argmax(tmp_path) -> None:
+    """kernels.py's fused-op, GEMV and argmax sections and their sweeps run end to end
+    (interpreted, tiny shapes)."""
     import subprocess
 
     out = tmp_path / "k.json"
     cmd = [sys.executable, str(BENCH / "kernels.py"), "--smoke", "--sweep", "--reps", "2"]
-    cmd += ["--only", "gemv", "argmax", "--json", str(out)]
+    cmd += ["--only", "ops", "gemv", "argmax", "--json", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
@@ -225,6 +226,13 @@ def test_kernels_smoke_gemv_and_argmax(tmp_path) -> None:
     assert {("silu+down", "silu+cublas"), ("silu+down", "triton-silu")} <= impls
     assert ("silu+down", "triton-sweep") in impls
     assert {("argmax", "torch"), ("argmax", "triton")} <= impls
+    norm = [x for x in rows if x["name"] == "rmsnorm+residual b4 h256"]
+    assert {x["impl"] for x in norm} >= {"triton", "torch", "triton-sweep"}
+    configs = [x["extra"]["config"] for x in norm if x["impl"] == "triton-sweep"]
+    assert {c["rows_per_program"] for c in configs} == {2, 8} and {c["evict"] for c in configs} == {
+        False,
+        True,
+    }
     assert "benchmark section failed" not in r.stderr
 
 

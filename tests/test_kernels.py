@@ -172,6 +172,49 @@ def test_fused_add_rms_norm_strided_inputs_are_not_modified() -> None:
     assert torch.equal(x, x0) and torch.equal(r, r0)
 
 
+def test_norm_config_default_is_one_row_per_program() -> None:
+    # Until the H100 sweep says otherwise (norm_config's docstring).
+    for rows, n in ((1, 64), (256, 4096), (2048, 4096), (7, 80)):
+        cfg = T.norm_config(rows, n)
+        assert cfg == T.NormConfig(1, T._norm_warps(T._pow2(n)), False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("evict", [False, True])
+@pytest.mark.parametrize("per", [1, 2, 4])
+def test_fused_add_rms_norm_configs(per, evict, dtype) -> None:
+    """Every launch config computes what the default one does, bit for bit: 7 rows (a masked
+    tail for 2 and 4 rows per program), hidden 80 (not a power of 2), outputs poisoned and
+    followed by poisoned rows that must stay unwritten, then both wrapper paths."""
+    rows, n, eps = 7, 80, 1e-6
+    cfg = T.NormConfig(per, 2, evict)
+    x = torch.randn(rows, n, device=DEV).to(dtype)
+    r = torch.randn(rows, n, device=DEV).to(dtype)
+    w = (1 + 0.1 * torch.randn(n, device=DEV)).to(dtype)
+    ref_out, ref_res = reference.fused_add_rms_norm(x, r, w, eps)
+    base_out, base_res = T.fused_add_rms_norm(x.clone(), r.clone(), w, eps)  # the default
+
+    out_buf = torch.full((rows + per, n), float("nan"), device=DEV, dtype=dtype)
+    res_buf = out_buf.clone()
+    T._launch_fused_add_rms_norm(x, r, w, out_buf[:rows], res_buf[:rows], eps, cfg, False)
+    assert torch.equal(out_buf[:rows], base_out) and torch.equal(res_buf[:rows], base_res)
+    assert out_buf[rows:].isnan().all() and res_buf[rows:].isnan().all()
+    _close(out_buf[:rows], ref_out, *_tol(dtype))
+    _close(res_buf[:rows], ref_res, *_tol(dtype))
+
+    xc, rc = x.clone(), r.clone()  # in place: the results overwrite x and r
+    out, res = T.fused_add_rms_norm(xc, rc, w, eps, cfg=cfg)
+    assert out.data_ptr() == xc.data_ptr() and res.data_ptr() == rc.data_ptr()
+    assert torch.equal(out, base_out) and torch.equal(res, base_res)
+
+    xs = torch.cat([x, x], dim=1)[:, :n]  # not contiguous: new outputs, inputs untouched
+    x0, r0 = xs.clone(), r.clone()
+    out, res = T.fused_add_rms_norm(xs, r, w, eps, cfg=cfg)
+    assert out.data_ptr() != xs.data_ptr() and res.data_ptr() != r.data_ptr()
+    assert torch.equal(out, base_out) and torch.equal(res, base_res)
+    assert torch.equal(xs, x0) and torch.equal(r, r0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_and_mul(dtype) -> None:
     for shape in [(5, 2 * 48), (2, 3, 2 * 40), (1, 2 * 1500)]:
@@ -483,6 +526,28 @@ def test_gpu_ops_real_shapes() -> None:
     _close(q_out, q_ref, 2e-2, 1e-2)
     torch.testing.assert_close(kc, kc_ref, atol=2e-2, rtol=1e-2, equal_nan=True)
     torch.testing.assert_close(vc, vc_ref, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_add_rms_norm_configs_exact() -> None:
+    """Every config the sweep tries gives the default's results bit for bit at the same warp
+    count (rows per program and cache hints change no arithmetic); across warp counts the
+    fp32 sum of squares is reduced in another order, so the normed output may move by an
+    ulp, never the residual sum. 250 rows: a masked tail for 4 and 8 rows per program."""
+    x = torch.randn(250, 4096, device=DEV, dtype=BF16)
+    r = torch.randn(250, 4096, device=DEV, dtype=BF16)
+    w = (1 + 0.1 * torch.randn(4096, device=DEV)).to(BF16)
+    ref_out, ref_res = reference.fused_add_rms_norm(x, r, w, 1e-5)
+    for warps in (2, 4, 8, 16):
+        base = None
+        for per in (1, 2, 4, 8):
+            for evict in (False, True):
+                cfg = T.NormConfig(per, warps, evict)
+                out, res = T.fused_add_rms_norm(x.clone(), r.clone(), w, 1e-5, cfg=cfg)
+                assert torch.equal(res, ref_res), cfg
+                _close(out, ref_out, 2e-2, 1e-2)
+                base = base if base is not None else out
+                assert torch.equal(out, base), cfg
 
 
 @pytest.mark.gpu
