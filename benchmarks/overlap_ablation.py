@@ -29,7 +29,13 @@ from pathlib import Path
 import torch
 
 from graphrt import Engine, SamplingParams
-from graphrt.capture.measure import DecodeBench, measure_hbm_bandwidth, run_until_idle, summarize
+from graphrt.capture.measure import (
+    DecodeBench,
+    measure_hbm_bandwidth,
+    run_until_idle,
+    summarize,
+    time_ms,
+)
 from graphrt.overlap import StepProfiler
 from graphrt.sampling import GREEDY
 
@@ -159,6 +165,41 @@ def replay_ceiling_ms(eng: Engine, bs: int, ctx: int, iters: int) -> float | Non
     return gpu_ms
 
 
+def engine_state_ceiling_ms(
+    eng: Engine, bs: int, prompt_len: int, decode_steps: int, iters: int
+) -> float | None:
+    """Back-to-back replays of the bucket's graph on the engine's own state: ``bs`` requests
+    prefilled and decoded for ``decode_steps`` steps, then the graph replayed on the inputs of
+    the engine's last step (its slots, lengths and page table, with pages where the engine's
+    allocator put them) instead of DecodeBench's synthetic rows. The requests are aborted after.
+    """
+    graphs = eng.runner.graphs
+    bucket = graphs.bucket_for(bs) if graphs is not None else None
+    if bucket is None or (bucket, GREEDY) not in graphs.graphs:
+        return None
+    g = torch.Generator().manual_seed(321)
+    vocab = eng.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=decode_steps + 1000, ignore_eos=True)
+    ids = [
+        eng.add_request(None, torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), params)
+        for _ in range(bs)
+    ]
+    sched = eng.scheduler
+    while sched.waiting or not all(q.prefill_done for q in sched.running):
+        eng.step()
+    for _ in range(decode_steps):
+        eng.step()
+    if eng._inflight is not None:
+        eng._inflight.wait_launched()  # its inputs are the ones in the graph's buffers
+    torch.cuda.synchronize()
+    graph = graphs.graphs[(bucket, GREEDY)]
+    ms = statistics.median(time_ms(graph.replay, iters, eng.runner.device) for _ in range(3))
+    for rid in ids:
+        eng.abort(rid)
+    run_until_idle(eng, {})
+    return ms
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
@@ -205,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     results, traces = [], []
     for bs in args.batch_sizes:
         ceiling = replay_ceiling_ms(eng, bs, ctx, iters=50)
+        state_ceiling = None
+        if r.device.type == "cuda":
+            state_ceiling = engine_state_ceiling_ms(
+                eng, bs, args.prompt_len, args.warmup_steps + args.steps // 2, iters=50
+            )
         runs: dict[str, list[dict]] = {m: [] for m in args.modes}
         for rep in range(args.repeats):
             for mode in args.modes:
@@ -214,7 +260,13 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
         for mode in args.modes:
-            row = {"bs": bs, "mode": mode, "ceiling_ms": ceiling, "repeats": len(runs[mode])}
+            row = {
+                "bs": bs,
+                "mode": mode,
+                "ceiling_ms": ceiling,
+                "engine_state_ceiling_ms": state_ceiling,
+                "repeats": len(runs[mode]),
+            }
             for key in (
                 "step_ms",
                 "tok_s",
@@ -227,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                 row[key] = summarize([x[key] for x in runs[mode]])
             row["overhead_ratio"] = summarize(
                 [x["step_ms"] / ceiling if ceiling else None for x in runs[mode]]
+            )
+            row["ratio_to_engine_state"] = summarize(
+                [x["step_ms"] / state_ceiling if state_ceiling else None for x in runs[mode]]
             )
             row["graph_bs"] = runs[mode][0]["graph_bs"]
             results.append(row)
@@ -282,9 +337,16 @@ def _m(stat: dict, scale: float = 1.0, spec: str = ".3f") -> str:
 
 def print_row(row: dict) -> None:
     ceil = f"{row['ceiling_ms']:.3f}" if row["ceiling_ms"] else "-"
+    state = row.get("engine_state_ceiling_ms")
+    vs_state = (
+        f" | on the engine's state: replay {state:.3f} ms, ratio {_m(row['ratio_to_engine_state'])}"
+        if state
+        else ""
+    )
     print(
         f"bs={row['bs']:<4} {row['mode']:<10} step {_m(row['step_ms'])} ms | ceiling {ceil} ms"
-        f" | ratio {_m(row['overhead_ratio'])} | tok/s {_m(row['tok_s'], spec='.0f')} | idle "
+        f" | ratio {_m(row['overhead_ratio'])}{vs_state} | tok/s {_m(row['tok_s'], spec='.0f')}"
+        " | idle "
         f"{_m(row['gpu_idle'], 100, '.1f')}% | sched {_m(row['schedule_ms'])} + proc "
         f"{_m(row['process_ms'])} ms | wait {_m(row['wait_ms'])} | launch "
         f"{_m(row['launch_ms'])} ms",
