@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -48,6 +49,12 @@ class TritonAttentionConfig:
     extend_block_n: int = 32
     extend_warps: int = 4
     extend_stages: int = 3
+    # Eager steps that mix decode rows with prefill chunks run their leading one-token rows
+    # through the decode kernel when there are at least this many (0: never). The extend
+    # kernel gives each one-token row a 128-row tile with GROUP useful rows and no split over
+    # the context, so at batch ~240 and ~800 tokens of context it took 331 us per layer on an
+    # H100 where the KV bytes alone need ~130 us (offline_throughput --profile-kernels).
+    mixed_decode_min_rows: int = 8
 
 
 # ---- decode -------------------------------------------------------------------------------------
@@ -437,11 +444,13 @@ def paged_extend_attention(
     max_q_len: int,
     scale: float,
     config: TritonAttentionConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole cached context.
 
     ``q``: ``[T, Hq, D]`` with sequence ``b``'s tokens at ``[cu_q[b], cu_q[b+1])``, at positions
-    ``[seq_lens[b] - n, seq_lens[b])``. ``max_q_len`` (a host int) sizes the grid.
+    ``[seq_lens[b] - n, seq_lens[b])``. ``max_q_len`` (a host int) sizes the grid. ``out``
+    (``[T, Hq, D]``, unit stride in the last dim) receives the result when given.
     """
     cfg = config or TritonAttentionConfig()
     t, hq, dim = q.shape
@@ -449,7 +458,8 @@ def paged_extend_attention(
     group = hq // hkv
     if q.stride(-1) != 1:
         q = q.contiguous()
-    out = torch.empty((t, hq, dim), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((t, hq, dim), dtype=q.dtype, device=q.device)
     bsz = seq_lens.shape[0]
     if t == 0 or bsz == 0:
         return out
@@ -478,6 +488,17 @@ class TritonDecodeMeta:
     num_splits: int
     mid_o: torch.Tensor | None
     mid_lse: torch.Tensor | None
+
+
+@dataclass
+class TritonMixedMeta:
+    """An eager step whose first ``n_decode`` rows feed one token each (the scheduler puts
+    decode rows first): those rows through the decode kernel, the rest (``extend``, or None)
+    through the extend kernel, both writing into one output."""
+
+    n_decode: int
+    decode: TritonDecodeMeta
+    extend: AttnInputs | None
 
 
 def _sm_count(device: torch.device) -> int:
@@ -515,11 +536,13 @@ class TritonAttentionBackend(AttentionBackend):
             bsz, self.spec.num_kv_heads, kv_len_bound, self.sm_count, self.config
         )
 
-    def prepare_metadata(self, inputs: AttnInputs) -> AttnInputs | TritonDecodeMeta:
+    def prepare_metadata(
+        self, inputs: AttnInputs
+    ) -> AttnInputs | TritonDecodeMeta | TritonMixedMeta:
         if not inputs.is_decode:
             if inputs.cu_q is None:
                 raise ValueError("triton extend steps need cu_q")
-            return inputs
+            return self._split_mixed(inputs) or inputs
         s = self.spec
         bsz = inputs.seq_lens.shape[0]
         splits = self.num_splits(bsz, inputs.kv_len_bound)
@@ -531,6 +554,42 @@ class TritonAttentionBackend(AttentionBackend):
         mid_o = torch.empty(bsz, s.num_q_heads, splits, s.head_dim, dtype=torch.float32, device=dev)
         mid_lse = torch.empty(bsz, s.num_q_heads, splits, dtype=torch.float32, device=dev)
         return TritonDecodeMeta(inputs, splits, mid_o, mid_lse)
+
+    def _split_mixed(self, inputs: AttnInputs) -> TritonMixedMeta | None:
+        """Metadata that sends the step's leading one-token rows to the decode kernel, or None
+        when there are fewer than ``mixed_decode_min_rows`` of them (or no host copies)."""
+        cu, lens = inputs.cu_q_host, inputs.seq_lens_host
+        least = self.config.mixed_decode_min_rows
+        if cu is None or lens is None or least <= 0:
+            return None
+        q_lens = np.diff(cu)
+        longer = np.flatnonzero(q_lens != 1)
+        n = int(longer[0]) if longer.size else int(q_lens.size)
+        if n < least:
+            return None
+        ps = self.spec.page_size
+        decode = self.prepare_metadata(
+            AttnInputs(
+                is_decode=True,
+                seq_lens=inputs.seq_lens[:n],
+                page_rows=inputs.page_rows[:n],
+                kv_len_bound=-(-int(lens[:n].max()) // ps) * ps,
+            )
+        )
+        extend = None
+        if n < q_lens.size:
+            rest = cu[n:] - n  # the decode rows hold the first n tokens, one each
+            extend = AttnInputs(
+                is_decode=False,
+                seq_lens=inputs.seq_lens[n:],
+                page_rows=inputs.page_rows[n:],
+                kv_len_bound=inputs.kv_len_bound,
+                cu_q=inputs.cu_q[n:] - n,
+                max_q_len=int(q_lens[n:].max()),
+                seq_lens_host=lens[n:],
+                cu_q_host=rest,
+            )
+        return TritonMixedMeta(n, decode, extend)
 
     def init_capture_graph(self, max_bs: int) -> None:
         s = self.spec
@@ -555,32 +614,50 @@ class TritonAttentionBackend(AttentionBackend):
         return TritonDecodeMeta(inputs, splits, mid_o, mid_lse)
 
     def forward(
-        self, q: torch.Tensor, layer: int, meta: AttnInputs | TritonDecodeMeta
+        self, q: torch.Tensor, layer: int, meta: AttnInputs | TritonDecodeMeta | TritonMixedMeta
     ) -> torch.Tensor:
-        k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
         if isinstance(meta, TritonDecodeMeta):
-            inp = meta.inputs
-            return paged_decode_attention(
-                q,
-                k_cache,
-                v_cache,
-                inp.page_rows,
-                inp.seq_lens,
-                self.spec.scale,
-                meta.num_splits,
-                meta.mid_o,
-                meta.mid_lse,
-                config=self.config,
-                pdl=self.spec.pdl,
-            )
+            return self._decode(q, layer, meta)
+        if isinstance(meta, TritonMixedMeta):
+            n = meta.n_decode
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            self._decode(q[:n], layer, meta.decode, out[:n])
+            if meta.extend is not None:
+                self._extend(q[n:], layer, meta.extend, out[n:])
+            return out
+        return self._extend(q, layer, meta)
+
+    def _decode(
+        self, q: torch.Tensor, layer: int, meta: TritonDecodeMeta, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        inp = meta.inputs
+        return paged_decode_attention(
+            q,
+            self.k_caches[layer],
+            self.v_caches[layer],
+            inp.page_rows,
+            inp.seq_lens,
+            self.spec.scale,
+            meta.num_splits,
+            meta.mid_o,
+            meta.mid_lse,
+            out=out,
+            config=self.config,
+            pdl=self.spec.pdl,
+        )
+
+    def _extend(
+        self, q: torch.Tensor, layer: int, meta: AttnInputs, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return paged_extend_attention(
             q,
-            k_cache,
-            v_cache,
+            self.k_caches[layer],
+            self.v_caches[layer],
             meta.page_rows,
             meta.seq_lens,
             meta.cu_q,
             meta.max_q_len,
             self.spec.scale,
             config=self.config,
+            out=out,
         )

@@ -12,6 +12,7 @@ references read but mask).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -465,6 +466,64 @@ def test_extend_attention_default_blocks() -> None:
     _close(out, ref, 1e-5, 1e-5)
 
 
+# Decode rows first (one token each, the scheduler's order), then prefill chunks (one of them a
+# final chunk of one token, which must stay with the extend rows), and an all-decode step.
+MIXED_ROWS = [(1, 37), (1, 5), (1, 70), (1, 1), (6, 6), (1, 19), (5, 41), (3, 150)]
+
+
+def _mixed(hq, hkv, page_size, rows, cfg, dtype=torch.float32, dim=32, pdl=False):
+    """An eager mixed step through the Triton backend: (its metadata, output, torch reference)."""
+    q_lens, seq_lens = [n for n, _ in rows], [s for _, s in rows]
+    paged = Paged(seq_lens, hkv, dim, page_size, dtype)
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int64)
+    q = torch.randn(int(cu[-1]), hq, dim, device=DEV).to(dtype)
+    ref = ta.paged_extend_attention(
+        q, paged.k, paged.v, paged.page_rows, seq_lens, cu.tolist(), dim**-0.5
+    )
+    spec = dataclasses.replace(_spec(hq, hkv, dim, page_size, paged.width, dtype), pdl=pdl)
+    be = A.TritonAttentionBackend(spec, [paged.k], [paged.v], config=cfg)
+    inputs = AttnInputs(
+        is_decode=False,
+        seq_lens=paged.seq_lens,
+        page_rows=paged.page_rows,
+        kv_len_bound=paged.width * page_size,
+        cu_q=torch.from_numpy(cu).to(torch.int32).to(DEV),
+        max_q_len=max(q_lens),
+        seq_lens_host=np.array(seq_lens),
+        cu_q_host=cu,
+    )
+    meta = be.prepare_metadata(inputs)
+    return meta, be.forward(q, 0, meta), ref, cu
+
+
+@pytest.mark.parametrize(
+    ("rows", "least", "n_decode"),
+    [(MIXED_ROWS, 2, 4), (MIXED_ROWS, 5, None), ([(1, 9), (1, 33), (1, 2)], 1, 3)],
+)
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize(("hq", "hkv"), GQA)
+def test_triton_backend_mixed_step(hq, hkv, page_size, rows, least, n_decode) -> None:
+    """An eager step of decode rows and prefill chunks: the leading one-token rows go through
+    the decode kernel (split-K on) and the rest through the extend kernel, into one output
+    that matches the torch reference; below ``mixed_decode_min_rows`` it is one extend call."""
+    cfg = A.TritonAttentionConfig(
+        decode_block_n=16, extend_block_m=16, extend_block_n=16, num_splits=3,
+        mixed_decode_min_rows=least,
+    )  # fmt: skip
+    meta, out, ref, cu = _mixed(hq, hkv, page_size, rows, cfg)
+    q_lens = [n for n, _ in rows]
+    if n_decode is None:
+        assert isinstance(meta, AttnInputs)
+    else:
+        assert isinstance(meta, A.TritonMixedMeta) and meta.n_decode == n_decode
+        assert meta.decode.num_splits == 3
+        assert (meta.extend is None) == (n_decode == len(rows))
+        if meta.extend is not None:
+            assert meta.extend.cu_q.tolist() == (cu[n_decode:] - n_decode).tolist()
+            assert meta.extend.max_q_len == max(q_lens[n_decode:])
+    _close(out, ref, 1e-5, 1e-5)
+
+
 # ---- flashinfer helpers and availability ---------------------------------------------------------
 
 
@@ -656,6 +715,24 @@ def test_gpu_decode_real_shapes(hq, hkv, page_size, splits) -> None:
 def test_gpu_extend_real_shapes(hq, hkv, page_size) -> None:
     rows = [(512, 512), (300, 1000), (1, 2000), (77, 77), (130, 4000)]
     out, ref = _extend(hq, hkv, page_size, rows, BF16, dim=128, cfg=A.TritonAttentionConfig())
+    _close(out, ref, 1e-2, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize(("hq", "hkv"), [(32, 8), (28, 4)])
+def test_gpu_mixed_step_real_shapes(hq, hkv, pdl) -> None:
+    """An offline-sized mixed step: 200 decode rows over up to 2k tokens of context (the decode
+    kernel, launched with PDL where asked), then prefill chunks (the extend kernel)."""
+    g = torch.Generator().manual_seed(5)
+    rows = [(1, int(n)) for n in torch.randint(1, 2000, (200,), generator=g)]
+    rows += [(512, 512), (300, 1000), (1, 77), (130, 4000)]
+    from graphrt.kernels.pdl import pdl_supported
+
+    if pdl and not pdl_supported(torch.device(DEV)):
+        pytest.skip("this GPU or Triton has no PDL")
+    meta, out, ref, _ = _mixed(hq, hkv, 16, rows, A.TritonAttentionConfig(), BF16, 128, pdl)
+    assert isinstance(meta, A.TritonMixedMeta) and meta.n_decode == 200
     _close(out, ref, 1e-2, 2e-2)
 
 
