@@ -767,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
             **run_header("offline_throughput", args.model, eng, bw),
             "max_num_seqs": eng.config.max_num_seqs,
             "max_num_batched_tokens": eng.config.max_num_batched_tokens,
+            "admission_interval": eng.config.admission_interval,
             "max_model_len": eng.max_model_len,
             "num_pages": eng.pages.num_usable,
             "repeats": args.repeats,

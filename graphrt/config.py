@@ -33,6 +33,9 @@ _HELP: dict[str, str] = {
     "max_model_len": "longest sequence (prompt + output); default: the model's limit",
     "max_num_seqs": "most requests running at once (decode batch size limit)",
     "max_num_batched_tokens": "token budget of one step (chunked prefill size)",
+    "admission_interval": "while decode rows run, admit waiting requests at most every N steps "
+    "(1: every step); larger values batch admissions into fewer, larger prefill steps, for "
+    "throughput, at the cost of up to N - 1 decode steps of time to first token",
     "max_waiting_requests": "most requests queued before new ones are refused",
     "max_logprobs": "most top logprobs a request may ask for",
     "attention_backend": "attention kernels: 'torch' (reference), 'triton', 'flashinfer'",
@@ -66,6 +69,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    admission_interval: int = 1
     max_waiting_requests: int = 4096
     max_logprobs: int = 20
     attention_backend: AttentionBackendName = "auto"
@@ -88,6 +92,7 @@ class EngineConfig:
             _check_range("max_model_len", self.max_model_len, 2, 1 << 24)
         _check_range("max_num_seqs", self.max_num_seqs, 1, 8192)
         _check_range("max_num_batched_tokens", self.max_num_batched_tokens, 16, 1 << 20)
+        _check_range("admission_interval", self.admission_interval, 1, 1 << 16)
         _check_range("max_waiting_requests", self.max_waiting_requests, 1, 1 << 24)
         _check_range("max_logprobs", self.max_logprobs, 0, 1024)
         _check_range("cuda_graph_max_bs", self.cuda_graph_max_bs, 0, 8192)

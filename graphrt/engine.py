@@ -98,6 +98,7 @@ class Engine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_waiting_requests=config.max_waiting_requests,
+            admission_interval=config.admission_interval,
             pages=self.pages,
             slots=self.slots,
             slot_init=self._slot_init,

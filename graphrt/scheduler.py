@@ -2,6 +2,9 @@
 
 Each step holds every running request that has finished its prefill (one decode token each),
 then continues unfinished prefills, then admits waiting requests, all within a token budget.
+With ``admission_interval`` N > 1, a step that has decode rows admits only once waiting
+requests have been admissible (a slot free) for N steps: a step with a prefill chunk runs
+eagerly, with its whole CPU launch cost, so fewer and larger ones raise throughput.
 When a decode row needs a page and none is free, the newest running request is preempted: its
 pages and slot are freed and it goes back to the front of the queue, to be recomputed from its
 prompt and outputs so far.
@@ -37,8 +40,11 @@ class Scheduler:
         pages: PageAllocator,
         slots: SlotAllocator,
         slot_init: Callable[[Request, int], SlotInit],
+        admission_interval: int = 1,
     ) -> None:
         self.max_num_seqs = max_num_seqs
+        self.admission_interval = admission_interval
+        self._held = 0  # consecutive steps that held back admissible waiting requests
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting_requests = max_waiting_requests
         self.pages = pages
@@ -123,13 +129,22 @@ class Scheduler:
             if req.status is not running or req.prefill_done:
                 continue
             budget -= self._schedule_prefill_chunk(req, budget, b)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        admissible = bool(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs
+        if admissible and rows and not b.prefills and self._held + 1 < self.admission_interval:
+            # Only decode rows so far: holding the queue back keeps this step a graph replay.
+            # A step that already carries a prefill chunk is eager anyway, so it admits.
+            self._held += 1
+            admissible = False
+        elif not admissible:
+            self._held = 0
+        while admissible and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             if req.in_flight:
                 break  # a preempted request whose last token has not landed yet
             if not self._admit(req, budget, b):
                 break
             budget -= b.last_chunk
+            self._held = 0
         if not b.rows:
             return None
         plan = b.build(self._next_step)

@@ -162,6 +162,7 @@ def test_cli_round_trip_of_non_default_config() -> None:
         max_model_len=4096,
         max_num_seqs=12,
         max_num_batched_tokens=512,
+        admission_interval=4,
         max_waiting_requests=9,
         max_logprobs=5,
         attention_backend="triton",

@@ -46,6 +46,7 @@ class Sim:
         budget: int = 64,
         max_waiting: int = 1000,
         overlap: bool = False,
+        admission_interval: int = 1,
     ) -> None:
         self.ps = page_size
         self.pages = PageAllocator(num_pages, page_size)
@@ -60,6 +61,7 @@ class Sim:
             pages=self.pages,
             slots=self.slots,
             slot_init=self._slot_init,
+            admission_interval=admission_interval,
         )
         self.page_table: dict[int, dict[int, int]] = defaultdict(dict)
         self.kv: dict[tuple[int, int], int] = {}
@@ -300,6 +302,57 @@ def test_budget_splits_admissions_into_chunks() -> None:
     assert plan.samples.tolist() == [True, False]
     assert plan.out_slots.tolist() == [a.slot, DUMMY_SLOT]
     assert list(sim.sched.waiting) == [c]
+
+
+def test_admission_interval_batches_admissions_into_fewer_eager_steps() -> None:
+    sim = Sim(admission_interval=3)
+    a = sim.add("a", 2, 20)
+    sim.step()
+    assert not sim.plans[-1].is_decode  # nothing decodes yet: admitted at once
+    b, c = sim.add("b", 2, 4), sim.add("c", 3, 4)
+    sim.step()
+    sim.step()
+    # Two steps hold the queue back and stay pure decode (graph) steps...
+    assert all(p.is_decode and p.requests == [a] for p in sim.plans[-2:])
+    assert list(sim.sched.waiting) == [b, c]
+    # ...the third admits everything waiting in one prefill step.
+    sim.step()
+    assert sim.plans[-1].requests == [a, b, c] and not sim.plans[-1].is_decode
+    assert not sim.sched.waiting
+    # Nothing waiting, nothing held: a later arrival waits its own full interval.
+    sim.step()
+    d = sim.add("d", 2, 2)
+    sim.step()
+    sim.step()
+    assert d not in sim.plans[-1].requests
+    sim.step()
+    assert d in sim.plans[-1].requests
+    while sim.step():
+        pass
+    sim.check_done()
+
+
+def test_admission_interval_admits_into_a_step_that_is_eager_anyway() -> None:
+    sim = Sim(admission_interval=10, budget=6)
+    a = sim.add("a", 2, 30)
+    sim.step()
+    long = sim.add("long", 12, 2)
+    for _ in range(9):  # held back until the interval is up
+        sim.step()
+        assert sim.plans[-1].requests == [a]
+    sim.step()
+    assert sim.plans[-1].requests == [a, long]
+    assert sim.plans[-1].query_lens.tolist() == [1, 5]
+    late = sim.add("late", 2, 2)
+    sim.step()  # a's decode row and long's second chunk fill the budget
+    assert sim.plans[-1].query_lens.tolist() == [1, 5]
+    # long's last chunk makes the step eager anyway, so late joins it without waiting.
+    sim.step()
+    assert sim.plans[-1].requests == [a, long, late]
+    assert sim.plans[-1].query_lens.tolist() == [1, 2, 2]
+    while sim.step():
+        pass
+    sim.check_done()
 
 
 def test_max_num_seqs_caps_running() -> None:
@@ -552,6 +605,8 @@ def _random_run(seed: int, overlap: bool) -> Sim:
         max_num_seqs=rng.randint(1, 6),
         budget=rng.randint(1, 24),
         overlap=overlap,
+        # From the seed, not the rng, so the other draws (and what each seed covers) stay put.
+        admission_interval=(1, 1, 3)[seed % 3],
     )
     capacity = (num_pages - 1) * ps  # the engine rejects requests that cannot fit alone
     arrivals: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
