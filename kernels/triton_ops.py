@@ -9,6 +9,7 @@ kernel launch per call. They also run on CPU under ``TRITON_INTERPRET=1`` (the t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from graphrt.kernels.pdl import launch_options, pdl_enter
 
 
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(n)
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def _norm_warps(block: int) -> int:
@@ -98,6 +99,7 @@ class NormConfig:
     evict: bool = False  # EVICT: streaming hints (loads evict_first, stores .cs)
 
 
+@functools.lru_cache(maxsize=1024)  # called per launch; eager steps launch 32 norms each
 def norm_config(rows: int, n_cols: int) -> NormConfig:
     """The launch config of :func:`fused_add_rms_norm` for ``rows`` rows of ``n_cols``.
 
