@@ -50,11 +50,16 @@ class TritonAttentionConfig:
     extend_warps: int = 4
     extend_stages: int = 3
     # Eager steps that mix decode rows with prefill chunks run their leading one-token rows
-    # through the decode kernel when there are at least this many (0: never). The extend
-    # kernel gives each one-token row a 128-row tile with GROUP useful rows and no split over
-    # the context, so at batch ~240 and ~800 tokens of context it took 331 us per layer on an
-    # H100 where the KV bytes alone need ~130 us (offline_throughput --profile-kernels).
+    # through the decode kernel when there are at least mixed_decode_min_rows of them (0:
+    # never) and at least mixed_split_min_prefill prefill tokens. The extend kernel gives each
+    # one-token row a 128-row tile with GROUP useful rows and no split over the context: at
+    # ~240 decode rows over ~800 tokens it took 331 us per layer on an H100 where the KV bytes
+    # alone need ~130 us (offline_throughput --profile-kernels). The split costs two more
+    # launches per layer, so it pays only where the step is GPU-bound: Llama-3.2-1B offline,
+    # 8192-token budget (steps of ~4,500 prefill tokens), 40,243 against 39,219 output tok/s;
+    # 2048-token budget (~900, launch-bound), 25,158 / 26,693 against 28,652 / 29,768.
     mixed_decode_min_rows: int = 8
+    mixed_split_min_prefill: int = 2048
 
 
 # ---- decode -------------------------------------------------------------------------------------
@@ -557,7 +562,8 @@ class TritonAttentionBackend(AttentionBackend):
 
     def _split_mixed(self, inputs: AttnInputs) -> TritonMixedMeta | None:
         """Metadata that sends the step's leading one-token rows to the decode kernel, or None
-        when there are fewer than ``mixed_decode_min_rows`` of them (or no host copies)."""
+        when there are fewer than ``mixed_decode_min_rows`` of them, fewer than
+        ``mixed_split_min_prefill`` other tokens, or no host copies."""
         cu, lens = inputs.cu_q_host, inputs.seq_lens_host
         least = self.config.mixed_decode_min_rows
         if cu is None or lens is None or least <= 0:
@@ -565,7 +571,7 @@ class TritonAttentionBackend(AttentionBackend):
         q_lens = np.diff(cu)
         longer = np.flatnonzero(q_lens != 1)
         n = int(longer[0]) if longer.size else int(q_lens.size)
-        if n < least:
+        if n < least or int(cu[-1]) - n < self.config.mixed_split_min_prefill:
             return None
         ps = self.spec.page_size
         decode = self.prepare_metadata(

@@ -513,18 +513,23 @@ def _mixed(hq, hkv, page_size, rows, cfg, dtype=torch.float32, dim=32, pdl=False
 
 
 @pytest.mark.parametrize(
-    ("rows", "least", "n_decode"),
-    [(MIXED_ROWS, 2, 4), (MIXED_ROWS, 5, None), ([(1, 9), (1, 33), (1, 2)], 1, 3)],
+    ("rows", "least", "min_prefill", "n_decode"),
+    [
+        (MIXED_ROWS, 2, 15, 4),
+        (MIXED_ROWS, 5, 0, None),  # too few decode rows
+        (MIXED_ROWS, 2, 16, None),  # too few prefill tokens (15) for the split to pay
+        ([(1, 9), (1, 33), (1, 2)], 1, 0, 3),
+    ],
 )
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize(("hq", "hkv"), GQA)
-def test_triton_backend_mixed_step(hq, hkv, page_size, rows, least, n_decode) -> None:
+def test_triton_backend_mixed_step(hq, hkv, page_size, rows, least, min_prefill, n_decode) -> None:
     """An eager step of decode rows and prefill chunks: the leading one-token rows go through
     the decode kernel (split-K on) and the rest through the extend kernel, into one output
-    that matches the torch reference; below ``mixed_decode_min_rows`` it is one extend call."""
+    that matches the torch reference; below either threshold it is one extend call."""
     cfg = A.TritonAttentionConfig(
         decode_block_n=16, extend_block_m=16, extend_block_n=16, num_splits=3,
-        mixed_decode_min_rows=least,
+        mixed_decode_min_rows=least, mixed_split_min_prefill=min_prefill,
     )  # fmt: skip
     meta, out, ref, cu = _mixed(hq, hkv, page_size, rows, cfg)
     q_lens = [n for n, _ in rows]
@@ -742,12 +747,13 @@ def test_gpu_mixed_step_real_shapes(hq, hkv, pdl) -> None:
     kernel, launched with PDL where asked), then prefill chunks (the extend kernel)."""
     g = torch.Generator().manual_seed(5)
     rows = [(1, int(n)) for n in torch.randint(1, 2000, (200,), generator=g)]
-    rows += [(512, 512), (300, 1000), (1, 77), (130, 4000)]
+    rows += [(512, 512), (300, 1000), (1, 77), (130, 4000), (1200, 1500)]
     from graphrt.kernels.pdl import pdl_supported
 
     if pdl and not pdl_supported(torch.device(DEV)):
         pytest.skip("this GPU or Triton has no PDL")
     meta, out, ref, _ = _mixed(hq, hkv, 16, rows, A.TritonAttentionConfig(), BF16, 128, pdl)
+    # 2,143 prefill tokens: above the default mixed_split_min_prefill.
     assert isinstance(meta, A.TritonMixedMeta) and meta.n_decode == 200
     _close(out, ref, 1e-2, 2e-2)
 
