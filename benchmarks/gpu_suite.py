@@ -135,8 +135,14 @@ def phase_args(kind: str, model: str, model_dir: str, profile: str) -> tuple[lis
             # peer: loading HF's 8B model did not finish inside 90 s (runs H and I), and HF's
             # per-step cost barely depends on model size (GPU.md), so the 1B peer stands for it.
             n, hf = ("200", None) if big else ("1000", ("64", "64", "128"))
-        args = ["--num-requests", n, "--repeats", "5"]
-        note = f"{n} requests"
+        # Throughput settings, as vLLM's offline LLM class takes a larger token budget than its
+        # server: prefill chunks of up to 8192 tokens, admissions batched every 8 steps (an
+        # eager prefill step costs its whole CPU launch; see RESULTS.md, offline throughput).
+        args = ["--num-requests", n, "--repeats", "5", "--max-num-batched-tokens", "8192"]
+        args += ["--admission-interval", "8"]
+        if not big:
+            args += ["--profile"]
+        note = f"{n} requests, budget 8192, admission every 8 steps"
         if hf:
             req, bs, cap = hf
             args += ["--peer", "hf", "--hf-max-requests", req, "--hf-batch-size", bs]
@@ -664,7 +670,9 @@ def section_offline(suite: dict[str, Any]) -> list[str]:
         out.append(
             f"**{p['model']}**: {wl.get('requests')} requests, prompt {pl.get('min')}–"
             f"{pl.get('max')}, output {ol.get('min')}–{ol.get('max')} tokens, max_num_seqs "
-            f"{h.get('max_num_seqs')}, attention {h.get('attention_backend')}"
+            f"{h.get('max_num_seqs')}, max_num_batched_tokens {h.get('max_num_batched_tokens')}, "
+            f"admission_interval {h.get('admission_interval', 1)}, attention "
+            f"{h.get('attention_backend')}"
         )
         out.append("")
         rows: list[list[str]] = []
@@ -695,6 +703,31 @@ def section_offline(suite: dict[str, Any]) -> list[str]:
                     f"Output tok/s, graphrt / {label}: {_num(per_token, '.1f')}× per token, "
                     f"{_num(same, '.1f')}× on the same requests."
                 )
+        prof = r.get("profile") or {}
+        if prof.get("cuda"):
+            out.append("")
+            out.append(
+                f"Where the time goes (one more run with per-step CUDA events: wall "
+                f"{prof['wall_s']:.2f} s, GPU idle between steps {prof['gpu_idle_s']:.2f} s):"
+            )
+            out.append("")
+            prow = [
+                [
+                    kind,
+                    str(k["steps"]),
+                    f"{k['gpu_s']:.2f} ({k['share_of_wall']:.0%})",
+                    f"{k['gpu_ms_per_step']:.2f}",
+                    f"{k['rows_per_step']:.0f}",
+                    f"{k['prefill_tokens_per_step']:.0f}",
+                    f"{k['launch_ms']:.2f}",
+                ]
+                for kind, k in sorted(prof["kinds"].items(), key=lambda x: -x[1]["gpu_s"])
+            ]
+            out += _table(
+                ["step kind", "steps", "GPU s (of wall)", "ms/step", "rows", "prefill tok",
+                 "launch ms"],
+                prow,
+            )  # fmt: skip
         out.append("")
     return out or ["No offline results in this run."]
 

@@ -357,6 +357,12 @@ def sample_suite() -> dict:
                               "total_tok_s": _stat(5000, 4900, 5100)},
                  "cb": {"error": "RuntimeError: out of memory"}},
         "ratios": {"graphrt_vs_hf_generate": 37.01, "graphrt_vs_hf_generate_same_requests": 8.08},
+        "profile": {"cuda": True, "wall_s": 7.5, "gpu_idle_s": 0.22, "steps": 1434,
+                    "kinds": {"decode, graph": {"steps": 1311, "gpu_s": 4.61,
+                                                "share_of_wall": 0.614, "gpu_ms_per_step": 3.52,
+                                                "rows_per_step": 200.0,
+                                                "prefill_tokens_per_step": 0.0,
+                                                "launch_ms": 0.47}}},
     }  # fmt: skip
     overlap = {
         "rows": [{"bs": 8, "mode": "thread", "step_ms": _stat(2.0, 1.9, 2.1), "ceiling_ms": 1.95,
@@ -427,6 +433,8 @@ def test_suite_table_from_sample_json() -> None:
     assert "| 8 | thread | 2.000 [1.900–2.100] | 1.950 | 1.020 [1.000–1.030] | 2.0 [1.0–3.0]" in md
     assert "bs 8: 1.004" in md
     assert "graphrt / HF generate: 37.0× per token, 8.1× on the same requests." in md
+    assert "GPU idle between steps 0.22 s" in md
+    assert "| decode, graph | 1311 | 4.61 (61%) | 3.52 | 200 | 0 | 0.47 |" in md
     assert "| 1 | 50.0 | 10.0 | 20.000 | 6.000 | 25.0 | 60.0 | 3.3 | 5.360 | 89.3% |" in md
     assert "| decode b64 ctx2048 | triton | 180.00 [179.00–181.00] | 2,900 | 96.3 |" in md
 
