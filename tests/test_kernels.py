@@ -740,8 +740,7 @@ def test_gpu_extend_real_shapes(hq, hkv, page_size) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pdl", [False, True])
-@pytest.mark.parametrize(("hq", "hkv"), [(32, 8), (28, 4)])
+@pytest.mark.parametrize(("hq", "hkv", "pdl"), [(32, 8, True), (28, 4, False)])
 def test_gpu_mixed_step_real_shapes(hq, hkv, pdl) -> None:
     """An offline-sized mixed step: 200 decode rows over up to 2k tokens of context (the decode
     kernel, launched with PDL where asked), then prefill chunks (the extend kernel)."""
