@@ -136,9 +136,10 @@ def phase_args(kind: str, model: str, model_dir: str, profile: str) -> tuple[lis
             # peer: loading HF's 8B model did not finish inside 90 s (runs H and I), and HF's
             # per-step cost barely depends on model size (GPU.md), so the 1B peer stands for it.
             n, hf = ("150", None) if big else ("1000", ("64", "64", "128"))
-        # Throughput settings, as vLLM's offline LLM class takes a larger token budget than its
-        # server: prefill chunks of up to 8192 tokens, admissions batched every 8 steps (an
-        # eager prefill step costs its whole CPU launch; see RESULTS.md, offline throughput).
+        # Throughput settings (vLLM's offline LLM class likewise takes a larger token budget
+        # than its server, 16384 against 8192 on an H100): prefill chunks of up to 8192 tokens,
+        # admissions batched every 8 steps (an eager prefill step costs its whole CPU launch;
+        # see RESULTS.md, offline throughput).
         args = ["--num-requests", n, "--repeats", "5", "--max-num-batched-tokens", "8192"]
         args += ["--admission-interval", "8"]
         if not big:
