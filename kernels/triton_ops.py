@@ -106,20 +106,18 @@ def norm_config(rows: int, n_cols: int) -> NormConfig:
     The default is the kernel as it was first measured: one row per program, no cache hints,
     :func:`_norm_warps` warps. On an H100 with PDL, batch 256 x hidden 4096 bf16 with inputs
     rotated out of L2 reaches 69.8% of measured HBM (~4.0 us for 8 MB; 2.35 us L2-hot; issue
-    #3, the target is 80%): all 256 programs are resident at once, so every program loads,
-    then every program stores, and the read and write phases run one after the other. With
-    this config the kernel compiles to the same SASS as the one-row kernel before the configs
-    existed (sm_90, Triton 3.6 and 3.9).
+    #3, the target is 80%). All 256 programs are resident at once, so one guess was that the
+    read and write phases run one after the other; the prefetching configs below, built to
+    overlap them, did not help. With this config the kernel compiles to the same SASS as the
+    one-row kernel before the configs existed (sm_90, Triton 3.6 and 3.9).
 
-    The alternatives are not yet measured. ``rows_per_program > 1`` loads row i+1 before it
-    stores row i, so one row's stores overlap the next row's loads; ``evict`` streams the
-    inputs and outputs past L2. The figures to choose between them will come from the H100
-    sweep (``benchmarks/kernels.py --only ops --sweep --no-decode-sweep``, rows
-    ``triton-sweep`` of ``rmsnorm+residual b256 h4096``, every config with PDL) and belong in
-    ``benchmarks/RESULTS.md``; until then this returns the default for every shape. Note that
-    the sweep cannot see one cost of ``evict``: outputs stored with ``.cs`` are less likely to
-    be in L2 for the next kernel (the GEMM reading the normed output), so check a change to
-    ``evict`` end to end.
+    The alternatives were measured on an H100 with PDL (run P2 in ``benchmarks/RESULTS.md``,
+    ``benchmarks/kernels.py --only ops --sweep --no-decode-sweep``): of 26 configs (rows per
+    program 1-8, where the program loads row i+1 before it stores row i; 2-16 warps;
+    ``evict``, streaming the inputs and outputs past L2) none beat this default (3.97 us,
+    70.8%; the best other, 4.04 us). They stay selectable for the sweep on other cards. Note
+    that the sweep cannot see one cost of ``evict``: outputs stored with ``.cs`` are less
+    likely to be in L2 for the next kernel, so check a change to it end to end.
     """
     return NormConfig(rows_per_program=1, num_warps=_norm_warps(_pow2(n_cols)), evict=False)
 
