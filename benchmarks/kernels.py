@@ -123,13 +123,49 @@ def _copy_kernel():
     import triton
     import triton.language as tl
 
+    from graphrt.kernels.pdl import pdl_enter
+
+    # Triton resolves a kernel's callees in its module's globals, not in this closure.
+    globals()["pdl_enter"] = pdl_enter
+
     @triton.jit
-    def copy(src, dst, n, BLOCK: tl.constexpr):
+    def copy(src, dst, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+        pdl_enter(USE_PDL)
         off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = off < n
         tl.store(dst + off, tl.load(src + off, mask=m), mask=m)
 
     return copy
+
+
+def _same_bytes_copy(timer, dev, dt, label, nbytes, iters, smoke, pdl) -> list[Result]:
+    """A plain copy moving the same bytes as the op in ``label``, timed the same way (inputs
+    rotated out of L2, back to back in a graph, with PDL where the op has it): the practical
+    ceiling for any kernel of that size, fixed per-call costs included."""
+    from graphrt.kernels.pdl import launch_options
+
+    copy = _copy_kernel()
+    esz = torch.empty((), dtype=dt).element_size()
+    n = nbytes // (2 * esz)
+    block = 4096
+    sets = [
+        (torch.randn(n, device=dev, dtype=dt), torch.empty(n, device=dev, dtype=dt))
+        for _ in range(_copies(nbytes, smoke))
+    ]
+    grid = (-(-n // block),)
+    out = []
+    for on in (False, True) if pdl else (False,):
+        fns = [
+            lambda a=a, b=b, on=on: copy[grid](
+                a, b, n, BLOCK=block, USE_PDL=on, num_warps=8, **launch_options(on)
+            )
+            for a, b in sets
+        ]
+        note = "same bytes as the op, 8 KB per program" + (", PDL launches" if on else "")
+        out.append(
+            Result(label, "copy-pdl" if on else "copy", 2 * n * esz, timer(fns, iters), note)
+        )
+    return out
 
 
 def bench_hbm(timer: Timer, dev: torch.device, smoke: bool) -> list[Result]:
@@ -285,6 +321,8 @@ def bench_ops(
         if sweep and rows == b and not hot:
             res += _sweep_norm(timer, sets, w, label, nbytes, iters, pdl, smoke)
         del sets
+        if rows == b and not hot:
+            res += _same_bytes_copy(timer, dev, dt, label, nbytes - h * esz, iters, smoke, pdl)
 
     nbytes = 2 * b * h * esz + h * esz
     xs = [torch.randn(b, h, device=dev, dtype=dt) for _ in range(_copies(nbytes, smoke))]
