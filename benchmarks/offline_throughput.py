@@ -245,7 +245,7 @@ def profile_kernels(eng: Engine, wl: Workload, first: int, steps: int) -> dict[s
     """One more run of the workload with ``torch.profiler`` on for ``steps`` steps from step
     ``first``: GPU kernels and copies grouped by name, per step of that window, and the
     window's GPU busy time (union of kernel intervals) against its span."""
-    from step_profile import busy_us, gpu_events, group_events
+    from step_profile import busy_us, gpu_events, group_events, span_us
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
@@ -270,7 +270,7 @@ def profile_kernels(eng: Engine, wl: Workload, first: int, steps: int) -> dict[s
     events = gpu_events(prof)
     if not events:
         return {}
-    span = max(a + d for _, a, d in events) - min(a for _, a, _ in events)
+    span = span_us(events)
     grouped = group_events(events, steps)
     # Steps are processed one behind their launch, so the graph count lags by one step.
     graph = seen["graph_at_stop"] - seen["graph_at_start"]

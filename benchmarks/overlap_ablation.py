@@ -89,7 +89,7 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
     under ``torch.profiler``, every GPU op grouped by name per step, against the bucket's graph
     replayed alone under the same profiler. Ops that only the engine step has (copies, page
     updates) and kernels that run longer there show as the difference."""
-    from step_profile import busy_us, gpu_events, group_events, kernel_table
+    from step_profile import busy_us, gpu_events, group_events, kernel_table, span_us
     from torch.profiler import ProfilerActivity, profile
 
     eng.set_overlap(mode)
@@ -112,7 +112,7 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
     events = gpu_events(prof)
     if not events:
         return {}
-    wall = max(a + d for _, a, d in events) - min(a for _, a, _ in events)
+    wall = span_us(events)
     engine = group_events(events, steps)
     engine_ops = {r["kernel"]: r for r in engine["kernels"]}
     graphs = eng.runner.graphs

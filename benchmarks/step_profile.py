@@ -91,6 +91,11 @@ def group_events(events: list[tuple[str, float, float]], steps: int) -> dict[str
     return {"kernels": rows, "kernel_us": total / steps, "launches": sum(r["calls"] for r in rows)}
 
 
+def span_us(events: list[tuple[str, float, float]]) -> float:
+    """From the first event's start to the last one's end."""
+    return max(a + d for _, a, d in events) - min(a for _, a, _ in events)
+
+
 def busy_us(events: list[tuple[str, float, float]]) -> float:
     """Length of the union of the events' intervals: time the GPU had work (PDL kernels and
     copies overlap, so their durations sum to more)."""

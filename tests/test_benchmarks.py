@@ -496,3 +496,4 @@ def test_profiler_events_grouped_and_overlap_union() -> None:
     assert table["kernels"][0] == {"kernel": "_gemv_kernel", "calls": 1.0, "us": 10.0,
                                    "share": 20 / 22}  # fmt: skip
     assert sp.busy_us(events) == 18.0 + 2.0
+    assert sp.span_us(events) == 32.0
