@@ -108,6 +108,14 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
         for _ in range(steps):
             eng.step()
         torch.cuda.synchronize()
+    # The graph alone, replayed on the inputs of the engine's last launched step (the requests
+    # are still running), so both sides read the same pages at the same lengths.
+    if eng._inflight is not None:
+        eng._inflight.wait_launched()
+    torch.cuda.synchronize()
+    graphs = eng.runner.graphs
+    bucket = graphs.bucket_for(bs)
+    replay = kernel_table(graphs.graphs[(bucket, GREEDY)].replay, steps)
     run_until_idle(eng, {})
     events = gpu_events(prof)
     if not events:
@@ -115,9 +123,6 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
     wall = span_us(events)
     engine = group_events(events, steps)
     engine_ops = {r["kernel"]: r for r in engine["kernels"]}
-    graphs = eng.runner.graphs
-    bucket = graphs.bucket_for(bs)
-    replay = kernel_table(graphs.graphs[(bucket, GREEDY)].replay, steps)
     replay_ops = {r["kernel"]: r for r in replay["kernels"]}
     diff = []
     for name, e in engine_ops.items():
@@ -215,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--no-pdl",
+        action="store_true",
+        help="launch without programmatic dependent launch (kernel durations in --trace-steps "
+        "then do not include the wait for the kernel before)",
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument(
         "--trace-steps",
@@ -237,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         max_num_batched_tokens=max(2048, max_bs * args.prompt_len // 4),
         gpu_memory_utilization=args.gpu_memory_utilization,
+        pdl=not args.no_pdl,
         show_progress=False,
     )
     r = eng.runner
@@ -302,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "attention_backend": r.settings.attention_backend,
         "dtype": str(r.settings.dtype),
         "prompt_len": args.prompt_len,
+        "pdl": not args.no_pdl,
         "steps": args.steps,
         "context_at_ceiling": ctx,
     }
