@@ -89,7 +89,7 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
     under ``torch.profiler``, every GPU op grouped by name per step, against the bucket's graph
     replayed alone under the same profiler. Ops that only the engine step has (copies, page
     updates) and kernels that run longer there show as the difference."""
-    from step_profile import busy_us, gpu_events, group_events, kernel_table, span_us
+    from step_profile import busy_us, gap_table, gpu_events, group_events, profile_events, span_us
     from torch.profiler import ProfilerActivity, profile
 
     eng.set_overlap(mode)
@@ -115,10 +115,11 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
     torch.cuda.synchronize()
     graphs = eng.runner.graphs
     bucket = graphs.bucket_for(bs)
-    replay = kernel_table(graphs.graphs[(bucket, GREEDY)].replay, steps)
+    replay_events = profile_events(graphs.graphs[(bucket, GREEDY)].replay, steps)
+    replay = group_events(replay_events, steps)
     run_until_idle(eng, {})
     events = gpu_events(prof)
-    if not events:
+    if not events or not replay_events:
         return {}
     wall = span_us(events)
     engine = group_events(events, steps)
@@ -141,7 +142,11 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
         "engine_busy_us": busy_us(events) / steps,
         "engine_op_us": engine["kernel_us"],
         "replay_op_us": replay["kernel_us"],
+        "replay_wall_us": span_us(replay_events) / steps,
+        "replay_busy_us": busy_us(replay_events) / steps,
         "diff": diff,
+        "engine_gaps": gap_table(events, steps),
+        "replay_gaps": gap_table(replay_events, steps),
     }
 
 
@@ -157,6 +162,18 @@ def print_trace(t: dict, top: int = 12) -> None:
             f"  {d['op'][:60]:<60} {e['calls']:>6.1f} calls {e['us']:>8.1f} us | "
             f"{r['calls']:>6.1f} calls {r['us']:>8.1f} us"
         )
+    eg, rg = t["engine_gaps"], t["replay_gaps"]
+    print(
+        f"GPU without work, per step: engine {eg['gap_us']:.1f} us (span "
+        f"{t['engine_wall_us']:.1f}), the graph alone {rg['gap_us']:.1f} us (span "
+        f"{t['replay_wall_us']:.1f}). Largest gaps by the ops around them:"
+    )
+    for label, g in (("engine", eg), ("alone", rg)):
+        for row in g["pairs"][:top]:
+            print(
+                f"  {label:<6} {row['before'][:40]:>40} -> {row['after'][:40]:<40} "
+                f"{row['count']:>5.2f}/step {row['us']:>7.2f} us"
+            )
 
 
 def replay_ceiling_ms(eng: Engine, bs: int, ctx: int, iters: int) -> float | None:

@@ -111,8 +111,29 @@ def busy_us(events: list[tuple[str, float, float]]) -> float:
     return busy
 
 
-def kernel_table(fn, steps: int) -> dict[str, Any]:
-    """Profile ``steps`` calls of ``fn``; kernels grouped by name, per step."""
+def gap_table(events: list[tuple[str, float, float]], steps: int) -> dict[str, Any]:
+    """Where the GPU had no work inside the events' span: every gap between the end of all work
+    so far and the next op's start, summed per step by the pair of ops around it (``a -> b``).
+    A pair that only the engine's step has (a copy before the graph, the graph's last kernel
+    before the id copy) says which hand-off the time goes to."""
+    pairs: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+    end, last = float("-inf"), ""
+    for name, a, dur in sorted(events, key=lambda x: x[1]):
+        if a > end and last:
+            pairs[(last, name)][0] += 1
+            pairs[(last, name)][1] += a - end
+        if a + dur > end:
+            end, last = a + dur, name
+    rows = [
+        {"before": k[0], "after": k[1], "count": c / steps, "us": t / steps}
+        for k, (c, t) in pairs.items()
+    ]
+    rows.sort(key=lambda r: -r["us"])
+    return {"gap_us": sum(r["us"] for r in rows), "pairs": rows}
+
+
+def profile_events(fn, steps: int) -> list[tuple[str, float, float]]:
+    """GPU events (``gpu_events``) of ``steps`` calls of ``fn`` under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -120,7 +141,12 @@ def kernel_table(fn, steps: int) -> dict[str, Any]:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    return group_events(gpu_events(prof), steps)
+    return gpu_events(prof)
+
+
+def kernel_table(fn, steps: int) -> dict[str, Any]:
+    """Profile ``steps`` calls of ``fn``; kernels grouped by name, per step."""
+    return group_events(profile_events(fn, steps), steps)
 
 
 def profile_bs(bench: DecodeBench, bs: int, steps: int, bw: float) -> dict[str, Any]:

@@ -497,3 +497,14 @@ def test_profiler_events_grouped_and_overlap_union() -> None:
                                    "share": 20 / 22}  # fmt: skip
     assert sp.busy_us(events) == 18.0 + 2.0
     assert sp.span_us(events) == 32.0
+    # One gap, 18 -> 30 us, between the second GEMV (which ends last) and the copy.
+    gaps = sp.gap_table(events, steps=2)
+    assert gaps["gap_us"] == 6.0
+    assert gaps["pairs"] == [
+        {"before": "_gemv_kernel", "after": "Memcpy HtoD", "count": 0.5, "us": 6.0}
+    ]
+    # An op that starts inside an earlier, longer one leaves no gap and does not become "last".
+    nested = [("a", 0.0, 10.0), ("b", 2.0, 3.0), ("c", 12.0, 1.0)]
+    assert sp.gap_table(nested, steps=1)["pairs"] == [
+        {"before": "a", "after": "c", "count": 1.0, "us": 2.0}
+    ]
