@@ -243,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         help="launch without programmatic dependent launch (kernel durations in --trace-steps "
         "then do not include the wait for the kernel before)",
     )
+    p.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval in seconds (Python's default 0.005): how long a thread that "
+        "wants the GIL waits before the holder is asked to drop it",
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument(
         "--trace-steps",
@@ -252,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         "replay, to show what the engine's step adds on the GPU (CUDA only)",
     )
     args = p.parse_args(argv)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
 
     max_bs = max(args.batch_sizes)
     eng = Engine(
@@ -332,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(r.settings.dtype),
         "prompt_len": args.prompt_len,
         "pdl": not args.no_pdl,
+        "switch_interval_s": sys.getswitchinterval(),
         "steps": args.steps,
         "context_at_ceiling": ctx,
     }
