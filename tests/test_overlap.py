@@ -157,3 +157,66 @@ def test_detokenizer_fault_fails_only_its_request(llama, mode: str) -> None:
     assert outs["good"].error is None and len(outs["good"].outputs[0].token_ids) == 8
     assert eng.pages.num_free == eng.pages.num_usable
     eng.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["thread", "inline"])
+@pytest.mark.parametrize("all_eos", [False, True])
+def test_next_step_is_planned_after_stopping_rows_before_the_rest(
+    llama, mode: str, all_eos: bool, monkeypatch
+) -> None:
+    """While a decode step is processed, the next step is planned once the rows that may have
+    stopped are in (a request with its own stop ids; with ``all_eos`` every sampled id counts
+    as an EOS candidate) and before the other rows' tokens are appended."""
+    import numpy as np
+
+    import graphrt.engine as engine_mod
+
+    eng = Engine(str(llama), show_progress=False, overlap=mode)
+    plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    own = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, stop_token_ids=[1])
+    eng.add_request("plain", [5, 6, 7], plain)
+    eng.add_request("own", [5, 6, 8], own)
+    if all_eos:
+        eng._eos_arr = np.arange(eng.model_config.vocab_size, dtype=np.int64)
+    log: list[tuple[str, object]] = []
+    append, consume, refill = engine_mod.append_token, eng._consume, eng._refill
+
+    def logged_append(req, *args):
+        log.append(("append", req.request_id))
+        return append(req, *args)
+
+    def logged_consume(handle, between=None):
+        log.append(("step", handle.plan.is_decode))
+        return consume(handle, between)
+
+    def logged_refill():
+        log.append(("plan", None))
+        return refill()
+
+    monkeypatch.setattr(engine_mod, "append_token", logged_append)
+    eng._consume, eng._refill = logged_consume, logged_refill
+    out = {o.request_id: o for o in eng.drain() if o.finished}
+    assert len(out["plain"].outputs[0].token_ids) == 6
+    # Split the log into the processing of each step.
+    steps: list[tuple[bool, list[tuple[str, object]]]] = []
+    for kind, arg in log:
+        if kind == "step":
+            steps.append((bool(arg), []))
+        else:
+            steps[-1][1].append((kind, arg))
+    checked = 0
+    for is_decode, events in steps:
+        if not is_decode or ("plan", None) not in events:
+            continue
+        cut = events.index(("plan", None))
+        before = {a for k, a in events[:cut] if k == "append"}
+        after = {a for k, a in events[cut:] if k == "append"}
+        if all_eos:
+            assert not after, events
+        else:
+            assert "plain" not in before, events
+            assert "own" not in after, events
+            if "plain" in after and "own" in before:
+                checked += 1
+    assert checked or all_eos, log
+    eng.shutdown()
