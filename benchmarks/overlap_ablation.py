@@ -110,8 +110,8 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
         torch.cuda.synchronize()
     # The graph alone, replayed on the inputs of the engine's last launched step (the requests
     # are still running), so both sides read the same pages at the same lengths.
-    if eng._inflight:
-        eng._inflight[-1].wait_launched()
+    if eng._inflight is not None:
+        eng._inflight.wait_launched()
     torch.cuda.synchronize()
     graphs = eng.runner.graphs
     bucket = graphs.bucket_for(bs)
@@ -211,8 +211,8 @@ def engine_state_ceiling_ms(
         eng.step()
     for _ in range(decode_steps):
         eng.step()
-    if eng._inflight:
-        eng._inflight[-1].wait_launched()  # its inputs are the ones in the graph's buffers
+    if eng._inflight is not None:
+        eng._inflight.wait_launched()  # its inputs are the ones in the graph's buffers
     torch.cuda.synchronize()
     graph = graphs.graphs[(bucket, GREEDY)]
     ms = statistics.median(time_ms(graph.replay, iters, eng.runner.device) for _ in range(3))

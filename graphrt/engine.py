@@ -13,13 +13,10 @@ import itertools
 import logging
 import random
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from graphrt.config import EngineConfig
 from graphrt.memory.page_allocator import PageAllocator, SlotAllocator
@@ -38,7 +35,7 @@ from graphrt.request import Request, RequestOutput, RequestStatus
 from graphrt.runner import ModelRunner
 from graphrt.sampling_params import SamplingParams
 from graphrt.scheduler import EngineOverloaded, Scheduler
-from graphrt.step_plan import MAX_BANNED_IDS, SamplerNeeds, SlotInit, StepPlan, needs_of
+from graphrt.step_plan import MAX_BANNED_IDS, SamplerNeeds, SlotInit, needs_of
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +108,9 @@ class Engine:
             (self.tokenizer.eos_token_ids if self.tokenizer else frozenset())
             | set(self.model_config.eos_token_ids)
         )
-        # Rows whose sampled id is one of these may have stopped: they are processed before
-        # the next step is planned (see ``step``).
-        self._eos_arr = np.array(sorted(self._eos_ids), dtype=np.int64)
         self._rng = random.Random(config.seed)
         self._groups: dict[str, _Group] = {}
-        # Launched steps not yet processed, oldest first: at most two when overlapped (the one
-        # the host waits for and the one queued behind it on the GPU).
-        self._inflight: deque[StepHandle] = deque()
+        self._inflight: StepHandle | None = None
         self._closed = False
         self._ids = itertools.count()
         self.stats = {"steps": 0, "graph_steps": 0, "failed_requests": 0}
@@ -178,8 +170,6 @@ class Engine:
                     req.stop_matcher = StopStringMatcher(
                         params.stop, params.include_stop_str_in_output
                     )
-            # Only EOS ids are spotted without looking at the request (``_stopping_rows``).
-            req.check_early = bool(params.stop_token_ids) or req.stop_matcher is not None
             children.append(req)
         for req in children:
             self.scheduler.add(req)
@@ -202,54 +192,28 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Advance by one step; returns the outputs of requests that progressed (with their
-        deltas) or finished in the step processed.
-
-        Overlapped (``thread``, ``inline``, ``two_events``), the GPU always has the next step
-        queued behind the one it runs: the host waits for step n's ids while n+1 is queued,
-        processes the rows of n that may have stopped (an EOS id, or a request with stop
-        strings or its own stop ids), plans and submits n+2, and only then does the rest of n's
-        rows (append, detokenize, outputs) while the GPU runs n+1. Planning n+2 still knows
-        every stop in n, as the scheduler runs one step ahead; the per-row work of the rows
-        that cannot have stopped is off the path between two steps. ``off``: plan, run, wait.
-        """
-        if not self.launcher.overlapped:
-            handle = self._submit_next()
-            return self._process(handle) if handle is not None else self._check_stalled()
-        inflight = self._inflight
-        while len(inflight) < 2:
-            handle = self._submit_next()
-            if handle is None:
-                break
-            inflight.append(handle)
-        if not inflight:
-            return self._check_stalled()
-        handle = inflight.popleft()
-        if self.launcher.mode == "two_events" and inflight:
-            # The pre-SGLang-#4790 protocol: also wait until the next step is launched.
-            inflight[-1].wait_launched()
-        return self._process(handle, between=self._refill)
-
-    def _submit_next(self) -> StepHandle | None:
-        """Plan the next step and hand it to the launcher; None when nothing can run now."""
+        """Plan and submit the next step, then process the previous one. Returns the outputs
+        of requests that progressed (with their deltas) or finished."""
         prof = self.launcher.profiler
         t0 = time.perf_counter() if prof is not None else 0.0
         plan = self.scheduler.schedule()
-        if plan is None:
-            return None
-        if prof is not None:
+        if plan is not None and prof is not None:
             prof.record(plan).schedule_s = time.perf_counter() - t0
-        self.stats["steps"] += 1
-        return self.launcher.submit(plan)
-
-    def _refill(self) -> None:
-        if len(self._inflight) < 2:
-            handle = self._submit_next()
-            if handle is not None:
-                self._inflight.append(handle)
+        handle = self.launcher.submit(plan) if plan is not None else None
+        if handle is not None:
+            self.stats["steps"] += 1
+        if not self.launcher.overlapped:
+            return self._process(handle) if handle is not None else self._check_stalled()
+        prev, self._inflight = self._inflight, handle
+        if prev is None:
+            return [] if handle is not None else self._check_stalled()
+        if self.launcher.mode == "two_events" and handle is not None:
+            # The pre-SGLang-#4790 protocol: also wait until the next step is launched.
+            handle.wait_launched()
+        return self._process(prev)
 
     def _check_stalled(self) -> list[RequestOutput]:
-        if self.scheduler.num_unfinished and not self._inflight:
+        if self.scheduler.num_unfinished and self._inflight is None:
             # Every request is admitted only if it fits alone, so this is a bug, not load.
             raise RuntimeError(
                 f"scheduler stalled with {len(self.scheduler.waiting)} waiting and "
@@ -257,32 +221,21 @@ class Engine:
             )
         return []
 
-    def _process(
-        self, handle: StepHandle, between: Callable[[], None] | None = None
-    ) -> list[RequestOutput]:
+    def _process(self, handle: StepHandle) -> list[RequestOutput]:
         prof = self.launcher.profiler
         if prof is None:
-            return self._consume(handle, between)
+            return self._consume(handle)
         t0 = time.perf_counter()
-        timed = between
-        spent = [0.0]
-        if between is not None:
-
-            def timed() -> None:  # the next step's planning is its own schedule_s, not ours
-                t = time.perf_counter()
-                between()
-                spent[0] = time.perf_counter() - t
-
-        outs = self._consume(handle, timed)
+        outs = self._consume(handle)
         rec = prof.records.get(handle.step_id)
         if rec is not None:
             rec.wait_s = handle.wait_s
-            rec.process_s = time.perf_counter() - t0 - handle.wait_s - spent[0]
+            rec.process_s = time.perf_counter() - t0 - handle.wait_s
         return outs
 
     def set_overlap(self, mode: str) -> None:
         """Switch the overlap mode between requests (benchmarks compare modes on one engine)."""
-        if self.has_unfinished() or self._inflight:
+        if self.has_unfinished() or self._inflight is not None:
             raise RuntimeError("set_overlap needs an idle engine")
         EngineConfig(overlap=mode)  # validates the name
         profiler = self.launcher.profiler
@@ -290,11 +243,7 @@ class Engine:
         self.launcher = Launcher(self.runner, mode, max_rows=self.config.max_num_seqs)
         self.launcher.profiler = profiler
 
-    def _consume(
-        self, handle: StepHandle, between: Callable[[], None] | None = None
-    ) -> list[RequestOutput]:
-        """Apply a step's sampled ids to its requests. ``between`` (planning the next step)
-        runs once every row that may have stopped is processed, before the others."""
+    def _consume(self, handle: StepHandle) -> list[RequestOutput]:
         plan = handle.plan
         touched: dict[str, _Group] = {}
         try:
@@ -306,72 +255,22 @@ class Engine:
                 if not req.finished:
                     self._fail(req, f"step failed: {type(e).__name__}: {e}")
                     self._touch(req, touched)
-            if between is not None:
-                between()
             return self._collect(touched)
         if res.graph_bs is not None:
             self.stats["graph_steps"] += 1
         # One conversion per step: indexing numpy scalars per row costs more than the row.
         ids = res.ids.tolist()
         samples = None if plan.is_decode else plan.samples.tolist()  # decode rows all sample
-        lps = top_ids = top_lps = None
-        if res.logprob is not None:
-            lps, top_ids, top_lps = (
-                res.logprob.tolist(),
-                res.top_ids.tolist(),
-                res.top_logprobs.tolist(),
-            )
+        lps = res.logprob.tolist() if res.logprob is not None else None
+        if lps is not None:
+            top_ids, top_lps = res.top_ids.tolist(), res.top_logprobs.tolist()
+        finished = RequestStatus.FINISHED
+        groups = self._groups
         outs: list[RequestOutput | None] = []
         # Groups of n > 1 completions are reported once per step after every row is in: they
         # get a place in ``outs`` when first touched (the order _collect gives), filled at the end.
         multi: dict[str, int] = {}
-        rows = range(len(plan.requests))
-        if between is None or not plan.is_decode:
-            self._consume_rows(plan, rows, ids, samples, lps, top_ids, top_lps, outs, multi)
-            if between is not None:
-                between()
-        else:
-            early = self._stopping_rows(plan, res.ids)
-            if early:
-                self._consume_rows(plan, early, ids, None, lps, top_ids, top_lps, outs, multi)
-                skip = set(early)
-                rows = [r for r in rows if r not in skip]
-            between()
-            self._consume_rows(plan, rows, ids, None, lps, top_ids, top_lps, outs, multi)
-        handle.release()
-        if multi:
-            for gid, i in multi.items():
-                outs[i] = self._group_output(self._groups[gid])
-            return [o for o in outs if o is not None]
-        return outs  # type: ignore[return-value]  # no placeholders without multi
-
-    def _stopping_rows(self, plan: StepPlan, ids: np.ndarray) -> list[int]:
-        """Rows of a decode step that may have stopped: an EOS id was sampled, or the request
-        has stop strings or stop ids of its own. A row that reaches its length limit needs no
-        check here: the scheduler stops planning it from what has been launched."""
-        early = np.flatnonzero(np.isin(ids, self._eos_arr)).tolist() if self._eos_arr.size else []
-        own = [r for r, req in enumerate(plan.requests) if req.check_early]
-        if own:
-            early = sorted(set(early).union(own))
-        return early
-
-    def _consume_rows(
-        self,
-        plan: StepPlan,
-        rows: Sequence[int],
-        ids: list[int],
-        samples: list[bool] | None,
-        lps: list[float] | None,
-        top_ids: list[list[int]] | None,
-        top_lps: list[list[float]] | None,
-        outs: list[RequestOutput | None],
-        multi: dict[str, int],
-    ) -> None:
-        finished = RequestStatus.FINISHED
-        groups = self._groups
-        reqs = plan.requests
-        for r in rows:
-            req = reqs[r]
+        for r, req in enumerate(plan.requests):
             if req.status is finished or (samples is not None and not samples[r]):
                 continue  # the extra step of a finished request, or a partial prefill chunk
             req.num_pending -= 1
@@ -400,6 +299,12 @@ class Engine:
             else:
                 # One completion that is done or streams: _group_output always has an output.
                 outs.append(self._group_output(group))
+        handle.release()
+        if multi:
+            for gid, i in multi.items():
+                outs[i] = self._group_output(groups[gid])
+            return [o for o in outs if o is not None]
+        return outs  # type: ignore[return-value]  # no placeholders without multi
 
     def _fail(self, req: Request, message: str) -> None:
         fail(req, message)
@@ -444,7 +349,7 @@ class Engine:
     def drain(self) -> list[RequestOutput]:
         """Run steps until every request has finished."""
         outs = []
-        while self.has_unfinished() or self._inflight:
+        while self.has_unfinished() or self._inflight is not None:
             outs.extend(self.step())
         return outs
 
@@ -504,8 +409,8 @@ class Engine:
         return self.generate(prompts, sampling_params)
 
     def _flush(self) -> None:
-        """Consume the steps still in flight (their tokens belong to finished requests)."""
-        while self._inflight and not self.has_unfinished():
+        """Consume a step still in flight (its tokens belong to finished requests)."""
+        while self._inflight is not None and not self.has_unfinished():
             self.step()
 
     # ---- helpers --------------------------------------------------------------------------
@@ -599,11 +504,11 @@ class Engine:
             return
         for rid in list(self._groups):
             self.abort(rid)
-        while self._inflight:
-            handle = self._inflight.popleft()
+        if self._inflight is not None:
             with contextlib.suppress(Exception):
-                handle.result()
-            handle.release()
+                self._inflight.result()
+            self._inflight.release()
+            self._inflight = None
         self.launcher.shutdown()
         self.runner.close()
         self._closed = True

@@ -81,9 +81,6 @@ class Request:
     emitted_ids: int = 0  # output ids already reported to the user
     emitted_text: int = 0  # chars of text already reported
     stream: bool = True  # report progress every step (else only the final output)
-    # Has stop strings or stop ids of its own: its rows are processed before the next step is
-    # planned (an EOS id is spotted without looking at the request; see Engine.step).
-    check_early: bool = False
     needs: SamplerNeeds = GREEDY_NEEDS
     first_token_time: float | None = None
     finish_time: float | None = None
