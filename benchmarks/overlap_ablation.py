@@ -70,6 +70,14 @@ def run_once(
         "launch_ms": statistics.median(r.launch_s for r in window) * 1e3,
         "graph_bs": window[0].graph_bs,
     }
+    # Host clock only: step k+1 was fully enqueued at launched_at, step k's end was seen at
+    # seen_at. A launch that finishes after the previous step has ended left the GPU waiting
+    # for the host (for about that long, give or take the wake-up), which ``gpu_idle`` below
+    # cannot see: its start event is recorded before the launch's own CPU work.
+    late = [b.launched_at - a.seen_at for a, b in itertools.pairwise(window)]
+    out["late_steps"] = sum(x > 0 for x in late) / len(late)
+    out["late_ms"] = sum(max(0.0, x) for x in late) / len(late) * 1e3
+    out["late_max_ms"] = max(0.0, *late) * 1e3
     if window[0].end is not None:
         span = window[0].end.elapsed_time(window[-1].end)
         out["step_ms"] = span / (len(window) - 1)
@@ -174,6 +182,20 @@ def print_trace(t: dict, top: int = 12) -> None:
                 f"  {label:<6} {row['before'][:40]:>40} -> {row['after'][:40]:<40} "
                 f"{row['count']:>5.2f}/step {row['us']:>7.2f} us"
             )
+
+
+def handoff_ceiling_ms(eng: Engine, bs: int, ctx: int, iters: int) -> float | None:
+    """The bucket's graph with what the engine enqueues around it (the inputs' copy before,
+    the ids' copy and ``copy_done`` after), far ahead of the GPU: the step without the host in
+    the loop. Its excess over the replay alone is what the hand-offs cost on the GPU."""
+    from step_handoff import variants
+
+    graphs = eng.runner.graphs
+    bucket = graphs.bucket_for(bs) if graphs is not None else None
+    if bucket is None or (bucket, GREEDY) not in graphs.graphs:
+        return None
+    fns = variants(DecodeBench(eng, ctx), bucket, zero_copy=False)
+    return statistics.median(time_ms(fns["in1+out"], iters, eng.runner.device) for _ in range(3))
 
 
 def replay_ceiling_ms(eng: Engine, bs: int, ctx: int, iters: int) -> float | None:
@@ -284,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     results, traces = [], []
     for bs in args.batch_sizes:
         ceiling = replay_ceiling_ms(eng, bs, ctx, iters=50)
-        state_ceiling = None
+        state_ceiling = handoff = None
         if r.device.type == "cuda":
+            handoff = handoff_ceiling_ms(eng, bs, ctx, iters=50)
             state_ceiling = engine_state_ceiling_ms(
                 eng, bs, args.prompt_len, args.warmup_steps + args.steps // 2, iters=50
             )
@@ -303,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mode": mode,
                 "ceiling_ms": ceiling,
                 "engine_state_ceiling_ms": state_ceiling,
+                "handoff_ceiling_ms": handoff,
                 "repeats": len(runs[mode]),
             }
             for key in (
@@ -313,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                 "process_ms",
                 "wait_ms",
                 "launch_ms",
+                "late_steps",
+                "late_ms",
+                "late_max_ms",
             ):
                 row[key] = summarize([x[key] for x in runs[mode]])
             row["overhead_ratio"] = summarize(
@@ -320,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             row["ratio_to_engine_state"] = summarize(
                 [x["step_ms"] / state_ceiling if state_ceiling else None for x in runs[mode]]
+            )
+            row["ratio_to_handoff"] = summarize(
+                [x["step_ms"] / handoff if handoff else None for x in runs[mode]]
             )
             row["graph_bs"] = runs[mode][0]["graph_bs"]
             results.append(row)
@@ -392,6 +422,17 @@ def print_row(row: dict) -> None:
         f"{_m(row['launch_ms'])} ms",
         flush=True,
     )
+    handoff = row.get("handoff_ceiling_ms")
+    if handoff and row["ceiling_ms"]:
+        print(
+            f"  with the step's copies, far ahead: {handoff:.3f} ms ("
+            f"{handoff / row['ceiling_ms']:.4f}x the replay); step / that "
+            f"{_m(row['ratio_to_handoff'])}"
+            f" | launch after the previous step ended: {_m(row['late_steps'], 100, '.0f')}% of "
+            f"steps, {_m(row['late_ms'], 1e3, '.1f')} us per step on average, worst "
+            f"{_m(row['late_max_ms'])} ms",
+            flush=True,
+        )
 
 
 def seed_question(rows: list[dict]) -> dict:
