@@ -749,7 +749,14 @@ def section_overlap(suite: dict[str, Any]) -> list[str]:
                     _stat(x.get("step_ms")),
                     _num(x.get("ceiling_ms"), ".3f"),
                     _stat(x.get("overhead_ratio")),
+                    _num(
+                        x["handoff_ceiling_ms"] / x["ceiling_ms"]
+                        if x.get("handoff_ceiling_ms") and x.get("ceiling_ms")
+                        else None,
+                        ".3f",
+                    ),
                     _stat(x.get("gpu_idle"), ".1f", 100),
+                    _stat(x.get("late_steps"), ".0f", 100, spread=False),
                     _stat(x.get("tok_s"), ",.0f"),
                     _stat(x.get("schedule_ms"), ".3f", spread=False)
                     + " + "
@@ -757,8 +764,16 @@ def section_overlap(suite: dict[str, Any]) -> list[str]:
                     _stat(x.get("launch_ms"), ".3f", spread=False),
                 ]
             )
-        head = ["bs", "mode", "step ms", "replay ms", "overhead ratio", "GPU idle %", "tok/s"]
-        out += _table([*head, "sched + proc ms", "launch ms"], rows)
+        head = ["bs", "mode", "step ms", "replay ms", "overhead ratio", "copies far ahead / replay"]
+        head += ["GPU idle %", "late launches %", "tok/s", "sched + proc ms", "launch ms"]
+        out += _table(head, rows)
+        out.append("")
+        out.append(
+            "*Copies far ahead*: the graph with the step's input and id copies, enqueued ahead of "
+            "the GPU (what the hand-offs cost without the host in the loop). *Late launches*: "
+            "steps whose launch finished after the step before had ended (host clock), so the "
+            "GPU waited; *GPU idle* counts only gaps before a step's first event."
+        )
         seed = r.get("seed_question") or []
         if seed:
             out.append("")
