@@ -75,7 +75,6 @@ class _FakeHandle:
         self.plan = plan
         self.step_id = plan.step_id
         self.wait_s = 0.0
-        self.seen_at = 0.0
         self._ids = ids
         self._k = k
 

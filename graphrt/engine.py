@@ -230,7 +230,6 @@ class Engine:
         rec = prof.records.get(handle.step_id)
         if rec is not None:
             rec.wait_s = handle.wait_s
-            rec.seen_at = handle.seen_at
             rec.process_s = time.perf_counter() - t0 - handle.wait_s
         return outs
 

@@ -112,7 +112,6 @@ class StepHandle:
         self._consumed = False
         self._released = False
         self.wait_s = 0.0  # time result() blocked on the launch and copy_done
-        self.seen_at = 0.0  # perf_counter when result() saw copy_done (the step had ended)
 
     @property
     def step_id(self) -> int:
@@ -135,8 +134,7 @@ class StepHandle:
             raise self._error
         if self._res.copy_done is not None:
             self._res.copy_done.synchronize()
-        self.seen_at = time.perf_counter()
-        self.wait_s = self.seen_at - t0
+        self.wait_s = time.perf_counter() - t0
         b = self.plan.batch_size
         h = self._res.host
         lp = self.plan.needs.logprobs
@@ -194,8 +192,10 @@ class StepRecord:
     schedule_s: float = 0.0  # scheduler thread: planning this step
     launch_s: float = 0.0  # launcher: prepare, replay or eager step, copies, event records
     wait_s: float = 0.0  # scheduler thread: blocked on this step's copy_done
-    launched_at: float = 0.0  # perf_counter when the launcher had enqueued all of the step
-    seen_at: float = 0.0  # perf_counter when the scheduler saw the step's copy_done
+    # The step before had already ended on the GPU when this one was fully enqueued: the GPU
+    # waited for the host (the ``end`` - ``start`` gap cannot show it: ``start`` is recorded
+    # before the launch's own CPU work).
+    late: bool = False
     process_s: float = 0.0  # scheduler thread: consuming this step's results (CPU work)
     graph_bs: int | None = None
     start: torch.cuda.Event | None = None  # recorded before the step's first GPU work
@@ -234,6 +234,7 @@ class Launcher:
         self._queue: queue.SimpleQueue[StepHandle | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.profiler: StepProfiler | None = None
+        self._prev_end: torch.cuda.Event | None = None  # the last profiled step's end event
         if mode in ("thread", "two_events"):
             self._thread = threading.Thread(target=self._loop, name="graphrt-launcher", daemon=True)
             self._thread.start()
@@ -270,8 +271,10 @@ class Launcher:
         handle._launch(self.runner)
         if rec.end is not None:
             rec.end.record()
-        rec.launched_at = time.perf_counter()
-        rec.launch_s = rec.launched_at - t0
+        rec.launch_s = time.perf_counter() - t0
+        if rec.end is not None:
+            prev, self._prev_end = self._prev_end, rec.end
+            rec.late = prev is not None and prev.query()
         rec.graph_bs = handle._outputs.graph_bs if handle._outputs is not None else None
 
     def _loop(self) -> None:
