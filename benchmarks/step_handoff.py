@@ -15,6 +15,9 @@ Variants (cumulative, in the engine's order):
 - ``in1``: one H2D copy of the whole ``[3, max_bs]`` staging buffer, then the replay;
 - ``in3+out`` / ``in1+out``: plus the D2H copy of the sampled ids and the ``copy_done``
   event record after the replay (``in3+out`` is what the engine enqueues per graph step);
+- ``in1+out, 1 ahead`` (``, query loop``): ``in1+out`` paced as the engine paces it, the host
+  waiting (``synchronize``, or polling ``query``) for step k-1's event after enqueuing step k,
+  with no other host work: what one-step-ahead pacing itself costs;
 - ``zin+out``, ``zin+zout``: the inputs read by a kernel straight from the pinned staging
   memory (zero-copy, no copy engine), and the ids written by a kernel straight into pinned
   memory. Shown only where Triton accepts pinned host pointers on this machine.
@@ -105,6 +108,30 @@ def variants(bench: DecodeBench, bs: int, zero_copy: bool = True) -> dict[str, C
         "in3+out": lambda: (in3(), graph.replay(), out()),
         "in1+out": lambda: (in1(), graph.replay(), out()),
     }
+    # Paced as the engine paces it: after enqueuing step k the host waits for step k-1's
+    # copy_done (a ring of events, as the launcher's pool), so the GPU never has more than the
+    # running step and one more queued. With no Python work in between, any excess over
+    # ``in1+out`` is the cost of that pacing itself.
+    ring = [torch.cuda.Event() for _ in range(4)]
+    tick = [0]
+
+    def paced(spin: bool) -> None:
+        k = tick[0]
+        tick[0] += 1
+        in1()
+        graph.replay()
+        ids_host[:bs].copy_(ids_dev[:bs], non_blocking=True)
+        ring[k % 4].record()
+        if k >= 1:
+            prev = ring[(k - 1) % 4]
+            if spin:
+                while not prev.query():
+                    pass
+            else:
+                prev.synchronize()
+
+    out_fns["in1+out, 1 ahead"] = lambda: paced(False)
+    out_fns["in1+out, 1 ahead, query loop"] = lambda: paced(True)
     if not zero_copy:
         return out_fns
     try:  # does Triton take a pinned host pointer here?
@@ -162,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             extra_us = (s["median"] - base) * 1e3
             rows.append({"bs": bs, "variant": name, "ms": s, "extra_us": extra_us})
             print(
-                f"  {name:<10} {s['median']:.4f} [{s['min']:.4f}-{s['max']:.4f}]  "
+                f"  {name:<30} {s['median']:.4f} [{s['min']:.4f}-{s['max']:.4f}]  "
                 f"{s['median'] / base:.4f}x replay, {extra_us:+.1f} us"
             )
     if args.json:
