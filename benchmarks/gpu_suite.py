@@ -749,6 +749,7 @@ def section_overlap(suite: dict[str, Any]) -> list[str]:
                     _stat(x.get("step_ms")),
                     _num(x.get("ceiling_ms"), ".3f"),
                     _stat(x.get("overhead_ratio")),
+                    _stat(x.get("ratio_to_adjacent_replay")),
                     _num(
                         x["handoff_ceiling_ms"] / x["ceiling_ms"]
                         if x.get("handoff_ceiling_ms") and x.get("ceiling_ms")
@@ -764,12 +765,15 @@ def section_overlap(suite: dict[str, Any]) -> list[str]:
                     _stat(x.get("launch_ms"), ".3f", spread=False),
                 ]
             )
-        head = ["bs", "mode", "step ms", "replay ms", "overhead ratio", "copies far ahead / replay"]
+        head = ["bs", "mode", "step ms", "replay ms", "overhead ratio", "ratio, adjacent replay"]
+        head += ["copies far ahead / replay"]
         head += ["GPU idle %", "late launches %", "tok/s", "sched + proc ms", "launch ms"]
         out += _table(head, rows)
         out.append("")
         out.append(
-            "*Copies far ahead*: the graph with the step's input and id copies, enqueued ahead of "
+            "*Adjacent replay*: each repetition against a replay timed right before it (the "
+            "GPU's speed drifts during a run). *Copies far ahead*: the graph with the step's "
+            "input and id copies, enqueued ahead of "
             "the GPU (what the hand-offs cost without the host in the loop). *Late launches*: "
             "steps whose launch finished after the step before had ended (host clock), so the "
             "GPU waited; *GPU idle* counts only gaps before a step's first event."

@@ -63,7 +63,9 @@ def zero_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
     _copy_i64_kernel[(triton.cdiv(n, 1024),)](src, dst, n, BLOCK=1024)
 
 
-def variants(bench: DecodeBench, bs: int, zero_copy: bool = True) -> dict[str, Callable[[], None]]:
+def variants(
+    bench: DecodeBench, bs: int, with_zero_copy: bool = True
+) -> dict[str, Callable[[], None]]:
     """The step variants of the module docstring for bucket ``bs``, as callables."""
     r = bench.r
     g = r.graphs
@@ -132,7 +134,7 @@ def variants(bench: DecodeBench, bs: int, zero_copy: bool = True) -> dict[str, C
 
     out_fns["in1+out, 1 ahead"] = lambda: paced(False)
     out_fns["in1+out, 1 ahead, query loop"] = lambda: paced(True)
-    if not zero_copy:
+    if not with_zero_copy:
         return out_fns
     try:  # does Triton take a pinned host pointer here?
         zero_copy(staging, inputs)

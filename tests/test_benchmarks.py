@@ -371,7 +371,8 @@ def sample_suite() -> dict:
                   "overhead_ratio": _stat(1.02, 1.0, 1.03), "gpu_idle": _stat(0.02, 0.01, 0.03),
                   "tok_s": _stat(4000, 3900, 4100), "schedule_ms": _stat(0.1, 0.1, 0.1),
                   "process_ms": _stat(0.05, 0.05, 0.05), "launch_ms": _stat(0.03, 0.03, 0.03),
-                  "handoff_ceiling_ms": 1.97, "late_steps": _stat(0.25, 0.0, 0.5)}],
+                  "handoff_ceiling_ms": 1.97, "late_steps": _stat(0.25, 0.0, 0.5),
+                  "ratio_to_adjacent_replay": _stat(1.01, 1.0, 1.02)}],
         "seed_question": [{"bs": 8, "ratio": 1.004}],
     }  # fmt: skip
     capture = {
@@ -433,7 +434,8 @@ def test_suite_table_from_sample_json() -> None:
     assert "| 1 | 256 | 6.100 [6.000–6.300] | 6.000 [5.900–6.100] | 5.360 | 1.017 |" in md
     assert "| 64 | 256 | 8.000 [7.900–8.200] | - | - | - |" in md
     assert "HF generate, first 64 requests, outputs ≤ 128, batch 64 | 1.00 [0.90–1.10]" in md
-    assert ("| 8 | thread | 2.000 [1.900–2.100] | 1.950 | 1.020 [1.000–1.030] | 1.010 | "
+    assert ("| 8 | thread | 2.000 [1.900–2.100] | 1.950 | 1.020 [1.000–1.030] | "
+            "1.010 [1.000–1.020] | 1.010 | "
             "2.0 [1.0–3.0] | 25 | 4,000") in md  # fmt: skip
     assert "bs 8: 1.004" in md
     assert "graphrt / HF generate: 37.0× per token, 8.1× on the same requests." in md
