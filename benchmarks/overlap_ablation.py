@@ -213,18 +213,26 @@ def replay_ceiling_ms(eng: Engine, bs: int, ctx: int, iters: int) -> float | Non
     return gpu_ms
 
 
-def engine_state_ceiling_ms(
+def engine_state_ceilings(
     eng: Engine, bs: int, prompt_len: int, decode_steps: int, iters: int
-) -> float | None:
-    """Back-to-back replays of the bucket's graph on the engine's own state: ``bs`` requests
-    prefilled and decoded for ``decode_steps`` steps, then the graph replayed on the inputs of
-    the engine's last step (its slots, lengths and page table, with pages where the engine's
-    allocator put them) instead of DecodeBench's synthetic rows. The requests are aborted after.
-    """
+) -> dict[str, float | None]:
+    """Ceilings on the engine's own state: ``bs`` requests prefilled and decoded for
+    ``decode_steps`` steps (kept running), then, back to back and far ahead of the GPU:
+
+    - ``replay``: the bucket's graph on the inputs of the engine's last step (its slots,
+      lengths and page table, pages where the engine's allocator put them);
+    - ``execute``: the engine's last plain decode step again, as the launcher runs it
+      (``runner.execute``: inputs' copy, replay; then the ids' copy and an event);
+    - ``execute_pages``: the same for the last decode step that also updated the page table.
+
+    Every call repeats the same step (same positions, same pages), so it changes nothing. An
+    engine period above ``execute`` is the host's pacing; ``execute`` above ``replay`` is the
+    GPU work around the graph. The requests are aborted after."""
+    out: dict[str, float | None] = {"replay": None, "execute": None, "execute_pages": None}
     graphs = eng.runner.graphs
     bucket = graphs.bucket_for(bs) if graphs is not None else None
     if bucket is None or (bucket, GREEDY) not in graphs.graphs:
-        return None
+        return out
     g = torch.Generator().manual_seed(321)
     vocab = eng.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=decode_steps + 1000, ignore_eos=True)
@@ -232,20 +240,50 @@ def engine_state_ceiling_ms(
         eng.add_request(None, torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), params)
         for _ in range(bs)
     ]
-    sched = eng.scheduler
-    while sched.waiting or not all(q.prefill_done for q in sched.running):
-        eng.step()
-    for _ in range(decode_steps):
-        eng.step()
-    if eng._inflight is not None:
-        eng._inflight.wait_launched()  # its inputs are the ones in the graph's buffers
+    plans = []
+    submit = eng.launcher.submit
+
+    def recording_submit(plan):
+        plans.append(plan)
+        return submit(plan)
+
+    eng.launcher.submit = recording_submit
+    try:
+        sched = eng.scheduler
+        while sched.waiting or not all(q.prefill_done for q in sched.running):
+            eng.step()
+        for _ in range(decode_steps):
+            eng.step()
+        if eng._inflight is not None:
+            eng._inflight.wait_launched()  # its inputs are the ones in the graph's buffers
+    finally:
+        eng.launcher.submit = submit
     torch.cuda.synchronize()
+    dev = eng.runner.device
     graph = graphs.graphs[(bucket, GREEDY)]
-    ms = statistics.median(time_ms(graph.replay, iters, eng.runner.device) for _ in range(3))
+    out["replay"] = statistics.median(time_ms(graph.replay, iters, dev) for _ in range(3))
+    decode = [p for p in plans if p.is_decode and p.batch_size == bs]
+    plain = [p for p in decode if not p.page_updates.shape[1]]
+    paged = [p for p in decode if p.page_updates.shape[1]]
+    host = torch.empty(bs, dtype=torch.int64).pin_memory()
+    done = torch.cuda.Event()
+    runner = eng.runner
+    for key, cands in (("execute", plain), ("execute_pages", paged)):
+        if not cands:
+            continue
+        plan = cands[-1]
+
+        def step(plan=plan) -> None:
+            res = runner.execute(plan)
+            host.copy_(res.out.ids[:bs], non_blocking=True)
+            done.record()
+
+        out[key] = statistics.median(time_ms(step, iters, dev) for _ in range(3))
+    torch.cuda.synchronize()
     for rid in ids:
         eng.abort(rid)
     run_until_idle(eng, {})
-    return ms
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,13 +360,15 @@ def main(argv: list[str] | None = None) -> int:
     results, traces = [], []
     for bs in args.batch_sizes:
         ceiling = replay_ceiling_ms(eng, bs, ctx, iters=50)
-        state_ceiling = handoff = None
+        state: dict[str, float | None] = {}
+        handoff = None
         if r.device.type == "cuda":
             handoff = handoff_ceiling_ms(eng, bs, ctx, iters=50)
         if r.device.type == "cuda" and args.state_ceiling:
-            state_ceiling = engine_state_ceiling_ms(
+            state = engine_state_ceilings(
                 eng, bs, args.prompt_len, args.warmup_steps + args.steps // 2, iters=50
             )
+        state_ceiling = state.get("replay")
         runs: dict[str, list[dict]] = {m: [] for m in args.modes}
         for rep in range(args.repeats):
             # The GPU's own speed drifts by a few percent over a run (clocks, power), so each
@@ -354,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                 "mode": mode,
                 "ceiling_ms": ceiling,
                 "engine_state_ceiling_ms": state_ceiling,
+                "engine_execute_ms": state.get("execute"),
+                "engine_execute_pages_ms": state.get("execute_pages"),
                 "handoff_ceiling_ms": handoff,
                 "repeats": len(runs[mode]),
             }
@@ -441,11 +483,13 @@ def _m(stat: dict, scale: float = 1.0, spec: str = ".3f") -> str:
 def print_row(row: dict) -> None:
     ceil = f"{row['ceiling_ms']:.3f}" if row["ceiling_ms"] else "-"
     state = row.get("engine_state_ceiling_ms")
-    vs_state = (
-        f" | on the engine's state: replay {state:.3f} ms, ratio {_m(row['ratio_to_engine_state'])}"
-        if state
-        else ""
-    )
+    vs_state = ""
+    if state:
+        vs_state = f" | on the engine's state: replay {state:.3f} ms"
+        for key, label in (("engine_execute_ms", "step"), ("engine_execute_pages_ms", "paged")):
+            if row.get(key):
+                vs_state += f", its {label} far ahead {row[key]:.3f} ms"
+        vs_state += f", ratio {_m(row['ratio_to_engine_state'])}"
     print(
         f"bs={row['bs']:<4} {row['mode']:<10} step {_m(row['step_ms'])} ms | ceiling {ceil} ms"
         f" | ratio {_m(row['overhead_ratio'])}{vs_state} | tok/s {_m(row['tok_s'], spec='.0f')}"
