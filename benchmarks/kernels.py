@@ -411,7 +411,12 @@ def _flashinfer_backend(spec, k, v):
 
 
 def bench_decode(
-    timer: Timer, dev: torch.device, case: DecodeCase, sweep: bool, smoke: bool
+    timer: Timer,
+    dev: torch.device,
+    case: DecodeCase,
+    sweep: bool,
+    smoke: bool,
+    flashinfer: bool = True,
 ) -> list[Result]:
     from graphrt.kernels import torch_attention as ta
     from graphrt.kernels import triton_attention as tri
@@ -459,7 +464,7 @@ def bench_decode(
         for splits in (1, 2, 4):
             res.append(triton_result(replace(best_cfg, num_splits=splits), "triton-sweep"))
 
-    be = _flashinfer_backend(spec, k, v)
+    be = _flashinfer_backend(spec, k, v) if flashinfer else None
     if be is not None:
         res.append(_flashinfer_result(be, timer, case, q, inputs, name, nbytes, iters))
 
@@ -817,6 +822,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gemv-rows", type=int, nargs="+", help="GEMV row counts (default: 1 8)")
     ap.add_argument("--skip-ops", action="store_true", help="attention only")
     ap.add_argument(
+        "--no-flashinfer",
+        action="store_true",
+        help="leave out the flashinfer decode rows (its first use compiles for ~23 s)",
+    )
+    ap.add_argument(
         "--only",
         nargs="+",
         choices=["decode", "extend", "ops", "gemv", "argmax"],
@@ -848,7 +858,10 @@ def main(argv: list[str] | None = None) -> None:
         cases.append((DecodeCase(8, 8192), False))
     # A failing section is reported and skipped, so the others still give their figures.
     sections = [
-        ("decode", lambda c=c, sw=sw: bench_decode(timer, dev, c, sw, args.smoke))
+        (
+            "decode",
+            lambda c=c, sw=sw: bench_decode(timer, dev, c, sw, args.smoke, not args.no_flashinfer),
+        )
         for c, sw in cases
     ]
     sections.append(("extend", lambda: bench_extend(timer, dev, args.smoke, args.sweep)))
