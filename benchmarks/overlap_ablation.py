@@ -317,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--state-ceiling",
         action="store_true",
-        help="also replay the graph on the engine's own state (its slots, lengths and pages) "
-        "after a real decode, as a second ceiling (run P2: within 0.5%% of the first)",
+        help="also time, on the engine's own state after a real decode, the graph replayed "
+        "(run P2: within 0.5%% of the first ceiling) and the engine's last decode step "
+        "repeated far ahead, with and without page-table updates",
     )
     p.add_argument(
         "--final-only",
