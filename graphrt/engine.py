@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,11 @@ from graphrt.output_processor import (
 )
 from graphrt.output_processor import (
     append_token,
-    completion_output,
     fail,
     request_output,
 )
 from graphrt.overlap import Launcher, StepHandle
-from graphrt.request import Request, RequestOutput, RequestStatus
+from graphrt.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from graphrt.runner import ModelRunner
 from graphrt.sampling_params import SamplingParams
 from graphrt.scheduler import EngineOverloaded, Scheduler
@@ -56,6 +55,10 @@ class _Group:
     prompt: str | None
     prompt_ids: list[int]
     children: list[Request]
+    single: bool = field(init=False)  # n == 1: the per-step fast path in Engine._consume
+
+    def __post_init__(self) -> None:
+        self.single = len(self.children) == 1
 
 
 def resolve_model_dir(config: EngineConfig) -> Path:
@@ -266,10 +269,13 @@ class Engine:
             top_ids, top_lps = res.top_ids.tolist(), res.top_logprobs.tolist()
         finished = RequestStatus.FINISHED
         groups = self._groups
+        take = CompletionOutput.take
         outs: list[RequestOutput | None] = []
         # Groups of n > 1 completions are reported once per step after every row is in: they
         # get a place in ``outs`` when first touched (the order _collect gives), filled at the end.
         multi: dict[str, int] = {}
+        # This loop runs for every row of every step (at batch 256 it is most of the scheduler
+        # thread's CPU time): the common streaming row builds its output inline.
         for r, req in enumerate(plan.requests):
             if req.status is finished or (samples is not None and not samples[r]):
                 continue  # the extra step of a finished request, or a partial prefill chunk
@@ -282,23 +288,30 @@ class Engine:
             except Exception as e:  # a tokenizer or stop-string error fails this request only
                 logger.exception("request %s failed while processing its output", req.request_id)
                 self._fail(req, f"{type(e).__name__}: {e}")
-            done = req.finish_reason is not None
-            if done:
+            if req.finish_reason is None:
+                if not req.stream:
+                    continue
+                group = groups.get(req.group_id)
+                if group is None:
+                    continue
+                if group.single:
+                    outs.append(
+                        RequestOutput(
+                            group.request_id, group.prompt, group.prompt_ids, [take(req)], False
+                        )
+                    )
+                    continue
+            else:
                 if req.status is not finished:
                     self.scheduler.finish(req)
-            elif not req.stream:
-                continue
-            gid = req.group_id or req.request_id
-            group = groups.get(gid)
-            if group is None:
-                continue
-            if len(group.children) > 1:
-                if gid not in multi:
-                    multi[gid] = len(outs)
-                    outs.append(None)
-            else:
-                # One completion that is done or streams: _group_output always has an output.
-                outs.append(self._group_output(group))
+                group = groups.get(req.group_id)
+                if group is None:
+                    continue
+            if group.single:
+                outs.append(self._group_output(group))  # done: the final output
+            elif group.request_id not in multi:
+                multi[group.request_id] = len(outs)
+                outs.append(None)
         handle.release()
         if multi:
             for gid, i in multi.items():
@@ -335,8 +348,9 @@ class Engine:
             if not done:
                 if not kid.stream:
                     return None
-                co = completion_output(kid)
-                return RequestOutput(gid, group.prompt, group.prompt_ids, [co], False)
+                return RequestOutput(
+                    gid, group.prompt, group.prompt_ids, [CompletionOutput.take(kid)], False
+                )
         else:
             done = all(c.status is finished for c in kids)
             if not done and not kids[0].stream:

@@ -37,29 +37,29 @@ def append_token(
         k = req.params.logprobs or 0
         top = list(zip(top_ids[:k], top_logprobs[:k])) if k else []
         req.logprobs.append(TokenLogprob(token, float(logprob), top))
-    n_out = len(out)
     if token in req.stop_ids:
         # A stop token id wins over EOS (an id in both reports itself as the stop reason).
-        p = req.params
-        _finish(req, FinishReason.STOP, token if token in p.stop_token_ids else None)
-    else:
-        detok = req.detokenizer
-        if detok is not None:
-            delta = detok.step_one(token)
-            matcher = req.stop_matcher
-            # Stop strings count only once min_tokens outputs exist, as in vLLM.
-            if matcher is not None and n_out >= req.params.min_tokens:
-                safe, stopped = matcher.feed(delta)
-                req.append_text(safe)
-                if stopped:
-                    _finish(req, FinishReason.STOP, matcher.matched)
-                    return
-            elif delta:
+        _finish(req, FinishReason.STOP, token if token in req.params.stop_token_ids else None)
+        _flush_text(req)
+        return
+    detok = req.detokenizer
+    if detok is not None:
+        delta = detok.step_one(token)
+        matcher = req.stop_matcher
+        if matcher is None:
+            if delta:
                 req.text_parts.append(delta)
                 req.text_len += len(delta)
-    if req.finish_reason is None and len(req.prompt_ids) + n_out >= req.max_len:
+        elif len(out) >= req.params.min_tokens:  # stop strings count from min_tokens, as vLLM
+            safe, stopped = matcher.feed(delta)
+            req.append_text(safe)
+            if stopped:  # the matcher cut the text at the stop string: nothing to flush
+                _finish(req, FinishReason.STOP, matcher.matched)
+                return
+        else:
+            req.append_text(delta)
+    if len(out) >= req.max_output:
         _finish(req, FinishReason.LENGTH, None)
-    if req.finish_reason is not None:
         _flush_text(req)
 
 
@@ -90,14 +90,6 @@ def abort(req: Request) -> None:
     _finish(req, FinishReason.ABORT, None)
 
 
-def completion_output(req: Request) -> CompletionOutput:
-    """The request's output as of now; its deltas run from the previous call."""
-    out = CompletionOutput(req, req.emitted_ids, req.emitted_text)
-    req.emitted_ids = len(req.output_ids)
-    req.emitted_text = req.text_len
-    return out
-
-
 def request_output(
     request_id: str,
     children: list[Request],
@@ -107,7 +99,7 @@ def request_output(
 ) -> RequestOutput:
     """One ``RequestOutput`` for a request and its ``n`` completions. Runs for every streaming
     request every step, so the final-only parts (error, metrics) are built only at the end."""
-    outs = [completion_output(c) for c in children]
+    outs = [CompletionOutput.take(c) for c in children]
     if not finished:
         return RequestOutput(request_id, prompt, prompt_ids, outs, False)
     errors = [c.error for c in children if c.error]

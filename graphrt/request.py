@@ -87,6 +87,7 @@ class Request:
     # Sampled ids that end the request: stop_token_ids, and the EOS ids unless ignore_eos.
     # One set, so the per-token check is one lookup (output_processor.append_token).
     stop_ids: frozenset[int] = field(init=False, repr=False)
+    max_output: int = field(init=False, repr=False)  # outputs that reach max_len
 
     def __post_init__(self) -> None:
         if not self.prefill_ids:
@@ -95,6 +96,7 @@ class Request:
         self.stop_ids = frozenset(p.stop_token_ids) | (
             frozenset() if p.ignore_eos else self.eos_ids
         )
+        self.max_output = self.max_len - len(self.prompt_ids)
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
 
@@ -143,8 +145,18 @@ class CompletionOutput:
         self._n0 = since_ids
         self._t0 = since_text
         self.index = req.index
-        self.finish_reason = req.finish_reason.value if req.finish_reason is not None else None
+        reason = req.finish_reason
+        self.finish_reason = None if reason is None else reason.value
         self.stop_reason = req.stop_reason
+
+    @classmethod
+    def take(cls, req: Request) -> CompletionOutput:
+        """The request's output as of now, with deltas since the previous ``take``; marks what
+        it holds as reported. Runs for every streaming row of every step."""
+        out = cls(req, req.emitted_ids, req.emitted_text)
+        req.emitted_ids = out._n
+        req.emitted_text = out._t
+        return out
 
     @property
     def token_ids(self) -> list[int]:
@@ -188,7 +200,7 @@ class CompletionOutput:
         )
 
 
-@dataclass
+@dataclass(slots=True)  # built for every streaming request every step
 class RequestOutput:
     request_id: str
     prompt: str | None
