@@ -82,15 +82,22 @@ def run_once(
     # host), which ``gpu_idle`` below cannot see: its start event is recorded before the
     # launch's own CPU work.
     out["late_steps"] = sum(r.late for r in window[1:]) / (len(window) - 1)
+    # ``thread``: steps whose launch the scheduler waited for because the GPU had run dry.
+    out["yielded_steps"] = sum(r.yielded for r in window) / len(window)
     if window[0].end is not None:
         span = window[0].end.elapsed_time(window[-1].end)
         out["step_ms"] = span / (len(window) - 1)
+        # The typical step period beside the mean: a mean well above it is a few long steps
+        # (the host stalled), one close to it is every step slower.
+        periods = [a.end.elapsed_time(b.end) for a, b in itertools.pairwise(window)]
+        out["step_p50_ms"] = statistics.median(periods)
         gaps = [max(0.0, a.end.elapsed_time(b.start)) for a, b in itertools.pairwise(window)]
         total = window[0].start.elapsed_time(window[-1].end)
         out["gpu_idle"] = sum(gaps) / total if total > 0 else None
     else:
         t = [processed_at[r.step_id] for r in window]
         out["step_ms"] = (t[-1] - t[0]) / (len(t) - 1) * 1e3
+        out["step_p50_ms"] = statistics.median(b - a for a, b in itertools.pairwise(t)) * 1e3
         out["gpu_idle"] = None
     out["tok_s"] = bs / out["step_ms"] * 1e3
     return out
@@ -409,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                 "wait_ms",
                 "launch_ms",
                 "late_steps",
+                "yielded_steps",
+                "step_p50_ms",
             ):
                 row[key] = summarize([x[key] for x in runs[mode]])
             row["overhead_ratio"] = summarize(
@@ -507,8 +516,9 @@ def print_row(row: dict) -> None:
             f"{handoff / row['ceiling_ms']:.4f}x the replay); step / that "
             f"{_m(row['ratio_to_handoff'])}"
             f" | launched after the step before had ended: {_m(row['late_steps'], 100, '.0f')}%"
-            f" of steps | ratio to a replay right before each repetition "
-            f"{_m(row['ratio_to_adjacent_replay'])}",
+            f" of steps (launch waited for: {_m(row['yielded_steps'], 100, '.0f')}%) | ratio "
+            f"to a replay right before each repetition {_m(row['ratio_to_adjacent_replay'])}"
+            f" | median step {_m(row['step_p50_ms'])} ms",
             flush=True,
         )
 

@@ -210,10 +210,11 @@ class Engine:
         prev, self._inflight = self._inflight, handle
         if prev is None:
             return [] if handle is not None else self._check_stalled()
-        if self.launcher.mode == "two_events" and handle is not None:
+        if handle is not None and self.launcher.mode == "two_events":
             # The pre-SGLang-#4790 protocol: also wait until the next step is launched.
             handle.wait_launched()
-        return self._process(prev)
+        nxt = handle if self.launcher.mode == "thread" else None
+        return self._process(prev, nxt)
 
     def _check_stalled(self) -> list[RequestOutput]:
         if self.scheduler.num_unfinished and self._inflight is None:
@@ -224,12 +225,14 @@ class Engine:
             )
         return []
 
-    def _process(self, handle: StepHandle) -> list[RequestOutput]:
+    def _process(self, handle: StepHandle, nxt: StepHandle | None = None) -> list[RequestOutput]:
+        """Wait for ``handle``'s ids and process them. ``nxt``: the step submitted to the
+        launcher thread after it (``thread`` mode), see ``_consume``."""
         prof = self.launcher.profiler
         if prof is None:
-            return self._consume(handle)
+            return self._consume(handle, nxt)
         t0 = time.perf_counter()
-        outs = self._consume(handle)
+        outs = self._consume(handle, nxt)
         rec = prof.records.get(handle.step_id)
         if rec is not None:
             rec.wait_s = handle.wait_s
@@ -246,11 +249,23 @@ class Engine:
         self.launcher = Launcher(self.runner, mode, max_rows=self.config.max_num_seqs)
         self.launcher.profiler = profiler
 
-    def _consume(self, handle: StepHandle) -> list[RequestOutput]:
+    def _consume(self, handle: StepHandle, nxt: StepHandle | None = None) -> list[RequestOutput]:
         plan = handle.plan
         touched: dict[str, _Group] = {}
         try:
             res = handle.result()
+            if nxt is not None and not nxt.launched:
+                # This step has finished and the next one is not launched yet: the GPU has run
+                # dry, and the launcher thread needs the GIL, which this thread would hold for
+                # all of the processing below (CPython hands it over only after its 5 ms switch
+                # interval or at a blocking call). Let the launch go first. While this step is
+                # still running on the GPU, the wait in result() lets the launcher in instead.
+                t0 = time.perf_counter()
+                nxt.wait_launched()
+                handle.wait_s += time.perf_counter() - t0
+                prof = self.launcher.profiler
+                if prof is not None and (rec := prof.records.get(nxt.step_id)) is not None:
+                    rec.yielded = True
         except Exception as e:
             logger.exception("step %d failed", plan.step_id)
             handle.release()

@@ -121,6 +121,11 @@ class StepHandle:
         """Block until the launcher has enqueued this step (the ``launch_done`` of two_events)."""
         self._launched.wait()
 
+    @property
+    def launched(self) -> bool:
+        """Whether the launcher has enqueued this step (or failed to)."""
+        return self._launched.is_set()
+
     def result(self) -> StepResult:
         """Wait for this step's ``copy_done`` and return its ids. Callable once."""
         if self._consumed:
@@ -196,6 +201,9 @@ class StepRecord:
     # waited for the host (the ``end`` - ``start`` gap cannot show it: ``start`` is recorded
     # before the launch's own CPU work).
     late: bool = False
+    # ``thread`` mode: the step before had finished when the scheduler got its ids and this one
+    # was not launched yet, so the scheduler let the launch go first (``Engine._consume``).
+    yielded: bool = False
     process_s: float = 0.0  # scheduler thread: consuming this step's results (CPU work)
     graph_bs: int | None = None
     start: torch.cuda.Event | None = None  # recorded before the step's first GPU work

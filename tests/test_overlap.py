@@ -157,3 +157,50 @@ def test_detokenizer_fault_fails_only_its_request(llama, mode: str) -> None:
     assert outs["good"].error is None and len(outs["good"].outputs[0].token_ids) == 8
     assert eng.pages.num_free == eng.pages.num_usable
     eng.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["thread", "inline"])
+def test_thread_mode_lets_a_pending_launch_go_before_processing(llama, mode: str) -> None:
+    """Step n has finished and step n+1 sits with the launcher: ``thread`` mode must not
+    process n first (the launcher would wait for the GIL while the GPU idles). The launcher is
+    held at a gate that a timer opens; whenever it opens, the launch must come first."""
+    import threading
+
+    import graphrt.engine as engine_mod
+
+    eng = Engine(str(llama), show_progress=False, overlap=mode)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    eng.add_request("a", [1, 2, 3], params)
+    for _ in range(4):  # prefill and a few steady decode steps
+        eng.step()
+    log: list[str] = []
+    gate = threading.Event()
+    launch = eng.launcher._launch
+
+    def gated_launch(handle):
+        if mode == "thread":
+            gate.wait(timeout=30)
+        launch(handle)
+        log.append("launched")
+
+    real_append = engine_mod.append_token
+
+    def logging_append(*args):
+        log.append("processed")
+        return real_append(*args)
+
+    eng.launcher._launch = gated_launch
+    engine_mod.append_token = logging_append
+    timer = threading.Timer(0.2, gate.set)
+    timer.start()
+    try:
+        eng.step()
+    finally:
+        engine_mod.append_token = real_append
+        gate.set()
+        timer.cancel()
+    assert log[:2] == ["launched", "processed"]
+    eng.launcher._launch = launch
+    eng.drain()
+    assert eng.pages.num_free == eng.pages.num_usable
+    eng.shutdown()
