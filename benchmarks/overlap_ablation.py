@@ -91,6 +91,13 @@ def run_once(
         # (the host stalled), one close to it is every step slower.
         periods = [a.end.elapsed_time(b.end) for a, b in itertools.pairwise(window)]
         out["step_p50_ms"] = statistics.median(periods)
+        # Steps that also update the page table (every page_size steps here, for all rows at
+        # once, as every prompt has the same length) against the others.
+        paged = [p for p, r in zip(periods, window[1:]) if r.page_updates]
+        plain = [p for p, r in zip(periods, window[1:]) if not r.page_updates]
+        out["paged_steps"] = len(paged) / len(periods)
+        out["paged_step_ms"] = statistics.fmean(paged) if paged else None
+        out["plain_step_ms"] = statistics.fmean(plain) if plain else None
         gaps = [max(0.0, a.end.elapsed_time(b.start)) for a, b in itertools.pairwise(window)]
         total = window[0].start.elapsed_time(window[-1].end)
         out["gpu_idle"] = sum(gaps) / total if total > 0 else None
@@ -98,6 +105,7 @@ def run_once(
         t = [processed_at[r.step_id] for r in window]
         out["step_ms"] = (t[-1] - t[0]) / (len(t) - 1) * 1e3
         out["step_p50_ms"] = statistics.median(b - a for a, b in itertools.pairwise(t)) * 1e3
+        out["paged_steps"] = out["paged_step_ms"] = out["plain_step_ms"] = None
         out["gpu_idle"] = None
     out["tok_s"] = bs / out["step_ms"] * 1e3
     return out
@@ -167,6 +175,29 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
         "engine_gaps": gap_table(events, steps),
         "replay_gaps": gap_table(replay_events, steps),
     }
+
+
+def print_cprofile(eng: Engine, bs: int, args: argparse.Namespace, top: int) -> None:
+    """One ``inline`` run of ``bs`` requests under cProfile; prints the top functions by own
+    time, per decode step (the run's prefill is included; at batch >= 64 it is a few steps)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    run_once(eng, "inline", bs, args.prompt_len, args.warmup_steps, args.steps, seed=99)
+    prof.disable()
+    steps = args.warmup_steps + args.steps + 2
+    stats = pstats.Stats(prof, stream=io.StringIO())
+    print(f"\ncProfile, bs={bs} inline, {steps} decode steps (own time / steps, us):")
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    for (file, line, fn), (_, calls, tottime, cumtime, _) in rows:
+        where = f"{Path(file).name}:{line}({fn})"
+        print(
+            f"  {where[:70]:<70} {calls / steps:>7.1f} calls {tottime / steps * 1e6:>8.1f} us own"
+            f" {cumtime / steps * 1e6:>8.1f} us cum"
+        )
 
 
 def print_trace(t: dict, top: int = 12) -> None:
@@ -334,6 +365,15 @@ def main(argv: list[str] | None = None) -> int:
         help="requests report only when done, as Engine.generate's (default: every request "
         "streams, an output per row per step, as the server's)",
     )
+    p.add_argument(
+        "--cprofile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the table, one more run per batch size in 'inline' mode (launch and "
+        "processing on one thread) under cProfile, printing the N functions with the most "
+        "own time: where the scheduler thread's CPU goes",
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument(
         "--trace-steps",
@@ -418,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
                 "late_steps",
                 "yielded_steps",
                 "step_p50_ms",
+                "paged_steps",
+                "paged_step_ms",
+                "plain_step_ms",
             ):
                 row[key] = summarize([x[key] for x in runs[mode]])
             row["overhead_ratio"] = summarize(
@@ -438,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             row["graph_bs"] = runs[mode][0]["graph_bs"]
             results.append(row)
             print_row(row)
+        if args.cprofile:
+            print_cprofile(eng, bs, args, top=args.cprofile)
         if args.trace_steps and r.device.type == "cuda":
             t = trace_steps(
                 eng, args.modes[0], bs, args.prompt_len, args.warmup_steps, args.trace_steps
@@ -518,7 +563,9 @@ def print_row(row: dict) -> None:
             f" | launched after the step before had ended: {_m(row['late_steps'], 100, '.0f')}%"
             f" of steps (launch waited for: {_m(row['yielded_steps'], 100, '.0f')}%) | ratio "
             f"to a replay right before each repetition {_m(row['ratio_to_adjacent_replay'])}"
-            f" | median step {_m(row['step_p50_ms'])} ms",
+            f" | median step {_m(row['step_p50_ms'])} ms; mean of steps without page "
+            f"updates {_m(row['plain_step_ms'])}, with {_m(row['paged_step_ms'])} ms "
+            f"({_m(row['paged_steps'], 100, '.0f')}% of steps)",
             flush=True,
         )
 
