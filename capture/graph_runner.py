@@ -21,7 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from graphrt.capture.buckets import bucket_for, make_buckets
-from graphrt.capture.static_buffers import SEQ_LENS, SLOTS, DecodeBuffers, fill_inputs
+from graphrt.capture.static_buffers import (
+    INPUT_ROWS,
+    SEQ_LENS,
+    SLOTS,
+    UPDATES,
+    DecodeBuffers,
+    fill_inputs,
+)
 from graphrt.sampling import EVERYTHING, GREEDY, SampleOutputs, SamplerFlags
 from graphrt.step_plan import StepPlan
 
@@ -68,7 +75,8 @@ class DecodeGraphRunner:
         # A small ring of pinned staging arrays: a step's H2D copy may still be reading one
         # while the next step is prepared. Each slot waits on the event of its last copy.
         self._staging = [
-            torch.empty(3, max(self.max_bs, 1), dtype=torch.int64, pin_memory=pin) for _ in range(4)
+            torch.empty(INPUT_ROWS, max(self.max_bs, 1), dtype=torch.int64, pin_memory=pin)
+            for _ in range(4)
         ]
         self._staging_events = [torch.cuda.Event() if pin else None for _ in self._staging]
         self._next_staging = 0
@@ -154,10 +162,19 @@ class DecodeGraphRunner:
         self.graphs.clear()
 
     # ---- replay ---------------------------------------------------------------------------
-    def run(self, plan: StepPlan, bucket: int, flags: SamplerFlags) -> SampleOutputs:
+    def fits_page_updates(self, plan: StepPlan) -> bool:
+        """Whether ``run`` can carry the plan's page-table writes in its input copy (a decode
+        step writes at most one per row, so always, short of a bug)."""
+        return plan.page_updates.shape[1] <= self.buffers.inputs.shape[1]
+
+    def run(
+        self, plan: StepPlan, bucket: int, flags: SamplerFlags, page_updates: bool = False
+    ) -> SampleOutputs:
         """Copy the plan into the static inputs, replay (or run eagerly on CPU), return outputs.
 
-        Enqueues on the current stream; does not wait for the GPU.
+        ``page_updates``: the plan's page-table writes go in the same copy and one kernel
+        applies them before the replay (see ``fits_page_updates``); otherwise the caller has
+        applied them. Enqueues on the current stream; does not wait for the GPU.
         """
         i = self._next_staging
         self._next_staging = (i + 1) % len(self._staging)
@@ -165,14 +182,26 @@ class DecodeGraphRunner:
         if event is not None:
             event.synchronize()  # the copy four steps ago; long done in steady state
         staging = self._staging[i]
-        host = fill_inputs(staging.numpy(), plan.slots, plan.seq_lens, bucket)
-        # All [3, max_bs] in one copy (6 KB at 256 rows): a [3, bucket] slice is not contiguous
+        n_updates = plan.page_updates.shape[1] if page_updates else 0
+        host = fill_inputs(
+            staging.numpy(),
+            plan.slots,
+            plan.seq_lens,
+            bucket,
+            plan.page_updates if n_updates else None,
+        )
+        # All [INPUT_ROWS, max_bs] in one copy (12 KB at 256 rows): a slice is not contiguous
         # (torch would stage it through pageable memory, which waits for the previous step),
-        # and one copy per row was three copy-engine operations between two graphs, each a
-        # hand-off the GPU waits on. Columns past the bucket are stale and no graph reads them.
+        # and one copy per row, or a separate one for the page writes, was more copy-engine
+        # operations between two graphs, each a hand-off the GPU waits on. Columns past the
+        # bucket (and page writes past n_updates) are stale and nothing reads them.
         self.buffers.inputs.copy_(staging, non_blocking=True)
         if event is not None:
             event.record()
+        if n_updates:
+            self.runner.ops.scatter_page_updates(
+                self.runner.page_table, self.buffers.inputs[UPDATES:], n_updates
+            )
         variant = variant_for(flags)
         graph = self.graphs.get((bucket, variant))
         if graph is not None:

@@ -291,25 +291,30 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     # ---- steps ----------------------------------------------------------------------------
-    def prepare(self, plan: StepPlan) -> None:
-        """Apply a plan's slot inits and page-table updates (before its step, same stream)."""
+    def prepare(self, plan: StepPlan, page_updates: bool = True) -> None:
+        """Apply a plan's slot inits and (unless a graph step carries them in its input copy)
+        page-table updates, before its step, on the same stream."""
         if plan.slot_inits:
             self.slot_state.write(plan.slot_inits)
-        if plan.page_updates.shape[1]:
+        if page_updates and plan.page_updates.shape[1]:
             upd = to_device(plan.page_updates, self.device)
             self.page_table.index_put_((upd[0], upd[1]), upd[2].to(torch.int32))
 
     def execute(self, plan: StepPlan) -> StepOutputs:
         """Enqueue one step. Returns device outputs; nothing here waits for the GPU."""
         with torch.inference_mode():
-            self.prepare(plan)
             flags = plan.needs
-            if plan.is_decode and self.graphs is not None:
-                bucket = self.graphs.bucket_for(plan.batch_size)
-                if bucket is not None:
-                    out = self.graphs.run(plan, bucket, flags)
-                    return StepOutputs(out, plan.batch_size, bucket)
-            return StepOutputs(self._eager(plan, flags), plan.batch_size, None)
+            graphs = self.graphs
+            bucket = None
+            if plan.is_decode and graphs is not None:
+                bucket = graphs.bucket_for(plan.batch_size)
+            if bucket is None:
+                self.prepare(plan)
+                return StepOutputs(self._eager(plan, flags), plan.batch_size, None)
+            in_copy = graphs.fits_page_updates(plan)
+            self.prepare(plan, page_updates=not in_copy)
+            out = graphs.run(plan, bucket, flags, page_updates=in_copy)
+            return StepOutputs(out, plan.batch_size, bucket)
 
     def decode_forward(
         self,

@@ -2,8 +2,10 @@
 
 Models receive an :class:`Ops` explicitly; nothing here is global. ``"torch"`` is the reference
 (and the CPU path); ``"triton"`` uses the fused Triton kernels in :mod:`graphrt.kernels.triton_ops`,
-the few-row GEMV of :mod:`graphrt.kernels.triton_gemv` (cuBLAS above it) and the two-pass argmax
-of :mod:`graphrt.kernels.triton_argmax`, optionally launched with PDL (:mod:`graphrt.kernels.pdl`).
+the few-row GEMV of :mod:`graphrt.kernels.triton_gemv` (cuBLAS above it), the two-pass argmax
+of :mod:`graphrt.kernels.triton_argmax` and the page-table scatter of
+:mod:`graphrt.kernels.triton_page_table`, optionally launched with PDL
+(:mod:`graphrt.kernels.pdl`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class Ops:
     linear: Callable
     silu_mul_linear: Callable
     argmax: Callable
+    # Not a model op: the page-table writes of a graph-replayed decode step (GraphRunner.run).
+    scatter_page_updates: Callable
     pdl: bool = False
 
 
@@ -44,11 +48,13 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
             linear=reference.linear,
             silu_mul_linear=reference.silu_mul_linear,
             argmax=reference.argmax,
+            scatter_page_updates=reference.scatter_page_updates,
         )
     if impl == "triton":
         mod = importlib.import_module("graphrt.kernels.triton_ops")
         gemv = importlib.import_module("graphrt.kernels.triton_gemv")
         amax = importlib.import_module("graphrt.kernels.triton_argmax")
+        pages = importlib.import_module("graphrt.kernels.triton_page_table")
 
         def bind(f: Callable) -> Callable:
             return functools.partial(f, pdl=True) if pdl else f
@@ -62,6 +68,7 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
             linear=bind(gemv.linear),
             silu_mul_linear=bind(gemv.silu_mul_linear),
             argmax=bind(amax.argmax),
+            scatter_page_updates=pages.scatter_page_updates,
             pdl=pdl,
         )
     raise ValueError(f"unknown op implementation {impl!r}; choose 'torch' or 'triton'")

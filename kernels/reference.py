@@ -36,6 +36,13 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def scatter_page_updates(page_table: torch.Tensor, updates: torch.Tensor, n: int) -> None:
+    """``page_table[updates[0, i], updates[1, i]] = updates[2, i]`` for ``i < n`` (in place)."""
+    if n:
+        u = updates[:, :n]
+        page_table.index_put_((u[0], u[1]), u[2].to(page_table.dtype))
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for the fused gate/up projection output."""
     d = x.shape[-1] // 2

@@ -10,7 +10,14 @@ import torch
 from graphrt import Engine, SamplingParams
 from graphrt.capture.buckets import bucket_for, default_buckets, make_buckets
 from graphrt.capture.graph_runner import pad_waste, variant_for
-from graphrt.capture.static_buffers import POSITIONS, SEQ_LENS, SLOTS, fill_inputs
+from graphrt.capture.static_buffers import (
+    INPUT_ROWS,
+    POSITIONS,
+    SEQ_LENS,
+    SLOTS,
+    UPDATES,
+    fill_inputs,
+)
 from graphrt.memory.page_allocator import DUMMY_PAGE, DUMMY_SLOT
 from graphrt.sampling import EVERYTHING, GREEDY, SamplerFlags
 
@@ -47,6 +54,15 @@ def test_pad_waste() -> None:
     assert pad_waste([4], np.array([3])) == pytest.approx(0.25)
 
 
+def test_fill_inputs_carries_page_updates() -> None:
+    staging = np.full((INPUT_ROWS, 8), -1, dtype=np.int64)
+    upd = np.array([[7, 9], [2, 0], [41, 42]])
+    rows = fill_inputs(staging, np.array([7, 3, 9]), np.array([33, 4, 1]), 4, upd)
+    assert rows.shape == (3, 4)  # what the graph reads
+    assert staging[UPDATES:, :2].tolist() == upd.tolist()
+    assert (staging[UPDATES:, 2:] == -1).all()
+
+
 def test_fill_inputs_pads_with_dummy_rows() -> None:
     staging = np.full((3, 8), 12345, dtype=np.int64)
     rows = fill_inputs(staging, np.array([7, 3, 9]), np.array([10, 4, 1]), 8)
@@ -72,9 +88,9 @@ def _run(model_dir, prompts, **kw):
     used: list[int | None] = []
     run = eng.runner.graphs.run
 
-    def spy(plan, bucket, flags):
+    def spy(plan, bucket, flags, **kw):
         used.append(bucket)
-        return run(plan, bucket, flags)
+        return run(plan, bucket, flags, **kw)
 
     eng.runner.graphs.run = spy
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)

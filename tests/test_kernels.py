@@ -36,7 +36,7 @@ from graphrt.kernels.attention_backend import (
 def _kernel_modules():
     """Import the Triton modules, reloading any imported before the interpreter was enabled."""
     names = ["triton_ops", "triton_attention", "flashinfer_attention", "triton_gemv"]
-    names.append("triton_argmax")
+    names += ["triton_argmax", "triton_page_table"]
     mods = []
     for n in names:
         full = f"graphrt.kernels.{n}"
@@ -49,6 +49,7 @@ def _kernel_modules():
                 "flashinfer_attention": "_gather_page_indices_kernel",
                 "triton_gemv": "_gemv_kernel",
                 "triton_argmax": "_argmax_chunk_kernel",
+                "triton_page_table": "_scatter_pages_kernel",
             }[n]
             if type(getattr(mod, probe)).__name__ != "InterpretedFunction":
                 mod = importlib.reload(mod)
@@ -56,7 +57,7 @@ def _kernel_modules():
     return mods
 
 
-T, A, FI, GEMV, AMAX = _kernel_modules()
+T, A, FI, GEMV, AMAX, PAGES = _kernel_modules()
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GARBAGE = 1e3
@@ -221,6 +222,28 @@ def test_silu_and_mul(dtype) -> None:
     for shape in [(5, 2 * 48), (2, 3, 2 * 40), (1, 2 * 1500)]:
         x = (2 * torch.randn(*shape, device=DEV)).to(dtype)
         _close(T.silu_and_mul(x), reference.silu_and_mul(x), *_tol(dtype))
+
+
+# ---- page-table writes ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [0, 1, 5, 300])
+def test_scatter_page_updates(n: int) -> None:
+    """The kernel writes exactly the first ``n`` (slot, column, page) columns of the last three
+    rows of a wider input buffer, as the reference does, and nothing else."""
+    slots, cols, width = 40, 24, 320
+    table = torch.randint(0, 1000, (slots, cols), dtype=torch.int32, device=DEV)
+    buf = torch.full((6, width), -7, dtype=torch.int64, device=DEV)  # poison past n
+    cells = torch.randperm(slots * cols, device=DEV)[:n]  # distinct cells
+    buf[3, :n] = cells // cols
+    buf[4, :n] = cells % cols
+    buf[5, :n] = torch.randint(0, 2**31 - 1, (n,), device=DEV)
+    ref = table.clone()
+    reference.scatter_page_updates(ref, buf[3:], n)
+    out = table.clone()
+    PAGES.scatter_page_updates(out, buf[3:], n)
+    assert torch.equal(out, ref)
+    assert int((ref != table).sum()) == int(
+        (buf[5, :n].to(torch.int32) != table.flatten()[cells]).sum()
+    )
 
 
 # ---- GEMV and argmax -----------------------------------------------------------------------------

@@ -1,0 +1,43 @@
+"""Page-table writes for a graph-replayed decode step, from the step's own input copy.
+
+A decode step that crosses a page boundary for some rows must point those rows' page-table
+entries at their new pages before the graph reads them. Sending the (slot, column, page)
+triples through their own pinned buffer costs a host-side pinned allocation, a second H2D copy,
+a dtype cast and an ``index_put_`` (four operations between two graphs, each a hand-off the GPU
+waits on). Instead the triples ride in the rows of the step's one input copy
+(``capture.static_buffers``), and this one kernel writes them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 256
+
+
+@triton.jit
+def _scatter_pages_kernel(table_ptr, upd_ptr, n, stride_table, stride_upd, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    slot = tl.load(upd_ptr + i, mask=m, other=0)
+    col = tl.load(upd_ptr + stride_upd + i, mask=m, other=0)
+    page = tl.load(upd_ptr + 2 * stride_upd + i, mask=m, other=0)
+    tl.store(table_ptr + slot * stride_table + col, page.to(table_ptr.dtype.element_ty), mask=m)
+
+
+def scatter_page_updates(page_table: torch.Tensor, updates: torch.Tensor, n: int) -> None:
+    """``page_table[updates[0, i], updates[1, i]] = updates[2, i]`` for ``i < n``.
+
+    ``page_table``: int32 ``[slots, pages_per_seq]``, contiguous rows; ``updates``: int64
+    ``[3, >= n]`` (rows: slot, column, page), unit stride along the last dimension.
+    """
+    if n == 0:
+        return
+    if updates.stride(1) != 1 or page_table.stride(1) != 1:
+        raise ValueError("scatter_page_updates needs unit-stride rows")
+    grid = (triton.cdiv(n, _BLOCK),)
+    _scatter_pages_kernel[grid](
+        page_table, updates, n, page_table.stride(0), updates.stride(0), BLOCK=_BLOCK
+    )
