@@ -135,8 +135,12 @@ class DecodeGraphRunner:
         r = self.runner
         slots, positions, seq_lens = self.buffers.views(bs)
         out = self.buffers.out.narrow(bs)
+        updates = self.buffers.inputs[UPDATES:, :bs]
 
         def step() -> None:
+            # The step's page-table writes (most steps have none) as the graph's first node:
+            # an op between the input copy and the replay costs the GPU tens of microseconds.
+            r.ops.scatter_page_updates(r.page_table, updates)
             r.decode_forward(
                 slots, positions, seq_lens, out, flags, self.kv_len_bound, capture_bs=bs
             )
@@ -162,19 +166,19 @@ class DecodeGraphRunner:
         self.graphs.clear()
 
     # ---- replay ---------------------------------------------------------------------------
-    def fits_page_updates(self, plan: StepPlan) -> bool:
+    def fits_page_updates(self, plan: StepPlan, bucket: int) -> bool:
         """Whether ``run`` can carry the plan's page-table writes in its input copy (a decode
         step writes at most one per row, so always, short of a bug)."""
-        return plan.page_updates.shape[1] <= self.buffers.inputs.shape[1]
+        return plan.page_updates.shape[1] <= bucket
 
     def run(
         self, plan: StepPlan, bucket: int, flags: SamplerFlags, page_updates: bool = False
     ) -> SampleOutputs:
         """Copy the plan into the static inputs, replay (or run eagerly on CPU), return outputs.
 
-        ``page_updates``: the plan's page-table writes go in the same copy and one kernel
-        applies them before the replay (see ``fits_page_updates``); otherwise the caller has
-        applied them. Enqueues on the current stream; does not wait for the GPU.
+        ``page_updates``: the plan's page-table writes go in the same copy and the graph's
+        first kernel applies them (see ``fits_page_updates``); otherwise the caller has applied
+        them. Enqueues on the current stream; does not wait for the GPU.
         """
         i = self._next_staging
         self._next_staging = (i + 1) % len(self._staging)
@@ -194,14 +198,10 @@ class DecodeGraphRunner:
         # (torch would stage it through pageable memory, which waits for the previous step),
         # and one copy per row, or a separate one for the page writes, was more copy-engine
         # operations between two graphs, each a hand-off the GPU waits on. Columns past the
-        # bucket (and page writes past n_updates) are stale and nothing reads them.
+        # bucket are stale and nothing reads them.
         self.buffers.inputs.copy_(staging, non_blocking=True)
         if event is not None:
             event.record()
-        if n_updates:
-            self.runner.ops.scatter_page_updates(
-                self.runner.page_table, self.buffers.inputs[UPDATES:], n_updates
-            )
         variant = variant_for(flags)
         graph = self.graphs.get((bucket, variant))
         if graph is not None:
@@ -210,6 +210,8 @@ class DecodeGraphRunner:
             graph.replay()
         else:
             slots, positions, seq_lens = self.buffers.views(bucket)
+            r = self.runner
+            r.ops.scatter_page_updates(r.page_table, self.buffers.inputs[UPDATES:, :bucket])
             self.runner.decode_forward(
                 slots,
                 positions,

@@ -4,8 +4,8 @@ A replay never allocates: the launcher copies a step's slots, positions and sequ
 into ``inputs`` (rows past the real batch point at the dummy slot, which maps to the dummy page)
 and the graph writes ``out``. Everything else a graph reads is slot-indexed runner state (token
 buffer, page table, sampling parameters), gathered inside the graph. The same copy carries the
-step's page-table writes, as (slot, column, page) columns of the last three rows, which one
-kernel applies before the replay.
+step's page-table writes, as (slot, column, page) columns of the last three rows (a negative
+slot: no write), which the graph's first kernel applies.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from graphrt.sampling import SampleOutputs
 
 # Rows of ``DecodeBuffers.inputs``: what the graphs read, then the page-table writes.
 SLOTS, POSITIONS, SEQ_LENS = 0, 1, 2
-UPDATES = 3  # rows 3, 4, 5: slot, column, page of each write (the first n columns)
+UPDATES = 3  # rows 3, 4, 5: slot, column, page of each write; slot -1: no write
 INPUT_ROWS = 6
 
 
@@ -42,10 +42,11 @@ class DecodeBuffers:
 
 def padding_rows(n: int) -> np.ndarray:
     """``[INPUT_ROWS, n]`` inputs of padding rows: the dummy slot, position 0, one token of
-    context (and no page writes)."""
+    context, and no page writes."""
     rows = np.zeros((INPUT_ROWS, n), dtype=np.int64)
     rows[SLOTS] = DUMMY_SLOT
     rows[SEQ_LENS] = 1
+    rows[UPDATES] = -1
     return rows
 
 
@@ -57,8 +58,9 @@ def fill_inputs(
     page_updates: np.ndarray | None = None,
 ) -> np.ndarray:
     """Write a decode batch, padded to ``bucket`` rows, into ``staging[:3, :bucket]``, and its
-    ``[3, n]`` page writes (slot, column, page) into ``staging[UPDATES:, :n]``. Returns the
-    graph's rows, ``staging[:3, :bucket]``."""
+    ``[3, n]`` page writes (slot, column, page; ``n <= bucket``) into the first ``n`` of the
+    bucket's columns of ``staging[UPDATES:]``, the rest marked empty. Returns the graph's rows,
+    ``staging[:3, :bucket]``."""
     # In place, with no temporaries: this runs for every replayed step.
     b = slots.shape[0]
     staging[SLOTS, :b] = slots
@@ -67,6 +69,8 @@ def fill_inputs(
     staging[SLOTS, b:bucket] = DUMMY_SLOT
     staging[POSITIONS, b:bucket] = 0
     staging[SEQ_LENS, b:bucket] = 1
-    if page_updates is not None and page_updates.shape[1]:
-        staging[UPDATES:, : page_updates.shape[1]] = page_updates
+    n = 0 if page_updates is None else page_updates.shape[1]
+    if n:
+        staging[UPDATES:, :n] = page_updates
+    staging[UPDATES, n:bucket] = -1
     return staging[:UPDATES, :bucket]

@@ -311,7 +311,7 @@ class ModelRunner:
             if bucket is None:
                 self.prepare(plan)
                 return StepOutputs(self._eager(plan, flags), plan.batch_size, None)
-            in_copy = graphs.fits_page_updates(plan)
+            in_copy = graphs.fits_page_updates(plan, bucket)
             self.prepare(plan, page_updates=not in_copy)
             out = graphs.run(plan, bucket, flags, page_updates=in_copy)
             return StepOutputs(out, plan.batch_size, bucket)

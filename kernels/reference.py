@@ -36,11 +36,19 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def scatter_page_updates(page_table: torch.Tensor, updates: torch.Tensor, n: int) -> None:
-    """``page_table[updates[0, i], updates[1, i]] = updates[2, i]`` for ``i < n`` (in place)."""
-    if n:
-        u = updates[:, :n]
-        page_table.index_put_((u[0], u[1]), u[2].to(page_table.dtype))
+def scatter_page_updates(page_table: torch.Tensor, updates: torch.Tensor) -> None:
+    """``page_table[updates[0, i], updates[1, i]] = updates[2, i]`` (in place) for every column
+    ``i`` whose slot is not negative.
+
+    Capturable (no data-dependent shapes): an empty column rewrites ``page_table[0, 0]`` with
+    the value it already holds (row 0 is the dummy slot, which no request's write targets).
+    """
+    u = updates
+    valid = u[0] >= 0
+    flat = page_table.view(-1)
+    idx = torch.where(valid, u[0] * page_table.stride(0) + u[1], 0)
+    val = torch.where(valid, u[2].to(page_table.dtype), flat[0])
+    flat.index_put_((idx,), val)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

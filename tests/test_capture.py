@@ -60,11 +60,13 @@ def test_fill_inputs_carries_page_updates() -> None:
     rows = fill_inputs(staging, np.array([7, 3, 9]), np.array([33, 4, 1]), 4, upd)
     assert rows.shape == (3, 4)  # what the graph reads
     assert staging[UPDATES:, :2].tolist() == upd.tolist()
-    assert (staging[UPDATES:, 2:] == -1).all()
+    assert staging[UPDATES, 2:4].tolist() == [-1, -1]  # the bucket's other columns: no write
+    rows = fill_inputs(staging, np.array([7]), np.array([33]), 4)  # a step without writes
+    assert staging[UPDATES, :4].tolist() == [-1] * 4
 
 
 def test_fill_inputs_pads_with_dummy_rows() -> None:
-    staging = np.full((3, 8), 12345, dtype=np.int64)
+    staging = np.full((INPUT_ROWS, 8), 12345, dtype=np.int64)
     rows = fill_inputs(staging, np.array([7, 3, 9]), np.array([10, 4, 1]), 8)
     assert rows.shape == (3, 8)
     assert rows[SLOTS].tolist() == [7, 3, 9] + [DUMMY_SLOT] * 5
