@@ -212,13 +212,13 @@ class DecodeGraphRunner:
             slots, positions, seq_lens = self.buffers.views(bucket)
             r = self.runner
             r.ops.scatter_page_updates(r.page_table, self.buffers.inputs[UPDATES:, :bucket])
-            self.runner.decode_forward(
+            r.decode_forward(
                 slots,
                 positions,
                 seq_lens,
                 self._out_views[bucket],
                 variant,
-                self.runner._decode_bound(plan),
+                r._decode_bound(plan),
                 seq_lens_host=host[SEQ_LENS],
             )
         return self._out_views[bucket]
