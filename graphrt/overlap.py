@@ -218,6 +218,7 @@ class StepProfiler:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.records: dict[int, StepRecord] = {}
+        self.last_end: torch.cuda.Event | None = None  # the last launched step's end event
 
     def record(self, plan: StepPlan) -> StepRecord:
         decode_rows = plan.batch_size if plan.is_decode else int((plan.input_ids < 0).sum())
@@ -244,7 +245,6 @@ class Launcher:
         self._queue: queue.SimpleQueue[StepHandle | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.profiler: StepProfiler | None = None
-        self._prev_end: torch.cuda.Event | None = None  # the last profiled step's end event
         if mode in ("thread", "two_events"):
             self._thread = threading.Thread(target=self._loop, name="graphrt-launcher", daemon=True)
             self._thread.start()
@@ -283,7 +283,7 @@ class Launcher:
             rec.end.record()
         rec.launch_s = time.perf_counter() - t0
         if rec.end is not None:
-            prev, self._prev_end = self._prev_end, rec.end
+            prev, prof.last_end = prof.last_end, rec.end
             rec.late = prev is not None and prev.query()
         rec.graph_bs = handle._outputs.graph_bs if handle._outputs is not None else None
 
