@@ -2,7 +2,7 @@
 
 For each batch size and overlap mode it decodes ``--steps`` steady-state steps of ``B``
 requests and reports, beside the ceiling (back-to-back replays of the same bucket's graph with
-no scheduling, at the same context length):
+no scheduling, at the measured steps' mean KV length):
 
 - decode tok/s and the step time (period between step ends on the GPU timeline);
 - overhead ratio = step time / back-to-back replay time (1.00: scheduling fully hidden);
@@ -108,6 +108,9 @@ def run_once(
         out["paged_steps"] = out["paged_step_ms"] = out["plain_step_ms"] = None
         out["gpu_idle"] = None
     out["tok_s"] = bs / out["step_ms"] * 1e3
+    # What the measured steps' attention read: the ceilings replay at this context, not at one
+    # guessed from the step counts (the prefill's chunks leave rows a few tokens apart).
+    out["mean_kv_len"] = statistics.fmean(r.mean_kv_len for r in window[1:])
     return out
 
 
@@ -252,10 +255,11 @@ def replay_ceiling_ms(eng: Engine, bs: int, ctx: int, iters: int) -> float | Non
 
 
 def engine_state_ceilings(
-    eng: Engine, bs: int, prompt_len: int, decode_steps: int, iters: int
+    eng: Engine, bs: int, prompt_len: int, kv_len: float, iters: int
 ) -> dict[str, float | None]:
-    """Ceilings on the engine's own state: ``bs`` requests prefilled and decoded for
-    ``decode_steps`` steps (kept running), then, back to back and far ahead of the GPU:
+    """Ceilings on the engine's own state: ``bs`` requests prefilled and decoded until the last
+    launched step's rows hold ``kv_len`` tokens of KV on average (kept running), then, back to
+    back and far ahead of the GPU:
 
     - ``replay``: the bucket's graph on the inputs of the engine's last step (its slots,
       lengths and page table, pages where the engine's allocator put them);
@@ -266,14 +270,19 @@ def engine_state_ceilings(
     Every call repeats the same step (same positions, same pages), so it changes nothing. An
     engine period above ``execute`` is the host's pacing; ``execute`` above ``replay`` is the
     GPU work around the graph. The requests are aborted after."""
-    out: dict[str, float | None] = {"replay": None, "execute": None, "execute_pages": None}
+    out: dict[str, float | None] = {
+        "replay": None,
+        "execute": None,
+        "execute_pages": None,
+        "kv_len": None,
+    }
     graphs = eng.runner.graphs
     bucket = graphs.bucket_for(bs) if graphs is not None else None
     if bucket is None or (bucket, GREEDY) not in graphs.graphs:
         return out
     g = torch.Generator().manual_seed(321)
     vocab = eng.model_config.vocab_size
-    params = SamplingParams(temperature=0, max_tokens=decode_steps + 1000, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=int(kv_len) + 1000, ignore_eos=True)
     ids = [
         eng.add_request(None, torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), params)
         for _ in range(bs)
@@ -290,7 +299,10 @@ def engine_state_ceilings(
         sched = eng.scheduler
         while sched.waiting or not all(q.prefill_done for q in sched.running):
             eng.step()
-        for _ in range(decode_steps):
+        while True:
+            last = [p for p in plans if p.is_decode and p.batch_size == bs]
+            if last and last[-1].seq_lens.mean() >= kv_len:
+                break
             eng.step()
         if eng._inflight is not None:
             eng._inflight.wait_launched()  # its inputs are the ones in the graph's buffers
@@ -301,6 +313,7 @@ def engine_state_ceilings(
     graph = graphs.graphs[(bucket, GREEDY)]
     out["replay"] = statistics.median(time_ms(graph.replay, iters, dev) for _ in range(3))
     decode = [p for p in plans if p.is_decode and p.batch_size == bs]
+    out["kv_len"] = float(decode[-1].seq_lens.mean())
     plain = [p for p in decode if not p.page_updates.shape[1]]
     paged = [p for p in decode if p.page_updates.shape[1]]
     host = torch.empty(bs, dtype=torch.int64).pin_memory()
@@ -404,24 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     r = eng.runner
     dev = torch.cuda.get_device_name() if r.device.type == "cuda" else "cpu"
     bw = measure_hbm_bandwidth(r.device) if r.device.type == "cuda" else None
-    ctx = args.prompt_len + args.warmup_steps + args.steps // 2
-    results, traces = [], []
+    results, traces, contexts = [], [], {}
     for bs in args.batch_sizes:
-        ceiling = replay_ceiling_ms(eng, bs, ctx, iters=50)
+        ceiling = handoff = state_ceiling = None
         state: dict[str, float | None] = {}
-        handoff = None
-        if r.device.type == "cuda":
-            handoff = handoff_ceiling_ms(eng, bs, ctx, iters=50)
-        if r.device.type == "cuda" and args.state_ceiling:
-            state = engine_state_ceilings(
-                eng, bs, args.prompt_len, args.warmup_steps + args.steps // 2, iters=50
-            )
-        state_ceiling = state.get("replay")
         runs: dict[str, list[dict]] = {m: [] for m in args.modes}
         for rep in range(args.repeats):
-            # The GPU's own speed drifts by a few percent over a run (clocks, power), so each
-            # repetition also gets a ceiling measured right before it.
-            near = replay_ceiling_ms(eng, bs, ctx, iters=20)
             for mode in args.modes:
                 runs[mode].append(
                     run_once(
@@ -435,6 +436,23 @@ def main(argv: list[str] | None = None) -> int:
                         stream=not args.final_only,
                     )
                 )
+            # The ceilings replay at the context the measured steps had (the mean KV length of
+            # their rows; every repetition schedules the same steps): attention's work grows by
+            # a row's KV per token, 0.14% of the step per token at 1B batch 256.
+            kv = statistics.median(runs[m][-1]["mean_kv_len"] for m in args.modes)
+            ctx = round(kv)
+            if ceiling is None:
+                contexts[bs] = ctx
+                ceiling = replay_ceiling_ms(eng, bs, ctx, iters=50)
+                if r.device.type == "cuda":
+                    handoff = handoff_ceiling_ms(eng, bs, ctx, iters=50)
+                if r.device.type == "cuda" and args.state_ceiling:
+                    state = engine_state_ceilings(eng, bs, args.prompt_len, kv, iters=50)
+                    state_ceiling = state.get("replay")
+            # The GPU's own speed drifts by a few percent over a run (clocks, power), so each
+            # repetition also gets a ceiling measured right after it.
+            near = replay_ceiling_ms(eng, bs, ctx, iters=20)
+            for mode in args.modes:
                 runs[mode][-1]["near_ceiling_ms"] = near
         for mode in args.modes:
             row = {
@@ -444,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                 "engine_state_ceiling_ms": state_ceiling,
                 "engine_execute_ms": state.get("execute"),
                 "engine_execute_pages_ms": state.get("execute_pages"),
+                "engine_state_kv_len": state.get("kv_len"),
+                "context_at_ceiling": contexts[bs],
                 "handoff_ceiling_ms": handoff,
                 "repeats": len(runs[mode]),
             }
@@ -461,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                 "paged_steps",
                 "paged_step_ms",
                 "plain_step_ms",
+                "mean_kv_len",
             ):
                 row[key] = summarize([x[key] for x in runs[mode]])
             row["overhead_ratio"] = summarize(
@@ -503,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         "switch_interval_s": sys.getswitchinterval(),
         "stream": not args.final_only,
         "steps": args.steps,
-        "context_at_ceiling": ctx,
+        "context_at_ceiling": contexts,
     }
     print(f"\n{dev}, {args.model}, attention={r.settings.attention_backend}")
     if bw:
@@ -540,13 +561,16 @@ def print_row(row: dict) -> None:
     state = row.get("engine_state_ceiling_ms")
     vs_state = ""
     if state:
-        vs_state = f" | on the engine's state: replay {state:.3f} ms"
+        vs_state = (
+            f" | on the engine's state (KV {row['engine_state_kv_len']:.1f}): replay {state:.3f} ms"
+        )
         for key, label in (("engine_execute_ms", "step"), ("engine_execute_pages_ms", "paged")):
             if row.get(key):
                 vs_state += f", its {label} far ahead {row[key]:.3f} ms"
         vs_state += f", ratio {_m(row['ratio_to_engine_state'])}"
     print(
         f"bs={row['bs']:<4} {row['mode']:<10} step {_m(row['step_ms'])} ms | ceiling {ceil} ms"
+        f" (KV {row['context_at_ceiling']})"
         f" | ratio {_m(row['overhead_ratio'])}{vs_state} | tok/s {_m(row['tok_s'], spec='.0f')}"
         " | idle "
         f"{_m(row['gpu_idle'], 100, '.1f')}% | sched {_m(row['schedule_ms'])} + proc "

@@ -195,6 +195,7 @@ class StepRecord:
     num_tokens: int = 0  # tokens fed this step (decode rows + prefill chunk tokens)
     decode_rows: int = 0  # rows that feed one already-sampled token
     page_updates: int = 0  # page-table entries this step writes before it runs
+    mean_kv_len: float = 0.0  # rows' KV length after this step, averaged (attention's work)
     schedule_s: float = 0.0  # scheduler thread: planning this step
     launch_s: float = 0.0  # launcher: prepare, replay or eager step, copies, event records
     wait_s: float = 0.0  # scheduler thread: blocked on this step's copy_done
@@ -224,6 +225,7 @@ class StepProfiler:
         decode_rows = plan.batch_size if plan.is_decode else int((plan.input_ids < 0).sum())
         r = StepRecord(plan.step_id, plan.batch_size, plan.is_decode, plan.num_tokens, decode_rows)
         r.page_updates = int(plan.page_updates.shape[1])
+        r.mean_kv_len = float(plan.seq_lens.mean()) if plan.batch_size else 0.0
         if self.cuda:
             r.start = torch.cuda.Event(enable_timing=True)
             r.end = torch.cuda.Event(enable_timing=True)

@@ -131,6 +131,11 @@ def test_overlap_ablation_runs_and_reports(llama, tmp_path) -> None:
     for r in data["rows"]:
         assert r["repeats"] == 2 and r["tok_s"]["median"] > 0
         assert r["step_ms"]["min"] <= r["step_ms"]["median"] <= r["step_ms"]["max"]
+        # The ceiling replays at the measured steps' mean KV length: decode steps hold KV 6,
+        # 7, ... after a prompt of 5; the window is decode steps 2..7, whose last 5 periods
+        # end at the steps holding 9..13.
+        assert r["mean_kv_len"]["median"] == pytest.approx(11.0)
+        assert r["context_at_ceiling"] == 11
     assert [s["bs"] for s in data["seed_question"]] == [1, 3]
 
 
