@@ -98,6 +98,7 @@ class DecodeGraphRunner:
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()
+        self.pool = pool  # benchmarks capture variants of a bucket into the same pool
         self.runner.attn.init_capture_graph(self.max_bs)
         order = sorted(self.buckets, reverse=True)
         bar = tqdm(order, desc="Capturing decode graphs", disable=not self.show_progress)
