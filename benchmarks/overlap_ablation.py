@@ -126,8 +126,10 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
     g = torch.Generator().manual_seed(123)
     vocab = eng.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=warm + steps + 8, ignore_eos=True)
-    for _ in range(bs):
+    rids = [
         eng.add_request(None, torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), params)
+        for _ in range(bs)
+    ]
     sched = eng.scheduler
     while sched.waiting or not all(q.prefill_done for q in sched.running):  # the prefill
         eng.step()
@@ -138,16 +140,21 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
         for _ in range(steps):
             eng.step()
         torch.cuda.synchronize()
-    # The graph alone, replayed on the inputs of the engine's last launched step (the requests
-    # are still running), so both sides read the same pages at the same lengths.
-    if eng._inflight is not None:
-        eng._inflight.wait_launched()
+    # The graph alone, replayed on the inputs of the engine's last launched step, so both sides
+    # read the same pages at the same lengths. The requests end first (so no step in flight
+    # holds a ring slot); their page-table rows stay as they were.
+    last = eng._inflight.plan if eng._inflight is not None else None
+    for rid in rids:
+        eng.abort(rid)
+    run_until_idle(eng, {})
     torch.cuda.synchronize()
     graphs = eng.runner.graphs
     bucket = graphs.bucket_for(bs)
+    if last is None or not last.is_decode:
+        return {}
+    graphs.io.stage_all(last.slots, last.seq_lens, bucket)
     replay_events = profile_events(graphs.graphs[(bucket, GREEDY)].replay, steps)
     replay = group_events(replay_events, steps)
-    run_until_idle(eng, {})
     events = gpu_events(prof)
     if not events or not replay_events:
         return {}
@@ -229,18 +236,30 @@ def print_trace(t: dict, top: int = 12) -> None:
             )
 
 
-def handoff_ceiling_ms(eng: Engine, bs: int, ctx: int, iters: int) -> float | None:
-    """The bucket's graph with what the engine enqueues around it (the inputs' copy before,
-    the ids' copy and ``copy_done`` after), far ahead of the GPU: the step without the host in
-    the loop. Its excess over the replay alone is what the hand-offs cost on the GPU."""
+def handoff_ceilings_ms(eng: Engine, bs: int, ctx: int, iters: int) -> dict[str, float]:
+    """Far ahead of the GPU (the host out of the loop), at context ``ctx``:
+
+    - ``step``: the bucket's graph with what the launcher enqueues after it (``copy_done``):
+      its excess over the replay is what the hand-offs cost on the GPU;
+    - ``decode_alone``: the decode step captured without the graph's ring load and store (the
+      graph before the ring), replayed on inputs already on the device;
+    - ``before``: that graph with the copies the engine enqueued around it before the ring."""
     from step_handoff import variants
 
     graphs = eng.runner.graphs
     bucket = graphs.bucket_for(bs) if graphs is not None else None
     if bucket is None or (bucket, GREEDY) not in graphs.graphs:
-        return None
-    fns = variants(DecodeBench(eng, ctx), bucket, with_zero_copy=False)
-    return statistics.median(time_ms(fns["in1+out"], iters, eng.runner.device) for _ in range(3))
+        return {}
+    fns = variants(DecodeBench(eng, ctx), bucket)
+    keys = {
+        "step": "step",
+        "decode_alone": "decode alone",
+        "before": "decode alone, copies (before)",
+    }
+    return {
+        k: statistics.median(time_ms(fns[v], iters, eng.runner.device) for _ in range(3))
+        for k, v in keys.items()
+    }
 
 
 def replay_ceiling_ms(eng: Engine, bs: int, ctx: int, iters: int) -> float | None:
@@ -264,9 +283,10 @@ def engine_state_ceilings(
     - ``replay``: the bucket's graph on the inputs of the engine's last step (its slots,
       lengths and page table, pages where the engine's allocator put them);
     - ``execute``: the engine's last plain decode step again, as the launcher runs it
-      (``runner.execute``: inputs' copy, replay; then the ids' copy and an event);
+      (``runner.execute``: the plan into a ring slot, the replay; then an event);
     - ``execute_pages``: the same for the last decode step that also updated the page table.
 
+    The engine decodes in ``off`` mode here, so no step is left in flight holding a ring slot.
     Every call repeats the same step (same positions, same pages), so it changes nothing. An
     engine period above ``execute`` is the host's pacing; ``execute`` above ``replay`` is the
     GPU work around the graph. The requests are aborted after."""
@@ -280,6 +300,7 @@ def engine_state_ceilings(
     bucket = graphs.bucket_for(bs) if graphs is not None else None
     if bucket is None or (bucket, GREEDY) not in graphs.graphs:
         return out
+    eng.set_overlap("off")
     g = torch.Generator().manual_seed(321)
     vocab = eng.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=int(kv_len) + 1000, ignore_eos=True)
@@ -304,19 +325,17 @@ def engine_state_ceilings(
             if last and last[-1].seq_lens.mean() >= kv_len:
                 break
             eng.step()
-        if eng._inflight is not None:
-            eng._inflight.wait_launched()  # its inputs are the ones in the graph's buffers
     finally:
         eng.launcher.submit = submit
     torch.cuda.synchronize()
     dev = eng.runner.device
     graph = graphs.graphs[(bucket, GREEDY)]
-    out["replay"] = statistics.median(time_ms(graph.replay, iters, dev) for _ in range(3))
     decode = [p for p in plans if p.is_decode and p.batch_size == bs]
+    graphs.io.stage_all(decode[-1].slots, decode[-1].seq_lens, bucket)
+    out["replay"] = statistics.median(time_ms(graph.replay, iters, dev) for _ in range(3))
     out["kv_len"] = float(decode[-1].seq_lens.mean())
     plain = [p for p in decode if not p.page_updates.shape[1]]
     paged = [p for p in decode if p.page_updates.shape[1]]
-    host = torch.empty(bs, dtype=torch.int64).pin_memory()
     done = torch.cuda.Event()
     runner = eng.runner
     for key, cands in (("execute", plain), ("execute_pages", paged)):
@@ -326,8 +345,10 @@ def engine_state_ceilings(
 
         def step(plan=plan) -> None:
             res = runner.execute(plan)
-            host.copy_(res.out.ids[:bs], non_blocking=True)
             done.record()
+            # Far ahead, slots are refilled before the GPU has read them; every call writes
+            # the same plan, so that changes nothing here (the engine never releases early).
+            res.io.release()
 
         out[key] = statistics.median(time_ms(step, iters, dev) for _ in range(3))
     torch.cuda.synchronize()
@@ -419,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     bw = measure_hbm_bandwidth(r.device) if r.device.type == "cuda" else None
     results, traces, contexts = [], [], {}
     for bs in args.batch_sizes:
-        ceiling = handoff = state_ceiling = None
+        ceiling = state_ceiling = None
+        handoff: dict[str, float] = {}
         state: dict[str, float | None] = {}
         runs: dict[str, list[dict]] = {m: [] for m in args.modes}
         for rep in range(args.repeats):
@@ -445,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                 contexts[bs] = ctx
                 ceiling = replay_ceiling_ms(eng, bs, ctx, iters=50)
                 if r.device.type == "cuda":
-                    handoff = handoff_ceiling_ms(eng, bs, ctx, iters=50)
+                    handoff = handoff_ceilings_ms(eng, bs, ctx, iters=50)
                 if r.device.type == "cuda" and args.state_ceiling:
                     state = engine_state_ceilings(eng, bs, args.prompt_len, kv, iters=50)
                     state_ceiling = state.get("replay")
@@ -464,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
                 "engine_execute_pages_ms": state.get("execute_pages"),
                 "engine_state_kv_len": state.get("kv_len"),
                 "context_at_ceiling": contexts[bs],
-                "handoff_ceiling_ms": handoff,
+                "handoff_ceiling_ms": handoff.get("step"),
+                "decode_alone_ms": handoff.get("decode_alone"),
+                "before_ring_ms": handoff.get("before"),
                 "repeats": len(runs[mode]),
             }
             for key in (
@@ -496,8 +520,15 @@ def main(argv: list[str] | None = None) -> int:
                     for x in runs[mode]
                 ]
             )
+            step_far = handoff.get("step")
             row["ratio_to_handoff"] = summarize(
-                [x["step_ms"] / handoff if handoff else None for x in runs[mode]]
+                [x["step_ms"] / step_far if step_far else None for x in runs[mode]]
+            )
+            # The ceiling's graph now holds its own input load and ids store; the decode step
+            # without them, for comparison with runs before the ring.
+            alone = handoff.get("decode_alone")
+            row["ratio_to_decode_alone"] = summarize(
+                [x["step_ms"] / alone if alone else None for x in runs[mode]]
             )
             row["graph_bs"] = runs[mode][0]["graph_bs"]
             results.append(row)
@@ -581,9 +612,12 @@ def print_row(row: dict) -> None:
     handoff = row.get("handoff_ceiling_ms")
     if handoff and row["ceiling_ms"]:
         print(
-            f"  with the step's copies, far ahead: {handoff:.3f} ms ("
+            f"  the step far ahead (graph + copy_done): {handoff:.3f} ms ("
             f"{handoff / row['ceiling_ms']:.4f}x the replay); step / that "
             f"{_m(row['ratio_to_handoff'])}"
+            f" | decode alone (no ring load/store) {row['decode_alone_ms']:.3f} ms, ratio to it "
+            f"{_m(row['ratio_to_decode_alone'])}; with the copies before the ring, far ahead "
+            f"{row['before_ring_ms']:.3f} ms"
             f" | launched after the step before had ended: {_m(row['late_steps'], 100, '.0f')}%"
             f" of steps (launch waited for: {_m(row['yielded_steps'], 100, '.0f')}%) | ratio "
             f"to a replay right before each repetition {_m(row['ratio_to_adjacent_replay'])}"

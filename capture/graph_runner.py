@@ -3,10 +3,14 @@
 Two graphs per bucket: a greedy one (argmax only) and one with the whole sampler (temperature,
 penalties, filters, logprobs). A step replays the greedy graph when none of its rows needs more.
 
+A graph step enqueues nothing but its replay: the graph's first kernel loads the step's inputs
+from a pinned ring slot and its last stores the sampled ids into it (``StepIO``), so no copy
+and no other operation stands between two graphs on the stream.
+
 Graphs are captured largest bucket first into one shared memory pool, so smaller buckets reuse
 the larger ones' activation memory. On CPU nothing is captured: ``run`` calls the same step
-function eagerly on the bucket's padded static buffers, so bucket choice, padding and buffer
-handling are exercised without a GPU.
+function eagerly on the bucket's padded static buffers, through the same ring, so bucket
+choice, padding, the ring's slots and buffer handling are exercised without a GPU.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from tqdm.auto import tqdm
 
 from graphrt.capture.buckets import bucket_for, make_buckets
 from graphrt.capture.static_buffers import (
-    INPUT_ROWS,
+    RING_SLOTS,
     SEQ_LENS,
     SLOTS,
     UPDATES,
     DecodeBuffers,
+    StepIO,
+    StepIOLease,
     fill_inputs,
 )
 from graphrt.sampling import EVERYTHING, GREEDY, SampleOutputs, SamplerFlags
@@ -55,8 +61,27 @@ class BucketStats:
     graph_bytes: int
 
 
+class DecodeGraph:
+    """A captured decode graph. ``replay`` also advances the host's count of graph steps, which
+    must match the device's (``StepIO``): replay only through here."""
+
+    __slots__ = ("graph", "io")
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, io: StepIO) -> None:
+        self.graph = graph
+        self.io = io
+
+    def replay(self) -> None:
+        self.graph.replay()
+        self.io.next += 1
+
+    def reset(self) -> None:
+        self.graph.reset()
+
+
 class DecodeGraphRunner:
-    """Owns the decode static buffers and graphs of one ``ModelRunner``."""
+    """Owns the decode static buffers, the pinned step ring and the graphs of one
+    ``ModelRunner``."""
 
     def __init__(self, runner: ModelRunner, show_progress: bool = True) -> None:
         cfg = runner.config
@@ -69,17 +94,11 @@ class DecodeGraphRunner:
         self.show_progress = show_progress
         self.kv_len_bound = runner.settings.max_pages_per_seq * cfg.page_size
         self.buffers = DecodeBuffers.allocate(max(self.max_bs, 1), runner.max_logprobs, self.device)
-        self.graphs: dict[tuple[int, SamplerFlags], torch.cuda.CUDAGraph] = {}
+        # As many slots as the launcher has steps in flight (its ResourcePool).
+        self.io = StepIO(RING_SLOTS, max(self.max_bs, 1), self.device)
+        self.graphs: dict[tuple[int, SamplerFlags], DecodeGraph] = {}
         self.stats: list[BucketStats] = []
-        pin = self.device.type == "cuda"
-        # A small ring of pinned staging arrays: a step's H2D copy may still be reading one
-        # while the next step is prepared. Each slot waits on the event of its last copy.
-        self._staging = [
-            torch.empty(INPUT_ROWS, max(self.max_bs, 1), dtype=torch.int64, pin_memory=pin)
-            for _ in range(4)
-        ]
-        self._staging_events = [torch.cuda.Event() if pin else None for _ in self._staging]
-        self._next_staging = 0
+        self.pool: object | None = None
         # Each bucket's views of the output buffers, made once: four slicing ops per replay
         # are CPU time on the launch's critical path.
         self._out_views = {bs: self.buffers.out.narrow(bs) for bs in self.buckets}
@@ -123,6 +142,7 @@ class DecodeGraphRunner:
             self.stats.append(BucketStats(bs, time.perf_counter() - t0, free0 - free1))
             bar.set_postfix(bs=bs, free_gb=f"{free1 / 1e9:.2f}")
         torch.cuda.synchronize()
+        self.io.reset()  # the warm-up runs advanced the device's count of steps
         used = free_before - torch.cuda.mem_get_info()[0]
         logger.info(
             "captured %d decode graphs (%d buckets), %.1f MB",
@@ -132,33 +152,50 @@ class DecodeGraphRunner:
         )
         return used
 
-    def _capture(self, bs: int, flags: SamplerFlags, pool: object) -> torch.cuda.CUDAGraph:
-        r = self.runner
+    def _step(
+        self,
+        bs: int,
+        flags: SamplerFlags,
+        kv_len_bound: int,
+        capture: bool,
+        seq_lens_host: np.ndarray | None = None,
+    ) -> None:
+        """One decode step of bucket ``bs`` on the static buffers: what a graph holds, and what
+        ``run`` calls eagerly where nothing is captured (CPU). Its first kernel loads the
+        step's ring slot (inputs and page-table writes), its last stores the sampled ids into
+        the slot and advances the device's count of steps."""
+        r, io = self.runner, self.io
         slots, positions, seq_lens = self.buffers.views(bs)
-        out = self.buffers.out.narrow(bs)
-        updates = self.buffers.inputs[UPDATES:, :bs]
+        out = self._out_views[bs]
+        r.ops.load_step_inputs(
+            io.inputs_dev, io.pos, self.buffers.inputs, r.page_table, bs, UPDATES
+        )
+        r.decode_forward(
+            slots,
+            positions,
+            seq_lens,
+            out,
+            flags,
+            kv_len_bound,
+            capture_bs=bs if capture else None,
+            seq_lens_host=seq_lens_host,
+        )
+        r.ops.store_step_ids(out.ids, io.ids_dev, io.pos)
 
-        def step() -> None:
-            # The step's page-table writes (most steps have none) as the graph's first node:
-            # an op between the input copy and the replay costs the GPU tens of microseconds.
-            r.ops.scatter_page_updates(r.page_table, updates)
-            r.decode_forward(
-                slots, positions, seq_lens, out, flags, self.kv_len_bound, capture_bs=bs
-            )
-
+    def _capture(self, bs: int, flags: SamplerFlags, pool: object) -> DecodeGraph:
         # Warm up outside the graph on a side stream: cuBLAS workspaces, Triton compilation
         # and autotuning must not happen during capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):
-                step()
+                self._step(bs, flags, self.kv_len_bound, capture=True)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
-            step()
-        return graph
+            self._step(bs, flags, self.kv_len_bound, capture=True)
+        return DecodeGraph(graph, self.io)
 
     def close(self) -> None:
         """Release the graphs and their memory pool."""
@@ -168,41 +205,30 @@ class DecodeGraphRunner:
 
     # ---- replay ---------------------------------------------------------------------------
     def fits_page_updates(self, plan: StepPlan, bucket: int) -> bool:
-        """Whether ``run`` can carry the plan's page-table writes in its input copy (a decode
+        """Whether ``run`` can carry the plan's page-table writes in its ring slot (a decode
         step writes at most one per row, so always, short of a bug)."""
         return plan.page_updates.shape[1] <= bucket
 
     def run(
         self, plan: StepPlan, bucket: int, flags: SamplerFlags, page_updates: bool = False
-    ) -> SampleOutputs:
-        """Copy the plan into the static inputs, replay (or run eagerly on CPU), return outputs.
+    ) -> tuple[SampleOutputs, StepIOLease]:
+        """Write the plan into the next ring slot and replay (or, where nothing is captured,
+        run the same step eagerly). Returns the device outputs and the step's hold on its slot,
+        whose ``ids`` row holds the sampled ids once the step has run; release it after.
 
-        ``page_updates``: the plan's page-table writes go in the same copy and the graph's
-        first kernel applies them (see ``fits_page_updates``); otherwise the caller has applied
+        ``page_updates``: the plan's page-table writes go in the slot and the graph's first
+        kernel applies them (see ``fits_page_updates``); otherwise the caller has applied
         them. Enqueues on the current stream; does not wait for the GPU.
         """
-        i = self._next_staging
-        self._next_staging = (i + 1) % len(self._staging)
-        event = self._staging_events[i]
-        if event is not None:
-            event.synchronize()  # the copy four steps ago; long done in steady state
-        staging = self._staging[i]
-        n_updates = plan.page_updates.shape[1] if page_updates else 0
+        io = self.io
+        i, staging = io.slot_inputs()
         host = fill_inputs(
-            staging.numpy(),
+            staging,
             plan.slots,
             plan.seq_lens,
             bucket,
-            plan.page_updates if n_updates else None,
+            plan.page_updates if page_updates and plan.page_updates.shape[1] else None,
         )
-        # All [INPUT_ROWS, max_bs] in one copy (12 KB at 256 rows): a slice is not contiguous
-        # (torch would stage it through pageable memory, which waits for the previous step),
-        # and one copy per row, or a separate one for the page writes, was more copy-engine
-        # operations between two graphs, each a hand-off the GPU waits on. Columns past the
-        # bucket are stale and nothing reads them.
-        self.buffers.inputs.copy_(staging, non_blocking=True)
-        if event is not None:
-            event.record()
         variant = variant_for(flags)
         graph = self.graphs.get((bucket, variant))
         if graph is not None:
@@ -210,19 +236,9 @@ class DecodeGraphRunner:
             self.runner.attn.prepare_for_replay(bucket, host[SEQ_LENS], host[SLOTS])
             graph.replay()
         else:
-            slots, positions, seq_lens = self.buffers.views(bucket)
-            r = self.runner
-            r.ops.scatter_page_updates(r.page_table, self.buffers.inputs[UPDATES:, :bucket])
-            r.decode_forward(
-                slots,
-                positions,
-                seq_lens,
-                self._out_views[bucket],
-                variant,
-                r._decode_bound(plan),
-                seq_lens_host=host[SEQ_LENS],
-            )
-        return self._out_views[bucket]
+            self._step(bucket, variant, self.runner._decode_bound(plan), False, host[SEQ_LENS])
+            io.next += 1
+        return self._out_views[bucket], io.lease(i, plan.step_id)
 
 
 def pad_waste(buckets: list[int], batch_sizes: np.ndarray) -> float:

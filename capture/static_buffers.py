@@ -1,11 +1,14 @@
 """Every input and output of the decode graphs, allocated once for the largest bucket.
 
-A replay never allocates: the launcher copies a step's slots, positions and sequence lengths
-into ``inputs`` (rows past the real batch point at the dummy slot, which maps to the dummy page)
-and the graph writes ``out``. Everything else a graph reads is slot-indexed runner state (token
-buffer, page table, sampling parameters), gathered inside the graph. The same copy carries the
-step's page-table writes, as (slot, column, page) columns of the last three rows (a negative
-slot: no write), which the graph's first kernel applies.
+A replay never allocates and enqueues nothing but the graph. The launcher writes a step's
+slots, positions and sequence lengths into a slot of a pinned ring (``StepIO``; rows past the
+real batch point at the dummy slot, which maps to the dummy page); the graph's first kernel
+reads that slot straight from host memory into ``inputs``, and its last kernel writes the
+sampled ids straight into the slot's ids row (``kernels.triton_step_io``). Everything else a
+graph reads is slot-indexed runner state (token buffer, page table, sampling parameters),
+gathered inside the graph. The same ring slot carries the step's page-table writes, as (slot,
+column, page) columns of the last three rows (a negative slot: no write), which the first
+kernel applies.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from graphrt.host_copy import device_view
 from graphrt.memory.page_allocator import DUMMY_SLOT
 from graphrt.sampling import SampleOutputs
 
@@ -22,6 +26,9 @@ from graphrt.sampling import SampleOutputs
 SLOTS, POSITIONS, SEQ_LENS = 0, 1, 2
 UPDATES = 3  # rows 3, 4, 5: slot, column, page of each write; slot -1: no write
 INPUT_ROWS = 6
+# Slots of the ring the graphs read their inputs from and write their ids to: one per step the
+# launcher lets be in flight (processed, running, queued, being launched).
+RING_SLOTS = 4
 
 
 @dataclass
@@ -38,6 +45,90 @@ class DecodeBuffers:
 
     def views(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.inputs[SLOTS, :bs], self.inputs[POSITIONS, :bs], self.inputs[SEQ_LENS, :bs]
+
+
+class StepIOError(RuntimeError):
+    """A ring slot of ``StepIO`` was handed out while a step still held it."""
+
+
+class StepIO:
+    """The pinned ring the decode graphs read their inputs from and write their ids to.
+
+    Slot ``k % slots`` belongs to the k-th graph step since capture. The device counter ``pos``
+    (advanced by each replay's last kernel) and the host counter ``next`` (advanced by
+    ``DecodeGraph.replay``) count the same replays, so the host knows which slot a step uses
+    without reading ``pos``. A step holds its slot (``lease``) from its launch until its ids
+    have been read; the launcher's pool lets at most ``slots`` steps be unreleased at once, so
+    a slot is never handed out while held, and ``lease`` raises if it would be.
+    """
+
+    def __init__(self, slots: int, max_bs: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.slots = slots
+        self.inputs = torch.empty(slots, INPUT_ROWS, max_bs, dtype=torch.int64, pin_memory=pin)
+        self.inputs.copy_(torch.from_numpy(padding_rows(max_bs)).expand(slots, -1, -1))
+        self.ids = torch.zeros(slots, max_bs, dtype=torch.int64, pin_memory=pin)
+        # What the graphs' kernels take: the same memory, as CUDA tensors.
+        self.inputs_dev = device_view(self.inputs, device) if pin else self.inputs
+        self.ids_dev = device_view(self.ids, device) if pin else self.ids
+        self.pos = torch.zeros(1, dtype=torch.int64, device=device)
+        self.next = 0
+        self._inputs_np = [self.inputs[i].numpy() for i in range(slots)]
+        self._ids_np = [self.ids[i].numpy() for i in range(slots)]
+        self._holder: list[int | None] = [None] * slots
+
+    def reset(self) -> None:
+        """Restart both counters (after capture, whose warm-up runs advanced ``pos``)."""
+        self.pos.zero_()
+        self.next = 0
+
+    def slot_inputs(self) -> tuple[int, np.ndarray]:
+        """The slot the next replay reads, and its host inputs array to fill."""
+        i = self.next % self.slots
+        if self._holder[i] is not None:
+            raise StepIOError(
+                f"ring slot {i} is still held by step {self._holder[i]}: more steps in flight "
+                f"than the {self.slots} slots"
+            )
+        return i, self._inputs_np[i]
+
+    def lease(self, i: int, step_id: int) -> StepIOLease:
+        """Hold slot ``i`` for ``step_id`` until the lease is released."""
+        if self._holder[i] is not None:
+            raise StepIOError(f"ring slot {i} is still held by step {self._holder[i]}")
+        self._holder[i] = step_id
+        return StepIOLease(self, i, step_id, self._ids_np[i])
+
+    def _release(self, i: int, step_id: int) -> None:
+        if self._holder[i] != step_id:
+            raise StepIOError(
+                f"step {step_id} released ring slot {i}, held by step {self._holder[i]}"
+            )
+        self._holder[i] = None
+
+    def stage_all(self, slots: np.ndarray, seq_lens: np.ndarray, bucket: int) -> None:
+        """Write one decode batch (no page writes) into every ring slot, so that replays read
+        it whatever the counters say. For benchmarks and tests, with no step in flight."""
+        for arr in self._inputs_np:
+            fill_inputs(arr, slots, seq_lens, bucket)
+
+
+class StepIOLease:
+    """A graph step's hold on its ring slot: its sampled ids, once its ``copy_done`` fired."""
+
+    __slots__ = ("_held", "_io", "ids", "slot", "step_id")
+
+    def __init__(self, io: StepIO, slot: int, step_id: int, ids: np.ndarray) -> None:
+        self._io = io
+        self.slot = slot
+        self.step_id = step_id
+        self.ids = ids  # the slot's ids row (numpy view of the pinned memory)
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._io._release(self.slot, self.step_id)
 
 
 def padding_rows(n: int) -> np.ndarray:

@@ -1,15 +1,18 @@
 """Launching steps: the launcher thread, ``StepHandle`` and its one ``copy_done`` event.
 
-For each step the launcher enqueues, on the forward stream: the plan's H2D copies, the graph
-replay (or eager step), a non-blocking D2H copy of the sampled ids into pinned memory owned by
-the step's handle, and the record of that handle's ``copy_done`` event. The scheduler submits
+For each step the launcher enqueues, on the forward stream: the graph replay, which reads the
+plan from a pinned ring slot and writes the sampled ids back into it (``StepIO``), or the eager
+step with its H2D copies and a non-blocking D2H copy of the ids into pinned memory owned by the
+step's handle; then the record of that handle's ``copy_done`` event. The scheduler submits
 step n+1 before it waits on step n's ``copy_done``, so its CPU work hides under step n+1.
 
 Ownership rules (SGLang PR #5788 fixed a bug where a shared ``launch_done`` was overwritten by
 the next step; here it cannot happen):
 
 - every event and pinned buffer a step uses belongs to its ``StepHandle``, drawn from a pool and
-  returned only when the handle is released after its results were consumed;
+  returned only when the handle is released after its results were consumed; a graph step's
+  ring slot is held the same way (``StepIOLease``), and the pool has as many entries as the
+  ring has slots;
 - a handle's results can be consumed once; a second ``result()`` or an early ``release()`` raises;
 - the handle keeps the step's device outputs alive until it is released.
 """
@@ -25,6 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from graphrt.capture.static_buffers import RING_SLOTS
 from graphrt.runner import ModelRunner, StepOutputs
 from graphrt.step_plan import StepPlan
 
@@ -143,8 +147,9 @@ class StepHandle:
         b = self.plan.batch_size
         h = self._res.host
         lp = self.plan.needs.logprobs
+        io = self._outputs.io if self._outputs is not None else None
         return StepResult(
-            ids=h.ids.numpy()[:b],
+            ids=io.ids[:b] if io is not None else h.ids.numpy()[:b],
             logprob=h.logprob.numpy()[:b] if lp else None,
             top_ids=h.top_ids.numpy()[:b] if lp else None,
             top_logprobs=h.top_logprobs.numpy()[:b] if lp else None,
@@ -162,6 +167,8 @@ class StepHandle:
             )
         self._launched.wait()
         self._released = True
+        if self._outputs is not None and self._outputs.io is not None:
+            self._outputs.io.release()
         self._outputs = None
         self._pool.release(self._res, self.step_id)
 
@@ -172,7 +179,8 @@ class StepHandle:
             self._outputs = outputs
             b = self.plan.batch_size
             h, o = self._res.host, outputs.out
-            h.ids[:b].copy_(o.ids[:b], non_blocking=True)
+            if outputs.io is None:  # a graph step writes its ids into its ring slot itself
+                h.ids[:b].copy_(o.ids[:b], non_blocking=True)
             if self.plan.needs.logprobs:
                 h.logprob[:b].copy_(o.logprob[:b], non_blocking=True)
                 h.top_ids[:b].copy_(o.top_ids[:b], non_blocking=True)
@@ -243,7 +251,8 @@ class Launcher:
         dev = runner.device
         self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         # Steps in flight at once: the one being processed, the one running, one being queued.
-        self.pool = ResourcePool(4, max_rows, runner.max_logprobs, dev)
+        # Each may hold a slot of the decode graphs' ring, which has as many.
+        self.pool = ResourcePool(RING_SLOTS, max_rows, runner.max_logprobs, dev)
         self._queue: queue.SimpleQueue[StepHandle | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.profiler: StepProfiler | None = None

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from graphrt.capture.graph_runner import DecodeGraphRunner
+from graphrt.capture.static_buffers import StepIOLease
 from graphrt.config import EngineConfig
 from graphrt.forward_batch import ForwardBatch
 from graphrt.host_copy import to_device
@@ -111,6 +112,9 @@ class StepOutputs:
     out: SampleOutputs
     rows: int
     graph_bs: int | None  # the bucket replayed, or None for an eager step
+    # A graph step's ring slot (capture.static_buffers.StepIO): the step writes its sampled ids
+    # there itself, so they need no copy. Released by whoever reads them.
+    io: StepIOLease | None = None
 
 
 class ModelRunner:
@@ -311,10 +315,10 @@ class ModelRunner:
             if bucket is None:
                 self.prepare(plan)
                 return StepOutputs(self._eager(plan, flags), plan.batch_size, None)
-            in_copy = graphs.fits_page_updates(plan, bucket)
-            self.prepare(plan, page_updates=not in_copy)
-            out = graphs.run(plan, bucket, flags, page_updates=in_copy)
-            return StepOutputs(out, plan.batch_size, bucket)
+            in_ring = graphs.fits_page_updates(plan, bucket)
+            self.prepare(plan, page_updates=not in_ring)
+            out, lease = graphs.run(plan, bucket, flags, page_updates=in_ring)
+            return StepOutputs(out, plan.batch_size, bucket, lease)
 
     def decode_forward(
         self,

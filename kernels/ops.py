@@ -4,7 +4,8 @@ Models receive an :class:`Ops` explicitly; nothing here is global. ``"torch"`` i
 (and the CPU path); ``"triton"`` uses the fused Triton kernels in :mod:`graphrt.kernels.triton_ops`,
 the few-row GEMV of :mod:`graphrt.kernels.triton_gemv` (cuBLAS above it), the two-pass argmax
 of :mod:`graphrt.kernels.triton_argmax` and the page-table scatter of
-:mod:`graphrt.kernels.triton_page_table`, optionally launched with PDL
+:mod:`graphrt.kernels.triton_page_table` and the decode graphs' zero-copy input load and ids
+store of :mod:`graphrt.kernels.triton_step_io`, optionally launched with PDL
 (:mod:`graphrt.kernels.pdl`).
 """
 
@@ -28,8 +29,12 @@ class Ops:
     linear: Callable
     silu_mul_linear: Callable
     argmax: Callable
-    # Not a model op: the page-table writes of a graph-replayed decode step (GraphRunner.run).
+    # Not model ops: a decode step's page-table writes (the eager fallback of
+    # DecodeGraphRunner.run), and a decode graph's first and last nodes, which read its inputs
+    # from and write its sampled ids to a pinned ring slot (kernels.triton_step_io).
     scatter_page_updates: Callable
+    load_step_inputs: Callable
+    store_step_ids: Callable
     pdl: bool = False
 
 
@@ -49,12 +54,15 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
             silu_mul_linear=reference.silu_mul_linear,
             argmax=reference.argmax,
             scatter_page_updates=reference.scatter_page_updates,
+            load_step_inputs=reference.load_step_inputs,
+            store_step_ids=reference.store_step_ids,
         )
     if impl == "triton":
         mod = importlib.import_module("graphrt.kernels.triton_ops")
         gemv = importlib.import_module("graphrt.kernels.triton_gemv")
         amax = importlib.import_module("graphrt.kernels.triton_argmax")
         pages = importlib.import_module("graphrt.kernels.triton_page_table")
+        step_io = importlib.import_module("graphrt.kernels.triton_step_io")
 
         def bind(f: Callable) -> Callable:
             return functools.partial(f, pdl=True) if pdl else f
@@ -69,6 +77,8 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
             silu_mul_linear=bind(gemv.silu_mul_linear),
             argmax=bind(amax.argmax),
             scatter_page_updates=pages.scatter_page_updates,
+            load_step_inputs=step_io.load_step_inputs,
+            store_step_ids=step_io.store_step_ids,
             pdl=pdl,
         )
     raise ValueError(f"unknown op implementation {impl!r}; choose 'torch' or 'triton'")

@@ -51,6 +51,29 @@ def scatter_page_updates(page_table: torch.Tensor, updates: torch.Tensor) -> Non
     flat.index_put_((idx,), val)
 
 
+def load_step_inputs(
+    ring: torch.Tensor,
+    pos: torch.Tensor,
+    inputs: torch.Tensor,
+    page_table: torch.Tensor,
+    n: int,
+    updates_row: int,
+) -> None:
+    """``inputs[:, :n] = ring[pos % R, :, :n]``, then the page-table writes held in rows
+    ``updates_row`` to ``updates_row + 2`` of those columns (see ``scatter_page_updates``).
+    Capturable: the ring slot is chosen on the device, from ``pos``."""
+    if n == 0:
+        return
+    inputs[:, :n].copy_(ring[:, :, :n].index_select(0, pos % ring.shape[0])[0])
+    scatter_page_updates(page_table, inputs[updates_row : updates_row + 3, :n])
+
+
+def store_step_ids(ids: torch.Tensor, ring_ids: torch.Tensor, pos: torch.Tensor) -> None:
+    """``ring_ids[pos % R, :n] = ids``, then ``pos += 1``. Capturable."""
+    ring_ids[:, : ids.shape[0]].index_copy_(0, pos % ring_ids.shape[0], ids[None])
+    pos.add_(1)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for the fused gate/up projection output."""
     d = x.shape[-1] // 2

@@ -16,6 +16,8 @@ from graphrt.capture.static_buffers import (
     SEQ_LENS,
     SLOTS,
     UPDATES,
+    StepIO,
+    StepIOError,
     fill_inputs,
 )
 from graphrt.memory.page_allocator import DUMMY_PAGE, DUMMY_SLOT
@@ -72,6 +74,44 @@ def test_fill_inputs_pads_with_dummy_rows() -> None:
     assert rows[SLOTS].tolist() == [7, 3, 9] + [DUMMY_SLOT] * 5
     assert rows[POSITIONS].tolist() == [9, 3, 0] + [0] * 5
     assert rows[SEQ_LENS].tolist() == [10, 4, 1] + [1] * 5
+
+
+def test_step_io_slots_are_held_until_released() -> None:
+    """A graph step holds its ring slot until its ids are read; handing the slot to a later
+    step before that raises, instead of letting the later step overwrite its inputs or ids."""
+    io = StepIO(4, 8, torch.device("cpu"))
+    assert (io.inputs[:, SLOTS] == DUMMY_SLOT).all() and (io.inputs[:, UPDATES] == -1).all()
+    leases = []
+    for step in range(4):
+        i, arr = io.slot_inputs()
+        assert i == step and arr.shape == (INPUT_ROWS, 8)
+        io.next += 1  # what a replay does
+        leases.append(io.lease(i, step))
+    with pytest.raises(StepIOError, match="ring slot 0 is still held by step 0"):
+        io.slot_inputs()  # a fifth step in flight
+    leases[0].release()
+    leases[0].release()  # idempotent: the handle's error path may release twice
+    assert io.slot_inputs()[0] == 0
+    with pytest.raises(StepIOError, match="still held by step 1"):
+        io.lease(1, 9)
+    io.ids[2, :3] = torch.tensor([5, 6, 7])
+    assert leases[2].ids[:3].tolist() == [5, 6, 7]  # a view of the pinned row, no copy
+    io.stage_all(np.array([3, 4]), np.array([10, 20]), 4)
+    assert (io.inputs[:, SLOTS, :4] == torch.tensor([3, 4, DUMMY_SLOT, DUMMY_SLOT])).all()
+    assert (io.inputs[:, POSITIONS, :2] == torch.tensor([9, 19])).all()
+
+
+@pytest.mark.parametrize("overlap", ["off", "thread", "two_events"])
+def test_graph_steps_go_through_the_ring(llama, overlap: str) -> None:
+    """Every graph step took the next ring slot and gave it back once its ids were read."""
+    eng = Engine(str(llama), show_progress=False, overlap=overlap, cuda_graph_max_bs=8)
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    eng.generate([[1, 2, 3], [4, 5, 6, 7], [8]], params)
+    io = eng.runner.graphs.io
+    assert eng.stats["graph_steps"] > 3
+    assert io.next == eng.stats["graph_steps"] == int(io.pos.item())
+    assert all(h is None for h in io._holder)
+    eng.shutdown()
 
 
 def test_variant_choice() -> None:

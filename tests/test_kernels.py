@@ -36,7 +36,7 @@ from graphrt.kernels.attention_backend import (
 def _kernel_modules():
     """Import the Triton modules, reloading any imported before the interpreter was enabled."""
     names = ["triton_ops", "triton_attention", "flashinfer_attention", "triton_gemv"]
-    names += ["triton_argmax", "triton_page_table"]
+    names += ["triton_argmax", "triton_page_table", "triton_step_io"]
     mods = []
     for n in names:
         full = f"graphrt.kernels.{n}"
@@ -50,6 +50,7 @@ def _kernel_modules():
                 "triton_gemv": "_gemv_kernel",
                 "triton_argmax": "_argmax_chunk_kernel",
                 "triton_page_table": "_scatter_pages_kernel",
+                "triton_step_io": "_load_inputs_kernel",
             }[n]
             if type(getattr(mod, probe)).__name__ != "InterpretedFunction":
                 mod = importlib.reload(mod)
@@ -57,7 +58,7 @@ def _kernel_modules():
     return mods
 
 
-T, A, FI, GEMV, AMAX, PAGES = _kernel_modules()
+T, A, FI, GEMV, AMAX, PAGES, STEP_IO = _kernel_modules()
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GARBAGE = 1e3
@@ -245,6 +246,57 @@ def test_scatter_page_updates(n: int) -> None:
     PAGES.scatter_page_updates(out, buf[3:])
     assert torch.equal(ref, want)
     assert torch.equal(out, want)
+
+
+def _host_ring(t: torch.Tensor) -> torch.Tensor:
+    """``t`` where the decode graphs keep their ring: on a GPU, a device view of pinned host
+    memory (the kernels then read and write it over PCIe); on CPU, ``t`` itself."""
+    if DEV.type != "cuda":
+        return t
+    from graphrt.host_copy import device_view
+
+    return device_view(t.pin_memory(), DEV)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize(("n", "pos"), [(1, 0), (5, 6), (300, 3), (320, 9)])
+def test_step_io_ring(impl: str, n: int, pos: int) -> None:
+    """A decode graph's first node copies ring slot ``pos % 4`` into the first ``n`` columns
+    of its inputs and applies that slot's page writes; its last node writes the sampled ids
+    into the same slot's ids row and advances ``pos``, so the next step uses the next slot."""
+    mod = reference if impl == "reference" else STEP_IO
+    slots, cols, width, ring_slots = 40, 24, 320, 4
+    ring = torch.randint(-5, 1000, (ring_slots, 6, width), dtype=torch.int64)
+    cells = torch.randperm((slots - 1) * cols)[:n] + cols  # distinct table cells, not slot 0
+    k = pos % ring_slots
+    ring[k, 3] = -1
+    writes = n // 2  # page writes in every other column; the rest empty
+    ring[k, 3, : 2 * writes : 2] = cells[:writes] // cols
+    ring[k, 4, : 2 * writes : 2] = cells[:writes] % cols
+    ring[k, 5, : 2 * writes : 2] = torch.randint(0, 2**31 - 1, (writes,))
+    ring_dev = _host_ring(ring.clone())
+    table = torch.randint(0, 1000, (slots, cols), dtype=torch.int32, device=DEV)
+    inputs = torch.full((6, width), -7, dtype=torch.int64, device=DEV)
+    p = torch.tensor([pos], dtype=torch.int64, device=DEV)
+    want_table = table.clone()
+    want_table.view(-1)[cells[:writes].to(DEV)] = ring[k, 5, : 2 * writes : 2].to(DEV, torch.int32)
+    mod.load_step_inputs(ring_dev, p, inputs, table, n, 3)
+    assert torch.equal(inputs[:, :n].cpu(), ring[k, :, :n])
+    assert (inputs[:, n:] == -7).all()
+    assert torch.equal(table, want_table)
+    assert p.item() == pos  # the load does not advance the count
+    ring_ids = _host_ring(torch.full((ring_slots, width), -3, dtype=torch.int64))
+    ids = [torch.randint(0, 50000, (n,), dtype=torch.int64, device=DEV) for _ in range(2)]
+    for i in ids:
+        mod.store_step_ids(i, ring_ids, p)
+    got = ring_ids.cpu()
+    for j, i in enumerate(ids):
+        row = (pos + j) % ring_slots
+        assert torch.equal(got[row, :n], i.cpu())
+        assert (got[row, n:] == -3).all()
+    untouched = [r for r in range(ring_slots) if r not in {pos % 4, (pos + 1) % 4}]
+    assert (got[untouched] == -3).all()
+    assert p.item() == pos + 2
 
 
 # ---- GEMV and argmax -----------------------------------------------------------------------------

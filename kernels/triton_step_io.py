@@ -1,0 +1,115 @@
+"""A decode graph's own input load and ids store, through pinned host memory (zero-copy).
+
+Everything a graph step used to enqueue around its replay cost the GPU time between kernels:
+the H2D copy of the step's inputs before the graph (+10 us at batch 256 on the H100, whether a
+copy-engine copy or a kernel of its own) and the D2H copy of the sampled ids after it (+5 us).
+Inside the graph, the same work costs +2-4 us (``benchmarks/step_handoff.py``: "gio"). So the
+graph's first node reads the step's inputs straight from a pinned ring slot over PCIe, and its
+last node writes the sampled ids straight into the same slot's ids row.
+
+A captured graph's pointers are fixed, but consecutive steps need different slots (the host
+fills step n+1's slot while step n may still read its own). The slot is chosen on the device:
+``pos`` is a device counter of graph steps; the load reads slot ``pos % R`` and the store,
+the graph's last node, writes the ids there and advances ``pos``. The host keeps the same count
+(``capture.static_buffers.StepIO``), so it knows each step's slot without reading ``pos``.
+
+The ring and ids tensors are CUDA views of pinned host memory (``host_copy.device_view``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 256
+
+
+@triton.jit
+def _load_inputs_kernel(
+    ring_ptr,
+    pos_ptr,
+    inputs_ptr,
+    table_ptr,
+    n,
+    num_slots,
+    stride_slot,
+    stride_row,
+    stride_inputs,
+    stride_table,
+    ROWS: tl.constexpr,
+    UPDATES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    src = ring_ptr + (tl.load(pos_ptr) % num_slots) * stride_slot
+    for r in tl.static_range(ROWS):
+        v = tl.load(src + r * stride_row + i, mask=m)
+        tl.store(inputs_ptr + r * stride_inputs + i, v, mask=m)
+    # The step's page-table writes, from the same slot (slot < 0: no write in this column).
+    slot = tl.load(src + UPDATES * stride_row + i, mask=m, other=-1)
+    w = m & (slot >= 0)
+    col = tl.load(src + (UPDATES + 1) * stride_row + i, mask=w, other=0)
+    page = tl.load(src + (UPDATES + 2) * stride_row + i, mask=w, other=0)
+    tl.store(table_ptr + slot * stride_table + col, page.to(table_ptr.dtype.element_ty), mask=w)
+
+
+@triton.jit
+def _store_ids_kernel(
+    ids_ptr, ring_ids_ptr, pos_ptr, n, num_slots, stride_slot, BLOCK: tl.constexpr
+):
+    # One program, so that every thread has read ``pos`` before it is advanced.
+    p = tl.load(pos_ptr)
+    dst = ring_ids_ptr + (p % num_slots) * stride_slot
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        m = i < n
+        tl.store(dst + i, tl.load(ids_ptr + i, mask=m), mask=m)
+    tl.debug_barrier()
+    tl.store(pos_ptr, p + 1)
+
+
+def load_step_inputs(
+    ring: torch.Tensor,
+    pos: torch.Tensor,
+    inputs: torch.Tensor,
+    page_table: torch.Tensor,
+    n: int,
+    updates_row: int,
+) -> None:
+    """``inputs[:, :n] = ring[pos % R, :, :n]``, then the page-table writes held in rows
+    ``updates_row``, ``+1``, ``+2`` of those columns (slot, column, page; a negative slot: none).
+
+    ``ring``: int64 ``[R, ROWS, W]``; ``pos``: int64 ``[1]``; ``inputs``: int64 ``[ROWS, W]``;
+    ``page_table``: int32 ``[slots, pages_per_seq]``. Capturable.
+    """
+    if n == 0:
+        return
+    if ring.stride(2) != 1 or inputs.stride(1) != 1 or page_table.stride(1) != 1:
+        raise ValueError("load_step_inputs needs unit-stride rows")
+    _load_inputs_kernel[(triton.cdiv(n, _BLOCK),)](
+        ring,
+        pos,
+        inputs,
+        page_table,
+        n,
+        ring.shape[0],
+        ring.stride(0),
+        ring.stride(1),
+        inputs.stride(0),
+        page_table.stride(0),
+        ROWS=ring.shape[1],
+        UPDATES=updates_row,
+        BLOCK=_BLOCK,
+    )
+
+
+def store_step_ids(ids: torch.Tensor, ring_ids: torch.Tensor, pos: torch.Tensor) -> None:
+    """``ring_ids[pos % R, :n] = ids``, then ``pos += 1``. ``ids``: int64 ``[n]``;
+    ``ring_ids``: int64 ``[R, W]``, ``W >= n``. Capturable."""
+    if ring_ids.stride(1) != 1 or ids.stride(0) != 1:
+        raise ValueError("store_step_ids needs unit-stride rows")
+    _store_ids_kernel[(1,)](
+        ids, ring_ids, pos, ids.shape[0], ring_ids.shape[0], ring_ids.stride(0), BLOCK=_BLOCK
+    )
