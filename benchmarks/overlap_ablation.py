@@ -294,7 +294,6 @@ def engine_state_ceilings(
     out: dict[str, float | None] = {
         "replay": None,
         "replay_uniform": None,
-        "replay_bench_pages": None,
         "execute": None,
         "execute_pages": None,
         "kv_len": None,
@@ -337,24 +336,12 @@ def engine_state_ceilings(
     graphs.io.stage_all(decode[-1].slots, decode[-1].seq_lens, bucket)
     out["replay"] = statistics.median(time_ms(graph.replay, iters, dev) for _ in range(3))
     out["kv_len"] = float(decode[-1].seq_lens.mean())
-    # Where the state's excess over DecodeBench's comes from: the same replay with every row at
-    # the mean length (the prefill's chunks leave rows a few tokens apart), then also with
-    # DecodeBench's page layout (each row's pages consecutive, rows one after another) in
-    # place of the allocator's. The page table is the engine's again after.
+    # Whether the state's excess over DecodeBench's is its rows' lengths (the prefill's chunks
+    # leave rows a few tokens apart): the same replay with every row at the mean length.
     last = decode[-1]
     uniform = np.full_like(last.seq_lens, round(out["kv_len"]))
     graphs.io.stage_all(last.slots, uniform, bucket)
     out["replay_uniform"] = statistics.median(time_ms(graph.replay, iters, dev) for _ in range(3))
-    table = eng.runner.page_table
-    saved = table.clone()
-    width = -(-int(uniform[0]) // eng.config.page_size)
-    rows = torch.from_numpy(last.slots).to(table.device)
-    pages = torch.arange(1, bs * width + 1, dtype=table.dtype, device=table.device)
-    table[rows, :width] = pages.view(bs, width)
-    out["replay_bench_pages"] = statistics.median(
-        time_ms(graph.replay, iters, dev) for _ in range(3)
-    )
-    table.copy_(saved)
     graphs.io.stage_all(last.slots, last.seq_lens, bucket)
     plain = [p for p in decode if not p.page_updates.shape[1]]
     paged = [p for p in decode if p.page_updates.shape[1]]
@@ -508,7 +495,6 @@ def main(argv: list[str] | None = None) -> int:
                 "engine_execute_pages_ms": state.get("execute_pages"),
                 "engine_state_kv_len": state.get("kv_len"),
                 "engine_state_uniform_ms": state.get("replay_uniform"),
-                "engine_state_bench_pages_ms": state.get("replay_bench_pages"),
                 "context_at_ceiling": contexts[bs],
                 "handoff_ceiling_ms": handoff.get("step"),
                 "decode_alone_ms": handoff.get("decode_alone"),
@@ -621,7 +607,6 @@ def print_row(row: dict) -> None:
         )
         for key, label in (
             ("engine_state_uniform_ms", "at uniform lengths"),
-            ("engine_state_bench_pages_ms", "and with DecodeBench's pages"),
             ("engine_execute_ms", "step far ahead"),
             ("engine_execute_pages_ms", "paged far ahead"),
         ):

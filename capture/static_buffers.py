@@ -65,15 +65,18 @@ class StepIO:
     def __init__(self, slots: int, max_bs: int, device: torch.device) -> None:
         pin = device.type == "cuda"
         self.slots = slots
-        self.inputs = torch.empty(slots, INPUT_ROWS, max_bs, dtype=torch.int64, pin_memory=pin)
-        self.inputs.copy_(torch.from_numpy(padding_rows(max_bs)).expand(slots, -1, -1))
+        # Column-major int32 (a column's rows together): a bucket's columns are one contiguous
+        # run of host memory for the graph's first kernel to read over PCIe.
+        self.inputs = torch.empty(slots, max_bs, INPUT_ROWS, dtype=torch.int32, pin_memory=pin)
+        self.inputs.copy_(torch.from_numpy(padding_rows(max_bs).T).expand(slots, -1, -1))
         self.ids = torch.zeros(slots, max_bs, dtype=torch.int64, pin_memory=pin)
         # What the graphs' kernels take: the same memory, as CUDA tensors.
         self.inputs_dev = device_view(self.inputs, device) if pin else self.inputs
         self.ids_dev = device_view(self.ids, device) if pin else self.ids
         self.pos = torch.zeros(1, dtype=torch.int64, device=device)
         self.next = 0
-        self._inputs_np = [self.inputs[i].numpy() for i in range(slots)]
+        # [INPUT_ROWS, max_bs] views, as fill_inputs writes them.
+        self._inputs_np = [self.inputs[i].numpy().T for i in range(slots)]
         self._ids_np = [self.ids[i].numpy() for i in range(slots)]
         self._holder: list[int | None] = [None] * slots
 

@@ -59,12 +59,12 @@ def load_step_inputs(
     n: int,
     updates_row: int,
 ) -> None:
-    """``inputs[:, :n] = ring[pos % R, :, :n]``, then the page-table writes held in rows
-    ``updates_row`` to ``updates_row + 2`` of those columns (see ``scatter_page_updates``).
-    Capturable: the ring slot is chosen on the device, from ``pos``."""
+    """``inputs[:, :n] = ring[pos % R, :n, :].T`` (ring slots are column-major), then the
+    page-table writes held in rows ``updates_row`` to ``updates_row + 2`` of those columns (see
+    ``scatter_page_updates``). Capturable: the ring slot is chosen on the device, from ``pos``."""
     if n == 0:
         return
-    inputs[:, :n].copy_(ring[:, :, :n].index_select(0, pos % ring.shape[0])[0])
+    inputs[:, :n].copy_(ring[:, :n].index_select(0, pos % ring.shape[0])[0].T)
     scatter_page_updates(page_table, inputs[updates_row : updates_row + 3, :n])
 
 

@@ -3,9 +3,11 @@
 Everything a graph step used to enqueue around its replay cost the GPU time between kernels:
 the H2D copy of the step's inputs before the graph (+10 us at batch 256 on the H100, whether a
 copy-engine copy or a kernel of its own) and the D2H copy of the sampled ids after it (+5 us).
-Inside the graph, the same work costs +2-4 us (``benchmarks/step_handoff.py``: "gio"). So the
-graph's first node reads the step's inputs straight from a pinned ring slot over PCIe, and its
-last node writes the sampled ids straight into the same slot's ids row.
+Inside the graph, the same work costs a few microseconds (``benchmarks/step_handoff.py``). So
+the graph's first node reads the step's inputs straight from a pinned ring slot over PCIe, and
+its last node writes the sampled ids straight into the same slot's ids row. A slot's inputs
+are int32 and column-major, so a bucket's columns are one contiguous run: a first version
+(int64, row-major, one program per 256 columns) took 10 us to read them at batch 256.
 
 A captured graph's pointers are fixed, but consecutive steps need different slots (the host
 fills step n+1's slot while step n may still read its own). The slot is chosen on the device:
@@ -23,6 +25,9 @@ import triton
 import triton.language as tl
 
 _BLOCK = 256
+# Columns per program of the load: four programs at batch 256, each reading 1.5 KB of host
+# memory, so the PCIe reads of a step are in flight together.
+_BLOCK_COLS = 64
 
 
 @triton.jit
@@ -34,25 +39,31 @@ def _load_inputs_kernel(
     n,
     num_slots,
     stride_slot,
-    stride_row,
     stride_inputs,
     stride_table,
     ROWS: tl.constexpr,
+    ROWS_P2: tl.constexpr,
     UPDATES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = i < n
+    # A slot is column-major (a column's ROWS values together), so the bucket's n columns are
+    # one contiguous run of host memory: few, full PCIe reads.
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    r = tl.arange(0, ROWS_P2)
+    m = (c[:, None] < n) & (r[None, :] < ROWS)
     src = ring_ptr + (tl.load(pos_ptr) % num_slots) * stride_slot
-    for r in tl.static_range(ROWS):
-        v = tl.load(src + r * stride_row + i, mask=m)
-        tl.store(inputs_ptr + r * stride_inputs + i, v, mask=m)
-    # The step's page-table writes, from the same slot (slot < 0: no write in this column).
-    slot = tl.load(src + UPDATES * stride_row + i, mask=m, other=-1)
-    w = m & (slot >= 0)
-    col = tl.load(src + (UPDATES + 1) * stride_row + i, mask=w, other=0)
-    page = tl.load(src + (UPDATES + 2) * stride_row + i, mask=w, other=0)
-    tl.store(table_ptr + slot * stride_table + col, page.to(table_ptr.dtype.element_ty), mask=w)
+    tile = tl.load(src + c[:, None] * ROWS + r[None, :], mask=m, other=0)
+    tl.store(inputs_ptr + r[None, :] * stride_inputs + c[:, None], tile.to(tl.int64), mask=m)
+    # The step's page-table writes, from the same columns (slot < 0: no write in this column).
+    slot = tl.sum(tl.where(r[None, :] == UPDATES, tile, 0), axis=1)
+    col = tl.sum(tl.where(r[None, :] == UPDATES + 1, tile, 0), axis=1)
+    page = tl.sum(tl.where(r[None, :] == UPDATES + 2, tile, 0), axis=1)
+    w = (c < n) & (slot >= 0)
+    tl.store(
+        table_ptr + slot.to(tl.int64) * stride_table + col,
+        page.to(table_ptr.dtype.element_ty),
+        mask=w,
+    )
 
 
 @triton.jit
@@ -78,17 +89,20 @@ def load_step_inputs(
     n: int,
     updates_row: int,
 ) -> None:
-    """``inputs[:, :n] = ring[pos % R, :, :n]``, then the page-table writes held in rows
+    """``inputs[:, :n] = ring[pos % R, :n, :].T``, then the page-table writes held in rows
     ``updates_row``, ``+1``, ``+2`` of those columns (slot, column, page; a negative slot: none).
 
-    ``ring``: int64 ``[R, ROWS, W]``; ``pos``: int64 ``[1]``; ``inputs``: int64 ``[ROWS, W]``;
-    ``page_table``: int32 ``[slots, pages_per_seq]``. Capturable.
+    ``ring``: int32 ``[R, W, ROWS]`` (column-major slots); ``pos``: int64 ``[1]``; ``inputs``:
+    int64 ``[ROWS, W]``; ``page_table``: int32 ``[slots, pages_per_seq]``. Capturable.
     """
     if n == 0:
         return
-    if ring.stride(2) != 1 or inputs.stride(1) != 1 or page_table.stride(1) != 1:
-        raise ValueError("load_step_inputs needs unit-stride rows")
-    _load_inputs_kernel[(triton.cdiv(n, _BLOCK),)](
+    if ring.stride(2) != 1 or ring.stride(1) != ring.shape[2] or inputs.stride(1) != 1:
+        raise ValueError("load_step_inputs needs contiguous ring slots and unit-stride inputs")
+    if page_table.stride(1) != 1:
+        raise ValueError("load_step_inputs needs unit-stride page-table rows")
+    rows = ring.shape[2]
+    _load_inputs_kernel[(triton.cdiv(n, _BLOCK_COLS),)](
         ring,
         pos,
         inputs,
@@ -96,12 +110,12 @@ def load_step_inputs(
         n,
         ring.shape[0],
         ring.stride(0),
-        ring.stride(1),
         inputs.stride(0),
         page_table.stride(0),
-        ROWS=ring.shape[1],
+        ROWS=rows,
+        ROWS_P2=triton.next_power_of_2(rows),
         UPDATES=updates_row,
-        BLOCK=_BLOCK,
+        BLOCK=_BLOCK_COLS,
     )
 
 

@@ -80,7 +80,8 @@ def test_step_io_slots_are_held_until_released() -> None:
     """A graph step holds its ring slot until its ids are read; handing the slot to a later
     step before that raises, instead of letting the later step overwrite its inputs or ids."""
     io = StepIO(4, 8, torch.device("cpu"))
-    assert (io.inputs[:, SLOTS] == DUMMY_SLOT).all() and (io.inputs[:, UPDATES] == -1).all()
+    assert io.inputs.shape == (4, 8, INPUT_ROWS)  # column-major slots
+    assert (io.inputs[..., SLOTS] == DUMMY_SLOT).all() and (io.inputs[..., UPDATES] == -1).all()
     leases = []
     for step in range(4):
         i, arr = io.slot_inputs()
@@ -97,8 +98,8 @@ def test_step_io_slots_are_held_until_released() -> None:
     io.ids[2, :3] = torch.tensor([5, 6, 7])
     assert leases[2].ids[:3].tolist() == [5, 6, 7]  # a view of the pinned row, no copy
     io.stage_all(np.array([3, 4]), np.array([10, 20]), 4)
-    assert (io.inputs[:, SLOTS, :4] == torch.tensor([3, 4, DUMMY_SLOT, DUMMY_SLOT])).all()
-    assert (io.inputs[:, POSITIONS, :2] == torch.tensor([9, 19])).all()
+    assert (io.inputs[:, :4, SLOTS] == torch.tensor([3, 4, DUMMY_SLOT, DUMMY_SLOT])).all()
+    assert (io.inputs[:, :2, POSITIONS] == torch.tensor([9, 19])).all()
 
 
 @pytest.mark.parametrize("overlap", ["off", "thread", "two_events"])

@@ -266,22 +266,23 @@ def test_step_io_ring(impl: str, n: int, pos: int) -> None:
     into the same slot's ids row and advances ``pos``, so the next step uses the next slot."""
     mod = reference if impl == "reference" else STEP_IO
     slots, cols, width, ring_slots = 40, 24, 320, 4
-    ring = torch.randint(-5, 1000, (ring_slots, 6, width), dtype=torch.int64)
+    # Slots are column-major int32: ring[k, column, row].
+    ring = torch.randint(-5, 1000, (ring_slots, width, 6), dtype=torch.int32)
     cells = torch.randperm((slots - 1) * cols)[:n] + cols  # distinct table cells, not slot 0
     k = pos % ring_slots
-    ring[k, 3] = -1
+    ring[k, :, 3] = -1
     writes = n // 2  # page writes in every other column; the rest empty
-    ring[k, 3, : 2 * writes : 2] = cells[:writes] // cols
-    ring[k, 4, : 2 * writes : 2] = cells[:writes] % cols
-    ring[k, 5, : 2 * writes : 2] = torch.randint(0, 2**31 - 1, (writes,))
+    ring[k, : 2 * writes : 2, 3] = (cells[:writes] // cols).int()
+    ring[k, : 2 * writes : 2, 4] = (cells[:writes] % cols).int()
+    ring[k, : 2 * writes : 2, 5] = torch.randint(0, 2**31 - 1, (writes,), dtype=torch.int32)
     ring_dev = _host_ring(ring.clone())
     table = torch.randint(0, 1000, (slots, cols), dtype=torch.int32, device=DEV)
     inputs = torch.full((6, width), -7, dtype=torch.int64, device=DEV)
     p = torch.tensor([pos], dtype=torch.int64, device=DEV)
     want_table = table.clone()
-    want_table.view(-1)[cells[:writes].to(DEV)] = ring[k, 5, : 2 * writes : 2].to(DEV, torch.int32)
+    want_table.view(-1)[cells[:writes].to(DEV)] = ring[k, : 2 * writes : 2, 5].to(DEV)
     mod.load_step_inputs(ring_dev, p, inputs, table, n, 3)
-    assert torch.equal(inputs[:, :n].cpu(), ring[k, :, :n])
+    assert torch.equal(inputs[:, :n].cpu(), ring[k, :n].T.long())
     assert (inputs[:, n:] == -7).all()
     assert torch.equal(table, want_table)
     assert p.item() == pos  # the load does not advance the count
