@@ -221,7 +221,7 @@ class DecodeGraphRunner:
         them. Enqueues on the current stream; does not wait for the GPU.
         """
         io = self.io
-        i, staging = io.slot_inputs()
+        count, staging = io.slot_inputs()
         host = fill_inputs(
             staging,
             plan.slots,
@@ -238,7 +238,7 @@ class DecodeGraphRunner:
         else:
             self._step(bucket, variant, self.runner._decode_bound(plan), False, host[SEQ_LENS])
             io.next += 1
-        return self._out_views[bucket], io.lease(i, plan.step_id)
+        return self._out_views[bucket], io.lease(count, plan.step_id)
 
 
 def pad_waste(buckets: list[int], batch_sizes: np.ndarray) -> float:

@@ -57,9 +57,12 @@ class StepIO:
     Slot ``k % slots`` belongs to the k-th graph step since capture. The device counter ``pos``
     (advanced by each replay's last kernel) and the host counter ``next`` (advanced by
     ``DecodeGraph.replay``) count the same replays, so the host knows which slot a step uses
-    without reading ``pos``. A step holds its slot (``lease``) from its launch until its ids
-    have been read; the launcher's pool lets at most ``slots`` steps be unreleased at once, so
-    a slot is never handed out while held, and ``lease`` raises if it would be.
+    without reading ``pos``. The graph tags the ids row with its count, which the host checks
+    when it reads the ids (``StepIOLease.check``), so counts that drifted apart fail loudly.
+
+    A step holds its slot (``lease``) from its launch until its ids have been read; the
+    launcher's pool lets at most ``slots`` steps be unreleased at once, so a slot is never
+    handed out while held, and ``slot_inputs`` and ``lease`` raise if it would be.
     """
 
     def __init__(self, slots: int, max_bs: int, device: torch.device) -> None:
@@ -69,7 +72,8 @@ class StepIO:
         # run of host memory for the graph's first kernel to read over PCIe.
         self.inputs = torch.empty(slots, max_bs, INPUT_ROWS, dtype=torch.int32, pin_memory=pin)
         self.inputs.copy_(torch.from_numpy(padding_rows(max_bs).T).expand(slots, -1, -1))
-        self.ids = torch.zeros(slots, max_bs, dtype=torch.int64, pin_memory=pin)
+        # Each row: the ids, then the tag (the graph step count that wrote them).
+        self.ids = torch.full((slots, max_bs + 1), -1, dtype=torch.int64, pin_memory=pin)
         # What the graphs' kernels take: the same memory, as CUDA tensors.
         self.inputs_dev = device_view(self.inputs, device) if pin else self.inputs
         self.ids_dev = device_view(self.ids, device) if pin else self.ids
@@ -86,21 +90,24 @@ class StepIO:
         self.next = 0
 
     def slot_inputs(self) -> tuple[int, np.ndarray]:
-        """The slot the next replay reads, and its host inputs array to fill."""
-        i = self.next % self.slots
+        """The count of the next replay (it uses slot ``count % slots``) and that slot's host
+        inputs array to fill."""
+        k = self.next
+        i = k % self.slots
         if self._holder[i] is not None:
             raise StepIOError(
                 f"ring slot {i} is still held by step {self._holder[i]}: more steps in flight "
                 f"than the {self.slots} slots"
             )
-        return i, self._inputs_np[i]
+        return k, self._inputs_np[i]
 
-    def lease(self, i: int, step_id: int) -> StepIOLease:
-        """Hold slot ``i`` for ``step_id`` until the lease is released."""
+    def lease(self, count: int, step_id: int) -> StepIOLease:
+        """Hold the slot of graph step ``count`` for ``step_id`` until the lease is released."""
+        i = count % self.slots
         if self._holder[i] is not None:
             raise StepIOError(f"ring slot {i} is still held by step {self._holder[i]}")
         self._holder[i] = step_id
-        return StepIOLease(self, i, step_id, self._ids_np[i])
+        return StepIOLease(self, count, step_id, self._ids_np[i])
 
     def _release(self, i: int, step_id: int) -> None:
         if self._holder[i] != step_id:
@@ -119,14 +126,28 @@ class StepIO:
 class StepIOLease:
     """A graph step's hold on its ring slot: its sampled ids, once its ``copy_done`` fired."""
 
-    __slots__ = ("_held", "_io", "ids", "slot", "step_id")
+    __slots__ = ("_held", "_io", "_row", "count", "ids", "slot", "step_id")
 
-    def __init__(self, io: StepIO, slot: int, step_id: int, ids: np.ndarray) -> None:
+    def __init__(self, io: StepIO, count: int, step_id: int, row: np.ndarray) -> None:
         self._io = io
-        self.slot = slot
+        self.count = count
+        self.slot = count % io.slots
         self.step_id = step_id
-        self.ids = ids  # the slot's ids row (numpy view of the pinned memory)
+        self._row = row
+        self.ids = row[:-1]  # the slot's ids (numpy view of the pinned memory)
         self._held = True
+
+    def check(self) -> None:
+        """After the step's ``copy_done``: raise if its ids row was written by another graph
+        step than this one (the device's count and the host's drifted apart)."""
+        tag = int(self._row[-1])
+        if tag != self.count:
+            raise StepIOError(
+                f"step {self.step_id}: ring slot {self.slot} holds the ids of graph step {tag}, "
+                f"not of graph step {self.count}; the device's count of graph steps and the "
+                "host's are out of step (a decode graph replayed other than through "
+                "DecodeGraph.replay?)"
+            )
 
     def release(self) -> None:
         if self._held:

@@ -148,6 +148,8 @@ class StepHandle:
         h = self._res.host
         lp = self.plan.needs.logprobs
         io = self._outputs.io if self._outputs is not None else None
+        if io is not None:
+            io.check()
         return StepResult(
             ids=io.ids[:b] if io is not None else h.ids.numpy()[:b],
             logprob=h.logprob.numpy()[:b] if lp else None,

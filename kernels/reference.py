@@ -69,8 +69,11 @@ def load_step_inputs(
 
 
 def store_step_ids(ids: torch.Tensor, ring_ids: torch.Tensor, pos: torch.Tensor) -> None:
-    """``ring_ids[pos % R, :n] = ids``, then ``pos += 1``. Capturable."""
-    ring_ids[:, : ids.shape[0]].index_copy_(0, pos % ring_ids.shape[0], ids[None])
+    """``ring_ids[pos % R, :n] = ids``, ``ring_ids[pos % R, -1] = pos``, then ``pos += 1``.
+    Capturable."""
+    slot = pos % ring_ids.shape[0]
+    ring_ids[:, : ids.shape[0]].index_copy_(0, slot, ids[None])
+    ring_ids[:, -1].index_copy_(0, slot, pos)
     pos.add_(1)
 
 

@@ -12,8 +12,10 @@ are int32 and column-major, so a bucket's columns are one contiguous run: a firs
 A captured graph's pointers are fixed, but consecutive steps need different slots (the host
 fills step n+1's slot while step n may still read its own). The slot is chosen on the device:
 ``pos`` is a device counter of graph steps; the load reads slot ``pos % R`` and the store,
-the graph's last node, writes the ids there and advances ``pos``. The host keeps the same count
-(``capture.static_buffers.StepIO``), so it knows each step's slot without reading ``pos``.
+the graph's last node, writes the ids there, tags the row with ``pos`` and advances it. The host
+keeps the same count (``capture.static_buffers.StepIO``), so it knows each step's slot without
+reading ``pos``, and checks the tag when it reads the ids: counts that drifted apart (a replay
+the host did not count) fail the step loudly instead of handing it another step's ids.
 
 The ring and ids tensors are CUDA views of pinned host memory (``host_copy.device_view``).
 """
@@ -68,7 +70,7 @@ def _load_inputs_kernel(
 
 @triton.jit
 def _store_ids_kernel(
-    ids_ptr, ring_ids_ptr, pos_ptr, n, num_slots, stride_slot, BLOCK: tl.constexpr
+    ids_ptr, ring_ids_ptr, pos_ptr, n, num_slots, stride_slot, tag_col, BLOCK: tl.constexpr
 ):
     # One program, so that every thread has read ``pos`` before it is advanced.
     p = tl.load(pos_ptr)
@@ -77,6 +79,7 @@ def _store_ids_kernel(
         i = start + tl.arange(0, BLOCK)
         m = i < n
         tl.store(dst + i, tl.load(ids_ptr + i, mask=m), mask=m)
+    tl.store(dst + tag_col, p)
     tl.debug_barrier()
     tl.store(pos_ptr, p + 1)
 
@@ -120,10 +123,20 @@ def load_step_inputs(
 
 
 def store_step_ids(ids: torch.Tensor, ring_ids: torch.Tensor, pos: torch.Tensor) -> None:
-    """``ring_ids[pos % R, :n] = ids``, then ``pos += 1``. ``ids``: int64 ``[n]``;
-    ``ring_ids``: int64 ``[R, W]``, ``W >= n``. Capturable."""
+    """``ring_ids[pos % R, :n] = ids`` and ``ring_ids[pos % R, -1] = pos`` (the tag the host
+    checks the step count by), then ``pos += 1``. ``ids``: int64 ``[n]``; ``ring_ids``: int64
+    ``[R, W + 1]``, ``W >= n``. Capturable."""
     if ring_ids.stride(1) != 1 or ids.stride(0) != 1:
         raise ValueError("store_step_ids needs unit-stride rows")
+    if ids.shape[0] >= ring_ids.shape[1]:
+        raise ValueError(f"{ids.shape[0]} ids do not fit a ring row of {ring_ids.shape[1]} - 1")
     _store_ids_kernel[(1,)](
-        ids, ring_ids, pos, ids.shape[0], ring_ids.shape[0], ring_ids.stride(0), BLOCK=_BLOCK
+        ids,
+        ring_ids,
+        pos,
+        ids.shape[0],
+        ring_ids.shape[0],
+        ring_ids.stride(0),
+        ring_ids.shape[1] - 1,
+        BLOCK=_BLOCK,
     )

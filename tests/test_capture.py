@@ -84,19 +84,24 @@ def test_step_io_slots_are_held_until_released() -> None:
     assert (io.inputs[..., SLOTS] == DUMMY_SLOT).all() and (io.inputs[..., UPDATES] == -1).all()
     leases = []
     for step in range(4):
-        i, arr = io.slot_inputs()
-        assert i == step and arr.shape == (INPUT_ROWS, 8)
+        k, arr = io.slot_inputs()
+        assert k == step and arr.shape == (INPUT_ROWS, 8)
         io.next += 1  # what a replay does
-        leases.append(io.lease(i, step))
+        leases.append(io.lease(k, step))
     with pytest.raises(StepIOError, match="ring slot 0 is still held by step 0"):
         io.slot_inputs()  # a fifth step in flight
     leases[0].release()
     leases[0].release()  # idempotent: the handle's error path may release twice
-    assert io.slot_inputs()[0] == 0
+    assert io.slot_inputs()[0] == 4 and io.lease(4, 10).slot == 0
     with pytest.raises(StepIOError, match="still held by step 1"):
-        io.lease(1, 9)
+        io.lease(5, 9)
     io.ids[2, :3] = torch.tensor([5, 6, 7])
     assert leases[2].ids[:3].tolist() == [5, 6, 7]  # a view of the pinned row, no copy
+    io.ids[2, -1] = 2  # the tag the graph writes: graph step 2 wrote this row
+    leases[2].check()
+    io.ids[3, -1] = 7  # a row written by another graph step than the lease's
+    with pytest.raises(StepIOError, match="holds the ids of graph step 7, not of graph step 3"):
+        leases[3].check()
     io.stage_all(np.array([3, 4]), np.array([10, 20]), 4)
     assert (io.inputs[:, :4, SLOTS] == torch.tensor([3, 4, DUMMY_SLOT, DUMMY_SLOT])).all()
     assert (io.inputs[:, :2, POSITIONS] == torch.tensor([9, 19])).all()
@@ -112,6 +117,21 @@ def test_graph_steps_go_through_the_ring(llama, overlap: str) -> None:
     assert eng.stats["graph_steps"] > 3
     assert io.next == eng.stats["graph_steps"] == int(io.pos.item())
     assert all(h is None for h in io._holder)
+    eng.shutdown()
+
+
+def test_ring_out_of_step_fails_loudly(llama) -> None:
+    """A replay the host did not count (the device's count ran ahead) would hand steps each
+    other's inputs and ids; the ids' tag catches it, and the step's requests fail with the
+    reason instead of decoding garbage."""
+    eng = Engine(str(llama), show_progress=False, overlap="thread", cuda_graph_max_bs=8)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    ok = eng.generate([[1, 2, 3]], params)[0]
+    assert ok.error is None and len(ok.outputs[0].token_ids) == 5
+    eng.runner.graphs.io.pos += 1
+    bad = eng.generate([[1, 2, 3]], params)[0]
+    assert bad.error is not None and "out of step" in bad.error
+    assert eng.pages.num_free == eng.pages.num_usable  # the failed request freed its pages
     eng.shutdown()
 
 

@@ -286,7 +286,7 @@ def test_step_io_ring(impl: str, n: int, pos: int) -> None:
     assert (inputs[:, n:] == -7).all()
     assert torch.equal(table, want_table)
     assert p.item() == pos  # the load does not advance the count
-    ring_ids = _host_ring(torch.full((ring_slots, width), -3, dtype=torch.int64))
+    ring_ids = _host_ring(torch.full((ring_slots, width + 1), -3, dtype=torch.int64))
     ids = [torch.randint(0, 50000, (n,), dtype=torch.int64, device=DEV) for _ in range(2)]
     for i in ids:
         mod.store_step_ids(i, ring_ids, p)
@@ -294,7 +294,8 @@ def test_step_io_ring(impl: str, n: int, pos: int) -> None:
     for j, i in enumerate(ids):
         row = (pos + j) % ring_slots
         assert torch.equal(got[row, :n], i.cpu())
-        assert (got[row, n:] == -3).all()
+        assert (got[row, n:-1] == -3).all()
+        assert got[row, -1] == pos + j  # the tag: the count of the step that wrote the row
     untouched = [r for r in range(ring_slots) if r not in {pos % 4, (pos + 1) % 4}]
     assert (got[untouched] == -3).all()
     assert p.item() == pos + 2
