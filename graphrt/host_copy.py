@@ -1,4 +1,4 @@
-"""Host-to-device copies that never wait for the GPU.
+"""Host-to-device copies that never wait for the GPU, and device views of pinned memory.
 
 A copy from pageable host memory is not asynchronous: CUDA first waits for everything already
 queued on the stream to finish (the driver stages pageable memory itself). On the launcher that

@@ -1,12 +1,11 @@
-"""Page-table writes of a graph-replayed decode step, from the step's own input copy.
+"""Page-table writes of a decode step, from rows of its static inputs.
 
 A decode step that crosses a page boundary for some rows must point those rows' page-table
-entries at their new pages before the graph reads them. Sending the (slot, column, page)
-triples through their own pinned buffer cost a pinned allocation, a second H2D copy, a cast and
-an ``index_put_``: operations between two graphs, each a hand-off the GPU waits on (+24-78 us a
-step at batch 256 on the H100). Instead the triples ride in rows of the step's one input copy
-(``capture.static_buffers``) and this kernel, the first node of every decode graph, writes them.
-Columns whose slot is negative are empty: most steps write nothing.
+entries at their new pages before the step reads them. The (slot, column, page) triples ride in
+rows of the step's inputs (``capture.static_buffers``); columns whose slot is negative are
+empty. A captured decode graph applies them in its first kernel, which also loads the inputs
+(``kernels.triton_step_io``); this kernel serves the same step run eagerly, where nothing is
+captured (``DecodeGraphRunner.run``).
 """
 
 from __future__ import annotations
