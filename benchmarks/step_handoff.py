@@ -20,6 +20,9 @@ Variants (interleaved within each repetition; medians and min-max over ``--repea
 - ``decode alone, copies (before)``: what the engine enqueued per step before the ring: one H2D
   copy of the pinned staging buffer, that graph, a D2H copy of the ids and the event.
 
+Then, per batch size, the replay with two page layouts timed alternately: every row's pages
+consecutive (DecodeBench's, the ceiling's) and the rows' pages interleaved.
+
     python benchmarks/step_handoff.py --model benchmarks/models/llama-3.2-1b \\
         --load-format dummy --batch-sizes 64 256 --json handoff.json
 
@@ -174,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             for name, fn in fns.items():
                 samples[name].append(time_ms(fn, args.iters, dev))
+        # Where the pages lie: the replay with every row's pages consecutive (DecodeBench's
+        # layout, the ceiling) against the rows' pages interleaved (an allocator that hands
+        # every row a page at the same steps, as the engine's does for decode pages).
+        layouts: dict[str, list[float]] = {"rows": [], "interleaved": []}
+        for _ in range(args.repeats):
+            for layout, vals in layouts.items():
+                bench.set_layout(layout)
+                vals.append(time_ms(fns["replay"], args.iters, dev))
+        bench.set_layout("rows")
         base = summarize(samples["replay"])["median"]
         print(f"\nbs={bs}, ctx {args.context_len}: ms per step, median [min-max] of {args.repeats}")
         for name, vals in samples.items():
@@ -184,6 +196,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {name:<30} {s['median']:.4f} [{s['min']:.4f}-{s['max']:.4f}]  "
                 f"{s['median'] / base:.4f}x replay, {extra_us:+.1f} us"
             )
+        rows_ms = summarize(layouts["rows"])
+        inter_ms = summarize(layouts["interleaved"])
+        rows.append({"bs": bs, "variant": "replay, pages by row", "ms": rows_ms, "extra_us": None})
+        rows.append(
+            {"bs": bs, "variant": "replay, pages interleaved", "ms": inter_ms, "extra_us": None}
+        )
+        print(
+            f"  page layout: by row {rows_ms['median']:.4f} ms, interleaved across rows "
+            f"{inter_ms['median']:.4f} [{inter_ms['min']:.4f}-{inter_ms['max']:.4f}] ms "
+            f"({inter_ms['median'] / rows_ms['median']:.4f}x)"
+        )
     if args.json:
         args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
     eng.shutdown()

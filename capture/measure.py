@@ -85,13 +85,28 @@ class DecodeBench:
                 f"tokens need {need}. Lower --context-len or --max-num-seqs."
             )
         slots = np.arange(1, self.max_bs + 1, dtype=np.int64)
-        table = torch.zeros_like(r.page_table)
-        pages = torch.arange(1, need + 1, dtype=torch.int32).view(self.max_bs, pages_per_row)
-        table[1 : self.max_bs + 1, :pages_per_row] = pages.to(table.device)
-        r.page_table.copy_(table)
+        self._pages_per_row = pages_per_row
+        self.set_layout("rows")
         r.token_buf.random_(0, r.model_cfg.vocab_size)
         self.slots = slots
         self.seq_lens = np.full(self.max_bs, ctx, dtype=np.int64)
+
+    def set_layout(self, layout: str) -> None:
+        """Where the rows' pages lie in the pool. ``rows``: each row's pages consecutive, one
+        row after another; ``interleaved``: the rows' first pages together, then their second
+        pages, ... (what an allocator that hands every row a page at the same steps produces,
+        as the engine's does for decode pages)."""
+        r, n, w = self.r, self.max_bs, self._pages_per_row
+        pages = torch.arange(1, n * w + 1, dtype=torch.int32)
+        if layout == "rows":
+            pages = pages.view(n, w)
+        elif layout == "interleaved":
+            pages = pages.view(w, n).T
+        else:
+            raise ValueError(f"unknown page layout {layout!r}; choose 'rows' or 'interleaved'")
+        table = torch.zeros_like(r.page_table)
+        table[1 : n + 1, :w] = pages.to(table.device)
+        r.page_table.copy_(table)
 
     def inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = self.r.device
