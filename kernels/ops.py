@@ -3,10 +3,9 @@
 Models receive an :class:`Ops` explicitly; nothing here is global. ``"torch"`` is the reference
 (and the CPU path); ``"triton"`` uses the fused Triton kernels in :mod:`graphrt.kernels.triton_ops`,
 the few-row GEMV of :mod:`graphrt.kernels.triton_gemv` (cuBLAS above it), the two-pass argmax
-of :mod:`graphrt.kernels.triton_argmax` and the page-table scatter of
-:mod:`graphrt.kernels.triton_page_table` and the decode graphs' zero-copy input load and ids
-store of :mod:`graphrt.kernels.triton_step_io`, optionally launched with PDL
-(:mod:`graphrt.kernels.pdl`).
+of :mod:`graphrt.kernels.triton_argmax` and the decode steps' zero-copy input load (with
+their page-table writes) and ids store of :mod:`graphrt.kernels.triton_step_io`, optionally
+launched with PDL (:mod:`graphrt.kernels.pdl`).
 """
 
 from __future__ import annotations
@@ -29,10 +28,9 @@ class Ops:
     linear: Callable
     silu_mul_linear: Callable
     argmax: Callable
-    # Not model ops: a decode step's page-table writes (the eager fallback of
-    # DecodeGraphRunner.run), and a decode graph's first and last nodes, which read its inputs
-    # from and write its sampled ids to a pinned ring slot (kernels.triton_step_io).
-    scatter_page_updates: Callable
+    # Not model ops: a decode step's first and last nodes, which read its inputs (and apply its
+    # page-table writes) from and write its sampled ids to a pinned ring slot
+    # (kernels.triton_step_io).
     load_step_inputs: Callable
     store_step_ids: Callable
     pdl: bool = False
@@ -53,7 +51,6 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
             linear=reference.linear,
             silu_mul_linear=reference.silu_mul_linear,
             argmax=reference.argmax,
-            scatter_page_updates=reference.scatter_page_updates,
             load_step_inputs=reference.load_step_inputs,
             store_step_ids=reference.store_step_ids,
         )
@@ -61,7 +58,6 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
         mod = importlib.import_module("graphrt.kernels.triton_ops")
         gemv = importlib.import_module("graphrt.kernels.triton_gemv")
         amax = importlib.import_module("graphrt.kernels.triton_argmax")
-        pages = importlib.import_module("graphrt.kernels.triton_page_table")
         step_io = importlib.import_module("graphrt.kernels.triton_step_io")
 
         def bind(f: Callable) -> Callable:
@@ -76,7 +72,6 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
             linear=bind(gemv.linear),
             silu_mul_linear=bind(gemv.silu_mul_linear),
             argmax=bind(amax.argmax),
-            scatter_page_updates=pages.scatter_page_updates,
             load_step_inputs=step_io.load_step_inputs,
             store_step_ids=step_io.store_step_ids,
             pdl=pdl,
