@@ -349,9 +349,8 @@ def engine_state_ceilings(
     slots = graphs.io.slots
     # As far ahead as the engine can be: a ring slot is refilled only once the step that used
     # it last has finished (the engine's leases), so the host never writes a slot the GPU has
-    # yet to read. Unpaced, the host rewrote every slot up to 50 steps ahead of the GPU, and
-    # the steps came out 45-60 us slower (the GPU's reads of host memory that the CPU keeps
-    # writing).
+    # yet to read. (Since the column-major ring, the plain step here has come out 48-63 us
+    # above the state's replay, paced or not, while live steps do not; not explained.)
     done = [torch.cuda.Event() for _ in range(slots)]
     for key, cands in (("execute", plain), ("execute_pages", paged)):
         if not cands:

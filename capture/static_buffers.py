@@ -81,7 +81,9 @@ class StepIO:
         self.next = 0
         # [INPUT_ROWS, max_bs] views, as fill_inputs writes them.
         self._inputs_np = [self.inputs[i].numpy().T for i in range(slots)]
-        self._ids_np = [self.ids[i].numpy() for i in range(slots)]
+        # Each slot's whole row (ids, then tag) and its ids alone, made once: a lease per step.
+        self._rows_np = [self.ids[i].numpy() for i in range(slots)]
+        self._ids_np = [row[:-1] for row in self._rows_np]
         self._holder: list[int | None] = [None] * slots
 
     def reset(self) -> None:
@@ -107,7 +109,7 @@ class StepIO:
         if self._holder[i] is not None:
             raise StepIOError(f"ring slot {i} is still held by step {self._holder[i]}")
         self._holder[i] = step_id
-        return StepIOLease(self, count, step_id, self._ids_np[i])
+        return StepIOLease(self, count, step_id, self._rows_np[i], self._ids_np[i])
 
     def _release(self, i: int, step_id: int) -> None:
         if self._holder[i] != step_id:
@@ -128,13 +130,15 @@ class StepIOLease:
 
     __slots__ = ("_held", "_io", "_row", "count", "ids", "slot", "step_id")
 
-    def __init__(self, io: StepIO, count: int, step_id: int, row: np.ndarray) -> None:
+    def __init__(
+        self, io: StepIO, count: int, step_id: int, row: np.ndarray, ids: np.ndarray
+    ) -> None:
         self._io = io
         self.count = count
         self.slot = count % io.slots
         self.step_id = step_id
-        self._row = row
-        self.ids = row[:-1]  # the slot's ids (numpy view of the pinned memory)
+        self._row = row  # the slot's ids row, tag last
+        self.ids = ids  # the same row's ids (numpy view of the pinned memory)
         self._held = True
 
     def check(self) -> None:
