@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from graphrt.config import EngineConfig
+from graphrt.errors import EngineOverloaded, RequestRejected
 from graphrt.memory.page_allocator import PageAllocator, SlotAllocator
 from graphrt.models.model_config import ModelConfig
 from graphrt.output_processor import (
@@ -33,7 +34,7 @@ from graphrt.overlap import Launcher, StepHandle
 from graphrt.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from graphrt.runner import ModelRunner
 from graphrt.sampling_params import SamplingParams
-from graphrt.scheduler import EngineOverloaded, Scheduler
+from graphrt.scheduler import Scheduler
 from graphrt.step_plan import MAX_BANNED_IDS, SamplerNeeds, SlotInit, needs_of
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,6 @@ logger = logging.getLogger(__name__)
 Prompt = str | Sequence[int]
 
 __all__ = ["Engine", "EngineOverloaded", "RequestRejected"]
-
-
-class RequestRejected(ValueError):
-    """A request that can never be served as given; the message says why."""
 
 
 @dataclass

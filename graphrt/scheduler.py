@@ -21,13 +21,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from graphrt.errors import EngineOverloaded
 from graphrt.memory.page_allocator import DUMMY_SLOT, PageAllocator, SlotAllocator
 from graphrt.request import Request, RequestStatus
 from graphrt.step_plan import GREEDY_NEEDS, SamplerNeeds, SlotInit, StepPlan
-
-
-class EngineOverloaded(RuntimeError):
-    """The waiting queue is full; the caller should retry later (HTTP 503)."""
 
 
 class Scheduler:

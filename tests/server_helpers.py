@@ -142,3 +142,9 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def maps_torch(pid: int) -> bool:
+    """Whether process ``pid`` has torch's shared library mapped (Linux /proc): it imported
+    torch."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()

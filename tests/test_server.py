@@ -16,7 +16,14 @@ import openai
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from server_helpers import ENGINE_STATE_GAUGES, engine_idle_and_kv_full, metrics, wait_until
+from server_helpers import (
+    ENGINE_STATE_GAUGES,
+    engine_core_pid,
+    engine_idle_and_kv_full,
+    maps_torch,
+    metrics,
+    wait_until,
+)
 
 from graphrt.serve.launcher import ServerProcess
 
@@ -94,6 +101,10 @@ def test_health_models_and_tokenize(server: ServerProcess, http: httpx.Client, c
     assert back["prompt"].endswith(PROMPT)
     chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
     assert chat["count"] > 2
+    # The API process tokenized and applied the chat template without loading torch; the
+    # engine process runs the model with it.
+    assert not maps_torch(server.proc.pid)
+    assert maps_torch(engine_core_pid(server.proc.pid))
 
 
 def test_completion_greedy_and_stop_strings(client: openai.OpenAI) -> None:

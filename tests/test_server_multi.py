@@ -22,6 +22,7 @@ from server_helpers import (
     engine_core_pid,
     engine_idle_and_kv_full,
     listens_on,
+    maps_torch,
     metrics,
     pid_alive,
     wait_until,
@@ -117,6 +118,10 @@ def test_requests_through_both_processes_get_their_own_outputs(servers, client) 
             break
     served = _served_by(url)
     assert len(served) == 2 and all(v > 0 for v in served.values()), served
+    # Both API processes have tokenized; neither they nor the supervisor loaded torch.
+    supervisor = servers["main"].proc.pid
+    assert not any(maps_torch(pid) for pid in [supervisor, *api_server_pids(supervisor)])
+    assert maps_torch(engine_core_pid(supervisor))
 
 
 def test_streaming_disconnect_aborts_and_frees_pages(servers) -> None:

@@ -89,8 +89,9 @@ def api_server_main(
     import uvicorn
 
     from graphrt.serve.app import build_app
-    from graphrt.serve.cli import bind_socket, uvicorn_config
+    from graphrt.serve.cli import bind_socket, keep_torch_out, uvicorn_config
 
+    keep_torch_out()
     sock = bind_socket(server.host, server.port, reuse_port=True)
     app = build_app(
         server, engine, pipes=pipes, rank=rank, engine_pid=engine_pid, start_barrier=start_barrier

@@ -90,6 +90,20 @@ def warn_slow_paths() -> None:
         )
 
 
+def keep_torch_out() -> None:
+    """Mark torch absent in an API process, which never runs the model (the engine core runs in
+    its own process). transformers imports torch whenever it is installed, even for a
+    tokenizer and a chat template; ``sys.modules[name] = None`` makes ``import torch`` fail and
+    ``importlib.util.find_spec`` report it missing, so transformers leaves it alone. An API
+    process then holds a few hundred MiB less (benchmarks/RESULTS.md, "API process memory").
+    A no-op once torch is loaded."""
+    sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
+    # transformers would then advise, at import, that "PyTorch was not found".
+    logging.getLogger("transformers").addFilter(
+        lambda record: "PyTorch was not found" not in record.getMessage()
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     server, engine = parse_args(argv)
     logging.basicConfig(
@@ -112,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from graphrt.serve.app import build_app
 
+    if server.engine_mode != "thread":
+        keep_torch_out()
     sock = bind_socket(server.host, server.port)
     # --port 0 picks a free port; log and report the real one.
     server = dataclasses.replace(server, port=sock.getsockname()[1])

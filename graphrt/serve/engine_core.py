@@ -21,13 +21,16 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from graphrt.engine import Engine, EngineOverloaded, RequestRejected
+from graphrt.errors import EngineOverloaded, RequestRejected
 from graphrt.sampling_params import SamplingParams
 from graphrt.serve.ipc import Msg, RejectKind, encode_output, pack, unpack
+
+if TYPE_CHECKING:
+    from graphrt.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +112,10 @@ def serve_engine(
 
                 engine = MockEngine(mock_step_s, **engine_kwargs)
             else:
+                # Here, not at module level: API processes import this module (to name the
+                # spawn target) and must not load torch.
+                from graphrt.engine import Engine
+
                 engine = Engine(show_progress=sys.stderr.isatty(), **engine_kwargs)
         except BaseException as e:
             logger.exception("engine failed to start")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graphrt.engine import EngineOverloaded, RequestRejected
+from graphrt.errors import EngineOverloaded, RequestRejected
 from graphrt.request import RequestOutput, TokenLogprob
 from graphrt.sampling_params import SamplingParams
 

@@ -1,0 +1,10 @@
+"""The errors a caller of the engine handles. No heavy imports, so the server's API processes
+and the mock engine can raise and catch them without loading torch."""
+
+
+class RequestRejected(ValueError):
+    """A request that can never be served as given; the message says why (HTTP 400)."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; the caller should retry later (HTTP 503)."""
