@@ -70,14 +70,15 @@ def measure_hbm_bandwidth(device: torch.device, nbytes: int = 2 << 30, iters: in
 class DecodeBench:
     """Sets up ``max_bs`` fake running rows, each with ``ctx`` tokens of cache."""
 
-    def __init__(self, engine: Engine, ctx: int) -> None:
+    def __init__(self, engine: Engine, ctx: int, max_rows: int | None = None) -> None:
+        """``max_rows`` (default ``max_num_seqs``) rows are set up; more than the KV pool holds
+        at ``ctx`` tokens a row is an error that says what to lower (see :meth:`rows_that_fit`)."""
         self.eng = engine
         r = engine.runner
         self.r = r
         self.ctx = ctx
-        ps = engine.config.page_size
-        self.max_bs = engine.config.max_num_seqs
-        pages_per_row = -(-ctx // ps)
+        self.max_bs = engine.config.max_num_seqs if max_rows is None else max_rows
+        pages_per_row = -(-ctx // engine.config.page_size)
         need = self.max_bs * pages_per_row
         if need > engine.pages.num_usable:
             raise SystemExit(
@@ -90,6 +91,11 @@ class DecodeBench:
         r.token_buf.random_(0, r.model_cfg.vocab_size)
         self.slots = slots
         self.seq_lens = np.full(self.max_bs, ctx, dtype=np.int64)
+
+    @staticmethod
+    def rows_that_fit(engine: Engine, ctx: int) -> int:
+        """How many rows of ``ctx`` tokens the engine's KV pool holds."""
+        return engine.pages.num_usable // -(-ctx // engine.config.page_size)
 
     def set_layout(self, layout: str) -> None:
         """Where the rows' pages lie in the pool. ``rows``: each row's pages consecutive, one
@@ -130,7 +136,7 @@ class DecodeBench:
         r = self.r
         s, pos, seq = self.inputs(bs)
         out = SampleOutputs.allocate(bs, r.max_logprobs, r.device)
-        bound = r.settings.max_pages_per_seq * r.config.page_size
+        bound = r.decode_kv_bound(self.ctx)
         host = self.seq_lens[:bs]
 
         def step() -> None:

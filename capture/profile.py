@@ -42,13 +42,26 @@ class BucketProfile:
     roofline_ms: float | None
 
 
-def profile(engine: Engine, ctx: int, iters: int) -> tuple[list[BucketProfile], float | None]:
+# Without CUDA nothing is captured and every step is eager: a few sizes show the trend.
+CPU_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def batch_sizes(engine: Engine) -> list[int]:
+    """The batch sizes to profile: every captured bucket on CUDA, a few on CPU."""
+    runner = engine.runner
+    sizes = runner.graphs.buckets if runner.device.type == "cuda" else CPU_BATCH_SIZES
+    return [b for b in sizes if b <= engine.config.max_num_seqs]
+
+
+def profile(
+    engine: Engine, ctx: int, iters: int, sizes: list[int]
+) -> tuple[list[BucketProfile], float | None]:
+    """Profile a decode step of each batch size in ``sizes``, ``ctx`` tokens a row."""
     r = engine.runner
     cuda = r.device.type == "cuda"
     bw = measure_hbm_bandwidth(r.device) if cuda else None
-    bench = DecodeBench(engine, ctx)
+    bench = DecodeBench(engine, ctx, max(sizes))
     stats = {s.bs: s for s in r.graphs.stats}
-    sizes = r.graphs.buckets or [b for b in (1, 2, 4, 8, 16, 32) if b <= bench.max_bs]
     rows = []
     for bs in sizes:
         eager = bench.eager_ms(bs, max(3, iters // 4))
@@ -156,7 +169,26 @@ def main(argv: list[str] | None = None) -> int:
     kw = {k: v for k, v in vars(config).items() if k != "model"}
     kw.setdefault("max_model_len", None)
     engine = Engine(config.model, **kw)
-    rows, bw = profile(engine, args.context_len, args.iters)
+    sizes = batch_sizes(engine)
+    fit = DecodeBench.rows_that_fit(engine, args.context_len)
+    pool = f"the KV pool ({engine.pages.num_usable} pages of {engine.config.page_size} tokens)"
+    if not sizes or fit < min(sizes):
+        print(
+            f"capture-profile: {pool} holds {fit} rows of {args.context_len} tokens, fewer than "
+            f"the smallest batch to profile. Lower --context-len or give the KV pool more memory.",
+            file=sys.stderr,
+        )
+        engine.shutdown()
+        return 1
+    if fit < max(sizes):
+        print(
+            f"capture-profile: {pool} holds {fit} rows of {args.context_len} tokens: profiling "
+            f"batches up to {fit}, not {max(sizes)}. Lower --context-len or give the KV pool "
+            "more memory to profile larger ones.",
+            file=sys.stderr,
+        )
+        sizes = [b for b in sizes if b <= fit]
+    rows, bw = profile(engine, args.context_len, args.iters, sizes)
     r = engine.runner
     dev = torch.cuda.get_device_name() if r.device.type == "cuda" else "cpu"
     header = (

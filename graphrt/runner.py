@@ -449,7 +449,11 @@ class ModelRunner:
         )
 
     def _decode_bound(self, plan: StepPlan) -> int:
-        """Static KV-length bound of decode steps run without a graph.
+        return self.decode_kv_bound(int(plan.seq_lens.max()))
+
+    def decode_kv_bound(self, max_seq_len: int) -> int:
+        """Static KV-length bound of decode steps run without a graph, whose longest row holds
+        ``max_seq_len`` tokens.
 
         On CUDA it is the page-table width, as in the captured graphs, so kernels that size
         their work from it (split-K) compute exactly what a replay computes. On CPU, where
@@ -457,7 +461,7 @@ class ModelRunner:
         """
         if self.device.type == "cuda":
             return self.settings.max_pages_per_seq * self.config.page_size
-        return _round_up(int(plan.seq_lens.max()), self.config.page_size)
+        return _round_up(max_seq_len, self.config.page_size)
 
 
 def _round_up(x: int, m: int) -> int:

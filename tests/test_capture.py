@@ -219,3 +219,18 @@ def test_capture_profile_cli_without_cuda(llama, tmp_path, capsys) -> None:
     assert [r["bs"] for r in data["rows"]] == [1, 2, 4]
     assert all(r["eager_ms"] > 0 and r["replay_ms"] is None for r in data["rows"])
     assert png.stat().st_size > 1000
+
+
+def test_capture_profile_scales_to_the_kv_pool(llama, capsys) -> None:
+    """The default --max-num-seqs (256) with a KV pool too small for 256 rows of the default
+    context: the profile shrinks to the rows that fit, says so, and succeeds."""
+    from graphrt.capture.profile import main
+
+    # 1 MiB of fp32 KV for the tiny model: 128 pages, 16 rows of 128 tokens.
+    args = ["--model", str(llama), "--iters", "3", "--device", "cpu", "--cpu-kv-cache-gb", "0.001"]
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "profiling batches up to 16, not 32" in err
+    rc = main([*args, "--context-len", "4096"])
+    assert rc == 1 and "fewer than the smallest batch" in capsys.readouterr().err
