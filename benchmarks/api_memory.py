@@ -17,7 +17,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from graphrt.serve.launcher import ServerProcess  # noqa: E402
+from graphrt.serve.launcher import ServerProcess
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
