@@ -252,7 +252,7 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
             budget = BUDGETS.get(name, DEFAULT_BUDGET[kind])
             phases.append(Phase(name, kind, cmd, budget, model, scripts[kind], js, note))
     kernels_json = str(work / "kernels.json")
-    k_cmd = [py, "benchmarks/kernels.py", "--json", kernels_json, "--reps", "5"]
+    k_cmd = [py, "benchmarks/kernel_bench.py", "--json", kernels_json, "--reps", "5"]
     if args.profile != "smoke":
         # The extend section (the backend choice's prefill rows) and flashinfer's decode rows
         # (its JIT alone is ~23 s; runs B and J have them) are left to standalone runs.
@@ -265,9 +265,9 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
             "kernels",
             k_cmd,
             BUDGETS["kernels"],
-            requires="benchmarks/kernels.py",
+            requires="benchmarks/kernel_bench.py",
             json_path=kernels_json,
-            note="Triton and torch rows (flashinfer's: standalone `benchmarks/kernels.py`)",
+            note="Triton and torch rows (flashinfer's: standalone `benchmarks/kernel_bench.py`)",
         )
     )
     # Quick runs smaller benchmarks; installing and testing cost the same.

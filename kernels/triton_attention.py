@@ -33,7 +33,7 @@ class TritonAttentionConfig:
     """Launch parameters. ``num_splits`` forces the decode split count (tests, benchmarks);
     ``None`` picks it from the batch, the KV heads and the SM count.
 
-    The defaults come from ``benchmarks/kernels.py --sweep`` on an H100 (Llama-3.1-8B heads,
+    The defaults come from ``benchmarks/kernel_bench.py --sweep`` on an H100 (Llama-3.1-8B heads,
     page size 16). Decode: within 0.5% of the best of 18 block/warp/stage configurations at
     batch 64, 2k and 8k context. Extend: the fastest of 9 tilings for 4 x 512 new tokens over a
     1536-token prefix (299 TFLOP/s; 64x64, 4 warps, 2 stages gave 273).

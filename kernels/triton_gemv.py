@@ -26,7 +26,7 @@ import triton.language as tl
 from graphrt.kernels.pdl import launch_options, pdl_enter, pdl_launch, pdl_wait
 from graphrt.kernels.triton_ops import silu_and_mul
 
-# Above this many rows cuBLAS's tensor-core tiles win (benchmarks/kernels.py, gemv sweep).
+# Above this many rows cuBLAS's tensor-core tiles win (benchmarks/kernel_bench.py, gemv sweep).
 GEMV_MAX_ROWS = 8
 
 
@@ -144,7 +144,7 @@ NARROW_N = 3072
 def gemv_config(m: int, n: int, k: int, silu_mul: bool = False) -> GemvConfig | None:
     """The launch config for an ``[m, k] x [n, k]^T`` product, or None to use cuBLAS.
 
-    From the H100 sweeps in ``benchmarks/RESULTS.md`` (``benchmarks/kernels.py --only gemv
+    From the H100 sweeps in ``benchmarks/RESULTS.md`` (``benchmarks/kernel_bench.py --only gemv
     --sweep``), at the decode GEMMs of Llama-3.1-8B and Llama-3.2-1B:
 
     - one row, N <= 3072 (Llama-3.2-1B's qkv, o and down): 2 columns x 1024-wide K blocks per

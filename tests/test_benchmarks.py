@@ -211,12 +211,12 @@ def test_decode_roofline_runs_and_reports(llama, tmp_path) -> None:
 
 
 def test_kernels_smoke_ops_gemv_and_argmax(tmp_path) -> None:
-    """kernels.py's fused-op, GEMV and argmax sections and their sweeps run end to end
+    """kernel_bench.py's fused-op, GEMV and argmax sections and their sweeps run end to end
     (interpreted, tiny shapes)."""
     import subprocess
 
     out = tmp_path / "k.json"
-    cmd = [sys.executable, str(BENCH / "kernels.py"), "--smoke", "--sweep", "--reps", "2"]
+    cmd = [sys.executable, str(BENCH / "kernel_bench.py"), "--smoke", "--sweep", "--reps", "2"]
     cmd += ["--only", "ops", "gemv", "argmax", "--json", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -405,7 +405,7 @@ def sample_suite() -> dict:
                note="partial JSON kept", log_tail=["", "Killed while running HF"]),
             ph("overlap:llama-3.2-1b", "overlap", "llama-3.2-1b", "ok", overlap),
             ph("capture:llama-3.2-1b", "capture", "llama-3.2-1b", "ok", capture),
-            ph("kernels", "kernels", None, "missing", note="benchmarks/kernels.py is not here"),
+            ph("kernels", "kernels", None, "missing", note="kernel_bench.py is not here"),
             ph("kernels2", "kernels", None, "ok", kernels),
             ph("capture:llama-3.1-8b", "capture", "llama-3.1-8b", "skipped", wall_s=None),
         ],

@@ -85,6 +85,16 @@ def test_installed_distributions_resolve_outside_the_checkout() -> None:
                 assert not Path(path).resolve().is_relative_to(ROOT / name), (name, path)
 
 
+def test_script_modules_do_not_shadow_installed_packages() -> None:
+    """``python benchmarks/x.py`` puts ``benchmarks/`` first on ``sys.path``, and pytest puts
+    ``tests/`` there: no module in either may be named like an installed package
+    (``benchmarks/kernels.py`` was, and transformers 5.25 imported it instead of HF's)."""
+    installed = set(importlib.metadata.packages_distributions())
+    for folder in ("benchmarks", "tests"):
+        clash = sorted(p.name for p in (ROOT / folder).glob("*.py") if p.stem in installed)
+        assert not clash, f"{folder}/ shadows installed packages: {clash}"
+
+
 def test_transformers_imports_hugging_face_kernels_from_the_root() -> None:
     """The break of 2026-12-06: transformers 5.25 imports ``kernels`` (Hugging Face's), and
     the checkout's ``kernels/`` folder used to answer."""

@@ -1,7 +1,7 @@
 """Kernel bandwidth benchmark: each kernel's achieved GB/s beside the HBM bandwidth measured in
 the same run, the torch reference and flashinfer.
 
-    python benchmarks/kernels.py [--json PATH] [--reps 7] [--sweep]
+    python benchmarks/kernel_bench.py [--json PATH] [--reps 7] [--sweep]
 
 - HBM ceiling: the fastest of three 1 GiB device-to-device copies (cudaMemcpy eager, in a
   graph, a Triton kernel), bytes read + written; a read-only pass (torch.sum) for reference.
@@ -837,7 +837,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--reps must be at least 5")
     if not torch.cuda.is_available():
         if not args.smoke:
-            sys.exit("benchmarks/kernels.py needs a CUDA device (or --smoke)")
+            sys.exit("benchmarks/kernel_bench.py needs a CUDA device (or --smoke)")
         os.environ.setdefault("TRITON_INTERPRET", "1")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
