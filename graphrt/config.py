@@ -37,6 +37,8 @@ _HELP: dict[str, str] = {
     "(1: every step); larger values batch admissions into fewer, larger prefill steps, for "
     "throughput, at the cost of up to N - 1 decode steps of time to first token",
     "max_waiting_requests": "most requests queued before new ones are refused",
+    "enable_prefix_caching": "reuse the KV pages of prompt prefixes seen before (full pages, "
+    "least recently used evicted first when pages run out)",
     "max_logprobs": "most top logprobs a request may ask for",
     "attention_backend": "attention kernels: 'torch' (reference), 'triton', 'flashinfer'",
     "cuda_graph_max_bs": "largest decode batch captured as a CUDA graph; 0 disables graphs",
@@ -71,6 +73,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     admission_interval: int = 1
     max_waiting_requests: int = 4096
+    enable_prefix_caching: bool = True
     max_logprobs: int = 20
     attention_backend: AttentionBackendName = "auto"
     cuda_graph_max_bs: int = 256

@@ -92,7 +92,9 @@ class Engine:
         self.runner = ModelRunner(config, self.model_dir, model_cfg, show_progress=show_progress)
         self.model_config = self.runner.model_cfg
         self.max_model_len = self.runner.settings.max_model_len
-        self.pages = PageAllocator(self.runner.num_pages, config.page_size)
+        self.pages = PageAllocator(
+            self.runner.num_pages, config.page_size, config.enable_prefix_caching
+        )
         self.slots = SlotAllocator(self.runner.settings.num_slots)
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,
@@ -123,12 +125,15 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         stream: bool = True,
+        cache_salt: str | None = None,
     ) -> str:
         """Queue a request. Raises ``RequestRejected`` for requests that can never run and
         ``EngineOverloaded`` when the queue is full. Returns the request id.
 
         With ``stream`` (the default), ``step()`` reports the request whenever it progresses;
-        otherwise only once, when all its completions have finished.
+        otherwise only once, when all its completions have finished. Requests share cached
+        prefix pages only with requests of the same ``cache_salt`` (vLLM's name): give each
+        tenant its own, and no tenant can learn from timing what another's prompts hold.
         """
         if self._closed:
             raise RuntimeError("the engine has been shut down")
@@ -136,6 +141,8 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._groups:
             raise RequestRejected(f"request id {request_id!r} is already in use")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise RequestRejected("cache_salt must be a string")
         text, ids = self._tokenize_prompt(prompt)
         max_len = self._validate(ids, params)
         if len(self.scheduler.waiting) + params.n > self.config.max_waiting_requests:
@@ -159,6 +166,7 @@ class Engine:
                 index=i,
                 stream=stream,
                 needs=needs,
+                cache_salt=cache_salt,
             )
             if self.tokenizer is not None:
                 req.detokenizer = self.tokenizer.new_detokenizer(
@@ -271,6 +279,7 @@ class Engine:
                     self._fail(req, f"step failed: {type(e).__name__}: {e}")
                     self._touch(req, touched)
             return self._collect(touched)
+        self.scheduler.step_done(plan)
         if res.graph_bs is not None:
             self.stats["graph_steps"] += 1
         # One conversion per step: indexing numpy scalars per row costs more than the row.
@@ -309,7 +318,12 @@ class Engine:
                 if group.single:
                     outs.append(
                         RequestOutput(
-                            group.request_id, group.prompt, group.prompt_ids, [take(req)], False
+                            group.request_id,
+                            group.prompt,
+                            group.prompt_ids,
+                            [take(req)],
+                            False,
+                            num_cached_tokens=req.num_cached_tokens,
                         )
                     )
                     continue
@@ -361,7 +375,12 @@ class Engine:
                 if not kid.stream:
                     return None
                 return RequestOutput(
-                    gid, group.prompt, group.prompt_ids, [CompletionOutput.take(kid)], False
+                    gid,
+                    group.prompt,
+                    group.prompt_ids,
+                    [CompletionOutput.take(kid)],
+                    False,
+                    num_cached_tokens=kid.num_cached_tokens,
                 )
         else:
             done = all(c.status is finished for c in kids)

@@ -100,8 +100,9 @@ def request_output(
     """One ``RequestOutput`` for a request and its ``n`` completions. Runs for every streaming
     request every step, so the final-only parts (error, metrics) are built only at the end."""
     outs = [CompletionOutput.take(c) for c in children]
+    cached = children[0].num_cached_tokens
     if not finished:
-        return RequestOutput(request_id, prompt, prompt_ids, outs, False)
+        return RequestOutput(request_id, prompt, prompt_ids, outs, False, num_cached_tokens=cached)
     errors = [c.error for c in children if c.error]
     metrics = {"arrival_time": children[0].arrival_time}
     ttfts = [c.first_token_time for c in children if c.first_token_time is not None]
@@ -111,5 +112,5 @@ def request_output(
     if finish:
         metrics["finish_time"] = max(finish)
     return RequestOutput(
-        request_id, prompt, prompt_ids, outs, True, errors[0] if errors else None, metrics
+        request_id, prompt, prompt_ids, outs, True, errors[0] if errors else None, metrics, cached
     )

@@ -68,6 +68,18 @@ class Request:
     # Tokens to prefill: the prompt, or prompt + outputs when recomputing after preemption.
     prefill_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    # Prefill chunks launched that sample nothing and whose step has not been processed yet.
+    # With num_pending, they keep a preempted request out of admission until every step that
+    # wrote its old pages has been seen (the prefix cache indexes pages only then).
+    num_chunks_pending: int = 0
+    # Prefix cache. A request whose cache_salt differs shares no page with this one.
+    cache_salt: str | None = None
+    # Prompt tokens whose KV came from the cache at the first admission (vLLM's name).
+    num_cached_tokens: int | None = None
+    # Leading full pages the prefix index knows (found there, or inserted once their KV was
+    # written), and the index node of the last of them: where the next page's key hangs.
+    num_indexed_pages: int = 0
+    cache_parent: int | str | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     error: str | None = None
@@ -125,7 +137,17 @@ class Request:
 
     @property
     def in_flight(self) -> bool:
-        return self.num_pending > 0
+        return self.num_pending > 0 or self.num_chunks_pending > 0
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """The ids at positions ``[start, end)`` of prompt + outputs."""
+        prompt = self.prompt_ids
+        n = len(prompt)
+        if end <= n:
+            return prompt[start:end]
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return prompt[start:] + self.output_ids[: end - n]
 
 
 class CompletionOutput:
@@ -209,3 +231,6 @@ class RequestOutput:
     finished: bool
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # Prompt tokens whose KV came from the prefix cache (of the first completion when n > 1);
+    # None until the request has been admitted.
+    num_cached_tokens: int | None = None

@@ -23,6 +23,7 @@ import numpy as np
 
 from graphrt.errors import EngineOverloaded
 from graphrt.memory.page_allocator import DUMMY_SLOT, PageAllocator, SlotAllocator
+from graphrt.memory.prefix_cache import PrefixIndex
 from graphrt.request import Request, RequestStatus
 from graphrt.step_plan import GREEDY_NEEDS, SamplerNeeds, SlotInit, StepPlan
 
@@ -51,6 +52,13 @@ class Scheduler:
         self.running: list[Request] = []
         self._next_step = 0
         self.num_preemptions = 0
+        # Prefix cache, in prompt tokens (vLLM's prefix_cache_queries and _hits): looked up at
+        # admissions, and found in the cache.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        # Running requests with full prefill pages launched or to come that are not indexed yet:
+        # a waiting request that would share them waits for them (_shares_a_prefill_in_flight).
+        self._filling: list[Request] = []
 
     # ---- queue ---------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -137,7 +145,7 @@ class Scheduler:
         while admissible and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             if req.in_flight:
-                break  # a preempted request whose last token has not landed yet
+                break  # a preempted request whose last step has not been processed yet
             if not self._admit(req, budget, b):
                 break
             budget -= b.last_chunk
@@ -149,21 +157,99 @@ class Scheduler:
         return plan
 
     def _admit(self, req: Request, budget: int, b: _PlanBuilder) -> bool:
+        """Admit the head of the queue, or return False to keep it (and the rest) waiting."""
         if req.num_preemptions:
             req.prefill_ids = req.prompt_ids + req.output_ids
-        chunk = min(len(req.prefill_ids), budget)
-        need = self.pages.pages_for(chunk)
-        if not self.pages.can_allocate(need) or not self.slots.can_allocate(1):
+        ids, ps, index = req.prefill_ids, self.pages.page_size, self.pages.index
+        hit: list[int] = []
+        parent = req.cache_salt
+        if index is not None:
+            # At least the last token is computed, for its logits: only pages before it match.
+            max_pages = (len(ids) - 1) // ps
+            hit, parent = index.match(ids, max_pages, req.cache_salt)
+            if len(hit) < max_pages and self._shares_a_prefill_in_flight(req, len(hit), parent):
+                return False
+        start = len(hit) * ps
+        chunk = min(len(ids) - start, budget)
+        need = self.pages.pages_for(start + chunk) - len(hit)
+        if not self.pages.can_acquire_and_allocate(hit, need) or not self.slots.can_allocate(1):
             return False
         self.waiting.popleft()
         req.slot = self.slots.allocate_one()
         req.status = RequestStatus.RUNNING
-        req.num_computed = 0
         self.running.append(req)
         b.slot_inits.append(self._slot_init(req, req.slot))
-        self._reserve_pages(req, chunk, b, preempt=False)
+        if index is not None:
+            self.prefix_queries += len(ids)
+            self.prefix_hits += start
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = start
+            self.pages.acquire(hit)
+            req.pages = hit
+            req.num_indexed_pages, req.cache_parent = len(hit), parent
+            for i, page in enumerate(hit):
+                b.page_updates.append((req.slot, i, page))
+            if len(ids) // ps > len(hit):
+                self._filling.append(req)
+        req.num_computed = start
+        self._reserve_pages(req, start + chunk, b, preempt=False)
         b.prefill_row(req, chunk)
         return True
+
+    def _shares_a_prefill_in_flight(self, req: Request, matched: int, parent: object) -> bool:
+        """Whether a running request is filling, or is about to fill, the page that would
+        extend ``req``'s match of ``matched`` pages under index node ``parent``. Then ``req``
+        waits a step or two and shares that page (and those after it) instead of computing its
+        own copy: the later completions of an ``n > 1`` request, and a burst of requests with
+        one system prompt, prefill it once (SGLang's in-batch prefix caching does the same)."""
+        ps = self.pages.page_size
+        lo, hi = matched * ps, (matched + 1) * ps
+        page = req.prefill_ids[lo:hi]
+        for r in self._filling:
+            if (
+                r.cache_parent == parent
+                and r.num_indexed_pages == matched
+                and r.prefill_ids[lo:hi] == page
+            ):
+                return True
+        return False
+
+    def step_done(self, plan: StepPlan) -> None:
+        """Bookkeeping once ``plan``'s step has finished on the device and before its ids are
+        processed: its prefill chunks are no longer in flight, and the pages its rows filled
+        join the prefix index (only now: their KV is written, so a later step that finds them
+        reads what a recompute would produce)."""
+        index = self.pages.index
+        running = RequestStatus.RUNNING
+        if not plan.is_decode:
+            seq_lens = plan.seq_lens.tolist()
+            for r, req in enumerate(plan.requests):
+                if not plan.samples[r]:
+                    req.num_chunks_pending -= 1
+                if index is not None and req.status is running:
+                    self._index_pages(index, req, seq_lens[r])
+            return
+        if index is None:
+            return
+        # A decode row fills a page only every page_size steps: find those rows in one go.
+        ps = self.pages.page_size
+        for r in np.flatnonzero(plan.seq_lens % ps == 0).tolist():
+            req = plan.requests[r]
+            if req.status is running:
+                self._index_pages(index, req, int(plan.seq_lens[r]))
+
+    def _index_pages(self, index: PrefixIndex, req: Request, num_tokens: int) -> None:
+        """Index ``req``'s full pages among its first ``num_tokens`` positions."""
+        ps = self.pages.page_size
+        full = min(num_tokens // ps, len(req.pages))
+        if full <= req.num_indexed_pages:
+            return
+        parent = req.cache_parent
+        for i in range(req.num_indexed_pages, full):
+            parent = index.insert(parent, req.token_ids(i * ps, (i + 1) * ps), req.pages[i])
+        req.num_indexed_pages, req.cache_parent = full, parent
+        if full >= len(req.prefill_ids) // ps and req in self._filling:
+            self._filling.remove(req)
 
     def _schedule_prefill_chunk(self, req: Request, budget: int, b: _PlanBuilder) -> int:
         remaining = len(req.prefill_ids) - req.num_computed
@@ -218,6 +304,9 @@ class Scheduler:
         if req.pages:
             self.pages.free(req.pages)
             req.pages = []
+            req.num_indexed_pages = 0
+            if req in self._filling:
+                self._filling.remove(req)
         if req.slot is not None:
             self.slots.free([req.slot])
             req.slot = None
@@ -249,6 +338,8 @@ class _PlanBuilder:
             req.num_pending += 1
             if req.needs is not GREEDY_NEEDS:
                 self.extra_needs.append(req.needs)
+        else:
+            req.num_chunks_pending += 1
 
     def build(self, step_id: int) -> StepPlan:
         i64 = np.int64

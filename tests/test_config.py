@@ -164,6 +164,7 @@ def test_cli_round_trip_of_non_default_config() -> None:
         max_num_batched_tokens=512,
         admission_interval=4,
         max_waiting_requests=9,
+        enable_prefix_caching=False,
         max_logprobs=5,
         attention_backend="triton",
         cuda_graph_max_bs=32,

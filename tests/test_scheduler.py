@@ -47,9 +47,18 @@ class Sim:
         max_waiting: int = 1000,
         overlap: bool = False,
         admission_interval: int = 1,
+        prefix_caching: bool = False,
+        deferred: bool = False,
     ) -> None:
+        """``deferred``: the fake device runs a launched step only when the host waits for it
+        (``process``), as a GPU runs behind a host that plans one step ahead; so host-side
+        changes made after a launch (freed, evicted, reused, indexed pages) meet the device in
+        the order the real one would see them."""
         self.ps = page_size
-        self.pages = PageAllocator(num_pages, page_size)
+        self.deferred = deferred
+        self.device_queue: list[StepPlan] = []
+        self.results: dict[int, list[int]] = {}
+        self.pages = PageAllocator(num_pages, page_size, prefix_caching)
         self.slots = SlotAllocator(num_slots)
         self.max_num_seqs = max_num_seqs
         self.budget = budget
@@ -83,18 +92,26 @@ class Sim:
         max_tokens: int,
         target: int | None = None,
         needs: SamplerNeeds = GREEDY_NEEDS,
+        prompt: list[int] | None = None,
+        cache_salt: str | None = None,
     ) -> Request:
+        """``prompt`` (default: the request's own fake tokens) lets requests share prefixes;
+        outputs are always the request's own."""
         k = len(self.num)
         self.num[rid] = k
         self.target[rid] = max_tokens if target is None else target
+        if prompt is None:
+            prompt = [_tok(k, p) for p in range(prompt_len)]
+        assert len(prompt) == prompt_len
         req = Request(
             request_id=rid,
-            prompt_ids=[_tok(k, p) for p in range(prompt_len)],
+            prompt_ids=list(prompt),
             params=SamplingParams(max_tokens=max_tokens),
             seed=0,
             max_len=prompt_len + max_tokens,
             eos_ids=frozenset(),
             needs=needs,
+            cache_salt=cache_salt,
         )
         self.sched.add(req)
         self.reqs.append(req)
@@ -128,30 +145,55 @@ class Sim:
             penalty_output_ids=None,
         )
 
+    def expect(self, req: Request, pos: int) -> int:
+        """The token at ``pos`` of ``req``: its prompt's, then its own fake outputs."""
+        if pos < len(req.prompt_ids):
+            return req.prompt_ids[pos]
+        return _tok(self.num[req.request_id], pos)
+
     # ---- the fake device ---------------------------------------------------------------
-    def launch(self, plan: StepPlan) -> list[int]:
-        """Check a plan, then run it: write KV, read the token buffer, "sample"."""
+    def launch(self, plan: StepPlan) -> list[int] | None:
+        """Check a plan, then run it (or, ``deferred``, queue it): write KV, read the token
+        buffer, "sample"."""
         self._check_plan(plan)
         self.plans.append(plan)
+        if self.deferred:
+            self.device_queue.append(plan)
+            return None
+        return self._execute(plan)
+
+    def _run_device_until(self, plan: StepPlan) -> list[int]:
+        while plan.step_id not in self.results:
+            head = self.device_queue.pop(0)
+            self.results[head.step_id] = self._execute(head)
+        return self.results.pop(plan.step_id)
+
+    def _execute(self, plan: StepPlan) -> list[int]:
         for slot, idx, page in plan.page_updates.T.tolist():
             self.page_table[slot][idx] = page
         cu = np.concatenate([[0], np.cumsum(plan.query_lens)])
         for b, req in enumerate(plan.requests):
-            k, slot = self.num[req.request_id], int(plan.slots[b])
+            slot = int(plan.slots[b])
             for t in range(cu[b], cu[b + 1]):
                 pos, tid = int(plan.positions[t]), int(plan.input_ids[t])
                 if tid == -1:  # a decode row reads the id the previous step sampled
                     tid = self.token_buf[slot]
-                assert tid == _tok(k, pos), f"{req.request_id}: wrong input at position {pos}"
-                self.kv[(self.page_table[slot][pos // self.ps], pos % self.ps)] = tid
+                want = self.expect(req, pos)
+                assert tid == want, f"{req.request_id}: wrong input at position {pos}"
+                page = self.page_table[slot][pos // self.ps]
+                # A page that others hold or may find is never written again. (Deferred, the
+                # writer may have let go of it since: it was freed, or reused by a later step.)
+                assert self.pages.refcount(page) <= 1, f"{req.request_id}: writes shared page"
+                assert self.pages.index is None or page not in self.pages.index
+                self.kv[(page, pos % self.ps)] = tid
         sampled = []
         for b, req in enumerate(plan.requests):
-            k, slot, seq_len = self.num[req.request_id], int(plan.slots[b]), int(plan.seq_lens[b])
+            slot, seq_len = int(plan.slots[b]), int(plan.seq_lens[b])
             # Attention reads every position so far through the slot's page table.
             for pos in range(seq_len):
                 got = self.kv[(self.page_table[slot][pos // self.ps], pos % self.ps)]
-                assert got == _tok(k, pos), f"{req.request_id}: KV wrong at {pos}"
-            tok = _tok(k, seq_len) if plan.samples[b] else -7
+                assert got == self.expect(req, pos), f"{req.request_id}: KV wrong at {pos}"
+            tok = self.expect(req, seq_len) if plan.samples[b] else -7
             self.token_buf[int(plan.out_slots[b])] = tok
             sampled.append(tok)
         return sampled
@@ -205,8 +247,17 @@ class Sim:
     def check_accounting(self) -> None:
         running = self.sched.running
         held = [p for r in running for p in r.pages]
-        assert len(held) == len(set(held)), "a page is held by two requests"
-        assert len(held) == self.pages.num_used
+        for r in running:
+            assert len(r.pages) == len(set(r.pages)), "a request holds a page twice"
+        refs: dict[int, int] = defaultdict(int)
+        for p in held:
+            refs[p] += 1
+        # A page is shared only through the prefix cache; every holder counts.
+        assert all(self.pages.refcount(p) == n for p, n in refs.items())
+        if self.pages.index is None:
+            assert len(held) == len(refs), "a page is held by two requests"
+        assert len(refs) == self.pages.num_used
+        self.pages.check()
         assert len(running) == self.slots.num_used
         assert len({r.slot for r in running}) == len(running)
         assert len(running) <= self.max_num_seqs
@@ -219,16 +270,18 @@ class Sim:
             assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 
     # ---- feeding results back ----------------------------------------------------------
-    def process(self, plan: StepPlan, sampled: list[int]) -> None:
+    def process(self, plan: StepPlan, sampled: list[int] | None) -> None:
         """What ``Engine._process`` does with a step's ids."""
+        if sampled is None:
+            sampled = self._run_device_until(plan)
+        self.sched.step_done(plan)
         for r, req in enumerate(plan.requests):
             if not plan.samples[r] or req.finished:
                 continue
             req.num_pending -= 1
             assert req.num_pending >= 0
-            k = self.num[req.request_id]
             pos = len(req.prompt_ids) + len(req.output_ids)
-            assert sampled[r] == _tok(k, pos), f"{req.request_id}: token out of order"
+            assert sampled[r] == self.expect(req, pos), f"{req.request_id}: token out of order"
             req.output_ids.append(sampled[r])
             if len(req.output_ids) >= self.target[req.request_id]:
                 req.finish_reason = FinishReason.STOP
@@ -554,11 +607,14 @@ def test_half_prefilled_prompt_out_of_pages_with_nothing_else_to_run() -> None:
     assert s2 is not None and x.num_computed == 7 and sim.pages.num_free == 0
     sim.process(*s1)
     s3 = sim.schedule_and_launch()
-    assert s3 is not None and s3[0].requests == [x]
-    assert x.num_preemptions == 1  # x gave up its own pages: it was the newest
-    sim.inflight = s3
+    # x gave up its own pages (it was the newest). Its chunk in s2 is still in flight, so it
+    # comes back only once s2 has been processed (and nothing else can run meanwhile).
+    assert s3 is None and x.num_preemptions == 1 and x.in_flight
     sim.process(*s2)
-    assert a.finished
+    assert a.finished and not x.in_flight
+    s4 = sim.schedule_and_launch()
+    assert s4 is not None and s4[0].requests == [x]
+    sim.inflight = s4
     sim.run()
     sim.check_done()
 
@@ -594,7 +650,10 @@ def test_finish_of_preempted_request_removes_it_from_the_queue() -> None:
 
 
 # ---- randomised ----------------------------------------------------------------------------
-def _random_run(seed: int, overlap: bool) -> Sim:
+def _random_run(seed: int, overlap: bool, cache: bool = False) -> Sim:
+    """A random workload to the end. ``cache``: with the prefix cache, prompts that share
+    prefixes (a few "system prompts"), groups that share a prompt as n > 1 does, and a device
+    that runs one step behind the host."""
     rng = random.Random(seed)
     ps = rng.choice([1, 2, 4, 8])
     num_pages = rng.randint(3, 24)
@@ -607,6 +666,8 @@ def _random_run(seed: int, overlap: bool) -> Sim:
         overlap=overlap,
         # From the seed, not the rng, so the other draws (and what each seed covers) stay put.
         admission_interval=(1, 1, 3)[seed % 3],
+        prefix_caching=cache,
+        deferred=cache and overlap,
     )
     capacity = (num_pages - 1) * ps  # the engine rejects requests that cannot fit alone
     arrivals: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
@@ -617,9 +678,22 @@ def _random_run(seed: int, overlap: bool) -> Sim:
         target = max_tokens if rng.random() < 0.5 else rng.randint(1, max_tokens)
         arrivals[rng.randint(0, 40)].append((prompt, max_tokens, target))
     last_arrival = max(arrivals)
+    # Shared prefixes draw from their own generator, so the draws above stay what they were.
+    shared = random.Random(seed + 1)
+    system = [[1000 + 50 * s + i for i in range(48)] for s in range(3)]
     for step in range(4000):
         for prompt, max_tokens, target in arrivals.get(step, []):
-            sim.add(f"r{len(sim.num)}", prompt, max_tokens, target)
+            if not cache:
+                sim.add(f"r{len(sim.num)}", prompt, max_tokens, target)
+                continue
+            k = len(sim.num)
+            own = [_tok(k, p) for p in range(prompt)]
+            if shared.random() < 0.7:
+                cut = shared.randint(0, prompt)
+                own = shared.choice(system)[:cut] + own[cut:]
+            # Groups share a whole prompt, as the completions of n > 1 do.
+            for _ in range(shared.choice([1, 1, 1, 2, 3])):
+                sim.add(f"r{len(sim.num)}", prompt, max_tokens, target, prompt=own)
         if rng.random() < 0.04:
             live = [r for r in sim.reqs if not r.finished]
             if live:
@@ -645,6 +719,30 @@ def test_random_workload_no_leaks_no_stalls(seed: int, overlap: bool) -> None:
 @given(seed=st.integers(0, 2**32 - 1), overlap=st.booleans())
 def test_random_workload_hypothesis(seed: int, overlap: bool) -> None:
     _random_run(seed, overlap)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+@pytest.mark.parametrize("seed", range(30))
+def test_random_workload_with_prefix_cache(seed: int, overlap: bool) -> None:
+    _random_run(seed, overlap, cache=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), overlap=st.booleans())
+def test_random_workload_with_prefix_cache_hypothesis(seed: int, overlap: bool) -> None:
+    _random_run(seed, overlap, cache=True)
+
+
+def test_random_workloads_with_prefix_cache_hit_share_and_evict() -> None:
+    # Guard against the cached runs silently becoming easy: they must hit, share and evict.
+    hits = shared = evicted = 0
+    for seed in range(30):
+        for overlap in (False, True):
+            sim = _random_run(seed, overlap, cache=True)
+            hits += sim.sched.prefix_hits
+            shared += sum(1 for r in sim.reqs if r.num_cached_tokens)
+            evicted += sim.pages.num_evicted
+    assert hits > 500 and shared > 50 and evicted > 100, (hits, shared, evicted)
 
 
 def test_random_workloads_exercise_preemption_and_chunking() -> None:

@@ -2,8 +2,9 @@
 aborts (also mid-stream) and forced preemption, in every overlap mode.
 
 Every finished request's tokens must equal its reference: the same request run alone (greedy)
-or with the same seed (sampled). Aborted requests must have received a prefix of it. At the end
-the page and slot allocators are full again and no request is left.
+or with the same seed (sampled). Aborted requests must have received a prefix of it. The prefix
+cache is on, as by default. At the end the page and slot allocators are full again (free or
+cached), their accounting holds, and no request is left.
 """
 
 from __future__ import annotations
@@ -140,6 +141,12 @@ def test_soak(soak_model, references, mode: str) -> None:
     eng.drain()
     assert done + aborted == N_REQUESTS and aborted > N_REQUESTS // 50
     assert eng.scheduler.num_preemptions > N_REQUESTS // 100
+    # The prefix cache is on (the default): prompts repeat, so it hit, and the small pool
+    # evicted. Every page is free or cached again, and the accounting holds.
+    assert eng.config.enable_prefix_caching
+    assert eng.scheduler.prefix_hits > N_REQUESTS and eng.pages.num_evicted > N_REQUESTS // 10
+    eng.pages.check()
+    assert eng.pages.num_used == 0
     assert eng.pages.num_free == eng.pages.num_usable
     assert eng.slots.num_free == eng.slots.num_usable
     assert not eng.scheduler.running and not eng.scheduler.waiting and not eng.has_unfinished()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
+
+from graphrt.memory.prefix_cache import PrefixIndex
 
 # Id 0 of both pools is reserved as the dummy that padded rows of a decode graph point at:
 # their KV writes land in page 0 and their sampled ids in slot 0, which no request ever owns.
 DUMMY_PAGE = 0
 DUMMY_SLOT = 0
+
+_ABSENT = object()
 
 
 class IdPool:
@@ -71,15 +76,123 @@ class IdPool:
 
 
 class PageAllocator(IdPool):
-    """KV pages of ``page_size`` tokens each."""
+    """KV pages of ``page_size`` tokens each, with reference counts and, optionally, a prefix
+    cache.
 
-    def __init__(self, num_pages: int, page_size: int) -> None:
+    A page is in one of three states, and ``free + cached + used == usable`` always holds
+    (:meth:`check`):
+
+    * **free**: on the free list, holding nothing anyone can find;
+    * **used**: held by at least one request (``refcount > 0``); shared prefix pages have more;
+    * **cached**: held by no request but still in the prefix index, so a later request with the
+      same prefix can take it back (:meth:`acquire`). Cached pages count as free for
+      :meth:`can_allocate` and :attr:`num_free`: :meth:`allocate` evicts them, least recently
+      released first, once the free list is empty.
+
+    Without a prefix cache nothing is ever indexed, and this is a plain free list.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = False) -> None:
         super().__init__(num_pages, "page")
         self.page_size = page_size
+        self.index = PrefixIndex(page_size) if prefix_caching else None
+        self._refs = [0] * num_pages
+        # Cached pages, least recently released first: eviction pops from the front.
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self.num_evicted = 0  # cached pages reused for something else, since the start
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.index is not None
 
     def pages_for(self, num_tokens: int) -> int:
         """Pages needed to hold ``num_tokens`` tokens."""
         return -(-num_tokens // self.page_size)
+
+    @property
+    def num_free(self) -> int:
+        """Pages :meth:`allocate` can hand out: free ones and cached ones it would evict."""
+        return len(self._free) + len(self._lru)
+
+    def can_allocate(self, n: int) -> bool:
+        return 0 <= n <= self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Pages held by no request but kept in the prefix index."""
+        return len(self._lru)
+
+    @property
+    def num_used(self) -> int:
+        """Pages held by at least one request."""
+        return self.num_usable - len(self._free) - len(self._lru)
+
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` pages, each with one reference, evicting cached pages if the free list runs
+        short; raises ``MemoryError`` if fewer than ``n`` are free or cached (callers check)."""
+        short = n - len(self._free)
+        if short > 0 and short <= len(self._lru):
+            self.num_evicted += short
+            for _ in range(short):
+                page, _ = self._lru.popitem(last=False)
+                self.index.remove(page)  # type: ignore[union-attr]  # only indexed pages cache
+                self._used[page] = 0
+                self._free.append(page)
+        ids = super().allocate(n)
+        refs = self._refs
+        for i in ids:
+            refs[i] = 1
+        return ids
+
+    def acquire(self, pages: list[int]) -> None:
+        """Take one more reference to each of ``pages`` (indexed pages a prefix match found)."""
+        refs, lru = self._refs, self._lru
+        for page in pages:
+            if refs[page] == 0 and lru.pop(page, _ABSENT) is _ABSENT:
+                raise ValueError(f"sharing page {page}, which is neither held nor cached")
+            refs[page] += 1
+
+    def free(self, ids: list[int]) -> None:
+        """Drop one reference to each of ``ids``, one request's pages in order. A page nobody
+        holds goes back to the free list, or, if the prefix index knows it, to the cache,
+        where the request's later pages are evicted before its earlier ones (a later page is
+        useless without those before it)."""
+        refs, index, lru = self._refs, self.index, self._lru
+        for page in reversed(ids):
+            if not 0 < page < self.capacity or refs[page] == 0:
+                raise ValueError(f"freeing page {page}, which is not allocated")
+            refs[page] -= 1
+            if refs[page]:
+                continue
+            if index is not None and page in index:
+                lru[page] = None
+            else:
+                self._used[page] = 0
+                self._free.append(page)
+
+    def can_acquire_and_allocate(self, shared: list[int], n: int) -> bool:
+        """Whether :meth:`acquire` of ``shared`` and then :meth:`allocate` of ``n`` would both
+        succeed: taking back a cached page leaves one fewer to evict."""
+        refs = self._refs
+        reclaimed = sum(1 for page in shared if refs[page] == 0)
+        return 0 <= n <= self.num_free - reclaimed
+
+    def refcount(self, page: int) -> int:
+        return self._refs[page]
+
+    def check(self) -> None:
+        """Assert the accounting: every usable page is exactly one of free, cached or used."""
+        refs = self._refs
+        free, cached = set(self._free), set(self._lru)
+        assert len(free) == len(self._free), "a page is on the free list twice"
+        assert not free & cached, "a page is both free and cached"
+        used = {p for p in range(1, self.capacity) if refs[p] > 0}
+        assert not used & (free | cached), "a held page is free or cached"
+        assert len(free) + len(cached) + len(used) == self.num_usable, "a page is lost"
+        assert refs[DUMMY_PAGE] == 0, "the dummy page is held"
+        if self.index is not None:
+            assert all(p in self.index for p in cached), "a cached page is not indexed"
+            assert not any(p in self.index for p in free), "a free page is still indexed"
 
 
 class SlotAllocator(IdPool):
