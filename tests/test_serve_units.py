@@ -87,9 +87,11 @@ def test_output_round_trips_through_the_wire_format() -> None:
             _completion(2, [4], "y", 0, 0, finish="stop", stop_reason="</s>"),
         ],
         finished=False,
+        num_cached_tokens=32,
     )
     got = decode_output(unpack(pack(encode_output(out))))
     assert got.request_id == "r1" and not got.finished and got.error is None
+    assert got.num_cached_tokens == 32
     assert [c.index for c in got.choices] == [0, 2]  # the idle choice is left out
     c0, c2 = got.choices
     assert (c0.text, c0.token_ids, c0.logprobs) == ("b", [5], lp[1:])
@@ -98,7 +100,7 @@ def test_output_round_trips_through_the_wire_format() -> None:
 
 def test_merge_joins_deltas_per_choice() -> None:
     def delta(tag: int, index: int, text: str, ids: list[int], finish: str | None = None):
-        raw = ["r", finish is not None, None, [[index, text, ids, None, finish, None]]]
+        raw = ["r", finish is not None, None, [[index, text, ids, None, finish, None]], 0]
         return tag, decode_output(raw)
 
     merged = _merge(

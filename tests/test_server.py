@@ -171,6 +171,45 @@ def test_chat_and_streaming_usage(client: openai.OpenAI) -> None:
     assert content[-1].choices[0].finish_reason == "length"
 
 
+def test_prefix_cache_usage_salt_and_metrics(server: ServerProcess, client, http) -> None:
+    # A long system prompt, as applications send: its full pages are cached after the first
+    # request, reported as usage.prompt_tokens_details.cached_tokens, streamed or not.
+    system = "You are a careful assistant. " * 12
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Name a color."}]
+    before = metrics(server.base_url)
+    first = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4, temperature=0,
+        extra_body={"cache_salt": "cache-test"},
+    )  # fmt: skip
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = (first.usage.prompt_tokens - 1) // 16 * 16  # whole pages before the last token
+    assert cached >= 64
+    again = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4, temperature=0,
+        extra_body={"cache_salt": "cache-test"},
+    )  # fmt: skip
+    assert again.usage.prompt_tokens_details.cached_tokens == cached
+    assert again.choices[0].message.content == first.choices[0].message.content
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"cache_salt": "cache-test"},
+    )  # fmt: skip
+    usages = [c.usage for c in stream]
+    assert all(u.prompt_tokens_details.cached_tokens == cached for u in usages)
+    # Another tenant's salt shares nothing.
+    other = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4, temperature=0,
+        extra_body={"cache_salt": "someone-else"},
+    )  # fmt: skip
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    after = metrics(server.base_url)
+    queries, hits = "graphrt_prefix_cache_queries_total", "graphrt_prefix_cache_hits_total"
+    assert after[queries] - before[queries] == 4 * first.usage.prompt_tokens
+    assert after[hits] - before[hits] == 2 * cached
+    _error(http.post("/v1/completions", json={"prompt": "a", "cache_salt": ""}), 400, "cache_salt")
+
+
 def test_n_greater_than_one(client: openai.OpenAI) -> None:
     out = client.completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=4, n=3, temperature=1.0, seed=7,

@@ -343,6 +343,7 @@ class EngineClient:
         params: dict[str, Any],
         queue: OutputBox,
         tag: int = 0,
+        cache_salt: str | None = None,
     ) -> asyncio.Future[None]:
         """Send a request to the engine. Its outputs will arrive in ``queue`` as
         ``(tag, OutputDelta)``. The returned future resolves when the engine has accepted it,
@@ -354,7 +355,7 @@ class EngineClient:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
         try:
-            data = pack([Msg.ADD, request_id, prompt_ids, params])
+            data = pack([Msg.ADD, request_id, prompt_ids, params, cache_salt])
         except (TypeError, ValueError, OverflowError, UnicodeError) as e:
             raise ValueError(f"request cannot be encoded: {e}") from e
         fut = self._loop.create_future()

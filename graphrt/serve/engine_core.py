@@ -243,7 +243,7 @@ class EngineCore:
                 msg = unpack(raw)
                 tag = msg[0]
                 if tag == Msg.ADD:
-                    acks.append([msg[1], self._add(client, msg[1], msg[2], msg[3])])
+                    acks.append([msg[1], self._add(client, *msg[1:])])
                 elif tag == Msg.ABORT:
                     for rid in msg[1]:
                         self.engine.abort(rid)
@@ -261,10 +261,16 @@ class EngineCore:
             self._send(client, [Msg.ACKS, acks])
 
     def _add(
-        self, client: int, rid: str, prompt_ids: list[int], params: dict[str, Any]
+        self,
+        client: int,
+        rid: str,
+        prompt_ids: list[int],
+        params: dict[str, Any],
+        cache_salt: str | None,
     ) -> list | None:
         try:
-            self.engine.add_request(rid, prompt_ids, SamplingParams(**params))
+            params = SamplingParams(**params)
+            self.engine.add_request(rid, prompt_ids, params, cache_salt=cache_salt)
         except EngineOverloaded as e:
             return [RejectKind.OVERLOADED, str(e)]
         except (RequestRejected, ValueError, TypeError) as e:
@@ -282,10 +288,13 @@ class EngineCore:
             "waiting": len(e.scheduler.waiting),
             "kv_usage": e.kv_usage(),
             "free_pages": e.pages.num_free,
+            "cached_pages": e.pages.num_cached,
             "usable_pages": e.pages.num_usable,
             "free_slots": e.slots.num_free,
             "usable_slots": e.slots.num_usable,
             "preemptions": e.scheduler.num_preemptions,
+            "prefix_cache_queries": e.scheduler.prefix_queries,
+            "prefix_cache_hits": e.scheduler.prefix_hits,
             "steps": e.stats.get("steps", 0),
             "failed_requests": e.stats.get("failed_requests", 0),
         }

@@ -55,13 +55,17 @@ class Generation:
         self.failed = False
         self.num_generated = 0
 
-    async def start(self, prompts: list[list[int]], params: dict[str, Any]) -> None:
+    async def start(
+        self, prompts: list[list[int]], params: dict[str, Any], cache_salt: str | None = None
+    ) -> None:
         """Hand every prompt to the engine and wait until it has accepted them all. Raises
         :class:`APIError` for a rejection (the other prompts are aborted by :meth:`close`)."""
         futures = []
         try:
             for tag, ids in enumerate(prompts):
-                futures.append(self.client.add(self.rids[tag], ids, params, self.queue, tag))
+                futures.append(
+                    self.client.add(self.rids[tag], ids, params, self.queue, tag, cache_salt)
+                )
         except EngineDeadError as e:
             raise APIError(
                 503, f"engine unavailable: {e}", code="engine_unavailable", reason="engine_error"

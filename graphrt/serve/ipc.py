@@ -7,7 +7,7 @@ step (text and ids deltas), so a message's size does not grow with the length of
 
 API -> core::
 
-    [ADD, request_id, prompt_ids, sampling_params_kwargs]
+    [ADD, request_id, prompt_ids, sampling_params_kwargs, cache_salt]
     [ABORT, [request_id, ...]]
     [STATS, seq]
     [SHUTDOWN]
@@ -20,7 +20,8 @@ core -> API::
     [STATS_REPLY, seq | None, stats]       seq None: a periodic heartbeat
     [FATAL, message]                       the engine failed; the process is exiting
 
-An ``output`` is ``[request_id, finished, error, [choice, ...]]`` and a ``choice`` is
+An ``output`` is ``[request_id, finished, error, [choice, ...], num_cached_tokens]`` and a
+``choice`` is
 ``[index, delta_text, delta_token_ids, delta_logprobs, finish_reason, stop_reason]``, where
 ``delta_logprobs`` is None or ``[[token_id, logprob, [[top_id, top_logprob], ...]], ...]``.
 """
@@ -85,7 +86,7 @@ def encode_output(out: RequestOutput) -> list[Any]:
                 c.stop_reason,
             ]
         )
-    return [out.request_id, out.finished, out.error, choices]
+    return [out.request_id, out.finished, out.error, choices, out.num_cached_tokens]
 
 
 @dataclass(slots=True)
@@ -108,14 +109,15 @@ class OutputDelta:
     finished: bool
     error: str | None
     choices: list[ChoiceDelta]
+    num_cached_tokens: int | None = None  # prompt tokens served by the prefix cache
 
 
 def decode_output(raw: list[Any]) -> OutputDelta:
-    rid, finished, error, choices = raw
+    rid, finished, error, choices, num_cached = raw
     decoded = []
     for index, text, ids, lps, finish_reason, stop_reason in choices:
         logprobs = None
         if lps is not None:
             logprobs = [TokenLogprob(t, lp, [(i, v) for i, v in top]) for t, lp, top in lps]
         decoded.append(ChoiceDelta(index, text, ids, logprobs, finish_reason, stop_reason))
-    return OutputDelta(rid, finished, error, decoded)
+    return OutputDelta(rid, finished, error, decoded, num_cached)

@@ -23,7 +23,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -172,11 +172,33 @@ class EngineGauges:
         ("graphrt_num_requests_running", "Sequences running in the engine", "running"),
         ("graphrt_num_requests_waiting", "Sequences waiting in the engine", "waiting"),
         ("graphrt_kv_cache_usage_perc", "Fraction of usable KV pages in use", "kv_usage"),
-        ("graphrt_kv_cache_free_pages", "KV pages free in the allocator", "free_pages"),
+        (
+            "graphrt_kv_cache_free_pages",
+            "KV pages the allocator can hand out (free, or cached and evictable)",
+            "free_pages",
+        ),
+        (
+            "graphrt_kv_cache_cached_pages",
+            "KV pages no request holds that keep a cached prefix (evicted when needed)",
+            "cached_pages",
+        ),
         ("graphrt_kv_cache_usable_pages", "KV pages requests can use", "usable_pages"),
         ("graphrt_free_slots", "Request slots free in the allocator", "free_slots"),
         ("graphrt_usable_slots", "Request slots (one per running sequence)", "usable_slots"),
         ("graphrt_num_preemptions", "Preemptions since the engine started", "preemptions"),
+    )
+    # Counters since the engine started, in tokens, as vLLM's prefix_cache_queries and _hits.
+    COUNTERS = (
+        (
+            "graphrt_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache at admission",
+            "prefix_cache_queries",
+        ),
+        (
+            "graphrt_prefix_cache_hits",
+            "Prompt tokens whose KV the prefix cache held",
+            "prefix_cache_hits",
+        ),
     )
     HEALTHY = ("graphrt_engine_healthy", "1 while the engine process is alive and reporting")
 
@@ -188,22 +210,25 @@ class EngineGauges:
     def update(self, stats: dict[str, Any], healthy: bool) -> None:
         self._stats, self._healthy = dict(stats or {}), healthy
 
-    def describe(self) -> list[GaugeMetricFamily]:
-        return [GaugeMetricFamily(n, d, labels=["model_name"]) for n, d, _ in self.STATE] + [
-            GaugeMetricFamily(*self.HEALTHY, labels=["model_name"])
-        ]
+    def describe(self) -> list[Metric]:
+        return [*self._state({}), GaugeMetricFamily(*self.HEALTHY, labels=["model_name"])]
 
-    def collect(self) -> list[GaugeMetricFamily]:
-        labels = [self._model]
-        out = []
-        for name, doc, key in self.STATE:
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            if self._healthy and key in self._stats:
-                g.add_metric(labels, self._stats[key])
-            out.append(g)
-        g = GaugeMetricFamily(*self.HEALTHY, labels=["model_name"])
-        g.add_metric(labels, 1 if self._healthy else 0)
-        out.append(g)
+    def collect(self) -> list[Metric]:
+        health = GaugeMetricFamily(*self.HEALTHY, labels=["model_name"])
+        health.add_metric([self._model], 1 if self._healthy else 0)
+        return [*self._state(self._stats if self._healthy else {}), health]
+
+    def _state(self, stats: dict[str, Any]) -> list[Metric]:
+        out: list[Metric] = []
+        for family, specs in (
+            (GaugeMetricFamily, self.STATE),
+            (CounterMetricFamily, self.COUNTERS),
+        ):
+            for name, doc, key in specs:
+                m = family(name, doc, labels=["model_name"])
+                if key in stats:
+                    m.add_metric([self._model], stats[key])
+                out.append(m)
         return out
 
 

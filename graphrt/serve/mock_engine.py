@@ -55,6 +55,7 @@ class _Pages:
         self.num_usable = num_usable
         self.page_size = page_size
         self.num_free = num_usable
+        self.num_cached = 0  # the mock caches nothing
 
     @property
     def num_used(self) -> int:
@@ -78,6 +79,7 @@ class _Scheduler:
         self.running: list[_Group] = []
         self.waiting: list[_Group] = []
         self.num_preemptions = 0
+        self.prefix_queries = self.prefix_hits = 0  # the mock caches nothing
 
 
 class _Info:
@@ -128,7 +130,13 @@ class MockEngine:
         self._groups: dict[str, _Group] = {}
         self._next_tick = 0.0
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> str:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,  # the mock caches nothing
+    ) -> str:
         if request_id in self._groups:
             raise RequestRejected(f"request id {request_id!r} is already in use")
         if not prompt_ids:

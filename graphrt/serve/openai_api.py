@@ -102,6 +102,7 @@ class _Job:
     continuous_usage: bool
     logprobs: int | None  # None: not requested
     arrival: float
+    cache_salt: str | None
 
 
 class OpenAIServing:
@@ -210,7 +211,7 @@ class OpenAIServing:
     async def _serve(self, request: Request, job: _Job) -> Response:
         gen = self._open_generation(job)
         try:
-            await gen.start(job.prompts, job.params)
+            await gen.start(job.prompts, job.params, job.cache_salt)
             if job.stream:
                 owned = gen
 
@@ -273,8 +274,11 @@ class OpenAIServing:
 
     async def _collect(self, gen: Generation, job: _Job) -> dict[str, Any]:
         choices = [_Choice() for _ in range(len(job.prompts) * job.n)]
+        cached = [0] * len(job.prompts)
         async for batch in gen.outputs():
             for tag, out in batch:
+                if out.num_cached_tokens is not None:
+                    cached[tag] = out.num_cached_tokens
                 for c in out.choices:
                     choices[tag * job.n + c.index].add(c)
         self._count_success(choices)
@@ -312,7 +316,7 @@ class OpenAIServing:
             "created": job.created,
             "model": self.model_name,
             "choices": result,
-            "usage": _usage(job, choices),
+            "usage": _usage(job, choices, cached),
         }
 
     async def _stream(self, gen: Generation, job: _Job) -> AsyncIterator[bytes]:
@@ -324,8 +328,12 @@ class OpenAIServing:
         prefix = b"data: " + _dumps(head)[:-1].encode() + b',"choices":['
         suffix = b'],"usage":null}\n\n' if job.include_usage else b"]}\n\n"
         chat = job.kind == "chat"
+        cached = [0] * len(job.prompts)
         try:
             async for batch in gen.outputs():
+                for tag, out in batch:
+                    if out.num_cached_tokens is not None:
+                        cached[tag] = out.num_cached_tokens
                 for idx, c in _merge(batch, job.n).items():
                     ch = choices[idx]
                     if ch.finish_reason is not None:
@@ -336,7 +344,7 @@ class OpenAIServing:
                         lp = _dumps(await self._format_logprobs(job, ch, c.logprobs))
                     choice = _chunk_choice(chat, idx, ch, c, lp)
                     if job.continuous_usage:
-                        usage = _dumps(_usage(job, choices)).encode()
+                        usage = _dumps(_usage(job, choices, cached)).encode()
                         yield prefix + choice.encode() + b'],"usage":' + usage + b"}\n\n"
                     else:
                         yield prefix + choice.encode() + suffix
@@ -359,7 +367,7 @@ class OpenAIServing:
             return
         self._count_success(choices)
         if job.include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(job, choices)})
+            yield _sse({**head, "choices": [], "usage": _usage(job, choices, cached)})
         yield b"data: [DONE]\n\n"
 
     async def _format_logprobs(
@@ -546,6 +554,7 @@ class OpenAIServing:
             continuous_usage=bool(stream and opts is not None and opts.continuous_usage_stats),
             logprobs=logprobs,
             arrival=arrival,
+            cache_salt=req.cache_salt,
         )
 
     def _sampling_params(
@@ -687,13 +696,15 @@ def _json_scalar(v: str | int | None) -> str:
     return _dumps(v)
 
 
-def _usage(job: _Job, choices: list[_Choice]) -> dict[str, int]:
+def _usage(job: _Job, choices: list[_Choice], cached: list[int]) -> dict[str, Any]:
+    """``cached``: each prompt's tokens served by the prefix cache."""
     prompt = sum(len(p) for p in job.prompts)  # counted once, as OpenAI does, whatever n is
     completion = sum(c.num_tokens for c in choices)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(cached)},
     }
 
 

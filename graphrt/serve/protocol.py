@@ -50,6 +50,8 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[Int64] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # vLLM's: requests share cached prompt prefixes only with requests of the same salt.
+    cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
 
 class CompletionRequest(_SamplingFields):
