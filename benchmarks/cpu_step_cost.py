@@ -22,6 +22,7 @@ never matches, so every row runs the stop-string matcher), ``sampled`` (streamin
 and top-p: only the plan's sampler needs differ) and ``logprobs`` (streaming, 5 top logprobs).
 
     python benchmarks/cpu_step_cost.py --batch-size 256 --repeats 7
+    python benchmarks/cpu_step_cost.py --prefix-caching on off   # both engines, interleaved
 """
 
 from __future__ import annotations
@@ -114,7 +115,9 @@ class FakeLauncher:
         pass
 
 
-def make_engine(tokenizer_dir: Path, batch_size: int, model_dir: Path) -> Engine:
+def make_engine(
+    tokenizer_dir: Path, batch_size: int, model_dir: Path, prefix_caching: bool = True
+) -> Engine:
     """An engine with the real scheduler and output path and a launcher that never runs a model."""
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
     (model_dir / "config.json").write_text(json.dumps({**_TINY_CONFIG, "vocab_size": vocab}))
@@ -129,6 +132,7 @@ def make_engine(tokenizer_dir: Path, batch_size: int, model_dir: Path) -> Engine
         cuda_graph_max_bs=batch_size,
         max_model_len=4096,
         num_pages=batch_size * 64 + 1,
+        enable_prefix_caching=prefix_caching,
         show_progress=False,
     )
     eng.launcher.shutdown()
@@ -188,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-steps", type=int, default=8)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--prefix-caching",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on"],
+        help="engines to measure, interleaved (default: on, the engine default)",
+    )
     p.add_argument("--smoke", action="store_true", help="a few tiny runs (tests)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -198,17 +209,23 @@ def main(argv: list[str] | None = None) -> int:
 
         tok_dir = ensure_default_model()
     bs = args.batch_size
+    engines: dict[str, Engine] = {}
     with tempfile.TemporaryDirectory() as d:
-        eng = make_engine(Path(tok_dir), bs, Path(d))
+        for setting in args.prefix_caching:
+            (Path(d) / setting).mkdir()
+            engines[setting] = make_engine(Path(tok_dir), bs, Path(d) / setting, setting == "on")
         try:
-            runs: dict[str, list[dict[str, float]]] = {w: [] for w in args.workloads}
+            runs: dict[str, list[dict[str, float]]] = {}
             for _ in range(args.repeats):
                 for w in args.workloads:
-                    runs[w].append(
-                        run_once(eng, w, bs, args.prompt_len, args.warmup_steps, args.steps)
-                    )
+                    for setting, eng in engines.items():
+                        key = w if len(engines) == 1 else f"{w}, cache {setting}"
+                        runs.setdefault(key, []).append(
+                            run_once(eng, w, bs, args.prompt_len, args.warmup_steps, args.steps)
+                        )
         finally:
-            eng.shutdown()
+            for eng in engines.values():
+                eng.shutdown()
     result: dict = {"batch_size": bs, "steps": args.steps, "repeats": args.repeats}
     print(f"batch {bs}, {args.steps} steps x {args.repeats} repeats; ms per step, median [min-max]")
     for w, rs in runs.items():
@@ -218,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{k.removesuffix('_ms')} {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
             for k, s in row.items()
         )
-        print(f"{w:9s} {cells}")
+        print(f"{w:20s} {cells}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -47,7 +47,10 @@ MODELS = {
     "llama-3.2-1b": "benchmarks/models/llama-3.2-1b",
     "llama-3.1-8b": "benchmarks/models/llama-3.1-8b",
 }
-KINDS = ("install", "tests", "roofline", "offline", "overlap", "capture", "profile", "kernels")
+KINDS = (
+    "install", "tests", "roofline", "offline", "overlap", "capture", "profile", "kernels", "prefix"
+)  # fmt: skip
+OPT_IN = ("prefix",)  # kinds that run only when --only names them
 MIN_PHASE_S = 10.0  # a phase that would get less than this is skipped, not started
 
 # What each phase needs on an H100 (model start-up included), from the wall times of runs L
@@ -70,8 +73,14 @@ BUDGETS: dict[str, float] = {
     "profile:llama-3.2-1b": 21,
     "profile:llama-3.1-8b": 19,
     "kernels": 14,
+    # Opt-in (OPT_IN): they need more than the default --budget leaves. `--only prefix` runs
+    # them. Each workload runs on two engines, three times.
+    "prefix:llama-3.2-1b": 150,
+    "prefix:llama-3.1-8b": 330,
 }
-DEFAULT_BUDGET = {"roofline": 40, "offline": 90, "overlap": 40, "capture": 25, "profile": 30}
+DEFAULT_BUDGET = {
+    "roofline": 40, "offline": 90, "overlap": 40, "capture": 25, "profile": 30, "prefix": 150
+}  # fmt: skip
 
 
 @dataclass
@@ -186,6 +195,13 @@ def phase_args(kind: str, model: str, model_dir: str, profile: str) -> tuple[lis
         # and roofline phases give the step times with it.
         args = [*m, "--batch-sizes", *sizes, "--steps", steps, "--no-pdl"]
         return args, f"bs {','.join(sizes)}, without PDL"
+    if kind == "prefix":
+        if profile == "smoke":
+            args = ["--num-requests", "4", "--system-len", "40", "--question-len", "8"]
+            args += ["--output-len", "4", "--conversations", "2", "--turns", "2"]
+            args += ["--first-turn-len", "24", "--turn-len", "8", "--device", "cpu"]
+            return m + args + ["--max-model-len", "256"], "smoke"
+        return [*m, "--repeats", "3"], "issue #18's workloads, cache on and off, 3 repeats"
     raise ValueError(kind)
 
 
@@ -235,6 +251,7 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
         "overlap": "benchmarks/overlap_ablation.py",
         "capture": "capture/profile.py",
         "profile": "benchmarks/step_profile.py",
+        "prefix": "benchmarks/prefix_cache.py",
     }
     for kind in ("roofline", "offline", "overlap", "capture", "profile"):
         for model, model_dir in models.items():
@@ -270,6 +287,14 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
             note="Triton and torch rows (flashinfer's: standalone `benchmarks/kernel_bench.py`)",
         )
     )
+    for model, model_dir in models.items():
+        rest, note = phase_args("prefix", model, model_dir, args.profile)
+        js = str(work / f"prefix-{model}.json")
+        cmd = [py, scripts["prefix"], *rest, "--json", js]
+        budget = BUDGETS.get(f"prefix:{model}", DEFAULT_BUDGET["prefix"])
+        phases.append(
+            Phase(f"prefix:{model}", "prefix", cmd, budget, model, scripts["prefix"], js, note)
+        )
     # Quick runs smaller benchmarks; installing and testing cost the same.
     scale = {"full": 1.0, "quick": 0.6, "smoke": 1.0}[args.profile]
     for ph in phases:
@@ -293,7 +318,9 @@ def parse_models(spec: str) -> dict[str, str]:
 
 
 def selected(ph: Phase, only: list[str] | None) -> bool:
-    return only is None or ph.kind in only or ph.name in only
+    if only is None:
+        return ph.kind not in OPT_IN
+    return ph.kind in only or ph.name in only
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -883,6 +910,35 @@ def section_kernels(suite: dict[str, Any]) -> list[str]:
     return out or ["No kernel results in this run."]
 
 
+def section_prefix(suite: dict[str, Any]) -> list[str]:
+    """The prefix cache on and off, per workload: throughput, TTFT and hit rate."""
+    out: list[str] = []
+    for p in _phases_of(suite, "prefix"):
+        r = p["result"]
+        rows = []
+        for wl, w in r.get("workloads", {}).items():
+            on, off = w["stats"]["on"], w["stats"]["off"]
+            rows.append(
+                [
+                    wl,
+                    _stat(on["output_tok_s"], ",.0f"),
+                    _stat(off["output_tok_s"], ",.0f"),
+                    _stat(w["throughput_ratio"], ".2f"),
+                    _stat(on["ttft_p50_ms"], ",.1f"),
+                    _stat(off["ttft_p50_ms"], ",.1f"),
+                    _stat(w["ttft_p50_speedup"], ".2f"),
+                    _stat(on["ttft_p99_ms"], ",.0f", spread=False),
+                    _stat(off["ttft_p99_ms"], ",.0f", spread=False),
+                    _pct(on["hit_rate"]),
+                    _num(w.get("decode_bound_tok_s"), ",.0f"),
+                ]
+            )
+        head = ["workload", "on tok/s", "off tok/s", "on/off", "on TTFT p50 ms"]
+        head += ["off TTFT p50 ms", "TTFT speed-up", "on p99 ms", "off p99 ms", "hit rate"]
+        out += [f"**{p['model']}**", "", *_table([*head, "decode-only bound tok/s"], rows), ""]
+    return out or ["No prefix-cache results in this run."]
+
+
 SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("Phases", section_phases),
     ("Headline", section_headline),
@@ -892,6 +948,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("Capture profile", section_capture),
     ("Step profile", section_profile),
     ("Kernels", section_kernels),
+    ("Prefix cache", section_prefix),
 ]
 
 

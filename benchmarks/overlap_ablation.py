@@ -388,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--device", default="auto")
     p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the engine's prefix cache (on by default, as the engine's)",
+    )
+    p.add_argument(
         "--no-pdl",
         action="store_true",
         help="launch without programmatic dependent launch (kernel durations in --trace-steps "
@@ -447,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         max_num_batched_tokens=max(2048, max_bs * args.prompt_len // 4),
         gpu_memory_utilization=args.gpu_memory_utilization,
         pdl=not args.no_pdl,
+        enable_prefix_caching=args.enable_prefix_caching,
         show_progress=False,
     )
     r = eng.runner
@@ -567,12 +574,14 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(r.settings.dtype),
         "prompt_len": args.prompt_len,
         "pdl": not args.no_pdl,
+        "prefix_caching": args.enable_prefix_caching,
         "switch_interval_s": sys.getswitchinterval(),
         "stream": not args.final_only,
         "steps": args.steps,
         "context_at_ceiling": contexts,
     }
-    print(f"\n{dev}, {args.model}, attention={r.settings.attention_backend}")
+    cache = "on" if args.enable_prefix_caching else "off"
+    print(f"\n{dev}, {args.model}, attention={r.settings.attention_backend}, prefix cache {cache}")
     if bw:
         print(f"HBM bandwidth (this run): {bw / 1e12:.2f} TB/s")
     for line in seed["lines"]:

@@ -188,6 +188,29 @@ def test_offline_decode_ceiling_arithmetic() -> None:
 # ---- decode roofline --------------------------------------------------------------------------
 
 
+def test_prefix_cache_benchmark_runs_and_reports(llama, tmp_path, capsys) -> None:
+    out = tmp_path / "prefix.json"
+    args = ["--model", str(llama), "--device", "cpu", "--repeats", "3", "--json", str(out)]
+    args += ["--num-requests", "4", "--system-len", "40", "--question-len", "8"]
+    args += ["--output-len", "3", "--conversations", "2", "--turns", "3"]
+    args += ["--first-turn-len", "20", "--turn-len", "6"]
+    assert _load("prefix_cache").main(args) == 0
+    res = json.loads(out.read_text())
+    w = res["workloads"]
+    assert set(w) == {"shared", "multiturn", "none"}
+    for wl in w.values():
+        assert len(wl["runs"]["on"]) == len(wl["runs"]["off"]) == 3
+        assert all(r["hit_rate"] == 0 for r in wl["runs"]["off"])
+    # 4 x 48-token prompts sharing 40: two full pages of each of the last three are cached.
+    assert w["shared"]["stats"]["on"]["hit_rate"]["median"] == pytest.approx(3 * 32 / (4 * 48))
+    assert w["multiturn"]["stats"]["on"]["hit_rate"]["median"] > 0.2
+    assert w["none"]["stats"]["on"]["hit_rate"]["median"] == 0
+    assert "on/off  throughput" in capsys.readouterr().out
+    suite = _load("gpu_suite")
+    table = suite.section_prefix({"phases": [{"kind": "prefix", "model": "m", "result": res}]})
+    assert any(line.startswith("| shared |") for line in table)
+
+
 def test_decode_roofline_runs_and_reports(llama, tmp_path) -> None:
     mod = _load("decode_roofline")
     out = tmp_path / "roofline.json"
@@ -314,7 +337,10 @@ def test_suite_plan_only_models_and_dry_run(capsys) -> None:
     assert phases[1].argv[1] == "benchmarks/decode_roofline.py" and "--json" in phases[1].argv
     full = suite.plan(suite.parse_args([]), Path("/tmp/w"), Path("/tmp/o"))
     assert sum(p.budget_s for p in full) <= 540
-    assert {p.kind for p in full} == set(suite.KINDS)
+    assert {p.kind for p in full} == set(suite.KINDS) - set(suite.OPT_IN)
+    prefix = suite.plan(suite.parse_args(["--only", "prefix"]), Path("/tmp/w"), Path("/tmp/o"))
+    assert [p.name for p in prefix] == ["prefix:llama-3.2-1b", "prefix:llama-3.1-8b"]
+    assert prefix[0].argv[1] == "benchmarks/prefix_cache.py"
     with pytest.raises(SystemExit):
         suite.parse_args(["--only", "nonsense"])
     assert suite.main(["--dry-run", "--quick"]) == 0
