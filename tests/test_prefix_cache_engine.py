@@ -136,3 +136,34 @@ def test_cache_salt_must_be_a_string(llama) -> None:
     with pytest.raises(RequestRejected, match="cache_salt"):
         eng.add_request("x", [1, 2, 3], SamplingParams(max_tokens=2), cache_salt=7)  # type: ignore[arg-type]
     eng.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["thread", "off"])
+def test_cache_on_equals_cache_off_on_the_gpu(tiny_model_factory, mode: str) -> None:
+    """The same on CUDA in bf16, with decode graphs and the Triton kernels: prefix pages that
+    another request's step wrote, reached through page-table writes in eager steps and the
+    graphs' ring. Greedy rows must agree exactly (a peaked init keeps bf16 rounding from
+    flipping near-ties); sampled rows must finish."""
+    d = tiny_model_factory(
+        "LlamaForCausalLM", initializer_range=0.3, hidden_size=256, intermediate_size=512,
+        num_attention_heads=4, head_dim=64,
+    )  # fmt: skip
+    gpu = dict(device="cuda", dtype="bfloat16", attention_backend="triton")
+    off, eng_off = _run(d, cache=False, mode=mode, **gpu)
+    on, eng = _run(d, cache=True, mode=mode, **gpu)
+    assert eng.stats["graph_steps"] > 0 and eng.scheduler.prefix_hits > 300
+    aborted = {rid for rid, _, _, abort_at in _workload() if abort_at is not None}
+    greedy = {rid for rid, _, params, _ in _workload() if params.temperature == 0}
+    for rid in off:
+        if rid in aborted:
+            continue
+        assert on[rid].outputs[0].finish_reason == "length", rid
+        if rid in greedy:
+            assert [c.token_ids for c in on[rid].outputs] == [
+                c.token_ids for c in off[rid].outputs
+            ], rid
+    for e in (eng, eng_off):
+        e.pages.check()
+        assert e.pages.num_used == 0
+        e.shutdown()
