@@ -305,8 +305,8 @@ class Scheduler:
             self.pages.free(req.pages)
             req.pages = []
             req.num_indexed_pages = 0
-            if req in self._filling:
-                self._filling.remove(req)
+        if req in self._filling:
+            self._filling.remove(req)
         if req.slot is not None:
             self.slots.free([req.slot])
             req.slot = None
