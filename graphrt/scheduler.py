@@ -222,9 +222,9 @@ class Scheduler:
         index = self.pages.index
         running = RequestStatus.RUNNING
         if not plan.is_decode:
-            seq_lens = plan.seq_lens.tolist()
+            seq_lens, samples = plan.seq_lens.tolist(), plan.samples.tolist()
             for r, req in enumerate(plan.requests):
-                if not plan.samples[r]:
+                if not samples[r]:
                     req.num_chunks_pending -= 1
                 if index is not None and req.status is running:
                     self._index_pages(index, req, seq_lens[r])

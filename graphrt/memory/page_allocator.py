@@ -101,10 +101,6 @@ class PageAllocator(IdPool):
         self._lru: OrderedDict[int, None] = OrderedDict()
         self.num_evicted = 0  # cached pages reused for something else, since the start
 
-    @property
-    def prefix_caching(self) -> bool:
-        return self.index is not None
-
     def pages_for(self, num_tokens: int) -> int:
         """Pages needed to hold ``num_tokens`` tokens."""
         return -(-num_tokens // self.page_size)

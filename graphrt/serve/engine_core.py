@@ -243,7 +243,8 @@ class EngineCore:
                 msg = unpack(raw)
                 tag = msg[0]
                 if tag == Msg.ADD:
-                    acks.append([msg[1], self._add(client, *msg[1:])])
+                    _, rid, prompt_ids, params, cache_salt = msg
+                    acks.append([rid, self._add(client, rid, prompt_ids, params, cache_salt)])
                 elif tag == Msg.ABORT:
                     for rid in msg[1]:
                         self.engine.abort(rid)
@@ -269,8 +270,8 @@ class EngineCore:
         cache_salt: str | None,
     ) -> list | None:
         try:
-            params = SamplingParams(**params)
-            self.engine.add_request(rid, prompt_ids, params, cache_salt=cache_salt)
+            sampling = SamplingParams(**params)
+            self.engine.add_request(rid, prompt_ids, sampling, cache_salt=cache_salt)
         except EngineOverloaded as e:
             return [RejectKind.OVERLOADED, str(e)]
         except (RequestRejected, ValueError, TypeError) as e:
