@@ -7,7 +7,10 @@ how they prepare per-step metadata, so the interface has explicit capture hooks:
 - ``prepare_metadata``: eager steps (prefill, mixed, batches above the largest graph);
 - ``init_capture_graph``: allocate static metadata buffers once, for the largest bucket;
 - ``prepare_for_capture``: metadata for capturing bucket ``bs``, pointing at those buffers;
-- ``prepare_for_replay``: update those buffers in place before replaying bucket ``bs``.
+- ``prepare_for_replay``: update those buffers in place before replaying bucket ``bs``;
+- ``prepare_for_mixed``: metadata for a step of static shape that carries prefill tokens (the
+  mixed graphs of ``capture.mixed_graph_runner``), from device tensors alone. Backends that can
+  be captured that way set ``mixed_graphs = True``; the others run such steps eagerly on CUDA.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class AttentionBackend(ABC):
     """Paged attention for every layer of one model."""
 
     name: str = "abstract"
+    # prepare_for_mixed reads nothing from the host, so mixed steps can be captured.
+    mixed_graphs: bool = False
 
     def __init__(
         self, spec: AttentionSpec, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]
@@ -87,6 +92,14 @@ class AttentionBackend(ABC):
     ) -> None:
         """Refresh the static metadata of bucket ``bs`` in place before a replay, from the
         padded host rows of the step. Must not allocate device memory."""
+
+    def prepare_for_mixed(self, inputs: AttnInputs, capture: bool) -> Any:
+        """Metadata for a step of ``T`` tokens in ``R`` rows of static shape: ``inputs.cu_q``
+        (``[R + 1]``), ``seq_lens`` and ``page_rows`` are device tensors, padding rows feed no
+        token, and ``kv_len_bound`` is the page-table width. Rows may feed one token (decode)
+        or a prefill chunk. ``capture``: buffers must be the static ones of
+        ``init_capture_graph``. Must not read device values on the host when ``mixed_graphs``."""
+        raise NotImplementedError(f"the {self.name} backend has no static mixed steps")
 
     @abstractmethod
     def forward(self, q: torch.Tensor, layer: int, meta: Any) -> torch.Tensor:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from graphrt.kernels.attention_backend import AttentionBackend, AttnInputs
@@ -83,17 +86,54 @@ def paged_extend_attention(
     return o.reshape(b, max_q, hq, d)[row, col].to(q.dtype)
 
 
+@dataclass
+class TorchMixedMeta:
+    """A static-shape mixed step: its first ``num_tokens`` tokens in its first ``rows`` rows
+    are real (the rest is bucket padding)."""
+
+    inputs: AttnInputs
+    num_tokens: int
+    rows: int
+
+
 class TorchAttentionBackend(AttentionBackend):
-    """Gathers pages into dense tensors and runs softmax attention in fp32."""
+    """Gathers pages into dense tensors and runs softmax attention in fp32. Its mixed steps
+    read their lengths on the host, so they run through the mixed step function but are not
+    captured (``mixed_graphs`` is False)."""
 
     name = "torch"
+
+    def prepare_for_mixed(self, inputs: AttnInputs, capture: bool) -> TorchMixedMeta:
+        if capture:
+            raise RuntimeError("the torch backend's mixed steps cannot be captured")
+        cu = inputs.cu_q.cpu().numpy().astype(np.int64)
+        lens = inputs.seq_lens.cpu().numpy().astype(np.int64)
+        q_lens = np.diff(cu)
+        rows = int(np.count_nonzero(q_lens))  # padding rows feed no token and come last
+        host = AttnInputs(
+            is_decode=False,
+            seq_lens=inputs.seq_lens[:rows],
+            page_rows=inputs.page_rows[:rows],
+            kv_len_bound=inputs.kv_len_bound,
+            cu_q=inputs.cu_q[: rows + 1],
+            max_q_len=int(q_lens.max()),
+            seq_lens_host=lens[:rows],
+            cu_q_host=cu[: rows + 1],
+        )
+        return TorchMixedMeta(host, int(cu[rows]), rows)
 
     def prepare_metadata(self, inputs: AttnInputs) -> AttnInputs:
         if not inputs.is_decode and (inputs.seq_lens_host is None or inputs.cu_q_host is None):
             raise ValueError("torch backend extend steps need host seq_lens and cu_q")
         return inputs
 
-    def forward(self, q: torch.Tensor, layer: int, meta: AttnInputs) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, layer: int, meta: AttnInputs | TorchMixedMeta
+    ) -> torch.Tensor:
+        if isinstance(meta, TorchMixedMeta):
+            out = torch.zeros_like(q)
+            out[: meta.num_tokens] = self.forward(q[: meta.num_tokens], layer, meta.inputs)
+            return out
         k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
         if meta.is_decode:
             return paged_decode_attention(

@@ -74,12 +74,25 @@ def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _varlen_token(cu_q_ptr, b, VARLEN: tl.constexpr):
+    # The flat token index of row b's one query token, or -1 when the row is not a one-token
+    # row (mixed steps: the extend kernel owns it). Without VARLEN, row b is token b.
+    if VARLEN:
+        start = tl.load(cu_q_ptr + b)
+        n = tl.load(cu_q_ptr + b + 1) - start
+        return tl.where(n == 1, start, -1)
+    else:
+        return b
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
     page_rows_ptr,
     seq_lens_ptr,
+    cu_q_ptr,
     out_ptr,
     mid_o_ptr,
     mid_lse_ptr,
@@ -106,12 +119,18 @@ def _decode_kernel(
     NUM_STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     # Before the early return below: a PDL kernel must not complete before the one it follows.
     pdl_enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    # VARLEN: rows of a mixed step; only rows feeding exactly one token are this kernel's, and
+    # that token sits at cu_q[b] of the flat token dim.
+    tok = _varlen_token(cu_q_ptr, b, VARLEN)
+    if tok < 0:
+        return
     seq_len = tl.load(seq_lens_ptr + b)
     per = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
     start = split * per
@@ -126,7 +145,7 @@ def _decode_kernel(
     dmask = d < HEAD_DIM
     heads = kvh * GROUP + g
     q = tl.load(
-        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        q_ptr + tok.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
         mask=gmask[:, None] & dmask[None, :],
         other=0.0,
     )
@@ -159,7 +178,7 @@ def _decode_kernel(
     o = acc / safe_l[:, None]
     omask = gmask[:, None] & dmask[None, :]
     if NUM_SPLITS == 1:
-        dst = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        dst = out_ptr + tok.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=omask)
     else:
         mid = mid_o_ptr + b.to(tl.int64) * stride_mb + split * stride_ms
@@ -174,6 +193,7 @@ def _decode_merge_kernel(
     mid_o_ptr,
     mid_lse_ptr,
     seq_lens_ptr,
+    cu_q_ptr,
     out_ptr,
     stride_mb,
     stride_mh,
@@ -188,10 +208,14 @@ def _decode_merge_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     USE_PDL: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
+    tok = _varlen_token(cu_q_ptr, b, VARLEN)
+    if tok < 0:
+        return
     seq_len = tl.load(seq_lens_ptr + b)
     per = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
     n_valid = tl.cdiv(seq_len, per)
@@ -218,7 +242,7 @@ def _decode_merge_kernel(
     )
     res = tl.sum(o * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
     tl.store(
-        out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d,
+        out_ptr + tok.to(tl.int64) * stride_ob + h * stride_oh + d,
         res.to(out_ptr.dtype.element_ty),
         mask=d < HEAD_DIM,
     )
@@ -242,23 +266,32 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     config: TritonAttentionConfig | None = None,
     pdl: bool = False,
+    cu_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per row. ``q``: ``[B, Hq, D]``; caches ``[pages, page_size, Hkv, D]``;
     ``page_rows``: ``[B, W]`` int32; ``seq_lens``: ``[B]`` (KV length including this token).
 
     With ``num_splits > 1``, ``mid_o`` (``[B, Hq, S, D]`` fp32) and ``mid_lse`` (``[B, Hq, S]``
     fp32) hold the partial results; they are allocated here when not given.
+
+    With ``cu_q`` (``[B + 1]`` token offsets of a mixed step), ``q`` and ``out`` are ``[T, Hq,
+    D]`` over the step's tokens and only rows that feed exactly one token are computed, each
+    into its token's row of ``out``; the others are left for the extend kernel.
     """
     cfg = config or TritonAttentionConfig()
-    bsz, hq, dim = q.shape
+    bsz = seq_lens.shape[0]
+    _, hq, dim = q.shape
     _, page_size, hkv, _ = k_cache.shape
     group = hq // hkv
     if q.stride(-1) != 1:
         q = q.contiguous()
     if out is None:
-        out = torch.empty((bsz, hq, dim), dtype=q.dtype, device=q.device)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if bsz == 0:
         return out
+    varlen = cu_q is not None
+    if not varlen and q.shape[0] != bsz:
+        raise ValueError(f"decode attention: {q.shape[0]} query rows for {bsz} sequences")
     if num_splits > 1:
         if mid_o is None:
             mid_o = torch.empty((bsz, hq, num_splits, dim), dtype=torch.float32, device=q.device)
@@ -270,7 +303,7 @@ def paged_decode_attention(
     vf = v_cache.view(-1, hkv, dim)
     block_d = triton.next_power_of_2(dim)
     _decode_kernel[(bsz, hkv, num_splits)](
-        q, kf, vf, page_rows, seq_lens, out, mid_o, mid_lse,
+        q, kf, vf, page_rows, seq_lens, cu_q if varlen else seq_lens, out, mid_o, mid_lse,
         q.stride(0), q.stride(1), kf.stride(0), kf.stride(1), page_rows.stride(0),
         out.stride(0), out.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2) if num_splits > 1 else 0,
@@ -279,16 +312,18 @@ def paged_decode_attention(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=cfg.decode_block_n,
         NUM_SPLITS=num_splits, NUM_STAGES=cfg.decode_stages,
-        DOT_PRECISION=_dot_precision(q.dtype), USE_PDL=pdl, num_warps=cfg.decode_warps,
+        DOT_PRECISION=_dot_precision(q.dtype), USE_PDL=pdl, VARLEN=varlen,
+        num_warps=cfg.decode_warps,
         **launch_options(pdl),
     )  # fmt: skip
     if num_splits > 1:
         _decode_merge_kernel[(bsz, hq)](
-            mid_o, mid_lse, seq_lens, out,
+            mid_o, mid_lse, seq_lens, cu_q if varlen else seq_lens, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
             HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_N=cfg.decode_block_n, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), USE_PDL=pdl, num_warps=4,
+            BLOCK_S=triton.next_power_of_2(num_splits), USE_PDL=pdl, VARLEN=varlen,
+            num_warps=4,
             **launch_options(pdl),
         )  # fmt: skip
     return out
@@ -360,6 +395,23 @@ def _extend_block(
 
 
 @triton.jit
+def _find_row(cu_q_ptr, j, num_rows, BLOCK_Q: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    # Static grids: query block j belongs to the last row b whose first block, cu_q[b] //
+    # BLOCK_Q + b, is at most j. Row b owns cu_q[b + 1] // BLOCK_Q - cu_q[b] // BLOCK_Q + 1
+    # blocks, at least the cdiv(q_len, BLOCK_Q) it needs, so T // BLOCK_Q + B programs cover
+    # any split of T tokens into B rows; the spare ones exit.
+    lo = j * 0
+    hi = num_rows - 1
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi + 1) // 2
+        first = tl.load(cu_q_ptr + mid) // BLOCK_Q + mid
+        go_up = first <= j
+        lo = tl.where(go_up, mid, lo)
+        hi = tl.where(go_up, hi, mid - 1)
+    return lo, j - (tl.load(cu_q_ptr + lo) // BLOCK_Q + lo)
+
+
+@triton.jit
 def _extend_kernel(
     q_ptr,
     k_ptr,
@@ -368,6 +420,7 @@ def _extend_kernel(
     page_rows_ptr,
     seq_lens_ptr,
     cu_q_ptr,
+    num_rows,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -381,25 +434,39 @@ def _extend_kernel(
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    STATIC_GRID: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,
 ):
-    mblk = tl.program_id(0)
-    b = tl.program_id(1)
-    kvh = tl.program_id(2)
+    # A program owns BLOCK_Q query tokens of one row and one KV head: BLOCK_Q * GROUP tile rows
+    # of (token, q head) pairs sharing every K/V tile.
+    if STATIC_GRID:
+        b, mblk = _find_row(cu_q_ptr, tl.program_id(0), num_rows, BLOCK_Q, SEARCH_STEPS)
+        kvh = tl.program_id(1)
+    else:
+        mblk = tl.program_id(0)
+        b = tl.program_id(1)
+        kvh = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
-    if mblk * BLOCK_M >= q_len * GROUP:
+    if mblk * BLOCK_Q >= q_len:
         return
+    if SKIP_SINGLE:  # noqa: SIM102 - a constexpr test; the inner one is a runtime branch
+        if q_len == 1:
+            return  # a one-token row: the decode kernel's (mixed steps)
     seq_len = tl.load(seq_lens_ptr + b)
     ctx = seq_len - q_len  # tokens cached before this step's
 
-    # Row r of the tile is (token r // GROUP, q head kvh * GROUP + r % GROUP).
-    r = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok = r // GROUP
+    # Row r of the tile is (token mblk * BLOCK_Q + r // GROUP, q head kvh * GROUP + r % GROUP).
+    r = tl.arange(0, BLOCK_M)
+    first_tok = mblk * BLOCK_Q
+    tok = first_tok + r // GROUP
     head = kvh * GROUP + r % GROUP
-    rmask = tok < q_len
+    rmask = (r < BLOCK_Q * GROUP) & (tok < q_len)
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
     q_rows = (q_start + tok).to(tl.int64)
@@ -413,8 +480,7 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    first_tok = (mblk * BLOCK_M) // GROUP
-    last_tok = tl.minimum((mblk + 1) * BLOCK_M - 1, q_len * GROUP - 1) // GROUP
+    last_tok = tl.minimum(first_tok + BLOCK_Q, q_len) - 1
     kv_end = tl.minimum(ctx + last_tok + 1, seq_len)
     # Blocks wholly at or before the tile's first token are visible to every row: no masks.
     n_full = ((ctx + first_tok + 1) // BLOCK_N) * BLOCK_N
@@ -439,6 +505,21 @@ def _extend_kernel(
     )
 
 
+def extend_tile(group: int, cfg: TritonAttentionConfig) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_Q)``: tile rows, and the query tokens a tile holds (``BLOCK_Q * group
+    <= BLOCK_M``; a group that does not divide ``BLOCK_M`` leaves a few rows idle)."""
+    block_m = max(cfg.extend_block_m, triton.next_power_of_2(group))
+    return block_m, block_m // group
+
+
+def static_extend_programs(
+    num_tokens: int, num_rows: int, group: int, cfg: TritonAttentionConfig
+) -> int:
+    """Query-block programs of a static-grid extend launch over ``num_tokens`` tokens in
+    ``num_rows`` rows (per KV head): enough for any split of the tokens into the rows."""
+    return num_tokens // extend_tile(group, cfg)[1] + num_rows
+
+
 def paged_extend_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -446,16 +527,21 @@ def paged_extend_attention(
     page_rows: torch.Tensor,
     seq_lens: torch.Tensor,
     cu_q: torch.Tensor,
-    max_q_len: int,
+    max_q_len: int | None,
     scale: float,
     config: TritonAttentionConfig | None = None,
     out: torch.Tensor | None = None,
+    skip_single: bool = False,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole cached context.
 
     ``q``: ``[T, Hq, D]`` with sequence ``b``'s tokens at ``[cu_q[b], cu_q[b+1])``, at positions
-    ``[seq_lens[b] - n, seq_lens[b])``. ``max_q_len`` (a host int) sizes the grid. ``out``
-    (``[T, Hq, D]``, unit stride in the last dim) receives the result when given.
+    ``[seq_lens[b] - n, seq_lens[b])``. ``max_q_len`` (a host int) sizes the grid; ``None``
+    launches a static grid sized from the shapes alone, which finds each program's row on the
+    device (``_find_row``): capturable, for any ``cu_q`` whose last entry is at most ``T``.
+    ``skip_single`` leaves rows of one token alone (mixed steps send them to the decode
+    kernel). ``out`` (``[T, Hq, D]``, unit stride in the last dim) receives the result when
+    given.
     """
     cfg = config or TritonAttentionConfig()
     t, hq, dim = q.shape
@@ -470,14 +556,21 @@ def paged_extend_attention(
         return out
     kf = k_cache.view(-1, hkv, dim)
     vf = v_cache.view(-1, hkv, dim)
-    grid = (triton.cdiv(max_q_len * group, cfg.extend_block_m), bsz, hkv)
+    block_m, block_q = extend_tile(group, cfg)
+    static = max_q_len is None
+    if static:
+        grid = (static_extend_programs(t, bsz, group, cfg), hkv)
+    else:
+        grid = (triton.cdiv(max_q_len, block_q), bsz, hkv)
     _extend_kernel[grid](
-        q, kf, vf, out, page_rows, seq_lens, cu_q,
+        q, kf, vf, out, page_rows, seq_lens, cu_q, bsz,
         q.stride(0), q.stride(1), kf.stride(0), kf.stride(1), page_rows.stride(0),
         out.stride(0), out.stride(1), scale * _LOG2E,
         GROUP=group, HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), PAGE_SIZE=page_size,
-        BLOCK_M=cfg.extend_block_m, BLOCK_N=cfg.extend_block_n, NUM_STAGES=cfg.extend_stages,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.extend_warps,
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.extend_block_n,
+        NUM_STAGES=cfg.extend_stages, DOT_PRECISION=_dot_precision(q.dtype),
+        STATIC_GRID=static, SEARCH_STEPS=max(1, (bsz - 1).bit_length()),
+        SKIP_SINGLE=skip_single, num_warps=cfg.extend_warps,
     )  # fmt: skip
     return out
 
@@ -488,6 +581,18 @@ def paged_extend_attention(
 @dataclass
 class TritonDecodeMeta:
     """Decode metadata: the step's inputs, its split count and the partial-result buffers."""
+
+    inputs: AttnInputs
+    num_splits: int
+    mid_o: torch.Tensor | None
+    mid_lse: torch.Tensor | None
+
+
+@dataclass
+class TritonVarlenMeta:
+    """A static-shape mixed step (``prepare_for_mixed``): the decode kernel over every row, which
+    computes only the one-token rows, then the static-grid extend kernel, which computes the
+    others; both write into one output."""
 
     inputs: AttnInputs
     num_splits: int
@@ -517,6 +622,7 @@ class TritonAttentionBackend(AttentionBackend):
     no-op: everything a graph reads (lengths, page rows) is already on the device."""
 
     name = "triton"
+    mixed_graphs = True
 
     def __init__(
         self,
@@ -597,6 +703,18 @@ class TritonAttentionBackend(AttentionBackend):
             )
         return TritonMixedMeta(n, decode, extend)
 
+    def prepare_for_mixed(self, inputs: AttnInputs, capture: bool) -> TritonVarlenMeta:
+        if inputs.cu_q is None:
+            raise ValueError("mixed steps need cu_q")
+        rows = inputs.seq_lens.shape[0]
+        if capture:
+            d = self.prepare_for_capture(rows, inputs)
+        else:
+            d = self.prepare_metadata(
+                AttnInputs(True, inputs.seq_lens, inputs.page_rows, inputs.kv_len_bound)
+            )
+        return TritonVarlenMeta(inputs, d.num_splits, d.mid_o, d.mid_lse)
+
     def init_capture_graph(self, max_bs: int) -> None:
         s = self.spec
         bound = s.max_pages_per_seq * s.page_size
@@ -624,6 +742,8 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         if isinstance(meta, TritonDecodeMeta):
             return self._decode(q, layer, meta)
+        if isinstance(meta, TritonVarlenMeta):
+            return self._varlen(q, layer, meta)
         if isinstance(meta, TritonMixedMeta):
             n = meta.n_decode
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -632,6 +752,23 @@ class TritonAttentionBackend(AttentionBackend):
                 self._extend(q[n:], layer, meta.extend, out[n:])
             return out
         return self._extend(q, layer, meta)
+
+    def _varlen(self, q: torch.Tensor, layer: int, meta: TritonVarlenMeta) -> torch.Tensor:
+        inp = meta.inputs
+        k, v = self.k_caches[layer], self.v_caches[layer]
+        # Tokens past cu_q[-1] (bucket padding) belong to no row: neither kernel writes them,
+        # and nothing reads them but their own token's rows of the layers after.
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        paged_decode_attention(
+            q, k, v, inp.page_rows, inp.seq_lens, self.spec.scale, meta.num_splits,
+            meta.mid_o, meta.mid_lse, out=out, config=self.config, pdl=self.spec.pdl,
+            cu_q=inp.cu_q,
+        )  # fmt: skip
+        paged_extend_attention(
+            q, k, v, inp.page_rows, inp.seq_lens, inp.cu_q, None, self.spec.scale,
+            config=self.config, out=out, skip_single=True,
+        )  # fmt: skip
+        return out
 
     def _decode(
         self, q: torch.Tensor, layer: int, meta: TritonDecodeMeta, out: torch.Tensor | None = None

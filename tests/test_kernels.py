@@ -620,6 +620,73 @@ def test_triton_backend_mixed_step(hq, hkv, page_size, rows, least, min_prefill,
     _close(out, ref, 1e-5, 1e-5)
 
 
+def _static_mixed(hq, hkv, page_size, rows, pad_rows, pad_tokens, cfg, capture):
+    """A static-shape mixed step (``prepare_for_mixed``): ``rows`` (new tokens, KV length) in
+    any order, then ``pad_rows`` rows that feed nothing and ``pad_tokens`` tokens of no row."""
+    dim = 32
+    q_lens, seq_lens = [n for n, _ in rows], [s for _, s in rows]
+    paged = Paged(seq_lens + [0] * pad_rows, hkv, dim, page_size, torch.float32)
+    real = int(sum(q_lens))
+    cu = np.concatenate([[0], np.cumsum(q_lens + [0] * pad_rows)]).astype(np.int64)
+    q = torch.randn(real + pad_tokens, hq, dim, device=DEV)
+    ref = ta.paged_extend_attention(
+        q[:real], paged.k, paged.v, paged.page_rows[: len(rows)], seq_lens,
+        cu[: len(rows) + 1].tolist(), dim**-0.5,
+    )  # fmt: skip
+    spec = _spec(hq, hkv, dim, page_size, paged.width, torch.float32)
+    be = A.TritonAttentionBackend(spec, [paged.k], [paged.v], config=cfg)
+    if capture:
+        be.init_capture_graph(len(cu) - 1)
+    inputs = AttnInputs(
+        is_decode=False,
+        seq_lens=paged.seq_lens,
+        page_rows=paged.page_rows,
+        kv_len_bound=paged.width * page_size,
+        cu_q=torch.from_numpy(cu).to(torch.int32).to(DEV),
+    )
+    meta = be.prepare_for_mixed(inputs, capture=capture)
+    assert isinstance(meta, A.TritonVarlenMeta)
+    return be.forward(q, 0, meta), ref, real
+
+
+# One-token rows anywhere, not only first (a last prefill chunk of one token is one too).
+STATIC_MIXED_ROWS = [(6, 6), (1, 37), (5, 41), (1, 5), (1, 1), (20, 22), (1, 70), (3, 150)]
+
+
+@pytest.mark.parametrize(("pad_rows", "pad_tokens"), [(0, 0), (3, 13)])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize(("hq", "hkv"), GQA)
+def test_triton_backend_static_mixed_step(hq, hkv, page_size, splits, pad_rows, pad_tokens):
+    """The capturable mixed step: the decode kernel takes the one-token rows wherever they are,
+    the static-grid extend kernel finds every other row's query blocks on the device, padding
+    rows and tokens are skipped, and the real tokens match the torch reference."""
+    cfg = A.TritonAttentionConfig(
+        decode_block_n=16, extend_block_m=16, extend_block_n=16, num_splits=splits
+    )
+    out, ref, real = _static_mixed(
+        hq, hkv, page_size, STATIC_MIXED_ROWS, pad_rows, pad_tokens, cfg, capture=True
+    )
+    _close(out[:real], ref, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [(1, 9)],  # one decode row
+        [(16, 16)],  # one prefill, exactly two query blocks of 8 tokens (group 2, BLOCK_M 16)
+        [(7, 30), (9, 9), (8, 100)],  # blocks that straddle the rows' offsets
+        [(1, 3)] * 5 + [(33, 40)],
+    ],
+)
+def test_static_extend_grid_covers_every_split(rows) -> None:
+    """``T // BLOCK_Q + B`` programs cover any split of the tokens, without the host's
+    ``max_q_len`` (eager metadata, not the capture buffers)."""
+    cfg = A.TritonAttentionConfig(decode_block_n=16, extend_block_m=16, extend_block_n=16)
+    out, ref, real = _static_mixed(2, 1, 16, rows, 2, 5, cfg, capture=False)
+    _close(out[:real], ref, 1e-5, 1e-5)
+
+
 # ---- flashinfer helpers and availability ---------------------------------------------------------
 
 
