@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,9 +62,9 @@ class BucketStats:
     graph_bytes: int
 
 
-class DecodeGraph:
-    """A captured decode graph. ``replay`` also advances the host's count of graph steps, which
-    must match the device's (``StepIO``): replay only through here."""
+class StepGraph:
+    """A captured step graph (decode or mixed). ``replay`` also advances the host's count of its
+    ring's graph steps, which must match the device's (``StepIO``): replay only through here."""
 
     __slots__ = ("graph", "io")
 
@@ -96,7 +97,7 @@ class DecodeGraphRunner:
         self.buffers = DecodeBuffers.allocate(max(self.max_bs, 1), runner.max_logprobs, self.device)
         # As many slots as the launcher has steps in flight (its ResourcePool).
         self.io = StepIO(RING_SLOTS, max(self.max_bs, 1), self.device)
-        self.graphs: dict[tuple[int, SamplerFlags], DecodeGraph] = {}
+        self.graphs: dict[tuple[int, SamplerFlags], StepGraph] = {}
         self.stats: list[BucketStats] = []
         self.pool: object | None = None
         # Each bucket's views of the output buffers, made once: four slicing ops per replay
@@ -111,14 +112,16 @@ class DecodeGraphRunner:
         return bucket_for(self.buckets, batch_size)
 
     # ---- capture --------------------------------------------------------------------------
-    def capture_all(self) -> int:
-        """Capture every bucket, largest first. Returns the graph memory in bytes."""
+    def capture_all(self, pool: object | None = None) -> int:
+        """Capture every bucket, largest first, into ``pool`` (a new one if None; the caller
+        has called the backend's ``init_capture_graph`` for at least ``max_bs`` rows). Returns
+        the graph memory in bytes."""
         assert self.device.type == "cuda"
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info()[0]
-        pool = torch.cuda.graph_pool_handle()
+        if pool is None:
+            pool = torch.cuda.graph_pool_handle()
         self.pool = pool  # benchmarks capture variants of a bucket into the same pool
-        self.runner.attn.init_capture_graph(self.max_bs)
         order = sorted(self.buckets, reverse=True)
         bar = tqdm(order, desc="Capturing decode graphs", disable=not self.show_progress)
         for bs in bar:
@@ -182,20 +185,11 @@ class DecodeGraphRunner:
         )
         r.ops.store_step_ids(out.ids, io.ids_dev, io.pos)
 
-    def _capture(self, bs: int, flags: SamplerFlags, pool: object) -> DecodeGraph:
-        # Warm up outside the graph on a side stream: cuBLAS workspaces, Triton compilation
-        # and autotuning must not happen during capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(2):
-                self._step(bs, flags, self.kv_len_bound, capture=True)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+    def _capture(self, bs: int, flags: SamplerFlags, pool: object) -> StepGraph:
+        def step() -> None:
             self._step(bs, flags, self.kv_len_bound, capture=True)
-        return DecodeGraph(graph, self.io)
+
+        return StepGraph(capture_graph(step, pool), self.io)
 
     def close(self) -> None:
         """Release the graphs and their memory pool."""
@@ -239,6 +233,23 @@ class DecodeGraphRunner:
             self._step(bucket, variant, self.runner._decode_bound(plan), False, host[SEQ_LENS])
             io.next += 1
         return self._out_views[bucket], io.lease(count, plan.step_id)
+
+
+def capture_graph(step: Callable[[], None], pool: object) -> torch.cuda.CUDAGraph:
+    """Capture ``step`` into a graph of memory pool ``pool``, after two warm-up runs on a side
+    stream: cuBLAS workspaces, Triton compilation and autotuning must not happen during
+    capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+        step()
+    return graph
 
 
 def pad_waste(buckets: list[int], batch_sizes: np.ndarray) -> float:

@@ -21,6 +21,7 @@ import torch
 from graphrt.host_copy import device_view
 from graphrt.memory.page_allocator import DUMMY_SLOT
 from graphrt.sampling import SampleOutputs
+from graphrt.step_plan import StepPlan
 
 # Rows of ``DecodeBuffers.inputs``: what the graphs read, then the page-table writes.
 SLOTS, POSITIONS, SEQ_LENS = 0, 1, 2
@@ -56,7 +57,7 @@ class StepIO:
 
     Slot ``k % slots`` belongs to the k-th graph step since capture. The device counter ``pos``
     (advanced by each replay's last kernel) and the host counter ``next`` (advanced by
-    ``DecodeGraph.replay``) count the same replays, so the host knows which slot a step uses
+    ``StepGraph.replay``) count the same replays, so the host knows which slot a step uses
     without reading ``pos``. The graph tags the ids row with its count, which the host checks
     when it reads the ids (``StepIOLease.check``), so counts that drifted apart fail loudly.
 
@@ -65,21 +66,34 @@ class StepIO:
     handed out while held, and ``slot_inputs`` and ``lease`` raise if it would be.
     """
 
-    def __init__(self, slots: int, max_bs: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        slots: int,
+        max_bs: int,
+        device: torch.device,
+        padding: np.ndarray | None = None,
+        max_ids: int | None = None,
+    ) -> None:
+        """``padding``: ``[rows, columns]`` the slots start as (default: ``padding_rows(max_bs)``,
+        the decode layout); ``max_ids``: ids a step returns at most (default ``max_bs``)."""
         pin = device.type == "cuda"
         self.slots = slots
+        if padding is None:
+            padding = padding_rows(max_bs)
+        rows, cols = padding.shape
         # Column-major int32 (a column's rows together): a bucket's columns are one contiguous
         # run of host memory for the graph's first kernel to read over PCIe.
-        self.inputs = torch.empty(slots, max_bs, INPUT_ROWS, dtype=torch.int32, pin_memory=pin)
-        self.inputs.copy_(torch.from_numpy(padding_rows(max_bs).T).expand(slots, -1, -1))
+        self.inputs = torch.empty(slots, cols, rows, dtype=torch.int32, pin_memory=pin)
+        self.inputs.copy_(torch.from_numpy(padding.T.astype(np.int32)).expand(slots, -1, -1))
         # Each row: the ids, then the tag (the graph step count that wrote them).
-        self.ids = torch.full((slots, max_bs + 1), -1, dtype=torch.int64, pin_memory=pin)
+        n_ids = max_bs if max_ids is None else max_ids
+        self.ids = torch.full((slots, n_ids + 1), -1, dtype=torch.int64, pin_memory=pin)
         # What the graphs' kernels take: the same memory, as CUDA tensors.
         self.inputs_dev = device_view(self.inputs, device) if pin else self.inputs
         self.ids_dev = device_view(self.ids, device) if pin else self.ids
         self.pos = torch.zeros(1, dtype=torch.int64, device=device)
         self.next = 0
-        # [INPUT_ROWS, max_bs] views, as fill_inputs writes them.
+        # [rows, columns] views, as fill_inputs and fill_mixed_inputs write them.
         self._inputs_np = [self.inputs[i].numpy().T for i in range(slots)]
         # Each slot's whole row (ids, then tag) and its ids alone, made once: a lease per step.
         self._rows_np = [self.ids[i].numpy() for i in range(slots)]
@@ -150,7 +164,7 @@ class StepIOLease:
                 f"step {self.step_id}: ring slot {self.slot} holds the ids of graph step {tag}, "
                 f"not of graph step {self.count}; the device's count of graph steps and the "
                 "host's are out of step (a decode graph replayed other than through "
-                "DecodeGraph.replay?)"
+                "StepGraph.replay?)"
             )
 
     def release(self) -> None:
@@ -193,3 +207,91 @@ def fill_inputs(
         staging[UPDATES:, :n] = page_updates
     staging[UPDATES, n:bucket] = -1
     return staging[:UPDATES, :bucket]
+
+
+# ---- mixed steps (capture.mixed_graph_runner) ----------------------------------------------------
+
+# Rows of a mixed step's inputs (``MixedBuffers.inputs`` and its ring slots), over ``T + 1``
+# columns for token bucket ``T``: three per token, four per row (``R <= T`` rows, and
+# ``R + 1`` offsets), then the page-table writes as in the decode layout.
+M_IDS, M_POSITIONS, M_TOKEN_SLOTS = 0, 1, 2  # per token; an id of -1: the slot's last sample
+M_SLOTS, M_OUT_SLOTS, M_SEQ_LENS, M_CU_Q = 3, 4, 5, 6  # per row; cu_q has R + 1 entries
+M_UPDATES = 7  # rows 7, 8, 9: slot, column, page of each write; slot -1: no write
+MIXED_ROWS = 10
+
+
+def mixed_padding(columns: int) -> np.ndarray:
+    """``[MIXED_ROWS, columns]`` inputs of padding: tokens of id 0 at position 0 in the dummy
+    slot (so their K/V go to the dummy page), rows of the dummy slot that feed no token, and no
+    page writes."""
+    rows = np.zeros((MIXED_ROWS, columns), dtype=np.int64)
+    rows[M_TOKEN_SLOTS] = DUMMY_SLOT
+    rows[M_SLOTS] = DUMMY_SLOT
+    rows[M_OUT_SLOTS] = DUMMY_SLOT
+    rows[M_UPDATES] = -1
+    return rows
+
+
+@dataclass
+class MixedBuffers:
+    """The device copy of a mixed step's inputs, and the sampler's outputs, for the largest
+    token bucket (``max_tokens`` tokens in ``max_rows`` rows)."""
+
+    inputs: torch.Tensor  # int64 [MIXED_ROWS, max_tokens + 1]
+    out: SampleOutputs
+    max_tokens: int
+    max_rows: int
+
+    @classmethod
+    def allocate(
+        cls, max_tokens: int, max_rows: int, max_logprobs: int, device: torch.device
+    ) -> MixedBuffers:
+        inputs = torch.from_numpy(mixed_padding(max_tokens + 1)).to(device)
+        out = SampleOutputs.allocate(max_rows, max_logprobs, device)
+        return cls(inputs, out, max_tokens, max_rows)
+
+    def views(self, tokens: int, rows: int) -> tuple[torch.Tensor, ...]:
+        """(ids, positions, token slots) over ``tokens``; (slots, out slots, seq lens) over
+        ``rows``; cu_q over ``rows + 1``."""
+        x = self.inputs
+        return (
+            x[M_IDS, :tokens],
+            x[M_POSITIONS, :tokens],
+            x[M_TOKEN_SLOTS, :tokens],
+            x[M_SLOTS, :rows],
+            x[M_OUT_SLOTS, :rows],
+            x[M_SEQ_LENS, :rows],
+            x[M_CU_Q, : rows + 1],
+        )
+
+
+def fill_mixed_inputs(
+    staging: np.ndarray,
+    plan: StepPlan,
+    tokens: int,
+    rows: int,
+    page_updates: np.ndarray | None = None,
+) -> None:
+    """Write a step's plan, padded to ``tokens`` tokens in ``rows`` rows, into the first
+    ``tokens + 1`` columns of ``staging`` (``[MIXED_ROWS, W]``), with its ``[3, n]`` page writes
+    (``n <= tokens + 1``) in the first ``n`` columns of the update rows."""
+    t, b = plan.num_tokens, plan.batch_size
+    staging[M_IDS, :t] = plan.input_ids
+    staging[M_IDS, t:tokens] = 0
+    staging[M_POSITIONS, :t] = plan.positions
+    staging[M_POSITIONS, t:tokens] = 0
+    staging[M_TOKEN_SLOTS, :t] = np.repeat(plan.slots, plan.query_lens)
+    staging[M_TOKEN_SLOTS, t:tokens] = DUMMY_SLOT
+    staging[M_SLOTS, :b] = plan.slots
+    staging[M_SLOTS, b:rows] = DUMMY_SLOT
+    staging[M_OUT_SLOTS, :b] = plan.out_slots
+    staging[M_OUT_SLOTS, b:rows] = DUMMY_SLOT
+    staging[M_SEQ_LENS, :b] = plan.seq_lens
+    staging[M_SEQ_LENS, b:rows] = 0
+    staging[M_CU_Q, 0] = 0
+    np.cumsum(plan.query_lens, out=staging[M_CU_Q, 1 : b + 1])
+    staging[M_CU_Q, b + 1 : rows + 1] = t  # padding rows feed no token
+    n = 0 if page_updates is None else page_updates.shape[1]
+    if n:
+        staging[M_UPDATES:, :n] = page_updates
+    staging[M_UPDATES, n : tokens + 1] = -1

@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n[graphrt] {n_tokens} tokens in {dt:.2f}s ({n_tokens / dt:.1f} tok/s) on {s.device}, "
         f"{str(s.dtype).removeprefix('torch.')}, attention={s.attention_backend}, "
-        f"{engine.stats['graph_steps']}/{engine.stats['steps']} steps through decode buckets "
+        f"{engine.stats['graph_steps']} decode and {engine.stats['mixed_graph_steps']} prefill "
+        f"of {engine.stats['steps']} steps through graph buckets "
         f"({'CUDA graphs' if engine.runner.graphs.captured else 'eager: no CUDA graphs'})"
     )
     engine.shutdown()

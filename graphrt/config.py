@@ -43,6 +43,8 @@ _HELP: dict[str, str] = {
     "attention_backend": "attention kernels: 'torch' (reference), 'triton', 'flashinfer'",
     "cuda_graph_max_bs": "largest decode batch captured as a CUDA graph; 0 disables graphs",
     "cuda_graph_batch_sizes": "explicit decode batch-size buckets to capture",
+    "cuda_graph_max_tokens": "largest step with prefill tokens captured as a CUDA graph, by "
+    "token-count bucket (default: max_num_batched_tokens); 0 runs such steps eagerly",
     "pdl": "launch the Triton kernels with programmatic dependent launch where the GPU supports "
     "it (sm_90+): each kernel's launch overlaps the end of the one before",
     "overlap": "'thread': launcher thread, scheduler one step ahead; 'inline': one step ahead "
@@ -78,6 +80,7 @@ class EngineConfig:
     attention_backend: AttentionBackendName = "auto"
     cuda_graph_max_bs: int = 256
     cuda_graph_batch_sizes: tuple[int, ...] | None = None
+    cuda_graph_max_tokens: int | None = None
     pdl: bool = True
     overlap: OverlapMode = "thread"
 
@@ -99,6 +102,8 @@ class EngineConfig:
         _check_range("max_waiting_requests", self.max_waiting_requests, 1, 1 << 24)
         _check_range("max_logprobs", self.max_logprobs, 0, 1024)
         _check_range("cuda_graph_max_bs", self.cuda_graph_max_bs, 0, 8192)
+        if self.cuda_graph_max_tokens is not None:
+            _check_range("cuda_graph_max_tokens", self.cuda_graph_max_tokens, 0, 1 << 20)
         if self.cuda_graph_batch_sizes is not None:
             sizes = self.cuda_graph_batch_sizes
             # bool is an int subclass; refuse it here as _check_type does for int fields.

@@ -115,7 +115,8 @@ class Engine:
         self._inflight: StepHandle | None = None
         self._closed = False
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "graph_steps": 0, "failed_requests": 0}
+        # graph_steps: decode graph replays; mixed_graph_steps: replays of steps with prefill.
+        self.stats = {"steps": 0, "graph_steps": 0, "mixed_graph_steps": 0, "failed_requests": 0}
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -282,6 +283,8 @@ class Engine:
         self.scheduler.step_done(plan)
         if res.graph_bs is not None:
             self.stats["graph_steps"] += 1
+        elif res.graph_tokens is not None:
+            self.stats["mixed_graph_steps"] += 1
         # One conversion per step: indexing numpy scalars per row costs more than the row.
         ids = res.ids.tolist()
         samples = None if plan.is_decode else plan.samples.tolist()  # decode rows all sample

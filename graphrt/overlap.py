@@ -57,7 +57,8 @@ class StepResult:
     logprob: np.ndarray | None
     top_ids: np.ndarray | None
     top_logprobs: np.ndarray | None
-    graph_bs: int | None  # the decode bucket replayed, or None for an eager step
+    graph_bs: int | None  # the decode bucket replayed, or None
+    graph_tokens: int | None = None  # the mixed token bucket replayed, or None
 
 
 class _Resources:
@@ -156,6 +157,7 @@ class StepHandle:
             top_ids=h.top_ids.numpy()[:b] if lp else None,
             top_logprobs=h.top_logprobs.numpy()[:b] if lp else None,
             graph_bs=self._outputs.graph_bs if self._outputs is not None else None,
+            graph_tokens=self._outputs.graph_tokens if self._outputs is not None else None,
         )
 
     def release(self) -> None:
@@ -218,6 +220,7 @@ class StepRecord:
     yielded: bool = False
     process_s: float = 0.0  # scheduler thread: consuming this step's results (CPU work)
     graph_bs: int | None = None
+    graph_tokens: int | None = None  # the mixed token bucket replayed
     start: torch.cuda.Event | None = None  # recorded before the step's first GPU work
     end: torch.cuda.Event | None = None  # recorded after its D2H copy
 
@@ -299,6 +302,7 @@ class Launcher:
             prev, prof.last_end = prof.last_end, rec.end
             rec.late = prev is not None and prev.query()
         rec.graph_bs = handle._outputs.graph_bs if handle._outputs is not None else None
+        rec.graph_tokens = handle._outputs.graph_tokens if handle._outputs is not None else None
 
     def _loop(self) -> None:
         if self.stream is not None:

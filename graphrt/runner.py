@@ -1,9 +1,12 @@
 """ModelRunner: turns a scheduled ``StepPlan`` into device work.
 
 It owns everything on the device: weights, the KV pool, the slot-indexed state (token buffer,
-page table, sampling parameters), the attention backend and the decode graphs. Prefill and mixed
-steps run eagerly; decode steps replay the captured graph of the smallest bucket that fits (or
-run the same step function eagerly on CPU and above the largest bucket).
+page table, sampling parameters), the attention backend and the step graphs. Decode steps
+replay the decode graph of the smallest batch bucket that fits; steps that carry prefill tokens
+replay the mixed graph of the smallest token bucket that fits (``capture.mixed_graph_runner``).
+Where nothing is captured (CPU) the same step functions run eagerly on the padded buffers;
+above the largest bucket, and on CUDA with a backend that cannot capture mixed steps, steps run
+eagerly unpadded.
 
 All methods that launch work are called from one thread (the launcher, or the scheduler thread
 when overlap is off or inline) and enqueue onto one forward stream.
@@ -20,6 +23,11 @@ import numpy as np
 import torch
 
 from graphrt.capture.graph_runner import DecodeGraphRunner
+from graphrt.capture.mixed_graph_runner import (
+    MixedGraphRunner,
+    MixedGraphSpec,
+    default_token_buckets,
+)
 from graphrt.capture.static_buffers import StepIOLease
 from graphrt.config import EngineConfig
 from graphrt.forward_batch import ForwardBatch
@@ -111,10 +119,11 @@ class StepOutputs:
 
     out: SampleOutputs
     rows: int
-    graph_bs: int | None  # the bucket replayed, or None for an eager step
+    graph_bs: int | None  # the decode bucket replayed, or None
     # A graph step's ring slot (capture.static_buffers.StepIO): the step writes its sampled ids
     # there itself, so they need no copy. Released by whoever reads them.
     io: StepIOLease | None = None
+    graph_tokens: int | None = None  # the mixed token bucket replayed, or None
 
 
 class ModelRunner:
@@ -169,19 +178,81 @@ class ModelRunner:
         self.slot_state = SlotSamplingState(s.num_slots, c.vocab_size, s.device)
         self.max_logprobs = config.max_logprobs
         self.graphs: DecodeGraphRunner | None = None
+        self.mixed_graphs: MixedGraphRunner | None = None
         self.kv: KVPool
         self.graph_memory_bytes = 0
         num_pages = self._plan_num_pages()
         self._allocate_kv(num_pages)
         self.graphs = DecodeGraphRunner(self, show_progress=show_progress)
-        if self.device.type == "cuda" and self.graphs.buckets:
-            self.graph_memory_bytes = self.graphs.capture_all()
+        self.mixed_graphs = self._make_mixed_graphs(show_progress)
+        if self.device.type == "cuda":
+            self.graph_memory_bytes = self._capture_graphs(self.graphs, self.mixed_graphs)
+
+    def mixed_graph_spec(self) -> MixedGraphSpec | None:
+        """The mixed graphs this runner keeps, or None: ``cuda_graph_max_tokens`` is 0, or the
+        backend cannot capture mixed steps on CUDA (they then run eagerly)."""
+        cfg = self.config
+        max_t = cfg.cuda_graph_max_tokens
+        if max_t is None:
+            max_t = cfg.max_num_batched_tokens
+        max_t = min(max_t, cfg.max_num_batched_tokens)  # no step holds more
+        if max_t == 0 or (self.device.type == "cuda" and not self.backend_cls.mixed_graphs):
+            return None
+        return MixedGraphSpec(
+            buckets=tuple(default_token_buckets(max_t)),
+            max_num_seqs=cfg.max_num_seqs,
+            max_logprobs=self.max_logprobs,
+            kv_len_bound=self.settings.max_pages_per_seq * cfg.page_size,
+        )
+
+    def _make_mixed_graphs(self, show_progress: bool) -> MixedGraphRunner | None:
+        spec = self.mixed_graph_spec()
+        if spec is None:
+            return None
+        return MixedGraphRunner(
+            spec,
+            self.mixed_forward,
+            self.ops.load_step_inputs,
+            self.ops.store_step_ids,
+            self.page_table,
+            self.attn,
+            self.device,
+            show_progress=show_progress,
+        )
+
+    def _capture_graphs(
+        self,
+        decode: DecodeGraphRunner | None,
+        mixed: MixedGraphRunner | None,
+        mixed_buckets: list[int] | None = None,
+    ) -> int:
+        """Capture the mixed graphs (``mixed_buckets``, default all), then the decode graphs,
+        into one memory pool: replays never overlap, and smaller graphs reuse the largest
+        one's activations. Returns the graph memory in bytes."""
+        rows = max(
+            decode.max_bs if decode is not None else 0,
+            mixed.spec.max_rows if mixed is not None else 0,
+        )
+        if rows == 0:
+            return 0
+        # Static attention buffers (split-K partials) for the most rows any graph has, before
+        # any capture: a graph keeps the pointers it was captured with.
+        self.attn.init_capture_graph(rows)
+        pool = torch.cuda.graph_pool_handle()
+        used = 0
+        if mixed is not None and mixed.buckets:
+            used += mixed.capture_all(pool, mixed_buckets)
+        if decode is not None and decode.buckets:
+            used += decode.capture_all(pool)
+        return used
 
     def close(self) -> None:
         """Drop every device tensor this runner owns and return the memory to the driver."""
-        if self.graphs is not None:
-            self.graphs.close()
+        for g in (self.graphs, self.mixed_graphs):
+            if g is not None:
+                g.close()
         self.graphs = None
+        self.mixed_graphs = None
         for name in ("kv", "attn", "model", "token_buf", "page_table", "slot_state"):
             if hasattr(self, name):
                 delattr(self, name)
@@ -226,9 +297,16 @@ class ModelRunner:
         base = torch.cuda.memory_allocated()
         self._profile_run()
         activations = torch.cuda.max_memory_allocated() - base
+        # The mixed graphs' memory is that of the largest bucket: the pool is shared and the
+        # smaller buckets reuse it (capturing them all here would double their capture time).
         probe = DecodeGraphRunner(self, show_progress=False)
-        graph_bytes = probe.capture_all() if probe.buckets else 0
-        del probe
+        mixed_probe = self._make_mixed_graphs(show_progress=False)
+        largest = mixed_probe.buckets[-1:] if mixed_probe is not None else None
+        graph_bytes = self._capture_graphs(probe, mixed_probe, largest)
+        for g in (probe, mixed_probe):
+            if g is not None:
+                g.close()
+        del probe, mixed_probe
         del self.kv, self.attn
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -312,6 +390,13 @@ class ModelRunner:
             bucket = None
             if plan.is_decode and graphs is not None:
                 bucket = graphs.bucket_for(plan.batch_size)
+            elif not plan.is_decode and (mixed := self.mixed_graphs) is not None:
+                tokens = mixed.bucket_for(plan)
+                if tokens is not None:
+                    in_ring = mixed.fits_page_updates(plan, tokens)
+                    self.prepare(plan, page_updates=not in_ring)
+                    out, lease = mixed.run(plan, tokens, flags, page_updates=in_ring)
+                    return StepOutputs(out, plan.batch_size, None, lease, graph_tokens=tokens)
             if bucket is None:
                 self.prepare(plan)
                 return StepOutputs(self._eager(plan, flags), plan.batch_size, None)
@@ -364,6 +449,49 @@ class ModelRunner:
             attn_meta=attn_meta,
         )
         self._forward_and_sample(fb, slots, slots, seq_lens, flags, out)
+
+    def mixed_forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        token_slots: torch.Tensor,
+        slots: torch.Tensor,
+        out_slots: torch.Tensor,
+        seq_lens: torch.Tensor,
+        cu_q: torch.Tensor,
+        out: SampleOutputs,
+        flags: SamplerFlags,
+        capture: bool,
+    ) -> None:
+        """A step of ``T`` tokens in ``R`` rows (prefill chunks and one-token rows), entirely
+        from device tensors of static shape: the captured function of mixed graphs.
+
+        Ids of -1 are the slot's last sample, from the token buffer; KV write locations come
+        from the page table. Every row samples from its last token (a row that feeds nothing
+        samples into the dummy slot through ``out_slots``, as do prefill chunks that do not end
+        their prompt).
+        """
+        ps = self.config.page_size
+        table = self.page_table
+        ids = torch.where(input_ids < 0, self.token_buf.index_select(0, token_slots), input_ids)
+        flat = token_slots * table.shape[1] + positions // ps
+        page = table.view(-1).index_select(0, flat).to(torch.int64)
+        inputs = AttnInputs(
+            is_decode=False,
+            seq_lens=seq_lens.to(torch.int32),
+            page_rows=table.index_select(0, slots),
+            kv_len_bound=self.settings.max_pages_per_seq * ps,
+            cu_q=cu_q.to(torch.int32),
+        )
+        fb = ForwardBatch(
+            input_ids=ids,
+            positions=positions,
+            kv_locs=page * ps + positions % ps,
+            logits_rows=(cu_q[1:] - 1).clamp(min=0),
+            attn_backend=self.attn,
+            attn_meta=self.attn.prepare_for_mixed(inputs, capture),
+        )
+        self._forward_and_sample(fb, slots, out_slots, seq_lens, flags, out)
 
     def _eager(self, plan: StepPlan, flags: SamplerFlags) -> SampleOutputs:
         dev = self.device

@@ -126,7 +126,7 @@ class MockEngine:
         self.pages = _Pages(num_pages, page_size)
         self.scheduler = _Scheduler()
         self.slots = _Slots(max_num_seqs, self.scheduler)
-        self.stats = {"steps": 0, "graph_steps": 0, "failed_requests": 0}
+        self.stats = {"steps": 0, "graph_steps": 0, "mixed_graph_steps": 0, "failed_requests": 0}
         self._groups: dict[str, _Group] = {}
         self._next_tick = 0.0
 

@@ -1,0 +1,258 @@
+"""Capture steps that carry prefill tokens as CUDA graphs, one per token-count bucket, and replay
+them.
+
+A mixed step feeds ``T`` tokens in ``R`` rows: prefill chunks and one-token rows (decode rows,
+and last chunks of one token) in any mix. The graph of token bucket ``T`` holds ``R = min(T,
+max_num_seqs)`` rows, enough for any step of at most ``T`` tokens, and its attention is the
+backend's static-shape path (``AttentionBackend.prepare_for_mixed``): one launch shape serves
+every split of the tokens into rows, because the kernels read each row's query offsets and
+lengths from the step's inputs on the device. These are full graphs, as vLLM's FULL mode; the
+choice against piecewise graphs is argued in ``docs/ARCHITECTURE.md``.
+
+Padding tokens belong to no row and sit in the dummy slot at position 0, so their K/V go to the
+dummy page; padding rows feed no token and sample into the dummy slot. Each step's inputs, its
+query offsets and its page-table writes come through a pinned ring slot (``StepIO``, in the
+mixed layout of ``static_buffers``) that the graph's first kernel reads, and its last kernel
+writes the sampled ids back into the slot, as decode graphs do: one replay per step, nothing
+else enqueued.
+
+The runner is given what it needs explicitly (the step's forward function, the ops that load
+and store the ring, the page table, the attention backend), not the ``ModelRunner``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from graphrt.capture.graph_runner import (
+    VARIANTS,
+    BucketStats,
+    CaptureError,
+    StepGraph,
+    capture_graph,
+    variant_for,
+)
+from graphrt.capture.static_buffers import (
+    M_UPDATES,
+    RING_SLOTS,
+    MixedBuffers,
+    StepIO,
+    StepIOLease,
+    fill_mixed_inputs,
+    mixed_padding,
+)
+from graphrt.kernels.attention_backend import AttentionBackend
+from graphrt.sampling import SampleOutputs, SamplerFlags
+from graphrt.step_plan import StepPlan
+
+logger = logging.getLogger(__name__)
+
+
+class MixedForward(Protocol):
+    """The captured function of a mixed step (``ModelRunner.mixed_forward``)."""
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        token_slots: torch.Tensor,
+        slots: torch.Tensor,
+        out_slots: torch.Tensor,
+        seq_lens: torch.Tensor,
+        cu_q: torch.Tensor,
+        out: SampleOutputs,
+        flags: SamplerFlags,
+        capture: bool,
+    ) -> None: ...
+
+
+def default_token_buckets(max_tokens: int) -> list[int]:
+    """Every 16 tokens up to 256 (where the step is launch-bound and padding is cheap in
+    absolute terms), then steps of about 1.5x, and ``max_tokens`` itself."""
+    if max_tokens <= 0:
+        return []
+    sizes = set(range(16, min(256, max_tokens) + 1, 16))
+    for s in (384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384):
+        if s <= max_tokens:
+            sizes.add(s)
+    sizes.add(max_tokens)
+    return sorted(sizes)
+
+
+@dataclass(frozen=True)
+class MixedGraphSpec:
+    """What the mixed graphs are captured for."""
+
+    buckets: tuple[int, ...]  # token counts, sorted
+    max_num_seqs: int
+    max_logprobs: int
+    kv_len_bound: int  # the page-table width in tokens: the static bound attention sees
+
+    def rows_for(self, tokens: int) -> int:
+        """Rows the graph of token bucket ``tokens`` holds: a step never has more rows than
+        tokens, nor more than ``max_num_seqs``."""
+        return min(tokens, self.max_num_seqs)
+
+    @property
+    def max_rows(self) -> int:
+        return self.rows_for(self.buckets[-1]) if self.buckets else 0
+
+
+class MixedGraphRunner:
+    """Owns the mixed steps' static buffers, their pinned ring and their graphs."""
+
+    def __init__(
+        self,
+        spec: MixedGraphSpec,
+        forward: MixedForward,
+        load_step_inputs: Callable,
+        store_step_ids: Callable,
+        page_table: torch.Tensor,
+        attn: AttentionBackend,
+        device: torch.device,
+        show_progress: bool = True,
+    ) -> None:
+        self.spec = spec
+        self.buckets = list(spec.buckets)
+        self.forward = forward
+        self.load_step_inputs = load_step_inputs
+        self.store_step_ids = store_step_ids
+        self.page_table = page_table
+        self.attn = attn
+        self.device = device
+        self.show_progress = show_progress
+        max_t = self.buckets[-1] if self.buckets else 0
+        self.buffers = MixedBuffers.allocate(max_t, spec.max_rows, spec.max_logprobs, device)
+        self.io = StepIO(
+            RING_SLOTS, max_t + 1, device, padding=mixed_padding(max_t + 1), max_ids=spec.max_rows
+        )
+        self.graphs: dict[tuple[int, SamplerFlags], StepGraph] = {}
+        self.stats: list[BucketStats] = []
+        self._out_views = {t: self.buffers.out.narrow(spec.rows_for(t)) for t in self.buckets}
+
+    @property
+    def captured(self) -> bool:
+        return bool(self.graphs)
+
+    def bucket_for(self, plan: StepPlan) -> int | None:
+        """The smallest token bucket that holds the plan, or None (run it eagerly)."""
+        i = bisect.bisect_left(self.buckets, plan.num_tokens)
+        if i == len(self.buckets):
+            return None
+        t = self.buckets[i]
+        return t if plan.batch_size <= self.spec.rows_for(t) else None
+
+    def fits_page_updates(self, plan: StepPlan, bucket: int) -> bool:
+        """Whether the plan's page-table writes fit the bucket's ``T + 1`` ring columns (a step
+        that maps a long cached prefix into a new row may write more; the caller then applies
+        them before the replay)."""
+        return plan.page_updates.shape[1] <= bucket + 1
+
+    # ---- capture --------------------------------------------------------------------------
+    def capture_all(self, pool: object, buckets: list[int] | None = None) -> int:
+        """Capture ``buckets`` (default: all), largest first, into ``pool``. The caller has
+        called the backend's ``init_capture_graph`` for at least ``spec.max_rows`` rows.
+        Returns the graph memory in bytes."""
+        assert self.device.type == "cuda"
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0]
+        order = sorted(buckets if buckets is not None else self.buckets, reverse=True)
+        bar = tqdm(order, desc="Capturing mixed graphs", disable=not self.show_progress)
+        for t in bar:
+            t0 = time.perf_counter()
+            free0 = torch.cuda.mem_get_info()[0]
+            try:
+                for flags in VARIANTS:
+                    self.graphs[(t, flags)] = StepGraph(
+                        capture_graph(self._stepper(t, flags), pool), self.io
+                    )
+            except torch.cuda.OutOfMemoryError as e:
+                raise CaptureError(
+                    f"out of memory while capturing the mixed step of {t} tokens: lower "
+                    f"cuda_graph_max_tokens or gpu_memory_utilization; {e}"
+                ) from None
+            except Exception as e:
+                raise CaptureError(
+                    f"capturing the mixed step of {t} tokens failed: {type(e).__name__}: {e}. "
+                    "Set cuda_graph_max_tokens=0 to run steps with prefill tokens eagerly."
+                ) from e
+            free1 = torch.cuda.mem_get_info()[0]
+            self.stats.append(BucketStats(t, time.perf_counter() - t0, free0 - free1))
+            bar.set_postfix(tokens=t, free_gb=f"{free1 / 1e9:.2f}")
+        torch.cuda.synchronize()
+        self.io.reset()  # the warm-up runs advanced the device's count of steps
+        used = free_before - torch.cuda.mem_get_info()[0]
+        logger.info(
+            "captured %d mixed graphs (%d token buckets), %.1f MB",
+            len(self.graphs),
+            len(order),
+            used / 1e6,
+        )
+        return used
+
+    def _stepper(self, tokens: int, flags: SamplerFlags) -> Callable[[], None]:
+        def step() -> None:
+            self._step(tokens, flags, capture=True)
+
+        return step
+
+    def _step(self, tokens: int, flags: SamplerFlags, capture: bool) -> None:
+        """One mixed step of bucket ``tokens`` on the static buffers: what a graph holds, and
+        what ``run`` calls eagerly where nothing is captured. Its first kernel loads the ring
+        slot (inputs and page-table writes) and its last stores the sampled ids into it."""
+        rows = self.spec.rows_for(tokens)
+        io = self.io
+        self.load_step_inputs(
+            io.inputs_dev, io.pos, self.buffers.inputs, self.page_table, tokens + 1, M_UPDATES
+        )
+        out = self._out_views[tokens]
+        self.forward(*self.buffers.views(tokens, rows), out, flags, capture)
+        self.store_step_ids(out.ids, io.ids_dev, io.pos)
+
+    def close(self) -> None:
+        """Release the graphs."""
+        for g in self.graphs.values():
+            g.reset()
+        self.graphs.clear()
+
+    # ---- replay ---------------------------------------------------------------------------
+    def run(
+        self, plan: StepPlan, bucket: int, flags: SamplerFlags, page_updates: bool
+    ) -> tuple[SampleOutputs, StepIOLease]:
+        """Write the plan into the next ring slot and replay (or, where nothing is captured,
+        run the same step eagerly). Returns the device outputs (the bucket's rows; the plan's
+        are first) and the step's hold on its ring slot. ``page_updates``: the plan's
+        page-table writes go in the slot (see ``fits_page_updates``); otherwise the caller has
+        applied them. Enqueues on the current stream; does not wait for the GPU."""
+        io = self.io
+        count, staging = io.slot_inputs()
+        upd = plan.page_updates if page_updates and plan.page_updates.shape[1] else None
+        fill_mixed_inputs(staging, plan, bucket, self.spec.rows_for(bucket), upd)
+        variant = variant_for(flags)
+        graph = self.graphs.get((bucket, variant))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._step(bucket, variant, capture=False)
+            io.next += 1
+        return self._out_views[bucket], io.lease(count, plan.step_id)
+
+
+def token_pad_waste(buckets: list[int], num_tokens: np.ndarray) -> float:
+    """Fraction of a mixed graph's tokens that are padding, for a distribution of step sizes."""
+    real = padded = 0
+    for t in num_tokens:
+        i = bisect.bisect_left(buckets, int(t))
+        if i < len(buckets):
+            real += int(t)
+            padded += buckets[i]
+    return 1.0 - real / padded if padded else 0.0
