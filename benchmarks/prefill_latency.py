@@ -1,0 +1,144 @@
+"""Time to first token of one prompt, and the CPU cost of launching its step, with steps that
+carry prefill tokens captured as CUDA graphs (mixed graphs) and run eagerly, side by side.
+
+    python benchmarks/prefill_latency.py --model benchmarks/models/llama-3.2-1b --load-format dummy
+
+Two engines live in the process at once, identical but for ``cuda_graph_max_tokens`` (the
+second has 0: eager). Each repetition sends one fresh random prompt of each length to both,
+alternating which goes first (fresh tokens: the prefix cache cannot hit), with ``max_tokens=1``.
+
+Per engine and prompt length: TTFT (``generate`` wall time: submission to the first token),
+the launcher's CPU time for the prefill step (``StepRecord.launch_s``: the replay, or every
+eager launch) and the step's GPU span (its start and end events). Ceiling: the prompt's FLOPs
+(2 x non-embedding weights per token, plus causal attention) at the dense bf16 GEMM rate
+measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import torch
+
+from graphrt import Engine, EngineConfig, SamplingParams
+from graphrt.capture.measure import run_header, summarize
+from graphrt.overlap import StepProfiler
+
+
+def measure_gemm_tflops(device: torch.device, n: int = 8192, iters: int = 10) -> float:
+    """Dense bf16 GEMM rate of this card, in FLOP/s (n x n x n, best of ``iters``)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        best = min(best, s.elapsed_time(e) / 1e3)
+    return 2 * n**3 / best
+
+
+def prompt_flops(eng: Engine, n: int) -> float:
+    """FLOPs of one ``n``-token prefill: the matmuls of every non-embedding weight (the LM head
+    once, for the last token), plus causal attention (QK^T and PV over half the square)."""
+    c = eng.runner.model_cfg
+    emb = c.vocab_size * c.hidden_size
+    weights = sum(p.numel() for p in eng.runner.model.parameters()) - emb
+    if not c.tie_word_embeddings:
+        weights -= emb  # the LM head: one row, below
+    attn = 2 * 2 * c.num_layers * c.num_heads * c.head_dim * n * (n + 1) / 2
+    return 2 * weights * n + attn + 2 * emb
+
+
+def one(eng: Engine, prompt: list[int]) -> dict[str, float]:
+    prof = StepProfiler(eng.runner.device)
+    eng.launcher.profiler = prof
+    t0 = time.perf_counter()
+    eng.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    ttft = time.perf_counter() - t0
+    eng.launcher.profiler = None
+    torch.cuda.synchronize()
+    recs = [r for r in prof.records.values() if not r.is_decode]
+    if len(recs) != 1:
+        raise RuntimeError(f"expected one prefill step, saw {len(recs)} (raise the token budget)")
+    r = recs[0]
+    return {
+        "ttft_ms": ttft * 1e3,
+        "launch_ms": r.launch_s * 1e3,
+        "gpu_ms": r.start.elapsed_time(r.end) if r.start is not None else float("nan"),
+        "graph": float(r.graph_tokens is not None),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--json", type=Path, default=None)
+    EngineConfig.add_cli_args(p.add_argument_group("engine (both engines)"))
+    p.set_defaults(gpu_memory_utilization=0.4)
+    args = p.parse_args(argv)
+    if args.repeats < 3:
+        p.error("--repeats must be at least 3")
+    config = EngineConfig.from_cli_args(args)
+    kw = {k: v for k, v in vars(config).items() if k not in ("model", "cuda_graph_max_tokens")}
+    graphs = Engine(config.model, show_progress=False, **kw)
+    kw["num_pages"] = graphs.pages.num_usable + 1
+    eager = Engine(config.model, show_progress=False, cuda_graph_max_tokens=0, **kw)
+    dev = graphs.runner.device
+    if dev.type != "cuda":
+        raise SystemExit("prefill_latency times CUDA steps; run it on a GPU")
+    rate = measure_gemm_tflops(dev)
+    res: dict[str, Any] = run_header("prefill_latency", str(config.model), graphs, None)
+    res.update(gemm_flops_per_s=rate, settings=vars(args) | {"json": str(args.json)})
+    rng = random.Random(0)
+    vocab = graphs.runner.model_cfg.vocab_size
+    for eng in (graphs, eager):  # compile and warm every shape first
+        for n in args.prompt_lens:
+            for _ in range(3):
+                one(eng, [rng.randrange(10, vocab) for _ in range(n)])
+    res["lens"] = {}
+    print(f"dense bf16 GEMM rate measured: {rate / 1e12:,.0f} TFLOP/s", flush=True)
+    for n in args.prompt_lens:
+        runs: dict[str, list[dict[str, float]]] = {"graphs": [], "eager": []}
+        for rep in range(args.repeats):
+            order = [("graphs", graphs), ("eager", eager)]
+            for name, eng in order if rep % 2 == 0 else order[::-1]:
+                runs[name].append(one(eng, [rng.randrange(10, vocab) for _ in range(n)]))
+        stats = {k: {m: summarize(r[m] for r in rs) for m in rs[0]} for k, rs in runs.items()}
+        bound_ms = prompt_flops(graphs, n) / rate * 1e3
+        res["lens"][n] = {"runs": runs, "stats": stats, "flop_bound_ms": bound_ms}
+        for name in ("graphs", "eager"):
+            s = stats[name]
+            print(
+                f"{n:>6} tokens  {name:<6}  TTFT {_fmt(s['ttft_ms'])} ms  launch CPU "
+                f"{_fmt(s['launch_ms'])} ms  GPU {_fmt(s['gpu_ms'])} ms  "
+                f"(ceiling: FLOP bound {bound_ms:.2f} ms; graph replays "
+                f"{s['graph']['median']:.0%})",
+                flush=True,
+            )
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
+    graphs.shutdown()
+    eager.shutdown()
+    return 0
+
+
+def _fmt(s: dict[str, Any]) -> str:
+    return f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
