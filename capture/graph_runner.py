@@ -19,13 +19,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from graphrt.capture.buckets import bucket_for, make_buckets
+from graphrt.capture.buckets import bucket_for
 from graphrt.capture.static_buffers import (
     RING_SLOTS,
     SEQ_LENS,
@@ -36,11 +36,9 @@ from graphrt.capture.static_buffers import (
     StepIOLease,
     fill_inputs,
 )
+from graphrt.kernels.attention_backend import AttentionBackend
 from graphrt.sampling import EVERYTHING, GREEDY, SampleOutputs, SamplerFlags
 from graphrt.step_plan import StepPlan
-
-if TYPE_CHECKING:
-    from graphrt.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -80,23 +78,66 @@ class StepGraph:
         self.graph.reset()
 
 
-class DecodeGraphRunner:
-    """Owns the decode static buffers, the pinned step ring and the graphs of one
-    ``ModelRunner``."""
+class DecodeForward(Protocol):
+    """The captured function of a decode step (``ModelRunner.decode_forward``)."""
 
-    def __init__(self, runner: ModelRunner, show_progress: bool = True) -> None:
-        cfg = runner.config
-        self.runner = runner
-        self.device = runner.device
-        self.buckets = make_buckets(
-            cfg.cuda_graph_max_bs, cfg.cuda_graph_batch_sizes, cfg.max_num_seqs
-        )
+    def __call__(
+        self,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: torch.Tensor,
+        out: SampleOutputs,
+        flags: SamplerFlags,
+        kv_len_bound: int,
+        capture_bs: int | None = None,
+        attn_meta: object | None = None,
+        seq_lens_host: np.ndarray | None = None,
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class DecodeGraphSpec:
+    """What the decode graphs are captured for."""
+
+    buckets: tuple[int, ...]  # batch sizes, sorted
+    max_logprobs: int
+    kv_len_bound: int  # the page-table width in tokens: the static bound attention sees
+    cuda_graph_max_bs: int  # for error messages
+
+
+class DecodeGraphRunner:
+    """Owns the decode static buffers, the pinned step ring and the graphs, given its
+    dependencies explicitly: the step's forward function, the ops that load and store the ring,
+    the page table, the attention backend, and (CPU, uncaptured steps) the KV bound of an eager
+    decode step."""
+
+    def __init__(
+        self,
+        spec: DecodeGraphSpec,
+        forward: DecodeForward,
+        load_step_inputs: Callable,
+        store_step_ids: Callable,
+        page_table: torch.Tensor,
+        attn: AttentionBackend,
+        eager_kv_bound: Callable[[int], int],
+        device: torch.device,
+        show_progress: bool = True,
+    ) -> None:
+        self.spec = spec
+        self.forward = forward
+        self.load_step_inputs = load_step_inputs
+        self.store_step_ids = store_step_ids
+        self.page_table = page_table
+        self.attn = attn
+        self.eager_kv_bound = eager_kv_bound
+        self.device = device
+        self.buckets = list(spec.buckets)
         self.max_bs = self.buckets[-1] if self.buckets else 0
         self.show_progress = show_progress
-        self.kv_len_bound = runner.settings.max_pages_per_seq * cfg.page_size
-        self.buffers = DecodeBuffers.allocate(max(self.max_bs, 1), runner.max_logprobs, self.device)
+        self.kv_len_bound = spec.kv_len_bound
+        self.buffers = DecodeBuffers.allocate(max(self.max_bs, 1), spec.max_logprobs, device)
         # As many slots as the launcher has steps in flight (its ResourcePool).
-        self.io = StepIO(RING_SLOTS, max(self.max_bs, 1), self.device)
+        self.io = StepIO(RING_SLOTS, max(self.max_bs, 1), device)
         self.graphs: dict[tuple[int, SamplerFlags], StepGraph] = {}
         self.stats: list[BucketStats] = []
         self.pool: object | None = None
@@ -133,7 +174,7 @@ class DecodeGraphRunner:
             except torch.cuda.OutOfMemoryError as e:
                 raise CaptureError(
                     f"out of memory while capturing decode bucket bs={bs}: lower "
-                    f"cuda_graph_max_bs (now {self.runner.config.cuda_graph_max_bs}) or "
+                    f"cuda_graph_max_bs (now {self.spec.cuda_graph_max_bs}) or "
                     f"gpu_memory_utilization; {e}"
                 ) from None
             except Exception as e:
@@ -167,13 +208,13 @@ class DecodeGraphRunner:
         ``run`` calls eagerly where nothing is captured (CPU). Its first kernel loads the
         step's ring slot (inputs and page-table writes), its last stores the sampled ids into
         the slot and advances the device's count of steps."""
-        r, io = self.runner, self.io
+        io = self.io
         slots, positions, seq_lens = self.buffers.views(bs)
         out = self._out_views[bs]
-        r.ops.load_step_inputs(
-            io.inputs_dev, io.pos, self.buffers.inputs, r.page_table, bs, UPDATES
+        self.load_step_inputs(
+            io.inputs_dev, io.pos, self.buffers.inputs, self.page_table, bs, UPDATES
         )
-        r.decode_forward(
+        self.forward(
             slots,
             positions,
             seq_lens,
@@ -183,7 +224,7 @@ class DecodeGraphRunner:
             capture_bs=bs if capture else None,
             seq_lens_host=seq_lens_host,
         )
-        r.ops.store_step_ids(out.ids, io.ids_dev, io.pos)
+        self.store_step_ids(out.ids, io.ids_dev, io.pos)
 
     def _capture(self, bs: int, flags: SamplerFlags, pool: object) -> StepGraph:
         def step() -> None:
@@ -227,10 +268,11 @@ class DecodeGraphRunner:
         graph = self.graphs.get((bucket, variant))
         if graph is not None:
             # Backends that plan on the host (flashinfer) refresh their static metadata here.
-            self.runner.attn.prepare_for_replay(bucket, host[SEQ_LENS], host[SLOTS])
+            self.attn.prepare_for_replay(bucket, host[SEQ_LENS], host[SLOTS])
             graph.replay()
         else:
-            self._step(bucket, variant, self.runner._decode_bound(plan), False, host[SEQ_LENS])
+            bound = self.eager_kv_bound(int(plan.seq_lens.max()))
+            self._step(bucket, variant, bound, False, host[SEQ_LENS])
             io.next += 1
         return self._out_views[bucket], io.lease(count, plan.step_id)
 

@@ -205,18 +205,31 @@ class MixedGraphRunner:
 
         return step
 
-    def _step(self, tokens: int, flags: SamplerFlags, capture: bool) -> None:
+    def _step(
+        self, tokens: int, flags: SamplerFlags, capture: bool, rows: int | None = None
+    ) -> SampleOutputs:
         """One mixed step of bucket ``tokens`` on the static buffers: what a graph holds, and
         what ``run`` calls eagerly where nothing is captured. Its first kernel loads the ring
-        slot (inputs and page-table writes) and its last stores the sampled ids into it."""
-        rows = self.spec.rows_for(tokens)
+        slot (inputs and page-table writes) and its last stores the sampled ids into it.
+        ``rows``: fewer rows than the bucket holds (uncaptured steps only)."""
+        if rows is None:
+            rows = self.spec.rows_for(tokens)
+            out = self._out_views[tokens]
+        else:
+            out = self.buffers.out.narrow(rows)
         io = self.io
         self.load_step_inputs(
             io.inputs_dev, io.pos, self.buffers.inputs, self.page_table, tokens + 1, M_UPDATES
         )
-        out = self._out_views[tokens]
         self.forward(*self.buffers.views(tokens, rows), out, flags, capture)
         self.store_step_ids(out.ids, io.ids_dev, io.pos)
+        return out
+
+    def uncaptured_rows(self, batch_size: int, tokens: int) -> int:
+        """Rows an uncaptured step of ``batch_size`` rows in bucket ``tokens`` runs with: still
+        padded (so CPU runs exercise padding rows), but to the next power of two, at least 8,
+        not to the bucket's ``R``: on CPU every padding row costs its logits and sampling."""
+        return min(self.spec.rows_for(tokens), max(8, 1 << (batch_size - 1).bit_length()))
 
     def close(self) -> None:
         """Release the graphs."""
@@ -236,15 +249,19 @@ class MixedGraphRunner:
         io = self.io
         count, staging = io.slot_inputs()
         upd = plan.page_updates if page_updates and plan.page_updates.shape[1] else None
-        fill_mixed_inputs(staging, plan, bucket, self.spec.rows_for(bucket), upd)
-        variant = variant_for(flags)
-        graph = self.graphs.get((bucket, variant))
+        graph = self.graphs.get((bucket, variant_for(flags)))
         if graph is not None:
+            fill_mixed_inputs(staging, plan, bucket, self.spec.rows_for(bucket), upd)
             graph.replay()
+            out = self._out_views[bucket]
         else:
-            self._step(bucket, variant, capture=False)
+            # Nothing captured: the same step function, with the step's own sampler features
+            # rather than its graph variant's, and fewer padding rows.
+            rows = self.uncaptured_rows(plan.batch_size, bucket)
+            fill_mixed_inputs(staging, plan, bucket, rows, upd)
+            out = self._step(bucket, flags, capture=False, rows=rows)
             io.next += 1
-        return self._out_views[bucket], io.lease(count, plan.step_id)
+        return out, io.lease(count, plan.step_id)
 
 
 def token_pad_waste(buckets: list[int], num_tokens: np.ndarray) -> float:

@@ -1,4 +1,5 @@
-"""``capture-profile``: what capturing each decode bucket costs and what replaying it saves.
+"""``capture-profile``: what capturing each decode bucket costs and what replaying it saves,
+and what each mixed (prefill) token bucket costs to capture and to replay.
 
 For each bucket it prints capture time, graph memory, eager step time, replay step time (GPU
 time from CUDA events, back-to-back replays), the CPU cost of issuing one replay (while the
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from graphrt.capture.measure import DecodeBench, measure_hbm_bandwidth
+from graphrt.capture.measure import DecodeBench, measure_hbm_bandwidth, time_ms
 from graphrt.config import EngineConfig
 from graphrt.engine import Engine
 from graphrt.sampling import GREEDY
@@ -88,6 +89,63 @@ def profile(
             )
         )
     return rows, bw
+
+
+@dataclass
+class MixedBucketProfile:
+    tokens: int
+    rows: int
+    capture_ms: float | None
+    graph_mb: float | None
+    # GPU time of a replay whose tokens are all padding: every dense layer over the bucket's
+    # tokens, attention skipped (no row feeds a token), so no real KV page is touched.
+    replay_ms: float | None
+
+
+def profile_mixed(engine: Engine, iters: int) -> list[MixedBucketProfile]:
+    """The mixed token buckets: capture cost, graph memory, and (on CUDA) replay GPU time."""
+    mixed = engine.runner.mixed_graphs
+    if mixed is None:
+        return []
+    stats = {s.bs: s for s in mixed.stats}
+    cuda = engine.runner.device.type == "cuda"
+    if cuda:
+        mixed.io.stage_padding()
+    rows = []
+    for t in mixed.buckets:
+        st = stats.get(t)
+        ms = None
+        if cuda and (t, GREEDY) in mixed.graphs:
+            g = mixed.graphs[(t, GREEDY)]
+            ms = time_ms(g.replay, iters, engine.runner.device)
+        rows.append(
+            MixedBucketProfile(
+                tokens=t,
+                rows=mixed.spec.rows_for(t),
+                capture_ms=st.capture_s * 1e3 if st else None,
+                graph_mb=st.graph_bytes / 1e6 if st else None,
+                replay_ms=ms,
+            )
+        )
+    return rows
+
+
+def print_mixed_table(rows: list[MixedBucketProfile]) -> None:
+    if not rows:
+        print("mixed graphs: none (cuda_graph_max_tokens=0, or a backend that cannot capture them)")
+        return
+    print("mixed (prefill) token buckets; replay ms: all-padding replay, dense layers only")
+    cols = ("tokens", "rows", "capture ms", "graph MB", "replay ms")
+    print(" | ".join(f"{c:>11}" for c in cols))
+    for r in rows:
+        vals = (
+            str(r.tokens),
+            str(r.rows),
+            _fmt(r.capture_ms, ".1f"),
+            _fmt(r.graph_mb, ".1f"),
+            _fmt(r.replay_ms, ".3f"),
+        )
+        print(" | ".join(f"{v:>11}" for v in vals))
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -197,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         f", context {args.context_len} tokens/row, on {dev}"
     )
     print_table(rows, bw, header)
+    mixed_rows = profile_mixed(engine, max(3, args.iters // 5))
+    print_mixed_table(mixed_rows)
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -207,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                     "graph_memory_bytes": r.graph_memory_bytes,
                     "context_len": args.context_len,
                     "rows": [asdict(x) for x in rows],
+                    "mixed_rows": [asdict(x) for x in mixed_rows],
                 },
                 indent=2,
             )

@@ -84,7 +84,8 @@ class StepIO:
         # Column-major int32 (a column's rows together): a bucket's columns are one contiguous
         # run of host memory for the graph's first kernel to read over PCIe.
         self.inputs = torch.empty(slots, cols, rows, dtype=torch.int32, pin_memory=pin)
-        self.inputs.copy_(torch.from_numpy(padding.T.astype(np.int32)).expand(slots, -1, -1))
+        self._padding = torch.from_numpy(padding.T.astype(np.int32))
+        self.inputs.copy_(self._padding.expand(slots, -1, -1))
         # Each row: the ids, then the tag (the graph step count that wrote them).
         n_ids = max_bs if max_ids is None else max_ids
         self.ids = torch.full((slots, n_ids + 1), -1, dtype=torch.int64, pin_memory=pin)
@@ -131,6 +132,11 @@ class StepIO:
                 f"step {step_id} released ring slot {i}, held by step {self._holder[i]}"
             )
         self._holder[i] = None
+
+    def stage_padding(self) -> None:
+        """Reset every slot to the padding it started as, so that a replay touches only the
+        dummy slot and page whatever the counters say. For benchmarks, with no step in flight."""
+        self.inputs.copy_(self._padding.expand(self.slots, -1, -1))
 
     def stage_all(self, slots: np.ndarray, seq_lens: np.ndarray, bucket: int) -> None:
         """Write one decode batch (no page writes) into every ring slot, so that replays read

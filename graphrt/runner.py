@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graphrt.capture.graph_runner import DecodeGraphRunner
+from graphrt.capture.buckets import make_buckets
+from graphrt.capture.graph_runner import DecodeGraphRunner, DecodeGraphSpec
 from graphrt.capture.mixed_graph_runner import (
     MixedGraphRunner,
     MixedGraphSpec,
@@ -183,10 +184,32 @@ class ModelRunner:
         self.graph_memory_bytes = 0
         num_pages = self._plan_num_pages()
         self._allocate_kv(num_pages)
-        self.graphs = DecodeGraphRunner(self, show_progress=show_progress)
+        self.graphs = self._make_decode_graphs(show_progress)
         self.mixed_graphs = self._make_mixed_graphs(show_progress)
         if self.device.type == "cuda":
             self.graph_memory_bytes = self._capture_graphs(self.graphs, self.mixed_graphs)
+
+    def _make_decode_graphs(self, show_progress: bool) -> DecodeGraphRunner:
+        cfg = self.config
+        spec = DecodeGraphSpec(
+            buckets=tuple(
+                make_buckets(cfg.cuda_graph_max_bs, cfg.cuda_graph_batch_sizes, cfg.max_num_seqs)
+            ),
+            max_logprobs=self.max_logprobs,
+            kv_len_bound=self.settings.max_pages_per_seq * cfg.page_size,
+            cuda_graph_max_bs=cfg.cuda_graph_max_bs,
+        )
+        return DecodeGraphRunner(
+            spec,
+            self.decode_forward,
+            self.ops.load_step_inputs,
+            self.ops.store_step_ids,
+            self.page_table,
+            self.attn,
+            self.decode_kv_bound,
+            self.device,
+            show_progress=show_progress,
+        )
 
     def mixed_graph_spec(self) -> MixedGraphSpec | None:
         """The mixed graphs this runner keeps, or None: ``cuda_graph_max_tokens`` is 0, or the
@@ -299,7 +322,7 @@ class ModelRunner:
         activations = torch.cuda.max_memory_allocated() - base
         # The mixed graphs' memory is that of the largest bucket: the pool is shared and the
         # smaller buckets reuse it (capturing them all here would double their capture time).
-        probe = DecodeGraphRunner(self, show_progress=False)
+        probe = self._make_decode_graphs(show_progress=False)
         mixed_probe = self._make_mixed_graphs(show_progress=False)
         largest = mixed_probe.buckets[-1:] if mixed_probe is not None else None
         graph_bytes = self._capture_graphs(probe, mixed_probe, largest)
@@ -501,7 +524,13 @@ class ModelRunner:
             packed = np.stack([plan.slots, plan.seq_lens - 1, plan.seq_lens])
             d = to_device(packed, dev)
             self.decode_forward(
-                d[0], d[1], d[2], out, flags, self._decode_bound(plan), seq_lens_host=plan.seq_lens
+                d[0],
+                d[1],
+                d[2],
+                out,
+                flags,
+                self.decode_kv_bound(int(plan.seq_lens.max())),
+                seq_lens_host=plan.seq_lens,
             )
             return out
         cu = np.zeros(b + 1, dtype=np.int64)
@@ -575,9 +604,6 @@ class ModelRunner:
             out,
             self.ops.argmax,
         )
-
-    def _decode_bound(self, plan: StepPlan) -> int:
-        return self.decode_kv_bound(int(plan.seq_lens.max()))
 
     def decode_kv_bound(self, max_seq_len: int) -> int:
         """Static KV-length bound of decode steps run without a graph, whose longest row holds

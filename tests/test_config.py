@@ -169,6 +169,7 @@ def test_cli_round_trip_of_non_default_config() -> None:
         attention_backend="triton",
         cuda_graph_max_bs=32,
         cuda_graph_batch_sizes=(1, 2, 4, 32),
+        cuda_graph_max_tokens=256,
         pdl=False,
         overlap="two_events",
     )
