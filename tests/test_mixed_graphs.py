@@ -182,17 +182,21 @@ def test_long_cached_prefix_page_writes_outside_the_ring(tiny_model_factory) -> 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_captured_mixed_graphs_equal_eager_on_the_gpu(tiny_model_factory, arch: str) -> None:
-    """bf16 on CUDA with the Triton backend: captured mixed graphs (every token bucket up to a
-    96-token budget, padded rows and tokens, decode rows among prefill chunks) give the eager
-    steps' greedy tokens, and logprobs within bf16 tolerance."""
+def test_captured_mixed_graphs_equal_eager_on_the_gpu(tiny_model_factory, arch, dtype) -> None:
+    """On CUDA with the Triton backend: captured mixed graphs (every token bucket up to a
+    96-token budget, padded rows and tokens, decode rows among prefill chunks) against eager
+    steps. The two run decode rows of a mixed step through different kernels (the graph's
+    decode kernel, eager's extend kernel below its split threshold), so they round differently:
+    in fp32 every greedy id must match; in bf16, where a near-tie may flip a later token, every
+    first token must match and logprobs agree within bf16 tolerance."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     d = tiny_model_factory(arch, initializer_range=0.3)
     common = dict(
         show_progress=False,
-        dtype="bfloat16",
+        dtype=dtype,
         attention_backend="triton",
         max_model_len=256,
         max_num_batched_tokens=96,
@@ -206,10 +210,15 @@ def test_captured_mixed_graphs_equal_eager_on_the_gpu(tiny_model_factory, arch: 
         prompts = _prompts(n, seed)
         a = [o.outputs[0] for o in on.generate(prompts, params)]
         b = [o.outputs[0] for o in off.generate(prompts, params)]
-        assert [x.token_ids for x in a] == [x.token_ids for x in b], f"n={n}"
-        np.testing.assert_allclose(
-            [x.cumulative_logprob for x in a], [x.cumulative_logprob for x in b], atol=0.05
-        )
+        if dtype == "float32":
+            assert [x.token_ids for x in a] == [x.token_ids for x in b], f"n={n}"
+            lp_a = [x.cumulative_logprob for x in a]
+            np.testing.assert_allclose(lp_a, [x.cumulative_logprob for x in b], atol=1e-3)
+        else:
+            assert [x.token_ids[0] for x in a] == [x.token_ids[0] for x in b], f"n={n}"
+            first_a = [x.logprobs[0].logprob for x in a]
+            first_b = [x.logprobs[0].logprob for x in b]
+            np.testing.assert_allclose(first_a, first_b, atol=0.05)
     assert on.stats["mixed_graph_steps"] > 0 and off.stats["mixed_graph_steps"] == 0
     io = on.runner.mixed_graphs.io
     assert io.next == int(io.pos.item())  # every replay advanced both counts
