@@ -44,7 +44,8 @@ _HELP: dict[str, str] = {
     "cuda_graph_max_bs": "largest decode batch captured as a CUDA graph; 0 disables graphs",
     "cuda_graph_batch_sizes": "explicit decode batch-size buckets to capture",
     "cuda_graph_max_tokens": "largest step with prefill tokens captured as a CUDA graph, by "
-    "token-count bucket (default: max_num_batched_tokens); 0 runs such steps eagerly",
+    "token-count bucket (default: 2048, or max_num_batched_tokens if smaller; larger steps are "
+    "GPU-bound and run eagerly); 0 runs every such step eagerly",
     "pdl": "launch the Triton kernels with programmatic dependent launch where the GPU supports "
     "it (sm_90+): each kernel's launch overlaps the end of the one before",
     "overlap": "'thread': launcher thread, scheduler one step ahead; 'inline': one step ahead "
