@@ -29,37 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 
 from graphrt import Engine, EngineConfig, SamplingParams
-from graphrt.capture.measure import run_header, summarize
+from graphrt.capture.measure import measure_gemm_flops, prefill_flops, run_header, summarize
 from graphrt.overlap import StepProfiler
-
-
-def measure_gemm_tflops(device: torch.device, n: int = 8192, iters: int = 10) -> float:
-    """Dense bf16 GEMM rate of this card, in FLOP/s (n x n x n, best of ``iters``)."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        e.synchronize()
-        best = min(best, s.elapsed_time(e) / 1e3)
-    return 2 * n**3 / best
-
-
-def prompt_flops(eng: Engine, n: int) -> float:
-    """FLOPs of one ``n``-token prefill: the matmuls of every non-embedding weight (the LM head
-    once, for the last token), plus causal attention (QK^T and PV over half the square)."""
-    c = eng.runner.model_cfg
-    emb = c.vocab_size * c.hidden_size
-    weights = sum(p.numel() for p in eng.runner.model.parameters()) - emb
-    if not c.tie_word_embeddings:
-        weights -= emb  # the LM head: one row, below
-    attn = 2 * 2 * c.num_layers * c.num_heads * c.head_dim * n * (n + 1) / 2
-    return 2 * weights * n + attn + 2 * emb
 
 
 def one(eng: Engine, prompt: list[int]) -> dict[str, float]:
@@ -100,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = graphs.runner.device
     if dev.type != "cuda":
         raise SystemExit("prefill_latency times CUDA steps; run it on a GPU")
-    rate = measure_gemm_tflops(dev)
+    rate = measure_gemm_flops(dev)
     res: dict[str, Any] = run_header("prefill_latency", str(config.model), graphs, None)
     res.update(gemm_flops_per_s=rate, settings=vars(args) | {"json": str(args.json)})
     rng = random.Random(0)
@@ -118,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, eng in order if rep % 2 == 0 else order[::-1]:
                 runs[name].append(one(eng, [rng.randrange(10, vocab) for _ in range(n)]))
         stats = {k: {m: summarize(r[m] for r in rs) for m in rs[0]} for k, rs in runs.items()}
-        bound_ms = prompt_flops(graphs, n) / rate * 1e3
+        bound_ms = prefill_flops(graphs, n) / rate * 1e3
         res["lens"][n] = {"runs": runs, "stats": stats, "flop_bound_ms": bound_ms}
         for name in ("graphs", "eager"):
             s = stats[name]

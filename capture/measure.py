@@ -49,6 +49,40 @@ def run_header(benchmark: str, model: str, eng: Engine, hbm_bytes_per_s: float |
     }
 
 
+def measure_gemm_flops(device: torch.device, n: int = 8192, iters: int = 10) -> float:
+    """The card's dense GEMM rate in the model dtype's usual case: FLOP/s of an ``n`` x ``n`` x
+    ``n`` bf16 matmul, best of ``iters``."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        torch.mm(a, b)
+    best = float("inf")
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        torch.mm(a, b)
+        e.record()
+        e.synchronize()
+        best = min(best, s.elapsed_time(e) / 1e3)
+    return 2 * n**3 / best
+
+
+def prefill_flops(eng: Engine, prompt_len: int, cached: int = 0) -> float:
+    """FLOPs of prefilling ``prompt_len`` tokens of which the first ``cached`` are in the KV
+    cache: every non-embedding weight once per new token (the LM head once, for the last),
+    plus causal attention, QK^T and PV, of each new token over its context."""
+    c = eng.runner.model_cfg
+    emb = c.vocab_size * c.hidden_size
+    weights = sum(p.numel() for p in eng.runner.model.parameters()) - emb
+    if not c.tie_word_embeddings:
+        weights -= emb  # the LM head: one row, below
+    new = prompt_len - cached
+    # Sum over new tokens i of their context (cached + i + 1).
+    ctx = new * cached + new * (new + 1) / 2
+    attn = 2 * 2 * c.num_layers * c.num_heads * c.head_dim * ctx
+    return 2 * weights * new + attn + 2 * emb
+
+
 def measure_hbm_bandwidth(device: torch.device, nbytes: int = 2 << 30, iters: int = 10) -> float:
     """Bytes/s of a large device-to-device copy, counting bytes read plus written."""
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)

@@ -185,6 +185,33 @@ def test_offline_decode_ceiling_arithmetic() -> None:
     assert c["output_tok_s"] == pytest.approx(4 / 123)
 
 
+def test_prefill_flops_and_the_bound_with_prefill(llama) -> None:
+    """Prefill FLOPs by hand for the tiny Llama: 2 x non-embedding weights per new token, the
+    LM head once, and causal attention over each new token's context, cached tokens included;
+    the bound adds them at the GEMM rate to the decode-only time."""
+    from graphrt import Engine
+    from graphrt.capture.measure import prefill_flops
+
+    mod = _load("offline_throughput")
+    eng = Engine(str(llama), show_progress=False, max_model_len=256)
+    c = eng.runner.model_cfg
+    emb = c.vocab_size * c.hidden_size
+    body = sum(p.numel() for p in eng.runner.model.parameters()) - emb
+    if not c.tie_word_embeddings:
+        body -= emb
+    per_ctx = 4 * c.num_layers * c.num_heads * c.head_dim
+    assert prefill_flops(eng, 10) == pytest.approx(2 * body * 10 + per_ctx * 55 + 2 * emb)
+    # 4 cached tokens, 6 new at contexts 5..10.
+    assert prefill_flops(eng, 10, cached=4) == pytest.approx(2 * body * 6 + per_ctx * 45 + 2 * emb)
+    wl = mod.Workload(prompts=[[0] * 10, [0] * 20], output_lens=[3, 1])
+    decode = {"seconds": 2.0}
+    rate = 1e9
+    b = mod.prefill_decode_ceiling(wl, decode, eng, rate)
+    want = 2.0 + (prefill_flops(eng, 10) + prefill_flops(eng, 20)) / rate
+    assert b["seconds"] == pytest.approx(want) and b["output_tok_s"] == pytest.approx(4 / want)
+    eng.shutdown()
+
+
 # ---- decode roofline --------------------------------------------------------------------------
 
 
