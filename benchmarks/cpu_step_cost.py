@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from graphrt import Engine, SamplingParams
-from graphrt.capture.measure import summarize
+from graphrt.measure import summarize
 from graphrt.overlap import StepProfiler, StepResult
 from graphrt.step_plan import StepPlan
 

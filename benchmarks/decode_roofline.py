@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from graphrt import Engine, SamplingParams
-from graphrt.capture.measure import (
+from graphrt.measure import (
     DecodeBench,
     measure_hbm_bandwidth,
     run_header,

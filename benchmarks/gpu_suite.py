@@ -253,7 +253,7 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
         "roofline": "benchmarks/decode_roofline.py",
         "offline": "benchmarks/offline_throughput.py",
         "overlap": "benchmarks/overlap_ablation.py",
-        "capture": "capture/profile.py",
+        "capture": "graphrt/capture_profile.py",
         "profile": "benchmarks/step_profile.py",
         "prefix": "benchmarks/prefix_cache.py",
     }
@@ -265,7 +265,7 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
                 rest += ["--attention-backend", args.attention_backend]
             js = str(work / f"{kind}-{model}.json")
             if kind == "capture":
-                cmd = [py, "-m", "graphrt.capture.profile", *rest, "--json", js]
+                cmd = [py, "-m", "graphrt.capture_profile", *rest, "--json", js]
                 if have_plot:
                     cmd += ["--plot", str(out / f"capture-{model}.png")]
             else:

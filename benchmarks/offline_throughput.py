@@ -54,7 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from graphrt import Engine, EngineConfig, SamplingParams
-from graphrt.capture.measure import (
+from graphrt.measure import (
     measure_gemm_flops,
     measure_hbm_bandwidth,
     prefill_flops,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from graphrt import Engine, SamplingParams
-from graphrt.capture.measure import (
+from graphrt.measure import (
     DecodeBench,
     measure_hbm_bandwidth,
     run_until_idle,

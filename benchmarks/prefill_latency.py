@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 
 from graphrt import Engine, EngineConfig, SamplingParams
-from graphrt.capture.measure import measure_gemm_flops, prefill_flops, run_header, summarize
+from graphrt.measure import measure_gemm_flops, prefill_flops, run_header, summarize
 from graphrt.overlap import StepProfiler
 
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 
 from graphrt import Engine, EngineConfig, SamplingParams
-from graphrt.capture.measure import measure_hbm_bandwidth, run_header, summarize
+from graphrt.measure import measure_hbm_bandwidth, run_header, summarize
 
 WORKLOADS = ("shared", "multiturn", "none")
 

@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from graphrt import Engine
-from graphrt.capture.measure import DecodeBench, run_header, summarize, time_ms
+from graphrt.measure import DecodeBench, run_header, summarize, time_ms
 from graphrt.sampling import GREEDY
 
 

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from graphrt import Engine
-from graphrt.capture.measure import DecodeBench, measure_hbm_bandwidth, time_ms
+from graphrt.measure import DecodeBench, measure_hbm_bandwidth, time_ms
 from graphrt.sampling import GREEDY, SampleOutputs
 
 # Long kernel names (templated CUTLASS/cuBLAS, Triton's mangled ones) collapse to a readable

@@ -190,7 +190,7 @@ def test_prefill_flops_and_the_bound_with_prefill(llama) -> None:
     LM head once, and causal attention over each new token's context, cached tokens included;
     the bound adds them at the GEMM rate to the decode-only time."""
     from graphrt import Engine
-    from graphrt.capture.measure import prefill_flops
+    from graphrt.measure import prefill_flops
 
     mod = _load("offline_throughput")
     eng = Engine(str(llama), show_progress=False, max_model_len=256)

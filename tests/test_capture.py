@@ -190,7 +190,7 @@ def test_above_largest_bucket_runs_eagerly(llama) -> None:
 
 
 def test_capture_profile_cli_without_cuda(llama, tmp_path, capsys) -> None:
-    from graphrt.capture.profile import main
+    from graphrt.capture_profile import main
 
     js, png = tmp_path / "p.json", tmp_path / "p.png"
     rc = main(
@@ -224,7 +224,7 @@ def test_capture_profile_cli_without_cuda(llama, tmp_path, capsys) -> None:
 def test_capture_profile_scales_to_the_kv_pool(llama, capsys) -> None:
     """The default --max-num-seqs (256) with a KV pool too small for 256 rows of the default
     context: the profile shrinks to the rows that fit, says so, and succeeds."""
-    from graphrt.capture.profile import main
+    from graphrt.capture_profile import main
 
     # 1 MiB of fp32 KV for the tiny model: 128 pages, 16 rows of 128 tokens.
     args = ["--model", str(llama), "--iters", "3", "--device", "cpu", "--cpu-kv-cache-gb", "0.001"]

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from graphrt.capture.measure import DecodeBench, measure_hbm_bandwidth, time_ms
 from graphrt.config import EngineConfig
 from graphrt.engine import Engine
+from graphrt.measure import DecodeBench, measure_hbm_bandwidth, time_ms
 from graphrt.sampling import GREEDY
 
 

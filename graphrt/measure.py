@@ -1,5 +1,6 @@
-"""Measurement helpers shared by ``capture-profile`` and the benchmarks: HBM bandwidth, a
-decode bench of fake running rows over a live engine, GPU timing, and repeat statistics."""
+"""Measurement helpers shared by ``capture-profile`` and the benchmarks: HBM bandwidth, GEMM
+rate, prefill FLOPs, a decode bench of fake running rows over a live engine, GPU timing, and
+repeat statistics."""
 
 from __future__ import annotations
 
