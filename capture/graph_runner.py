@@ -157,44 +157,20 @@ class DecodeGraphRunner:
         """Capture every bucket, largest first, into ``pool`` (a new one if None; the caller
         has called the backend's ``init_capture_graph`` for at least ``max_bs`` rows). Returns
         the graph memory in bytes."""
-        assert self.device.type == "cuda"
-        torch.cuda.synchronize()
-        free_before = torch.cuda.mem_get_info()[0]
         if pool is None:
             pool = torch.cuda.graph_pool_handle()
         self.pool = pool  # benchmarks capture variants of a bucket into the same pool
-        order = sorted(self.buckets, reverse=True)
-        bar = tqdm(order, desc="Capturing decode graphs", disable=not self.show_progress)
-        for bs in bar:
-            t0 = time.perf_counter()
-            free0 = torch.cuda.mem_get_info()[0]
-            try:
-                for flags in VARIANTS:
-                    self.graphs[(bs, flags)] = self._capture(bs, flags, pool)
-            except torch.cuda.OutOfMemoryError as e:
-                raise CaptureError(
-                    f"out of memory while capturing decode bucket bs={bs}: lower "
-                    f"cuda_graph_max_bs (now {self.spec.cuda_graph_max_bs}) or "
-                    f"gpu_memory_utilization; {e}"
-                ) from None
-            except Exception as e:
-                raise CaptureError(
-                    f"capturing decode bucket bs={bs} failed: {type(e).__name__}: {e}. "
-                    "Set cuda_graph_max_bs=0 to run decode eagerly."
-                ) from e
-            free1 = torch.cuda.mem_get_info()[0]
-            self.stats.append(BucketStats(bs, time.perf_counter() - t0, free0 - free1))
-            bar.set_postfix(bs=bs, free_gb=f"{free1 / 1e9:.2f}")
-        torch.cuda.synchronize()
-        self.io.reset()  # the warm-up runs advanced the device's count of steps
-        used = free_before - torch.cuda.mem_get_info()[0]
-        logger.info(
-            "captured %d decode graphs (%d buckets), %.1f MB",
-            len(self.graphs),
-            len(self.buckets),
-            used / 1e6,
+        return capture_buckets(
+            self.buckets,
+            lambda bs, flags: self._capture(bs, flags, pool),
+            self.graphs,
+            self.stats,
+            self.io,
+            what="decode bucket bs={}",
+            oom_hint=f"cuda_graph_max_bs (now {self.spec.cuda_graph_max_bs})",
+            off_hint="Set cuda_graph_max_bs=0 to run decode eagerly.",
+            show_progress=self.show_progress,
         )
-        return used
 
     def _step(
         self,
@@ -275,6 +251,53 @@ class DecodeGraphRunner:
             self._step(bucket, variant, bound, False, host[SEQ_LENS])
             io.next += 1
         return self._out_views[bucket], io.lease(count, plan.step_id)
+
+
+def capture_buckets(
+    buckets: list[int],
+    capture_one: Callable[[int, SamplerFlags], StepGraph],
+    graphs: dict[tuple[int, SamplerFlags], StepGraph],
+    stats: list[BucketStats],
+    io: StepIO,
+    what: str,
+    oom_hint: str,
+    off_hint: str,
+    show_progress: bool,
+) -> int:
+    """Capture every sampler variant of each bucket, largest first, into ``graphs``, with a
+    ``BucketStats`` each in ``stats``; then restart ``io``'s step counts, which the warm-up runs
+    advanced. ``what`` names a bucket (``{}`` is its size) in errors; ``oom_hint`` is the
+    setting to lower when memory runs out, ``off_hint`` how to run without these graphs.
+    Returns the graph memory in bytes."""
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    label = what.split(" ")[0]
+    order = sorted(buckets, reverse=True)
+    bar = tqdm(order, desc=f"Capturing {label} graphs", disable=not show_progress)
+    for size in bar:
+        t0 = time.perf_counter()
+        free0 = torch.cuda.mem_get_info()[0]
+        name = what.format(size)
+        try:
+            for flags in VARIANTS:
+                graphs[(size, flags)] = capture_one(size, flags)
+        except torch.cuda.OutOfMemoryError as e:
+            raise CaptureError(
+                f"out of memory while capturing {name}: lower {oom_hint} or "
+                f"gpu_memory_utilization; {e}"
+            ) from None
+        except Exception as e:
+            msg = f"capturing {name} failed: {type(e).__name__}: {e}. {off_hint}"
+            raise CaptureError(msg) from e
+        free1 = torch.cuda.mem_get_info()[0]
+        stats.append(BucketStats(size, time.perf_counter() - t0, free0 - free1))
+        bar.set_postfix(size=size, free_gb=f"{free1 / 1e9:.2f}")
+    torch.cuda.synchronize()
+    io.reset()
+    used = free_before - torch.cuda.mem_get_info()[0]
+    n = len(graphs)
+    logger.info("captured %d %s graphs (%d buckets), %.1f MB", n, label, len(order), used / 1e6)
+    return used
 
 
 def capture_graph(step: Callable[[], None], pool: object) -> torch.cuda.CUDAGraph:

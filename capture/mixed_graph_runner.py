@@ -24,20 +24,17 @@ from __future__ import annotations
 
 import bisect
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from graphrt.capture.graph_runner import (
-    VARIANTS,
     BucketStats,
-    CaptureError,
     StepGraph,
+    capture_buckets,
     capture_graph,
     variant_for,
 )
@@ -162,42 +159,17 @@ class MixedGraphRunner:
         """Capture ``buckets`` (default: all), largest first, into ``pool``. The caller has
         called the backend's ``init_capture_graph`` for at least ``spec.max_rows`` rows.
         Returns the graph memory in bytes."""
-        assert self.device.type == "cuda"
-        torch.cuda.synchronize()
-        free_before = torch.cuda.mem_get_info()[0]
-        order = sorted(buckets if buckets is not None else self.buckets, reverse=True)
-        bar = tqdm(order, desc="Capturing mixed graphs", disable=not self.show_progress)
-        for t in bar:
-            t0 = time.perf_counter()
-            free0 = torch.cuda.mem_get_info()[0]
-            try:
-                for flags in VARIANTS:
-                    self.graphs[(t, flags)] = StepGraph(
-                        capture_graph(self._stepper(t, flags), pool), self.io
-                    )
-            except torch.cuda.OutOfMemoryError as e:
-                raise CaptureError(
-                    f"out of memory while capturing the mixed step of {t} tokens: lower "
-                    f"cuda_graph_max_tokens or gpu_memory_utilization; {e}"
-                ) from None
-            except Exception as e:
-                raise CaptureError(
-                    f"capturing the mixed step of {t} tokens failed: {type(e).__name__}: {e}. "
-                    "Set cuda_graph_max_tokens=0 to run steps with prefill tokens eagerly."
-                ) from e
-            free1 = torch.cuda.mem_get_info()[0]
-            self.stats.append(BucketStats(t, time.perf_counter() - t0, free0 - free1))
-            bar.set_postfix(tokens=t, free_gb=f"{free1 / 1e9:.2f}")
-        torch.cuda.synchronize()
-        self.io.reset()  # the warm-up runs advanced the device's count of steps
-        used = free_before - torch.cuda.mem_get_info()[0]
-        logger.info(
-            "captured %d mixed graphs (%d token buckets), %.1f MB",
-            len(self.graphs),
-            len(order),
-            used / 1e6,
+        return capture_buckets(
+            buckets if buckets is not None else self.buckets,
+            lambda t, flags: StepGraph(capture_graph(self._stepper(t, flags), pool), self.io),
+            self.graphs,
+            self.stats,
+            self.io,
+            what="mixed step of {} tokens",
+            oom_hint="cuda_graph_max_tokens",
+            off_hint="Set cuda_graph_max_tokens=0 to run steps with prefill tokens eagerly.",
+            show_progress=self.show_progress,
         )
-        return used
 
     def _stepper(self, tokens: int, flags: SamplerFlags) -> Callable[[], None]:
         def step() -> None:

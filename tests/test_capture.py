@@ -234,3 +234,42 @@ def test_capture_profile_scales_to_the_kv_pool(llama, capsys) -> None:
     assert "profiling batches up to 16, not 32" in err
     rc = main([*args, "--context-len", "4096"])
     assert rc == 1 and "fewer than the smallest batch" in capsys.readouterr().err
+
+
+def test_capture_buckets_loop(monkeypatch) -> None:
+    """The capture loop both graph runners share, with the two CUDA calls it makes stubbed:
+    largest bucket first, every sampler variant, a stat per bucket, the ring's counts restarted;
+    out of memory and other failures become a CaptureError naming the bucket and the setting."""
+    from graphrt.capture.graph_runner import VARIANTS, CaptureError, capture_buckets
+
+    free = iter(range(1000, 0, -7))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a, **k: (next(free), 2000))
+    io = StepIO(4, 8, torch.device("cpu"))
+    io.pos += 3
+    io.next = 3
+    seen: list[tuple[int, SamplerFlags]] = []
+    graphs: dict = {}
+    stats: list = []
+    kw = dict(what="thing of {} units", oom_hint="max_things", off_hint="Turn it off.")
+
+    def ok(size: int, flags: SamplerFlags) -> str:
+        seen.append((size, flags))
+        return f"g{size}"
+
+    capture_buckets([2, 8, 4], ok, graphs, stats, io, show_progress=False, **kw)
+    assert [s for s, _ in seen] == [8, 8, 4, 4, 2, 2] and {f for _, f in seen} == set(VARIANTS)
+    assert [st.bs for st in stats] == [8, 4, 2] and all(st.graph_bytes > 0 for st in stats)
+    assert len(graphs) == 6 and io.next == 0 and int(io.pos.item()) == 0
+
+    def oom(size: int, flags: SamplerFlags) -> str:
+        raise torch.cuda.OutOfMemoryError("no room")
+
+    with pytest.raises(CaptureError, match=r"thing of 8 units: lower max_things or gpu_memory"):
+        capture_buckets([2, 8], oom, {}, [], io, show_progress=False, **kw)
+
+    def broken(size: int, flags: SamplerFlags) -> str:
+        raise ValueError("bad shape")
+
+    with pytest.raises(CaptureError, match=r"8 units failed: ValueError: bad shape\. Turn"):
+        capture_buckets([8], broken, {}, [], io, show_progress=False, **kw)
