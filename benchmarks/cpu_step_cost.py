@@ -135,9 +135,8 @@ def make_engine(
         enable_prefix_caching=prefix_caching,
         show_progress=False,
     )
-    eng.launcher.shutdown()
     corpus = np.array(eng.tokenizer.encode(_TEXT * 4), dtype=np.int64)
-    eng.launcher = FakeLauncher(corpus, k=5)
+    eng.use_launcher(FakeLauncher(corpus, k=5))  # type: ignore[arg-type]
     return eng
 
 

@@ -144,7 +144,7 @@ def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, ste
     # The graph alone, replayed on the inputs of the engine's last launched step, so both sides
     # read the same pages at the same lengths. The requests end first (so no step in flight
     # holds a ring slot); their page-table rows stay as they were.
-    last = eng._inflight.plan if eng._inflight is not None else None
+    last = eng.inflight_plan
     for rid in rids:
         eng.abort(rid)
     run_until_idle(eng, {})

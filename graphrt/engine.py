@@ -35,7 +35,7 @@ from graphrt.request import CompletionOutput, Request, RequestOutput, RequestSta
 from graphrt.runner import ModelRunner
 from graphrt.sampling_params import SamplingParams
 from graphrt.scheduler import Scheduler
-from graphrt.step_plan import MAX_BANNED_IDS, SamplerNeeds, SlotInit, needs_of
+from graphrt.step_plan import MAX_BANNED_IDS, SamplerNeeds, SlotInit, StepPlan, needs_of
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +244,21 @@ class Engine:
             rec.wait_s = handle.wait_s
             rec.process_s = time.perf_counter() - t0 - handle.wait_s
         return outs
+
+    @property
+    def inflight_plan(self) -> StepPlan | None:
+        """The plan of the step submitted and not yet processed (overlapped modes), if any."""
+        return self._inflight.plan if self._inflight is not None else None
+
+    def use_launcher(self, launcher: Launcher) -> None:
+        """Run the following steps through ``launcher`` (anything with ``Launcher``'s
+        interface: ``submit``, ``mode``, ``overlapped``, ``profiler``, ``shutdown``), shutting
+        the current one down. For benchmarks that time the scheduler without a model
+        (``benchmarks/cpu_step_cost.py``). Needs an idle engine."""
+        if self.has_unfinished() or self._inflight is not None:
+            raise RuntimeError("use_launcher needs an idle engine")
+        self.launcher.shutdown()
+        self.launcher = launcher
 
     def set_overlap(self, mode: str) -> None:
         """Switch the overlap mode between requests (benchmarks compare modes on one engine)."""

@@ -23,16 +23,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
 from graphrt.capture.static_buffers import RING_SLOTS
+from graphrt.config import OverlapMode
 from graphrt.runner import ModelRunner, StepOutputs
 from graphrt.step_plan import StepPlan
-
-OverlapMode = Literal["thread", "inline", "off", "two_events"]
 
 
 class StepOwnershipError(RuntimeError):

@@ -209,3 +209,39 @@ def test_thread_mode_lets_a_pending_launch_go_before_processing(llama, mode: str
     eng.drain()
     assert eng.pages.num_free == eng.pages.num_usable
     eng.shutdown()
+
+
+def test_inflight_plan_and_use_launcher_are_public_and_guarded(llama) -> None:
+    """What benchmarks need without touching private state: the plan of the step in flight,
+    and swapping the launcher, which an engine with work in flight refuses."""
+    eng = Engine(str(llama), show_progress=False, overlap="thread")
+    assert eng.inflight_plan is None
+    eng.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4))
+    eng.step()  # submitted, not yet processed
+    plan = eng.inflight_plan
+    assert plan is not None and [r.request_id for r in plan.requests] == ["a"]
+    with pytest.raises(RuntimeError, match="idle engine"):
+        eng.use_launcher(eng.launcher)
+    eng.drain()
+    assert eng.inflight_plan is None
+
+    class Recording:
+        mode, overlapped, profiler = "off", False, None
+
+        def __init__(self, inner) -> None:
+            self.inner, self.plans = inner, []
+
+        def submit(self, plan):
+            self.plans.append(plan.step_id)
+            return self.inner.submit(plan)
+
+        def shutdown(self) -> None:
+            self.inner.shutdown()
+
+    from graphrt.overlap import Launcher
+
+    rec = Recording(Launcher(eng.runner, "off", max_rows=eng.config.max_num_seqs))
+    eng.use_launcher(rec)
+    out = eng.generate([[4, 5, 6]], SamplingParams(temperature=0, max_tokens=3))
+    assert len(out[0].outputs[0].token_ids) == 3 and len(rec.plans) >= 3
+    eng.shutdown()
