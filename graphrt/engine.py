@@ -9,6 +9,7 @@ each step is waited on right after it is submitted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import random
@@ -36,6 +37,14 @@ from graphrt.runner import ModelRunner
 from graphrt.sampling_params import SamplingParams
 from graphrt.scheduler import Scheduler
 from graphrt.step_plan import MAX_BANNED_IDS, SamplerNeeds, SlotInit, StepPlan, needs_of
+from graphrt.validation import (
+    RequestLimits,
+    check_logprobs,
+    check_max_tokens,
+    check_n,
+    check_prompt,
+    check_token_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -491,49 +500,39 @@ class Engine:
             raise RequestRejected("prompt must be a string or a list of token ids")
         return None, list(prompt)
 
+    @functools.cached_property
+    def request_limits(self) -> RequestLimits:
+        """The limits every request is checked against (``graphrt.validation``)."""
+        return RequestLimits(
+            vocab_size=self.model_config.vocab_size,
+            max_model_len=self.max_model_len,
+            max_logprobs=self.config.max_logprobs,
+            max_n=self.config.max_num_seqs,
+            max_n_setting="max_num_seqs",
+        )
+
     def _validate(self, ids: list[int], params: SamplingParams) -> int:
         """Check a request against the engine's limits; returns its max total length."""
-        if not ids:
-            raise RequestRejected("prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestRejected(
-                f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})"
-            )
-        limit = self.max_model_len
-        if len(ids) >= limit:
-            raise RequestRejected(
-                f"prompt has {len(ids)} tokens; the context limit (max_model_len) is {limit}, "
-                "and at least one token must be generated"
-            )
-        if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
-            raise RequestRejected(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"context limit (max_model_len={limit})"
-            )
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise RequestRejected(
-                f"logprobs={params.logprobs} exceeds max_logprobs={self.config.max_logprobs}"
-            )
+        limits = self.request_limits
+        check_prompt(ids, limits)
+        max_len = check_max_tokens(len(ids), params.max_tokens, limits)
+        check_logprobs(params.logprobs, limits)
+        check_n(params.n, limits)
         if params.min_tokens and len(params.stop_token_ids) + len(self._eos_ids) > MAX_BANNED_IDS:
             raise RequestRejected(
                 f"min_tokens needs at most {MAX_BANNED_IDS} stop and EOS ids to ban; "
-                f"{len(params.stop_token_ids)} stop_token_ids given"
+                f"{len(params.stop_token_ids)} stop_token_ids given",
+                param="stop_token_ids",
             )
-        bad_stop = [t for t in params.stop_token_ids if t >= vocab]
-        if bad_stop:
-            raise RequestRejected(f"stop_token_ids {bad_stop} are outside the vocabulary")
-        max_len = limit if params.max_tokens is None else len(ids) + params.max_tokens
+        check_token_ids(params.stop_token_ids, limits.vocab_size, "stop_token_ids")
         need = self.pages.pages_for(max_len)
         if need > self.pages.num_usable:
             raise RequestRejected(
                 f"request needs {need} KV pages ({max_len} tokens) but the pool has "
                 f"{self.pages.num_usable}; lower max_tokens, or give the KV cache more memory "
-                "(gpu_memory_utilization, num_pages, cpu_kv_cache_gb)"
+                "(gpu_memory_utilization, num_pages, cpu_kv_cache_gb)",
+                param="max_tokens",
             )
-        if params.n > self.config.max_num_seqs:
-            raise RequestRejected(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         return max_len
 
     def _slot_init(self, req: Request, slot: int) -> SlotInit:

@@ -158,7 +158,7 @@ def test_rejections_name_the_problem(llama) -> None:
     eng = _engine(llama, max_model_len=64, max_logprobs=5)
     cases = [
         ([], SamplingParams(), "empty"),
-        ([1] * 64, SamplingParams(), "context limit"),
+        ([1] * 64, SamplingParams(), "context length"),
         ([1] * 10, SamplingParams(max_tokens=60), "max_tokens"),
         ([1, 999], SamplingParams(), "vocabulary"),
         ([1, 2], SamplingParams(logprobs=6), "max_logprobs"),

@@ -23,6 +23,7 @@ from typing import Any
 from graphrt.errors import EngineOverloaded, RequestRejected
 from graphrt.request import RequestOutput, TokenLogprob
 from graphrt.sampling_params import SamplingParams
+from graphrt.validation import RequestLimits, check_logprobs, check_max_tokens, check_prompt
 
 # Words of about four characters, like an average BPE token of English text.
 _WORDS = (" the", " time", " of", " year", " and", " people", " way", " day", " to", " world")
@@ -129,6 +130,15 @@ class MockEngine:
         self.stats = {"steps": 0, "graph_steps": 0, "mixed_graph_steps": 0, "failed_requests": 0}
         self._groups: dict[str, _Group] = {}
         self._next_tick = 0.0
+        # The engine's checks (graphrt.validation); n is left to the queue, as its tests want
+        # a burst of completions to overload it.
+        self.request_limits = RequestLimits(
+            vocab_size=vocab_size,
+            max_model_len=self.max_model_len,
+            max_logprobs=max_logprobs,
+            max_n=max_num_seqs,
+            max_n_setting="max_num_seqs",
+        )
 
     def add_request(
         self,
@@ -139,15 +149,11 @@ class MockEngine:
     ) -> str:
         if request_id in self._groups:
             raise RequestRejected(f"request id {request_id!r} is already in use")
-        if not prompt_ids:
-            raise RequestRejected("the prompt is empty")
-        room = self.max_model_len - len(prompt_ids)
-        max_tokens = room if params.max_tokens is None else params.max_tokens
-        if max_tokens > room or room < 1:
-            raise RequestRejected(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                f"context length of {self.max_model_len} tokens"
-            )
+        limits = self.request_limits
+        check_prompt(prompt_ids, limits)
+        max_len = check_max_tokens(len(prompt_ids), params.max_tokens, limits)
+        check_logprobs(params.logprobs, limits)
+        max_tokens = max_len - len(prompt_ids)
         waiting = sum(g.params.n for g in self.scheduler.waiting)
         if waiting + params.n > self.max_waiting_requests:
             raise EngineOverloaded(f"{waiting} requests already waiting; retry later")

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from graphrt.errors import RequestRejected
 from graphrt.request import TokenLogprob
 from graphrt.sampling_params import SamplingParams
 from graphrt.serve.config import ServerConfig
@@ -42,6 +43,14 @@ from graphrt.serve.protocol import (
     parse,
 )
 from graphrt.serve.tokenization import TokenizerService
+from graphrt.validation import (
+    RequestLimits,
+    check_logprobs,
+    check_max_tokens,
+    check_n,
+    check_prompt,
+    check_token_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +125,7 @@ class OpenAIServing:
         self.client: EngineClient | None = None
         self.info: EngineInfo | None = None
         self.tok: TokenizerService | None = None
+        self._request_limits: RequestLimits | None = None
         self.in_flight = 0
         # With several API processes each admits its share of the limit (connections are
         # spread across them by the kernel, evenly on average).
@@ -123,6 +133,7 @@ class OpenAIServing:
 
     def attach(self, client: EngineClient, info: EngineInfo, tok: TokenizerService) -> None:
         self.client, self.info, self.tok = client, info, tok
+        self._request_limits = None
 
     # ---- plain endpoints --------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -463,13 +474,26 @@ class OpenAIServing:
             out.append(p)
         return out
 
+    def _limits(self) -> RequestLimits:
+        """The engine's limits with this server's caps (``graphrt.validation``)."""
+        if self._request_limits is None:
+            cfg, info = self.config, self.info
+            self._request_limits = RequestLimits(
+                vocab_size=info.vocab_size,
+                max_model_len=info.max_model_len,
+                max_logprobs=info.max_logprobs,
+                max_n=cfg.max_n,
+                max_prompt_tokens=cfg.max_prompt_tokens,
+                max_output_tokens=cfg.max_output_tokens,
+                max_n_setting="the server limit max_n",
+            )
+        return self._request_limits
+
     def _check_token_ids(self, ids: list[int], param: str) -> None:
-        vocab = self.info.vocab_size
-        for t in ids:
-            if not 0 <= t < vocab:
-                raise APIError(
-                    400, f"token id {t} is outside the vocabulary [0, {vocab})", param=param
-                )
+        try:
+            check_token_ids(ids, self.info.vocab_size, param)
+        except RequestRejected as e:
+            raise APIError(400, str(e), param=e.param) from None
 
     def _job(
         self,
@@ -483,61 +507,23 @@ class OpenAIServing:
     ) -> _Job:
         cfg, info = self.config, self.info
         n = 1 if req.n is None else req.n
-        if n < 1:
-            raise APIError(400, f"n must be >= 1, got {n}", param="n")
-        if n * len(prompts) > cfg.max_n:
-            what = f"n={n}" if len(prompts) == 1 else f"n={n} x {len(prompts)} prompts"
-            raise APIError(400, f"{what} exceeds the server limit max_n={cfg.max_n}", param="n")
         param = "messages" if kind == "chat" else "prompt"
         longest = max(len(p) for p in prompts)
-        if any(not p for p in prompts):
-            raise APIError(400, f"{param} must not be empty", param=param)
-        ctx = info.max_model_len
-        if longest >= ctx:
-            raise APIError(
-                400,
-                f"the prompt has {longest} tokens; this model's context length is {ctx} tokens "
-                "and at least one must be left to generate",
-                param=param,
-                code="context_length_exceeded",
-            )
-        prompt_limit = cfg.max_prompt_tokens
-        if prompt_limit is not None and longest > prompt_limit:
-            raise APIError(
-                400,
-                f"the prompt has {longest} tokens, more than the server limit "
-                f"max_prompt_tokens={prompt_limit}",
-                param=param,
-            )
-        out_limit = cfg.max_output_tokens
-        if max_tokens is None:
-            # Chat's default: the rest of the context, capped by the server limit.
-            max_tokens = ctx - longest
-            if out_limit is not None:
-                max_tokens = min(max_tokens, out_limit)
-        else:
-            if max_tokens >= 1 and longest + max_tokens > ctx:
-                raise APIError(
-                    400,
-                    f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds this "
-                    f"model's context length of {ctx} tokens",
-                    param="max_tokens",
-                    code="context_length_exceeded",
-                )
-            if out_limit is not None and max_tokens > out_limit:
-                raise APIError(
-                    400,
-                    f"max_tokens={max_tokens} exceeds the server limit max_output_tokens="
-                    f"{out_limit}",
-                    param="max_tokens",
-                )
-        if logprobs is not None and logprobs > info.max_logprobs:
-            raise APIError(
-                400,
-                f"{logprobs_param}={logprobs} exceeds the server limit max_logprobs="
-                f"{info.max_logprobs}",
-                param=logprobs_param,
-            )
+        limits = self._limits()
+        try:
+            check_n(n, limits, len(prompts))
+            for p in prompts:
+                check_prompt(p, limits, param)
+            if max_tokens is None:
+                # Chat's default: the rest of the context, capped by the server limit.
+                max_tokens = info.max_model_len - longest
+                if cfg.max_output_tokens is not None:
+                    max_tokens = min(max_tokens, cfg.max_output_tokens)
+            elif max_tokens >= 1:  # below 1: SamplingParams names it
+                check_max_tokens(longest, max_tokens, limits)
+            check_logprobs(logprobs, limits, logprobs_param)
+        except RequestRejected as e:
+            raise APIError(400, str(e), param=e.param, code=e.code) from None
         params = self._sampling_params(req, n, max_tokens, logprobs, logprobs_param)
         stream = bool(req.stream)
         opts = req.stream_options
