@@ -144,7 +144,7 @@ NARROW_N = 3072
 def gemv_config(m: int, n: int, k: int, silu_mul: bool = False) -> GemvConfig | None:
     """The launch config for an ``[m, k] x [n, k]^T`` product, or None to use cuBLAS.
 
-    From the H100 sweeps in ``benchmarks/RESULTS.md`` (``benchmarks/kernel_bench.py --only gemv
+    From the H100 sweeps in ``benchmarks/RUN_LOG.md`` (``benchmarks/kernel_bench.py --only gemv
     --sweep``), at the decode GEMMs of Llama-3.1-8B and Llama-3.2-1B:
 
     - one row, N <= 3072 (Llama-3.2-1B's qkv, o and down): 2 columns x 1024-wide K blocks per

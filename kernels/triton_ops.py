@@ -111,7 +111,7 @@ def norm_config(rows: int, n_cols: int) -> NormConfig:
     overlap them, did not help. With this config the kernel compiles to the same SASS as the
     one-row kernel before the configs existed (sm_90, Triton 3.6 and 3.9).
 
-    The alternatives were measured on an H100 with PDL (run P2 in ``benchmarks/RESULTS.md``,
+    The alternatives were measured on an H100 with PDL (run P2 in ``benchmarks/RUN_LOG.md``,
     ``benchmarks/kernel_bench.py --only ops --sweep --no-decode-sweep``): of 26 configs (rows per
     program 1-8, where the program loads row i+1 before it stores row i; 2-16 warps;
     ``evict``, streaming the inputs and outputs past L2) none beat this default (3.97 us,
