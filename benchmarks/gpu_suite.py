@@ -48,9 +48,10 @@ MODELS = {
     "llama-3.1-8b": "benchmarks/models/llama-3.1-8b",
 }
 KINDS = (
-    "install", "tests", "roofline", "offline", "overlap", "capture", "profile", "kernels", "prefix"
+    "install", "tests", "roofline", "offline", "overlap", "capture", "profile", "kernels", "prefix",
+    "prefill",
 )  # fmt: skip
-OPT_IN = ("prefix",)  # kinds that run only when --only names them
+OPT_IN = ("prefix", "prefill")  # kinds that run only when --only names them
 MIN_PHASE_S = 10.0  # a phase that would get less than this is skipped, not started
 
 # What each phase needs on an H100 (model start-up included), from the wall times of runs L
@@ -77,9 +78,14 @@ BUDGETS: dict[str, float] = {
     # them. Each workload runs on two engines, three times.
     "prefix:llama-3.2-1b": 150,
     "prefix:llama-3.1-8b": 330,
+    # Two engines, mixed graphs on and off, 128- and 1,024-token prompts, 10 repetitions: ~50 s
+    # on the 1B model (run U1), start-ups included; the 8B model's are estimated, not yet run.
+    "prefill:llama-3.2-1b": 60,
+    "prefill:llama-3.1-8b": 90,
 }
 DEFAULT_BUDGET = {
-    "roofline": 40, "offline": 90, "overlap": 40, "capture": 25, "profile": 30, "prefix": 150
+    "roofline": 40, "offline": 90, "overlap": 40, "capture": 25, "profile": 30, "prefix": 150,
+    "prefill": 60,
 }  # fmt: skip
 
 
@@ -206,6 +212,12 @@ def phase_args(kind: str, model: str, model_dir: str, profile: str) -> tuple[lis
         # workload prompt is ~2,200 tokens.
         args = [*m, "--repeats", "3", "--max-model-len", "4096"]
         return args, "issue #18's workloads, cache on and off, 3 repeats"
+    if kind == "prefill":
+        if profile == "smoke":
+            args = ["--prompt-lens", "16", "--repeats", "3", "--device", "cpu"]
+            return m + args + ["--max-model-len", "256"], "smoke"
+        args = [*m, "--prompt-lens", "128", "1024", "--repeats", "10"]
+        return args, "one prompt of 128 and of 1,024 tokens, mixed graphs on and off, 10 repeats"
     raise ValueError(kind)
 
 
@@ -256,6 +268,7 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
         "capture": "graphrt/capture_profile.py",
         "profile": "benchmarks/step_profile.py",
         "prefix": "benchmarks/prefix_cache.py",
+        "prefill": "benchmarks/prefill_latency.py",
     }
     for kind in ("roofline", "offline", "overlap", "capture", "profile"):
         for model, model_dir in models.items():
@@ -291,14 +304,14 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
             note="Triton and torch rows (flashinfer's: standalone `benchmarks/kernel_bench.py`)",
         )
     )
-    for model, model_dir in models.items():
-        rest, note = phase_args("prefix", model, model_dir, args.profile)
-        js = str(work / f"prefix-{model}.json")
-        cmd = [py, scripts["prefix"], *rest, "--json", js]
-        budget = BUDGETS.get(f"prefix:{model}", DEFAULT_BUDGET["prefix"])
-        phases.append(
-            Phase(f"prefix:{model}", "prefix", cmd, budget, model, scripts["prefix"], js, note)
-        )
+    for kind in OPT_IN:
+        for model, model_dir in models.items():
+            rest, note = phase_args(kind, model, model_dir, args.profile)
+            js = str(work / f"{kind}-{model}.json")
+            cmd = [py, scripts[kind], *rest, "--json", js]
+            budget = BUDGETS.get(f"{kind}:{model}", DEFAULT_BUDGET[kind])
+            name = f"{kind}:{model}"
+            phases.append(Phase(name, kind, cmd, budget, model, scripts[kind], js, note))
     # Quick runs smaller benchmarks; installing and testing cost the same.
     scale = {"full": 1.0, "quick": 0.6, "smoke": 1.0}[args.profile]
     for ph in phases:
@@ -949,6 +962,37 @@ def section_prefix(suite: dict[str, Any]) -> list[str]:
     return out or ["No prefix-cache results in this run."]
 
 
+def section_prefill(suite: dict[str, Any]) -> list[str]:
+    """One prompt's TTFT, launch CPU and GPU span, mixed graphs on and off, beside its FLOP
+    bound at the measured GEMM rate."""
+    out: list[str] = []
+    for p in _phases_of(suite, "prefill"):
+        r = p["result"]
+        rows = []
+        for n, x in r.get("lens", {}).items():
+            g, e = x["stats"]["graphs"], x["stats"]["eager"]
+            ratio = None
+            if g["ttft_ms"]["median"] and e["ttft_ms"]["median"]:
+                ratio = e["ttft_ms"]["median"] / g["ttft_ms"]["median"]
+            rows.append(
+                [
+                    str(n),
+                    _stat(g["ttft_ms"], ".2f"),
+                    _stat(e["ttft_ms"], ".2f"),
+                    _num(ratio, ".2f"),
+                    _stat(g["launch_ms"], ".2f"),
+                    _stat(e["launch_ms"], ".2f"),
+                    _stat(g["gpu_ms"], ".2f"),
+                    _stat(e["gpu_ms"], ".2f"),
+                    _num(x.get("flop_bound_ms"), ".2f"),
+                ]
+            )
+        head = ["prompt tokens", "TTFT ms, graphs", "TTFT ms, eager", "eager / graphs"]
+        head += ["launch CPU ms, graphs", "eager", "GPU ms, graphs", "eager", "FLOP bound ms"]
+        out += [f"**{p['model']}**", "", *_table(head, rows), ""]
+    return out or ["No prefill-latency results in this run."]
+
+
 SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("Phases", section_phases),
     ("Headline", section_headline),
@@ -959,6 +1003,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("Step profile", section_profile),
     ("Kernels", section_kernels),
     ("Prefix cache", section_prefix),
+    ("Prefill latency", section_prefill),
 ]
 
 

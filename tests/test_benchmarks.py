@@ -238,6 +238,30 @@ def test_prefix_cache_benchmark_runs_and_reports(llama, tmp_path, capsys) -> Non
     assert any(line.startswith("| shared |") for line in table)
 
 
+def test_prefill_latency_runs_and_the_suite_reports_it(llama, tmp_path, capsys) -> None:
+    """On CPU: both engines (mixed step function and eager) run every repetition, each prompt
+    is one prefill step, and the suite's table shows the two side by side; the suite plans the
+    phase only when asked (opt-in)."""
+    out = tmp_path / "prefill.json"
+    args = ["--model", str(llama), "--device", "cpu", "--repeats", "3", "--json", str(out)]
+    args += ["--prompt-lens", "16", "40", "--max-model-len", "128"]
+    assert _load("prefill_latency").main(args) == 0
+    res = json.loads(out.read_text())
+    for n in ("16", "40"):
+        runs = res["lens"][n]["runs"]
+        assert len(runs["graphs"]) == len(runs["eager"]) == 3
+        assert all(r["graph"] == 1.0 for r in runs["graphs"])  # through the mixed step function
+        assert all(r["graph"] == 0.0 for r in runs["eager"])
+        assert res["lens"][n]["flop_bound_ms"] is None  # no GEMM rate without CUDA
+    assert "through mixed graphs" in capsys.readouterr().out
+    suite = _load("gpu_suite")
+    table = suite.section_prefill({"phases": [{"kind": "prefill", "model": "m", "result": res}]})
+    assert any(line.startswith("| 16 |") for line in table)
+    phases = suite.plan(suite.parse_args(["--only", "prefill"]), Path("/tmp/w"), Path("/tmp/o"))
+    assert [p.name for p in phases] == ["prefill:llama-3.2-1b", "prefill:llama-3.1-8b"]
+    assert phases[0].argv[1] == "benchmarks/prefill_latency.py" and "1024" in phases[0].argv
+
+
 def test_decode_roofline_runs_and_reports(llama, tmp_path) -> None:
     mod = _load("decode_roofline")
     out = tmp_path / "roofline.json"
