@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from graphrt import Engine
+from graphrt.capture.graph_runner import capture_graph
 from graphrt.measure import DecodeBench, run_header, summarize, time_ms
 from graphrt.sampling import GREEDY
 
@@ -59,17 +60,7 @@ def capture_decode_alone(bench: DecodeBench, bs: int) -> torch.cuda.CUDAGraph:
     def step() -> None:
         r.decode_forward(slots, positions, seq_lens, out, GREEDY, g.kv_len_bound, capture_bs=bs)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.inference_mode():
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph, pool=g.pool):
-        step()
-    return graph
+    return capture_graph(step, g.pool)
 
 
 def variants(bench: DecodeBench, bs: int, old: bool = True) -> dict[str, Callable[[], None]]:
