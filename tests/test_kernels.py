@@ -1033,3 +1033,30 @@ def test_gpu_model_greedy_matches_torch_backend(tiny_model_factory, backend) -> 
                 # A near-tie in bf16; the contexts differ from here on.
                 assert lr[i, to] >= lr[i].max() - atol
                 break
+
+
+def test_engine_mixed_steps_through_triton_match_torch_on_cpu(tiny_model_factory) -> None:
+    """The GPU's path for steps with prefill tokens, end to end on CPU: the engine's mixed step
+    function with the Triton backend's ``prepare_for_mixed`` (decode kernel over one-token rows
+    by ``cu_q``, static-grid extend kernel), interpreted, against the torch backend. Chunked
+    prefills (32-token budget) share steps with decode rows and are padded to token buckets;
+    fp32 greedy ids and logprobs must match."""
+    if DEV.type == "cuda":
+        pytest.skip("on CUDA, tests/test_mixed_graphs.py checks the captured graphs")
+    from graphrt import Engine, SamplingParams
+
+    d = tiny_model_factory("Qwen2ForCausalLM", num_attention_heads=4, num_key_value_heads=2)
+    prompts = [list(range(3, 40)), [7, 8, 9], list(range(50, 70)), [11] * 5]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=2)
+    outs = {}
+    for backend in ("torch", "triton"):
+        eng = Engine(
+            str(d), show_progress=False, device="cpu", attention_backend=backend,
+            max_model_len=128, max_num_batched_tokens=32, max_num_seqs=4,
+        )  # fmt: skip
+        outs[backend] = [o.outputs[0] for o in eng.generate(prompts, params)]
+        assert eng.stats["mixed_graph_steps"] > 2
+        eng.shutdown()
+    for a, b in zip(outs["triton"], outs["torch"]):
+        assert a.token_ids == b.token_ids
+        assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-4)
