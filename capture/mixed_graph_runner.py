@@ -17,7 +17,8 @@ writes the sampled ids back into the slot, as decode graphs do: one replay per s
 else enqueued.
 
 The runner is given what it needs explicitly (the step's forward function, the ops that load
-and store the ring, the page table, the attention backend), not the ``ModelRunner``.
+and store the ring, the page table), not the ``ModelRunner``. It needs no attention backend:
+only backends that plan nothing on the host are captured, so a replay has no hook to call.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from graphrt.capture.static_buffers import (
     fill_mixed_inputs,
     mixed_padding,
 )
-from graphrt.kernels.attention_backend import AttentionBackend
 from graphrt.sampling import SampleOutputs, SamplerFlags
 from graphrt.step_plan import StepPlan
 
@@ -92,7 +92,6 @@ class MixedGraphSpec:
     buckets: tuple[int, ...]  # token counts, sorted
     max_num_seqs: int
     max_logprobs: int
-    kv_len_bound: int  # the page-table width in tokens: the static bound attention sees
 
     def rows_for(self, tokens: int) -> int:
         """Rows the graph of token bucket ``tokens`` holds: a step never has more rows than
@@ -114,7 +113,6 @@ class MixedGraphRunner:
         load_step_inputs: Callable,
         store_step_ids: Callable,
         page_table: torch.Tensor,
-        attn: AttentionBackend,
         device: torch.device,
         show_progress: bool = True,
     ) -> None:
@@ -124,7 +122,6 @@ class MixedGraphRunner:
         self.load_step_inputs = load_step_inputs
         self.store_step_ids = store_step_ids
         self.page_table = page_table
-        self.attn = attn
         self.device = device
         self.show_progress = show_progress
         max_t = self.buckets[-1] if self.buckets else 0
@@ -161,7 +158,9 @@ class MixedGraphRunner:
         Returns the graph memory in bytes."""
         return capture_buckets(
             buckets if buckets is not None else self.buckets,
-            lambda t, flags: StepGraph(capture_graph(self._stepper(t, flags), pool), self.io),
+            lambda t, flags: StepGraph(
+                capture_graph(lambda: self._step(t, flags, capture=True), pool), self.io
+            ),
             self.graphs,
             self.stats,
             self.io,
@@ -170,12 +169,6 @@ class MixedGraphRunner:
             off_hint="Set cuda_graph_max_tokens=0 to run steps with prefill tokens eagerly.",
             show_progress=self.show_progress,
         )
-
-    def _stepper(self, tokens: int, flags: SamplerFlags) -> Callable[[], None]:
-        def step() -> None:
-            self._step(tokens, flags, capture=True)
-
-        return step
 
     def _step(
         self, tokens: int, flags: SamplerFlags, capture: bool, rows: int | None = None

@@ -245,8 +245,6 @@ class MixedBuffers:
 
     inputs: torch.Tensor  # int64 [MIXED_ROWS, max_tokens + 1]
     out: SampleOutputs
-    max_tokens: int
-    max_rows: int
 
     @classmethod
     def allocate(
@@ -254,7 +252,7 @@ class MixedBuffers:
     ) -> MixedBuffers:
         inputs = torch.from_numpy(mixed_padding(max_tokens + 1)).to(device)
         out = SampleOutputs.allocate(max_rows, max_logprobs, device)
-        return cls(inputs, out, max_tokens, max_rows)
+        return cls(inputs, out)
 
     def views(self, tokens: int, rows: int) -> tuple[torch.Tensor, ...]:
         """(ids, positions, token slots) over ``tokens``; (slots, out slots, seq lens) over

@@ -202,7 +202,7 @@ class ModelRunner:
                 make_buckets(cfg.cuda_graph_max_bs, cfg.cuda_graph_batch_sizes, cfg.max_num_seqs)
             ),
             max_logprobs=self.max_logprobs,
-            kv_len_bound=self.settings.max_pages_per_seq * cfg.page_size,
+            kv_len_bound=self.graph_kv_bound,
             cuda_graph_max_bs=cfg.cuda_graph_max_bs,
         )
         return DecodeGraphRunner(
@@ -231,7 +231,6 @@ class ModelRunner:
             buckets=tuple(default_token_buckets(max_t)),
             max_num_seqs=cfg.max_num_seqs,
             max_logprobs=self.max_logprobs,
-            kv_len_bound=self.settings.max_pages_per_seq * cfg.page_size,
         )
 
     def _make_mixed_graphs(self, show_progress: bool) -> MixedGraphRunner | None:
@@ -244,7 +243,6 @@ class ModelRunner:
             self.ops.load_step_inputs,
             self.ops.store_step_ids,
             self.page_table,
-            self.attn,
             self.device,
             show_progress=show_progress,
         )
@@ -509,7 +507,7 @@ class ModelRunner:
             is_decode=False,
             seq_lens=seq_lens.to(torch.int32),
             page_rows=table.index_select(0, slots),
-            kv_len_bound=self.settings.max_pages_per_seq * ps,
+            kv_len_bound=self.graph_kv_bound,
             cu_q=cu_q.to(torch.int32),
         )
         fb = ForwardBatch(
@@ -620,8 +618,14 @@ class ModelRunner:
         nothing is captured, the real maximum keeps the torch reference fast.
         """
         if self.device.type == "cuda":
-            return self.settings.max_pages_per_seq * self.config.page_size
+            return self.graph_kv_bound
         return _round_up(max_seq_len, self.config.page_size)
+
+    @property
+    def graph_kv_bound(self) -> int:
+        """The static KV-length bound every graph is captured with: the page-table width in
+        tokens."""
+        return self.settings.max_pages_per_seq * self.config.page_size
 
 
 def _round_up(x: int, m: int) -> int:

@@ -88,12 +88,11 @@ def paged_extend_attention(
 
 @dataclass
 class TorchMixedMeta:
-    """A static-shape mixed step: its first ``num_tokens`` tokens in its first ``rows`` rows
-    are real (the rest is bucket padding)."""
+    """A static-shape mixed step: its first ``num_tokens`` tokens are real, in the rows of
+    ``inputs`` (the rest is bucket padding)."""
 
     inputs: AttnInputs
     num_tokens: int
-    rows: int
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -120,7 +119,7 @@ class TorchAttentionBackend(AttentionBackend):
             seq_lens_host=lens[:rows],
             cu_q_host=cu[: rows + 1],
         )
-        return TorchMixedMeta(host, int(cu[rows]), rows)
+        return TorchMixedMeta(host, int(cu[rows]))
 
     def prepare_metadata(self, inputs: AttnInputs) -> AttnInputs:
         if not inputs.is_decode and (inputs.seq_lens_host is None or inputs.cu_q_host is None):

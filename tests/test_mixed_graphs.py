@@ -93,7 +93,7 @@ def test_fill_mixed_inputs_pads_tokens_rows_and_offsets() -> None:
 def test_bucket_for_needs_tokens_and_rows() -> None:
     from graphrt.capture.mixed_graph_runner import MixedGraphRunner
 
-    spec = MixedGraphSpec(buckets=(16, 32, 64), max_num_seqs=20, max_logprobs=0, kv_len_bound=64)
+    spec = MixedGraphSpec(buckets=(16, 32, 64), max_num_seqs=20, max_logprobs=0)
     assert [spec.rows_for(t) for t in spec.buckets] == [16, 20, 20]
     r = MixedGraphRunner.__new__(MixedGraphRunner)
     r.spec, r.buckets = spec, list(spec.buckets)
