@@ -125,7 +125,7 @@ class OpenAIServing:
         self.client: EngineClient | None = None
         self.info: EngineInfo | None = None
         self.tok: TokenizerService | None = None
-        self._request_limits: RequestLimits | None = None
+        self.limits: RequestLimits | None = None  # the engine's limits with this server's caps
         self.in_flight = 0
         # With several API processes each admits its share of the limit (connections are
         # spread across them by the kernel, evenly on average).
@@ -133,7 +133,16 @@ class OpenAIServing:
 
     def attach(self, client: EngineClient, info: EngineInfo, tok: TokenizerService) -> None:
         self.client, self.info, self.tok = client, info, tok
-        self._request_limits = None
+        cfg = self.config
+        self.limits = RequestLimits(
+            vocab_size=info.vocab_size,
+            max_model_len=info.max_model_len,
+            max_logprobs=info.max_logprobs,
+            max_n=cfg.max_n,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            max_output_tokens=cfg.max_output_tokens,
+            max_n_setting="the server limit max_n",
+        )
 
     # ---- plain endpoints --------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -474,21 +483,6 @@ class OpenAIServing:
             out.append(p)
         return out
 
-    def _limits(self) -> RequestLimits:
-        """The engine's limits with this server's caps (``graphrt.validation``)."""
-        if self._request_limits is None:
-            cfg, info = self.config, self.info
-            self._request_limits = RequestLimits(
-                vocab_size=info.vocab_size,
-                max_model_len=info.max_model_len,
-                max_logprobs=info.max_logprobs,
-                max_n=cfg.max_n,
-                max_prompt_tokens=cfg.max_prompt_tokens,
-                max_output_tokens=cfg.max_output_tokens,
-                max_n_setting="the server limit max_n",
-            )
-        return self._request_limits
-
     def _check_token_ids(self, ids: list[int], param: str) -> None:
         try:
             check_token_ids(ids, self.info.vocab_size, param)
@@ -509,7 +503,7 @@ class OpenAIServing:
         n = 1 if req.n is None else req.n
         param = "messages" if kind == "chat" else "prompt"
         longest = max(len(p) for p in prompts)
-        limits = self._limits()
+        limits = self.limits
         try:
             check_n(n, limits, len(prompts))
             for p in prompts:
