@@ -61,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 1024])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--profile-kernels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, N more prompts of each length per engine under torch.profiler: "
+        "GPU kernels grouped by name, per step (use --no-pdl to attribute time per kernel)",
+    )
     EngineConfig.add_cli_args(p.add_argument_group("engine (both engines)"))
     p.set_defaults(gpu_memory_utilization=0.4)
     args = p.parse_args(argv)
@@ -102,11 +110,35 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s['graph']['median']:.0%})",
                 flush=True,
             )
+        if args.profile_kernels and dev.type == "cuda":
+            res["lens"][n]["kernels"] = {
+                name: profile(eng, n, args.profile_kernels, rng)
+                for name, eng in (("graphs", graphs), ("eager", eager))
+            }
         if args.json:
             args.json.write_text(json.dumps(res, indent=2))
     graphs.shutdown()
     eager.shutdown()
     return 0
+
+
+def profile(eng: Engine, n: int, steps: int, rng: random.Random) -> dict[str, Any]:
+    """``steps`` fresh prompts of ``n`` tokens under torch.profiler: the GPU kernels of their
+    prefill steps grouped by name, per step, printed and returned."""
+    from step_profile import busy_us, group_events, profile_events
+
+    vocab = eng.runner.model_cfg.vocab_size
+    prompts = [[rng.randrange(10, vocab) for _ in range(n)] for _ in range(steps)]
+    it = iter(prompts)
+    events = profile_events(lambda: one(eng, next(it)), steps)
+    table = group_events(events, steps)
+    table["busy_us"] = busy_us(events) / steps
+    kind = "mixed graph" if eng.runner.mixed_graphs is not None else "eager"
+    print(f"\n{n} tokens, {kind}: kernel sum {table['kernel_us']:.0f} us/step, GPU busy "
+          f"{table['busy_us']:.0f} us/step, {table['launches']:.0f} launches")  # fmt: skip
+    for k in table["kernels"][:16]:
+        print(f"  {k['us']:9.1f} us  {k['calls']:5.0f}x  {k['share']:6.1%}  {k['kernel']}")
+    return table
 
 
 def _ms(v: float | None) -> str:
