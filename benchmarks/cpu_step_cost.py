@@ -12,8 +12,12 @@ Per workload it decodes ``--batch-size`` requests and reports, over ``--steps`` 
 steps after ``--warmup-steps``, the median per step of
 
 - ``schedule``: ``Scheduler.schedule`` (planning the step);
-- ``process``: ``Engine._consume`` (append ids, detokenize, stop checks, free, build outputs);
-- ``total``: the two together, the scheduler thread's CPU per step.
+- ``core``: the core taking the step's ids (``Engine._consume``: append ids, EOS, stop-id and
+  length checks, free what finished);
+- ``text``: the text side (``OutputProcessor.process``: detokenize, stop strings, logprob
+  records, build outputs), which the server runs in its API processes;
+- ``core_total``: schedule + core, the engine-core process's CPU per step in the server;
+- ``total``: all three, the thread that calls ``Engine.step`` in process.
 
 Each workload is repeated ``--repeats`` times (interleaved); medians and min–max spreads are
 over the repetitions. Workloads: ``stream`` (every request streams, as the server does),
@@ -175,10 +179,18 @@ def run_once(
     window = recs[warm : warm + steps]
     if len(window) < min(steps, 3):
         raise RuntimeError(f"only {len(window)} steady decode steps at bs={bs}")
-    sched = statistics.median(r.schedule_s for r in window) * 1e3
-    proc = statistics.median(r.process_s for r in window) * 1e3
-    total = statistics.median(r.schedule_s + r.process_s for r in window) * 1e3
-    return {"schedule_ms": sched, "process_ms": proc, "total_ms": total, "outputs": outs}
+
+    def med(f) -> float:
+        return statistics.median(f(r) for r in window) * 1e3
+
+    return {
+        "schedule_ms": med(lambda r: r.schedule_s),
+        "core_ms": med(lambda r: r.process_s),
+        "text_ms": med(lambda r: r.text_s),
+        "core_total_ms": med(lambda r: r.schedule_s + r.process_s),
+        "total_ms": med(lambda r: r.schedule_s + r.process_s + r.text_s),
+        "outputs": outs,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"batch_size": bs, "steps": args.steps, "repeats": args.repeats}
     print(f"batch {bs}, {args.steps} steps x {args.repeats} repeats; ms per step, median [min-max]")
     for w, rs in runs.items():
-        row = {k: summarize(r[k] for r in rs) for k in ("schedule_ms", "process_ms", "total_ms")}
+        keys = ("schedule_ms", "core_ms", "text_ms", "core_total_ms", "total_ms")
+        row = {k: summarize(r[k] for r in rs) for k in keys}
         result[w] = row
         cells = "  ".join(
             f"{k.removesuffix('_ms')} {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"

@@ -15,7 +15,6 @@ import logging
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,14 @@ from graphrt.errors import EngineOverloaded, RequestRejected
 from graphrt.memory.page_allocator import PageAllocator, SlotAllocator
 from graphrt.models.model_config import ModelConfig
 from graphrt.output_processor import (
-    abort as mark_aborted,
-)
-from graphrt.output_processor import (
-    append_token,
-    fail,
-    request_output,
+    CoreFinish,
+    OutputProcessor,
+    SequenceText,
+    StepTokens,
+    completion_ids,
 )
 from graphrt.overlap import Launcher, StepHandle
-from graphrt.request import CompletionOutput, Request, RequestOutput, RequestStatus
+from graphrt.request import FinishReason, Request, RequestOutput, RequestStatus
 from graphrt.runner import ModelRunner
 from graphrt.sampling_params import SamplingParams
 from graphrt.scheduler import Scheduler
@@ -51,20 +49,6 @@ logger = logging.getLogger(__name__)
 Prompt = str | Sequence[int]
 
 __all__ = ["Engine", "EngineOverloaded", "RequestRejected"]
-
-
-@dataclass
-class _Group:
-    """A user request: its ``n`` sequences share a prompt and an id."""
-
-    request_id: str
-    prompt: str | None
-    prompt_ids: list[int]
-    children: list[Request]
-    single: bool = field(init=False)  # n == 1: the per-step fast path in Engine._consume
-
-    def __post_init__(self) -> None:
-        self.single = len(self.children) == 1
 
 
 def resolve_model_dir(config: EngineConfig) -> Path:
@@ -120,7 +104,11 @@ class Engine:
             | set(self.model_config.eos_token_ids)
         )
         self._rng = random.Random(config.seed)
-        self._groups: dict[str, _Group] = {}
+        # The core's view of each request: its completions, until all have finished. The
+        # text side (detokenization, stop strings, outputs) is ``outputs``.
+        self._groups: dict[str, list[Request]] = {}
+        self._seqs: dict[str, Request] = {}
+        self.outputs = OutputProcessor(self.tokenizer)
         self._inflight: StepHandle | None = None
         self._closed = False
         self._ids = itertools.count()
@@ -145,15 +133,35 @@ class Engine:
         prefix pages only with requests of the same ``cache_salt`` (vLLM's name): give each
         tenant its own, and no tenant can learn from timing what another's prompts hold.
         """
-        if self._closed:
-            raise RuntimeError("the engine has been shut down")
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.outputs:
+            raise RequestRejected(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize_prompt(prompt)
+        seq_ids = self.add_core_request(request_id, ids, params, cache_salt=cache_salt, prompt=text)
+        arrival = self._groups[request_id][0].arrival_time
+        self.outputs.add(request_id, seq_ids, text, ids, params, stream, arrival)
+        return request_id
+
+    def add_core_request(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        cache_salt: str | None = None,
+        prompt: str | None = None,
+    ) -> list[str]:
+        """Queue a request in the core only, for a text side that lives elsewhere (the
+        server's API processes; see ``core_step``). Validates as ``add_request`` does. Returns
+        the ids of its completions, which ``StepTokens`` rows carry."""
+        if self._closed:
+            raise RuntimeError("the engine has been shut down")
         if request_id in self._groups:
             raise RequestRejected(f"request id {request_id!r} is already in use")
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise RequestRejected("cache_salt must be a string")
-        text, ids = self._tokenize_prompt(prompt)
+        ids = list(prompt_ids)
         max_len = self._validate(ids, params)
         if len(self.scheduler.waiting) + params.n > self.config.max_waiting_requests:
             raise EngineOverloaded(
@@ -161,48 +169,38 @@ class Engine:
                 f"{self.config.max_waiting_requests}); retry later"
             )
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        children = []
         needs = _sampler_needs(params)
-        for i in range(params.n):
-            req = Request(
-                request_id=f"{request_id}#{i}" if params.n > 1 else request_id,
+        children = [
+            Request(
+                request_id=cid,
                 prompt_ids=list(ids),
                 params=params,
                 seed=_child_seed(base_seed, i),
                 max_len=max_len,
                 eos_ids=self._eos_ids,
-                prompt=text,
+                prompt=prompt,
                 group_id=request_id,
                 index=i,
-                stream=stream,
                 needs=needs,
                 cache_salt=cache_salt,
             )
-            if self.tokenizer is not None:
-                req.detokenizer = self.tokenizer.new_detokenizer(
-                    ids, skip_special_tokens=params.skip_special_tokens
-                )
-                if params.stop:
-                    from graphrt.tokenizer import StopStringMatcher
-
-                    req.stop_matcher = StopStringMatcher(
-                        params.stop, params.include_stop_str_in_output
-                    )
-            children.append(req)
+            for i, cid in enumerate(completion_ids(request_id, params.n))
+        ]
         for req in children:
             self.scheduler.add(req)
-        self._groups[request_id] = _Group(request_id, text, list(ids), children)
-        return request_id
+            self._seqs[req.request_id] = req
+        self._groups[request_id] = children
+        return [c.request_id for c in children]
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its pages now. Returns False if it is unknown or done."""
-        group = self._groups.pop(request_id, None)
-        if group is None:
+        children = self._groups.get(request_id)
+        self.outputs.drop(request_id)
+        if children is None:
             return False
-        for req in group.children:
+        for req in children:
             if not req.finished:
-                mark_aborted(req)
-                self.scheduler.finish(req)
+                self._finish(req, FinishReason.ABORT)
         return True
 
     def has_unfinished(self) -> bool:
@@ -212,6 +210,22 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Plan and submit the next step, then process the previous one. Returns the outputs
         of requests that progressed (with their deltas) or finished."""
+        tokens = self.core_step()
+        if not tokens:
+            return []
+        prof = self.launcher.profiler
+        t0 = time.perf_counter() if prof is not None else 0.0
+        outs, ended = self.outputs.process(tokens)
+        for seq in ended:
+            self._end_on_text(seq)
+        if prof is not None and (rec := prof.records.get(tokens.step_id)) is not None:
+            rec.text_s = time.perf_counter() - t0
+        return outs
+
+    def core_step(self) -> StepTokens:
+        """The core's half of ``step``, token ids only: plan and submit the next step, then take
+        the previous one's ids, end requests on EOS, stop ids and length, and free what they
+        held. Returns what the text side (``OutputProcessor``) needs; empty when no step ended."""
         prof = self.launcher.profiler
         t0 = time.perf_counter() if prof is not None else 0.0
         plan = self.scheduler.schedule()
@@ -224,35 +238,35 @@ class Engine:
             return self._process(handle) if handle is not None else self._check_stalled()
         prev, self._inflight = self._inflight, handle
         if prev is None:
-            return [] if handle is not None else self._check_stalled()
+            return StepTokens() if handle is not None else self._check_stalled()
         if handle is not None and self.launcher.mode == "two_events":
             # The pre-SGLang-#4790 protocol: also wait until the next step is launched.
             handle.wait_launched()
         nxt = handle if self.launcher.mode == "thread" else None
         return self._process(prev, nxt)
 
-    def _check_stalled(self) -> list[RequestOutput]:
+    def _check_stalled(self) -> StepTokens:
         if self.scheduler.num_unfinished and self._inflight is None:
             # Every request is admitted only if it fits alone, so this is a bug, not load.
             raise RuntimeError(
                 f"scheduler stalled with {len(self.scheduler.waiting)} waiting and "
                 f"{len(self.scheduler.running)} running requests"
             )
-        return []
+        return StepTokens()
 
-    def _process(self, handle: StepHandle, nxt: StepHandle | None = None) -> list[RequestOutput]:
+    def _process(self, handle: StepHandle, nxt: StepHandle | None = None) -> StepTokens:
         """Wait for ``handle``'s ids and process them. ``nxt``: the step submitted to the
         launcher thread after it (``thread`` mode), see ``_consume``."""
         prof = self.launcher.profiler
         if prof is None:
             return self._consume(handle, nxt)
         t0 = time.perf_counter()
-        outs = self._consume(handle, nxt)
+        tokens = self._consume(handle, nxt)
         rec = prof.records.get(handle.step_id)
         if rec is not None:
             rec.wait_s = handle.wait_s
             rec.process_s = time.perf_counter() - t0 - handle.wait_s
-        return outs
+        return tokens
 
     @property
     def inflight_plan(self) -> StepPlan | None:
@@ -279,9 +293,9 @@ class Engine:
         self.launcher = Launcher(self.runner, mode, max_rows=self.config.max_num_seqs)
         self.launcher.profiler = profiler
 
-    def _consume(self, handle: StepHandle, nxt: StepHandle | None = None) -> list[RequestOutput]:
+    def _consume(self, handle: StepHandle, nxt: StepHandle | None = None) -> StepTokens:
         plan = handle.plan
-        touched: dict[str, _Group] = {}
+        tokens = StepTokens(step_id=plan.step_id)
         try:
             res = handle.result()
             if nxt is not None and not nxt.launched:
@@ -301,9 +315,8 @@ class Engine:
             handle.release()
             for req in plan.requests:
                 if not req.finished:
-                    self._fail(req, f"step failed: {type(e).__name__}: {e}")
-                    self._touch(req, touched)
-            return self._collect(touched)
+                    self._fail(req, f"step failed: {type(e).__name__}: {e}", tokens)
+            return tokens
         self.scheduler.step_done(plan)
         if res.graph_bs is not None:
             self.stats["graph_steps"] += 1
@@ -315,108 +328,75 @@ class Engine:
         lps = res.logprob.tolist() if res.logprob is not None else None
         if lps is not None:
             top_ids, top_lps = res.top_ids.tolist(), res.top_logprobs.tolist()
+            tokens.logprobs, tokens.top_ids, tokens.top_logprobs = [], [], []
         finished = RequestStatus.FINISHED
-        groups = self._groups
-        take = CompletionOutput.take
-        outs: list[RequestOutput | None] = []
-        # Groups of n > 1 completions are reported once per step after every row is in: they
-        # get a place in ``outs`` when first touched (the order _collect gives), filled at the end.
-        multi: dict[str, int] = {}
-        # This loop runs for every row of every step (at batch 256 it is most of the scheduler
-        # thread's CPU time): the common streaming row builds its output inline.
+        seq_ids, out_ids = tokens.seq_ids, tokens.ids
+        # This loop runs for every row of every step (at batch 256 it is most of the core's
+        # CPU time per step): ids only, flat.
         for r, req in enumerate(plan.requests):
             if req.status is finished or (samples is not None and not samples[r]):
                 continue  # the extra step of a finished request, or a partial prefill chunk
             req.num_pending -= 1
-            try:
-                if lps is None:
-                    append_token(req, ids[r], None, None, None)
-                else:
-                    append_token(req, ids[r], lps[r], top_ids[r], top_lps[r])
-            except Exception as e:  # a tokenizer or stop-string error fails this request only
-                logger.exception("request %s failed while processing its output", req.request_id)
-                self._fail(req, f"{type(e).__name__}: {e}")
-            if req.finish_reason is None:
-                if not req.stream:
-                    continue
-                group = groups.get(req.group_id)
-                if group is None:
-                    continue
-                if group.single:
-                    outs.append(
-                        RequestOutput(
-                            group.request_id,
-                            group.prompt,
-                            group.prompt_ids,
-                            [take(req)],
-                            False,
-                            num_cached_tokens=req.num_cached_tokens,
-                        )
-                    )
-                    continue
-            else:
-                if req.status is not finished:
-                    self.scheduler.finish(req)
-                group = groups.get(req.group_id)
-                if group is None:
-                    continue
-            if group.single:
-                outs.append(self._group_output(group))  # done: the final output
-            elif group.request_id not in multi:
-                multi[group.request_id] = len(outs)
-                outs.append(None)
+            tok = ids[r]
+            out = req.output_ids
+            out.append(tok)
+            seq_ids.append(req.request_id)
+            out_ids.append(tok)
+            if lps is not None:
+                tokens.logprobs.append(lps[r])
+                tokens.top_ids.append(top_ids[r])
+                tokens.top_logprobs.append(top_lps[r])
+            if len(out) == 1 and req.index == 0:
+                tokens.cached[req.group_id] = req.num_cached_tokens
+            if tok in req.stop_ids:
+                # A stop token id wins over EOS (an id in both reports itself as the reason).
+                stop = tok if tok in req.params.stop_token_ids else None
+                tokens.finished[req.request_id] = CoreFinish(FinishReason.STOP, stop)
+                self._finish(req, FinishReason.STOP)
+            elif len(out) >= req.max_output:
+                tokens.finished[req.request_id] = CoreFinish(FinishReason.LENGTH)
+                self._finish(req, FinishReason.LENGTH)
         handle.release()
-        if multi:
-            for gid, i in multi.items():
-                outs[i] = self._group_output(groups[gid])
-            return [o for o in outs if o is not None]
-        return outs  # type: ignore[return-value]  # no placeholders without multi
+        return tokens
 
-    def _fail(self, req: Request, message: str) -> None:
-        fail(req, message)
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        """End a completion in the core: free its pages and slot, forget it once its whole
+        request has ended."""
+        req.finish_reason = reason
         self.scheduler.finish(req)
+        self._seqs.pop(req.request_id, None)
+        children = self._groups.get(req.group_id)
+        if children is not None and all(c.finished for c in children):
+            del self._groups[req.group_id]
+
+    def _fail(self, req: Request, message: str, tokens: StepTokens) -> None:
+        req.error = message
+        tokens.finished[req.request_id] = CoreFinish(FinishReason.ERROR, error=message)
+        if req.index == 0:
+            tokens.cached.setdefault(req.group_id, req.num_cached_tokens)
+        self._finish(req, FinishReason.ERROR)
         self.stats["failed_requests"] += 1
 
-    def _touch(self, req: Request, touched: dict[str, _Group]) -> None:
-        group = self._groups.get(req.group_id or req.request_id)
-        if group is not None:
-            touched[group.request_id] = group
+    def _end_on_text(self, seq: SequenceText) -> None:
+        """The text side ended a completion (a stop string, or a detokenizer error)."""
+        if seq.error is not None:
+            logger.error("request %s failed while processing its output: %s", seq.request_id,
+                         seq.error)  # fmt: skip
+        self.end_sequence(seq.request_id, seq.finish_reason or FinishReason.STOP, seq.error)
 
-    def _collect(self, touched: dict[str, _Group]) -> list[RequestOutput]:
-        outs = []
-        for group in touched.values():
-            out = self._group_output(group)
-            if out is not None:
-                outs.append(out)
-        return outs
-
-    def _group_output(self, group: _Group) -> RequestOutput | None:
-        """The output of a group touched this step (dropped from ``_groups`` once done), or
-        None for a final-only group that is not done yet."""
-        finished = RequestStatus.FINISHED
-        gid, kids = group.request_id, group.children
-        if len(kids) == 1:
-            kid = kids[0]
-            done = kid.status is finished
-            if not done:
-                if not kid.stream:
-                    return None
-                return RequestOutput(
-                    gid,
-                    group.prompt,
-                    group.prompt_ids,
-                    [CompletionOutput.take(kid)],
-                    False,
-                    num_cached_tokens=kid.num_cached_tokens,
-                )
-        else:
-            done = all(c.status is finished for c in kids)
-            if not done and not kids[0].stream:
-                return None  # final-only requests report once, when every completion is done
-        out = request_output(gid, kids, group.prompt, group.prompt_ids, done)
-        if done:
-            del self._groups[gid]
-        return out
+    def end_sequence(self, seq_id: str, reason: FinishReason, error: str | None = None) -> bool:
+        """End one completion in the core because its text side ended it (a stop string, or a
+        text error when ``error`` is given) and free what it holds. Ids it was sampled after
+        that point are the text side's to ignore. Returns False if the core had already ended
+        it."""
+        req = self._seqs.get(seq_id)
+        if error is not None:
+            self.stats["failed_requests"] += 1
+        if req is None or req.finished:
+            return False
+        req.error = error
+        self._finish(req, reason)
+        return True
 
     def drain(self) -> list[RequestOutput]:
         """Run steps until every request has finished."""
@@ -566,6 +546,8 @@ class Engine:
             return
         for rid in list(self._groups):
             self.abort(rid)
+        for rid in self.outputs.request_ids():
+            self.outputs.drop(rid)
         if self._inflight is not None:
             with contextlib.suppress(Exception):
                 self._inflight.result()

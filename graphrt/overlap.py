@@ -216,7 +216,8 @@ class StepRecord:
     # ``thread`` mode: the step before had finished when the scheduler got its ids and this one
     # was not launched yet, so the scheduler let the launch go first (``Engine._consume``).
     yielded: bool = False
-    process_s: float = 0.0  # scheduler thread: consuming this step's results (CPU work)
+    process_s: float = 0.0  # scheduler thread: the core consuming this step's ids (CPU work)
+    text_s: float = 0.0  # in-process Engine.step: the text side (OutputProcessor.process)
     graph_bs: int | None = None
     graph_tokens: int | None = None  # the mixed token bucket replayed
     start: torch.cuda.Event | None = None  # recorded before the step's first GPU work

@@ -11,7 +11,7 @@ from graphrt.sampling_params import SamplingParams
 from graphrt.step_plan import GREEDY_NEEDS, SamplerNeeds
 
 if TYPE_CHECKING:
-    from graphrt.tokenizer import IncrementalDetokenizer, StopStringMatcher
+    from graphrt.output_processor import SequenceText
 
 
 class RequestStatus(enum.Enum):
@@ -60,7 +60,6 @@ class Request:
 
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
     slot: int | None = None
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -83,21 +82,9 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     error: str | None = None
-
-    detokenizer: IncrementalDetokenizer | None = None
-    stop_matcher: StopStringMatcher | None = None
-    # Emitted text (stop strings held back until disambiguated), as appended pieces: joining
-    # only when read keeps appends O(1) instead of copying the whole text every token.
-    text_parts: list[str] = field(default_factory=list)
-    text_len: int = 0
-    emitted_ids: int = 0  # output ids already reported to the user
-    emitted_text: int = 0  # chars of text already reported
-    stream: bool = True  # report progress every step (else only the final output)
     needs: SamplerNeeds = GREEDY_NEEDS
-    first_token_time: float | None = None
-    finish_time: float | None = None
     # Sampled ids that end the request: stop_token_ids, and the EOS ids unless ignore_eos.
-    # One set, so the per-token check is one lookup (output_processor.append_token).
+    # One set, so the per-token check is one lookup (Engine.core_step).
     stop_ids: frozenset[int] = field(init=False, repr=False)
     max_output: int = field(init=False, repr=False)  # outputs that reach max_len
 
@@ -109,23 +96,6 @@ class Request:
             frozenset() if p.ignore_eos else self.eos_ids
         )
         self.max_output = self.max_len - len(self.prompt_ids)
-        if self.params.logprobs is not None and self.logprobs is None:
-            self.logprobs = []
-
-    def append_text(self, piece: str) -> None:
-        if piece:
-            self.text_parts.append(piece)
-            self.text_len += len(piece)
-
-    def text_upto(self, n: int) -> str:
-        """The first ``n`` characters of the emitted text."""
-        if len(self.text_parts) > 1:
-            self.text_parts[:] = ["".join(self.text_parts)]
-        return self.text_parts[0][:n] if self.text_parts else ""
-
-    @property
-    def text(self) -> str:
-        return self.text_upto(self.text_len)
 
     @property
     def finished(self) -> bool:
@@ -155,12 +125,13 @@ class CompletionOutput:
 
     ``text``/``token_ids``/``logprobs`` are cumulative; ``delta_*`` hold what is new since the
     previous output of the same request. Each is computed when read, from a snapshot of the
-    request's append-only state, so producing an output every step costs O(1), not O(length).
+    completion's append-only text-side state (:class:`~graphrt.output_processor.SequenceText`),
+    so producing an output every step costs O(1), not O(length).
     """
 
     __slots__ = ("_n", "_n0", "_req", "_t", "_t0", "finish_reason", "index", "stop_reason")
 
-    def __init__(self, req: Request, since_ids: int, since_text: int) -> None:
+    def __init__(self, req: SequenceText, since_ids: int, since_text: int) -> None:
         self._req = req
         self._n = len(req.output_ids)
         self._t = req.text_len
@@ -172,7 +143,7 @@ class CompletionOutput:
         self.stop_reason = req.stop_reason
 
     @classmethod
-    def take(cls, req: Request) -> CompletionOutput:
+    def take(cls, req: SequenceText) -> CompletionOutput:
         """The request's output as of now, with deltas since the previous ``take``; marks what
         it holds as reported. Runs for every streaming row of every step."""
         out = cls(req, req.emitted_ids, req.emitted_text)

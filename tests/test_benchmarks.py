@@ -543,8 +543,9 @@ def test_cpu_step_cost_smoke(default_model_dir, tmp_path) -> None:
     d = json.loads(out.read_text())
     assert d["batch_size"] == 4
     for w in mod.WORKLOADS:
-        for key in ("schedule_ms", "process_ms", "total_ms"):
+        for key in ("schedule_ms", "core_ms", "text_ms", "core_total_ms", "total_ms"):
             assert d[w][key]["median"] > 0
+        assert d[w]["total_ms"]["median"] >= d[w]["core_total_ms"]["median"]
 
 
 def test_profiler_events_grouped_and_overlap_union() -> None:

@@ -269,3 +269,51 @@ def test_chat_uses_template_and_stops_at_eos(smol) -> None:
     )[0].outputs[0]
     assert out.finish_reason == "stop"
     assert "<|im_end|>" not in out.text and out.text.strip()
+
+
+def test_text_side_behind_the_core_trims_after_a_stop_string(smol) -> None:
+    """The core deals in ids; the text side may run steps behind it (the server's API
+    processes). A stop string found late ends the completion where a synchronous check would
+    have, the ids the core sampled past it are dropped, and aborting it in the core frees its
+    pages. Outputs equal ``generate``'s, streamed deltas included."""
+    from graphrt.output_processor import OutputProcessor
+
+    prompt = "The capital of France is"
+    full = smol.generate([prompt], _greedy(30))[0].outputs[0].text
+    words = full.split()
+    stop = words[2] + " " + words[3][:2]
+    cases = {
+        "stop": SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]),
+        "plain": _greedy(12),
+        "n2": SamplingParams(temperature=0.9, seed=3, n=2, max_tokens=10, ignore_eos=True),
+    }
+    want = {k: smol.generate([prompt], p)[0] for k, p in cases.items()}
+    text_side = OutputProcessor(smol.tokenizer)
+    ids = smol.tokenizer.encode(prompt)
+    for k, p in cases.items():
+        text_side.add(k, smol.add_core_request(k, ids, p), prompt, ids, p, stream=True)
+    lag: list = []  # the core's steps, handed to the text side three steps late
+    streamed: dict[str, str] = {k: "" for k in cases}
+    final = {}
+    while smol.has_unfinished() or lag:
+        if smol.has_unfinished():
+            lag.append(smol.core_step())
+        if len(lag) > 3 or not smol.has_unfinished():
+            outs, ended = text_side.process(lag.pop(0))
+            for seq in ended:
+                assert smol.end_sequence(seq.request_id, seq.finish_reason)
+            for o in outs:
+                streamed[o.request_id] += o.outputs[0].delta_text
+                if o.finished:
+                    final[o.request_id] = o
+    while smol.inflight_plan is not None:
+        assert not smol.core_step().seq_ids  # the extra step of finished requests
+    assert set(final) == set(cases) and len(smol.outputs) == 0
+    for k, w in want.items():
+        got = final[k]
+        assert [c.token_ids for c in got.outputs] == [c.token_ids for c in w.outputs]
+        assert [c.text for c in got.outputs] == [c.text for c in w.outputs]
+        assert [c.finish_reason for c in got.outputs] == [c.finish_reason for c in w.outputs]
+    assert final["stop"].outputs[0].stop_reason == stop
+    assert streamed["stop"] == want["stop"].outputs[0].text
+    assert smol.pages.num_free == smol.pages.num_usable

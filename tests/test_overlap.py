@@ -155,7 +155,7 @@ def test_detokenizer_fault_fails_only_its_request(llama, mode: str) -> None:
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     eng.add_request("bad", [1, 2, 3], params)
     eng.add_request("good", [4, 5, 6], params)
-    eng._groups["bad"].children[0].detokenizer = Exploding()
+    eng.outputs.sequence("bad").detokenizer = Exploding()
     outs = {o.request_id: o for o in eng.drain() if o.finished}
     assert outs["bad"].outputs[0].finish_reason == "error"
     assert "injected" in outs["bad"].error
@@ -170,8 +170,6 @@ def test_thread_mode_lets_a_pending_launch_go_before_processing(llama, mode: str
     process n first (the launcher would wait for the GIL while the GPU idles). The launcher is
     held at a gate that a timer opens; whenever it opens, the launch must come first."""
     import threading
-
-    import graphrt.engine as engine_mod
 
     eng = Engine(str(llama), show_progress=False, overlap=mode)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -188,20 +186,20 @@ def test_thread_mode_lets_a_pending_launch_go_before_processing(llama, mode: str
         launch(handle)
         log.append("launched")
 
-    real_append = engine_mod.append_token
+    real_done = eng.scheduler.step_done
 
-    def logging_append(*args):
+    def logging_done(plan):
         log.append("processed")
-        return real_append(*args)
+        return real_done(plan)
 
     eng.launcher._launch = gated_launch
-    engine_mod.append_token = logging_append
+    eng.scheduler.step_done = logging_done
     timer = threading.Timer(0.2, gate.set)
     timer.start()
     try:
         eng.step()
     finally:
-        engine_mod.append_token = real_append
+        eng.scheduler.step_done = real_done
         gate.set()
         timer.cancel()
     assert log[:2] == ["launched", "processed"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from graphrt.request import CompletionOutput, FinishReason, Request, RequestOutput, TokenLogprob
+from graphrt.output_processor import SequenceText
+from graphrt.request import CompletionOutput, FinishReason, RequestOutput, TokenLogprob
 from graphrt.sampling_params import SamplingParams
 from graphrt.serve.cli import parse_args
 from graphrt.serve.config import API_KEY_ENV, ServerConfig
@@ -58,15 +59,7 @@ def _completion(
     stop_reason=None,
 ) -> CompletionOutput:
     """A completion whose last ``new`` ids (``new_text`` chars) are its delta."""
-    req = Request(
-        request_id=f"c{index}",
-        prompt_ids=[1],
-        params=SamplingParams(),
-        seed=0,
-        max_len=100,
-        eos_ids=frozenset(),
-        index=index,
-    )
+    req = SequenceText(f"c{index}", index, SamplingParams())
     req.output_ids = list(ids)
     req.logprobs = lps
     req.append_text(text)
