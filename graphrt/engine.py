@@ -546,8 +546,6 @@ class Engine:
             return
         for rid in list(self._groups):
             self.abort(rid)
-        for rid in self.outputs.request_ids():
-            self.outputs.drop(rid)
         if self._inflight is not None:
             with contextlib.suppress(Exception):
                 self._inflight.result()

@@ -16,7 +16,6 @@ the in-process :class:`~graphrt.engine.Engine` runs it on its own thread after e
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -311,8 +310,7 @@ class OutputProcessor:
         outs: list[RequestOutput | None] = []
         # Groups of n > 1 completions are reported once per step, after all their rows: they
         # get a place in ``outs`` when first touched, filled at the end.
-        multi: dict[str, _Group] = {}
-        slot: dict[str, int] = {}
+        multi: dict[str, tuple[int, _Group]] = {}
         # Runs for every row of every step (at batch 256 most of the text side's time): the
         # common streaming row of a single completion builds its output inline.
         for r, sid in enumerate(step.seq_ids):
@@ -338,10 +336,7 @@ class OutputProcessor:
             elif f is not None:
                 _apply(seq, f)
             if not group.single:
-                if group.request_id not in slot:
-                    slot[group.request_id] = len(outs)
-                    multi[group.request_id] = group
-                    outs.append(None)
+                _hold_place(group, outs, multi)
             elif seq.finish_reason is not None:
                 outs.append(self._output(group))
             elif group.stream:
@@ -364,26 +359,19 @@ class OutputProcessor:
                 _apply(seq, f)
                 if group.single:
                     outs.append(self._output(group))
-                elif group.request_id not in slot:
-                    slot[group.request_id] = len(outs)
-                    multi[group.request_id] = group
-                    outs.append(None)
-        for gid, i in slot.items():
-            outs[i] = self._output(multi[gid])
-        return [o for o in outs if o is not None] if slot else outs, ended  # type: ignore[return-value]
+                else:
+                    _hold_place(group, outs, multi)
+        for i, group in multi.values():
+            outs[i] = self._output(group)
+        return [o for o in outs if o is not None] if multi else outs, ended  # type: ignore[return-value]
 
     def _output(self, group: _Group) -> RequestOutput | None:
         """The output of a group touched this step (forgotten once done), or None for a
         final-only group that is not done yet."""
         seqs = group.seqs
-        if group.single:
-            done = seqs[0].finish_reason is not None
-            if not done and not group.stream:
-                return None
-        else:
-            done = all(s.finish_reason is not None for s in seqs)
-            if not done and not group.stream:
-                return None
+        done = all(s.finish_reason is not None for s in seqs)
+        if not done and not group.stream:
+            return None
         outs = [CompletionOutput.take(s) for s in seqs]
         if not done:
             return RequestOutput(
@@ -414,8 +402,14 @@ class OutputProcessor:
             group.num_cached_tokens,
         )
 
-    def request_ids(self) -> Iterable[str]:
-        return list(self._groups)
+
+def _hold_place(
+    group: _Group, outs: list[RequestOutput | None], multi: dict[str, tuple[int, _Group]]
+) -> None:
+    # An n > 1 group's output goes where the group was first touched, built after all rows.
+    if group.request_id not in multi:
+        multi[group.request_id] = (len(outs), group)
+        outs.append(None)
 
 
 def _apply(seq: SequenceText, f: CoreFinish) -> None:
