@@ -224,7 +224,10 @@ class ModelRunner:
         max_t = cfg.cuda_graph_max_tokens
         if max_t is None:
             max_t = DEFAULT_GRAPH_MAX_TOKENS
-        max_t = min(max_t, cfg.max_num_batched_tokens)  # no step holds more
+        # No step holds more: the token budget, and every row at its longest.
+        max_t = min(
+            max_t, cfg.max_num_batched_tokens, cfg.max_num_seqs * self.settings.max_model_len
+        )
         if max_t == 0 or (self.device.type == "cuda" and not self.backend_cls.mixed_graphs):
             return None
         return MixedGraphSpec(
@@ -360,12 +363,15 @@ class ModelRunner:
         return min(num, cap)
 
     def _profile_run(self) -> None:
-        """One eager forward of ``max_num_batched_tokens`` tokens writing only the dummy page."""
-        n = self.config.max_num_batched_tokens
-        rows = min(self.config.max_num_seqs, n)
-        per_row = n // rows
-        q = np.full(rows, per_row, dtype=np.int64)
-        q[-1] += n - per_row * rows
+        """One eager forward of the largest step the scheduler can form (``largest_step_rows``),
+        writing only the dummy page."""
+        q = largest_step_rows(
+            self.config.max_num_batched_tokens,
+            self.config.max_num_seqs,
+            self.settings.max_model_len,
+        )
+        n = int(q.sum())
+        rows = len(q)
         ids = torch.zeros(n, dtype=torch.int64, device=self.device)
         positions = torch.zeros(n, dtype=torch.int64, device=self.device)
         cu = np.concatenate([[0], np.cumsum(q)])
@@ -626,6 +632,18 @@ class ModelRunner:
         """The static KV-length bound every graph is captured with: the page-table width in
         tokens."""
         return self.settings.max_pages_per_seq * self.config.page_size
+
+
+def largest_step_rows(max_tokens: int, max_num_seqs: int, max_len: int) -> np.ndarray:
+    """Query lengths of the largest step the scheduler can form: ``max_tokens`` tokens, or
+    fewer where ``max_num_seqs`` rows of ``max_len`` tokens hold less, spread evenly over as
+    many rows as it may have. No row is longer than ``max_len``: its page-table row holds no
+    more, and the attention kernels read a row's pages up to its length."""
+    n = min(max_tokens, max_num_seqs * max_len)
+    rows = min(max_num_seqs, n)
+    q = np.full(rows, n // rows, dtype=np.int64)
+    q[: n % rows] += 1
+    return q
 
 
 def _round_up(x: int, m: int) -> int:

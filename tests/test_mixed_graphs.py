@@ -27,6 +27,7 @@ from graphrt.capture.static_buffers import (
     fill_mixed_inputs,
 )
 from graphrt.memory.page_allocator import DUMMY_PAGE, DUMMY_SLOT
+from graphrt.runner import largest_step_rows
 from graphrt.step_plan import StepPlan
 
 ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
@@ -140,6 +141,34 @@ def test_mixed_step_function_equals_eager(tiny_model_factory, arch: str) -> None
     assert on.stats["mixed_graph_steps"] > 5 and off.stats["mixed_graph_steps"] == 0
     on.shutdown()
     off.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "max_num_seqs", "max_len", "want"),
+    [
+        (2048, 256, 131072, [8] * 256),  # the token budget, over every row
+        (2048, 1, 384, [384]),  # one row: no longer than its page-table row holds
+        (2048, 4, 300, [300] * 4),  # 4 rows of at most 300 hold 1,200 tokens
+        (10, 4, 100, [3, 3, 2, 2]),  # the remainder spread, no row above the others + 1
+        (3, 8, 100, [1, 1, 1]),  # never more rows than tokens
+    ],
+)
+def test_largest_step_rows(max_tokens: int, max_num_seqs: int, max_len: int, want) -> None:
+    """The memory-profiling step is the largest the scheduler can form. A row longer than
+    max_model_len made the attention kernel read past its page-table row: an illegal memory
+    access on the H100 (Llama-3.1-8B, max_num_seqs 1, max_model_len 384)."""
+    q = largest_step_rows(max_tokens, max_num_seqs, max_len)
+    assert q.tolist() == want
+    assert q.max() <= max_len and len(q) <= max_num_seqs
+
+
+def test_mixed_buckets_stop_at_the_largest_step(tiny_model_factory) -> None:
+    """No step holds more than max_num_seqs rows of max_model_len tokens: no bucket above it."""
+    d = tiny_model_factory("LlamaForCausalLM")
+    eng = Engine(str(d), show_progress=False, max_model_len=64, max_num_seqs=2)
+    spec = eng.runner.mixed_graph_spec()
+    assert spec is not None and spec.buckets[-1] == 128
+    eng.shutdown()
 
 
 def test_padding_tokens_write_only_the_dummy_page(tiny_model_factory) -> None:
