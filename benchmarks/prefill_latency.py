@@ -9,9 +9,11 @@ alternating which goes first (fresh tokens: the prefix cache cannot hit), with `
 
 Per engine and prompt length: TTFT (``generate`` wall time: submission to the first token),
 the launcher's CPU time for the prefill step (``StepRecord.launch_s``: the replay, or every
-eager launch) and the step's GPU span (its start and end events). Ceiling: the prompt's FLOPs
-(2 x non-embedding weights per token, plus causal attention) at the dense bf16 GEMM rate
-measured in this run. On CPU (the suite's smoke run) there are no graphs, GPU spans or
+eager launch) and the step's GPU span (its start and end events). Ceiling: the larger of the
+prompt's FLOPs (2 x non-embedding weights per token, plus causal attention) at the dense bf16
+GEMM rate and one read of the weights at the HBM bandwidth, both measured in this run (a short
+prompt is bound by the weight read: 128 tokens on Llama-3.2-1B need 0.32 ms of FLOPs but
+0.85 ms to read 2.5 GB). On CPU (the suite's smoke run) there are no graphs, GPU spans or
 ceiling: both engines run the same uncaptured step functions, and the TTFT and launch columns
 only check the plumbing.
 """
@@ -31,7 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 
 from graphrt import Engine, EngineConfig, SamplingParams
-from graphrt.measure import measure_gemm_flops, prefill_flops, run_header, summarize
+from graphrt.measure import (
+    measure_gemm_flops,
+    measure_hbm_bandwidth,
+    prefill_flops,
+    run_header,
+    summarize,
+)
 from graphrt.overlap import StepProfiler
 
 
@@ -81,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     eager = Engine(config.model, show_progress=False, cuda_graph_max_tokens=0, **kw)
     dev = graphs.runner.device
     rate = measure_gemm_flops(dev) if dev.type == "cuda" else None
-    res: dict[str, Any] = run_header("prefill_latency", str(config.model), graphs, None)
+    hbm = measure_hbm_bandwidth(dev) if dev.type == "cuda" else None
+    read_ms = graphs.runner.weight_bytes / hbm * 1e3 if hbm else None
+    res: dict[str, Any] = run_header("prefill_latency", str(config.model), graphs, hbm)
     res.update(gemm_flops_per_s=rate, settings=vars(args) | {"json": str(args.json)})
     rng = random.Random(0)
     vocab = graphs.runner.model_cfg.vocab_size
@@ -90,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(3):
                 one(eng, [rng.randrange(10, vocab) for _ in range(n)])
     res["lens"] = {}
-    if rate:
-        print(f"dense bf16 GEMM rate measured: {rate / 1e12:,.0f} TFLOP/s", flush=True)
+    if rate and hbm:
+        print(
+            f"dense bf16 GEMM rate measured: {rate / 1e12:,.0f} TFLOP/s; HBM {hbm / 1e12:.2f} "
+            f"TB/s: the weights ({graphs.runner.weight_bytes / 1e9:.2f} GB) read in {read_ms:.2f} "
+            "ms",
+            flush=True,
+        )
     for n in args.prompt_lens:
         runs: dict[str, list[dict[str, float]]] = {"graphs": [], "eager": []}
         for rep in range(args.repeats):
@@ -99,14 +114,22 @@ def main(argv: list[str] | None = None) -> int:
             for name, eng in order if rep % 2 == 0 else order[::-1]:
                 runs[name].append(one(eng, [rng.randrange(10, vocab) for _ in range(n)]))
         stats = {k: {m: summarize(r[m] for r in rs) for m in rs[0]} for k, rs in runs.items()}
-        bound_ms = prefill_flops(graphs, n) / rate * 1e3 if rate else None
-        res["lens"][n] = {"runs": runs, "stats": stats, "flop_bound_ms": bound_ms}
+        flop_ms = prefill_flops(graphs, n) / rate * 1e3 if rate else None
+        bound_ms = max(flop_ms, read_ms) if flop_ms and read_ms else None
+        res["lens"][n] = {
+            "runs": runs,
+            "stats": stats,
+            "flop_bound_ms": flop_ms,
+            "weight_read_ms": read_ms,
+            "bound_ms": bound_ms,
+        }
         for name in ("graphs", "eager"):
             s = stats[name]
             print(
                 f"{n:>6} tokens  {name:<6}  TTFT {_fmt(s['ttft_ms'])} ms  launch CPU "
                 f"{_fmt(s['launch_ms'])} ms  GPU {_fmt(s['gpu_ms'])} ms  "
-                f"(ceiling: FLOP bound {_ms(bound_ms)}; through mixed graphs: "
+                f"(ceiling {_ms(bound_ms)}: FLOPs {_ms(flop_ms)}, weight read {_ms(read_ms)}; "
+                "through mixed graphs: "
                 f"{s['graph']['median']:.0%})",
                 flush=True,
             )
