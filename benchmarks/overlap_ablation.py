@@ -32,6 +32,7 @@ import torch
 from graphrt import Engine, SamplingParams
 from graphrt.measure import (
     DecodeBench,
+    GcPauses,
     measure_hbm_bandwidth,
     run_until_idle,
     summarize,
@@ -64,7 +65,8 @@ def run_once(
     params = SamplingParams(temperature=0, max_tokens=warm + steps + 2, ignore_eos=True)
     for p in prompts:
         eng.add_request(None, p, params, stream=stream)
-    processed_at = run_until_idle(eng, prof.records)
+    with GcPauses() as gcp:
+        processed_at = run_until_idle(eng, prof.records)
     eng.launcher.profiler = None
     if eng.runner.device.type == "cuda":
         torch.cuda.synchronize()
@@ -75,6 +77,12 @@ def run_once(
     out = {
         "schedule_ms": statistics.median(r.schedule_s for r in window) * 1e3,
         "process_ms": statistics.median(r.process_s for r in window) * 1e3,
+        "text_ms": statistics.median(r.text_s for r in window) * 1e3,
+        # Collections during the whole run (prefill included): a full one over a large heap
+        # stalls the step loop for tens of ms, a repetition's mean step with it.
+        "gc_ms": gcp.total_ms,
+        "gc_max_ms": gcp.max_ms,
+        "gc_full": gcp.full,
         "wait_ms": statistics.median(r.wait_s for r in window) * 1e3,
         "launch_ms": statistics.median(r.launch_s for r in window) * 1e3,
         "graph_bs": window[0].graph_bs,
@@ -428,6 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         "processing on one thread) under cProfile, printing the N functions with the most "
         "own time: where the scheduler thread's CPU goes",
     )
+    p.add_argument(
+        "--gc-freeze",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the engine's gc_freeze (on by default, as the engine's)",
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument(
         "--trace-steps",
@@ -454,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         pdl=not args.no_pdl,
         enable_prefix_caching=args.enable_prefix_caching,
+        gc_freeze=args.gc_freeze,
         show_progress=False,
     )
     r = eng.runner
@@ -519,6 +534,10 @@ def main(argv: list[str] | None = None) -> int:
                 "gpu_idle",
                 "schedule_ms",
                 "process_ms",
+                "text_ms",
+                "gc_ms",
+                "gc_max_ms",
+                "gc_full",
                 "wait_ms",
                 "launch_ms",
                 "late_steps",
@@ -633,8 +652,9 @@ def print_row(row: dict) -> None:
         f" | ratio {_m(row['overhead_ratio'])}{vs_state} | tok/s {_m(row['tok_s'], spec='.0f')}"
         " | idle "
         f"{_m(row['gpu_idle'], 100, '.1f')}% | sched {_m(row['schedule_ms'])} + proc "
-        f"{_m(row['process_ms'])} ms | wait {_m(row['wait_ms'])} | launch "
-        f"{_m(row['launch_ms'])} ms",
+        f"{_m(row['process_ms'])} + text {_m(row['text_ms'])} ms | wait {_m(row['wait_ms'])} | "
+        f"launch {_m(row['launch_ms'])} ms | gc {_m(row['gc_ms'], spec='.1f')} ms, longest "
+        f"{_m(row['gc_max_ms'], spec='.1f')}, full {_m(row['gc_full'], spec='.0f')}",
         flush=True,
     )
     handoff = row.get("handoff_ceiling_ms")

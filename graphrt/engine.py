@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import itertools
 import logging
 import random
@@ -114,6 +115,12 @@ class Engine:
         self._ids = itertools.count()
         # graph_steps: decode graph replays; mixed_graph_steps: replays of steps with prefill.
         self.stats = {"steps": 0, "graph_steps": 0, "mixed_graph_steps": 0, "failed_requests": 0}
+        if config.gc_freeze:
+            # What start-up leaves (torch, transformers, the model, ~300k objects) lives as
+            # long as the process; a full collection would walk all of it on the step thread.
+            # Objects freed by reference counting are still freed; shutdown unfreezes, so an
+            # engine's own reference cycles are collected after it.
+            gc.freeze()
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -553,6 +560,8 @@ class Engine:
             self._inflight = None
         self.launcher.shutdown()
         self.runner.close()
+        if self.config.gc_freeze:
+            gc.unfreeze()  # every frozen object, another live engine's too (it only loses speed)
         self._closed = True
 
     def __enter__(self) -> Engine:

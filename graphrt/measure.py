@@ -5,6 +5,7 @@ repeat statistics."""
 from __future__ import annotations
 
 import datetime
+import gc
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -233,6 +234,38 @@ def time_ms(fn: Callable[[], None], iters: int, device: torch.device) -> float:
         b.record()
         b.synchronize()
         return a.elapsed_time(b) / iters
+
+
+class GcPauses:
+    """The cyclic garbage collector's pauses while the context is open (``gc.callbacks``): a
+    collection runs on whichever thread allocated last, so a long one stalls the step loop."""
+
+    def __init__(self) -> None:
+        self.pauses_s: list[float] = []  # one per collection, in order
+        self.full = 0  # collections of the oldest generation
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses_s.append(time.perf_counter() - self._t0)
+            self.full += info.get("generation") == 2
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.pauses_s) * 1e3
+
+    @property
+    def max_ms(self) -> float:
+        return max(self.pauses_s, default=0.0) * 1e3
 
 
 def run_until_idle(eng: Engine, records: dict[int, Any]) -> dict[int, float]:

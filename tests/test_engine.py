@@ -317,3 +317,22 @@ def test_text_side_behind_the_core_trims_after_a_stop_string(smol) -> None:
     assert final["stop"].outputs[0].stop_reason == stop
     assert streamed["stop"] == want["stop"].outputs[0].text
     assert smol.pages.num_free == smol.pages.num_usable
+
+
+def test_gc_freeze_until_shutdown(tiny_model_factory) -> None:
+    """Start-up's objects leave the cyclic collector's reach while the engine runs (a full
+    collection over them stalls the step loop), and come back at shutdown, so the engine's
+    own reference cycles can be collected; ``gc_freeze=False`` leaves the collector alone."""
+    import gc
+
+    d = tiny_model_factory("LlamaForCausalLM")
+    gc.unfreeze()
+    eng = Engine(str(d), show_progress=False, gc_freeze=False)
+    assert gc.get_freeze_count() == 0
+    eng.shutdown()
+    eng = Engine(str(d), show_progress=False)
+    assert gc.get_freeze_count() > 1000
+    out = eng.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2))
+    assert len(out[0].outputs[0].token_ids) == 2
+    eng.shutdown()
+    assert gc.get_freeze_count() == 0
