@@ -437,6 +437,13 @@ def main(argv: list[str] | None = None) -> int:
         "own time: where the scheduler thread's CPU goes",
     )
     p.add_argument(
+        "--text-thread",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the engine's text_thread: the text side on its own thread (the default) or on "
+        "the step thread",
+    )
+    p.add_argument(
         "--gc-freeze",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -469,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         pdl=not args.no_pdl,
         enable_prefix_caching=args.enable_prefix_caching,
         gc_freeze=args.gc_freeze,
+        text_thread=args.text_thread,
         show_progress=False,
     )
     r = eng.runner
@@ -595,12 +603,18 @@ def main(argv: list[str] | None = None) -> int:
         "pdl": not args.no_pdl,
         "prefix_caching": args.enable_prefix_caching,
         "switch_interval_s": sys.getswitchinterval(),
+        "text_thread": args.text_thread,
+        "gc_freeze": args.gc_freeze,
         "stream": not args.final_only,
         "steps": args.steps,
         "context_at_ceiling": contexts,
     }
     cache = "on" if args.enable_prefix_caching else "off"
-    print(f"\n{dev}, {args.model}, attention={r.settings.attention_backend}, prefix cache {cache}")
+    print(
+        f"\n{dev}, {args.model}, attention={r.settings.attention_backend}, prefix cache {cache}, "
+        f"text side on {'its own thread' if args.text_thread else 'the step thread'}, gc freeze "
+        f"{'on' if args.gc_freeze else 'off'}"
+    )
     if bw:
         print(f"HBM bandwidth (this run): {bw / 1e12:.2f} TB/s")
     for line in seed["lines"]:

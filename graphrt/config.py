@@ -50,6 +50,8 @@ _HELP: dict[str, str] = {
     "it (sm_90+): each kernel's launch overlaps the end of the one before",
     "overlap": "'thread': launcher thread, scheduler one step ahead; 'inline': one step ahead "
     "on the scheduler thread; 'off': synchronous; 'two_events': also waits on launch_done",
+    "text_thread": "run the text side (detokenization, stop strings, outputs) on a thread of its "
+    "own, behind the step loop, instead of on the step thread after each step",
     "gc_freeze": "after start-up, move every live object out of the cyclic garbage collector's "
     "reach (gc.freeze; undone by shutdown): a full collection over the objects torch and "
     "transformers leave takes 40-170 ms, a stall of dozens of steps",
@@ -87,6 +89,7 @@ class EngineConfig:
     cuda_graph_max_tokens: int | None = None
     pdl: bool = True
     overlap: OverlapMode = "thread"
+    text_thread: bool = True
     gc_freeze: bool = True
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ import itertools
 import logging
 import random
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from graphrt.runner import ModelRunner
 from graphrt.sampling_params import SamplingParams
 from graphrt.scheduler import Scheduler
 from graphrt.step_plan import MAX_BANNED_IDS, SamplerNeeds, SlotInit, StepPlan, needs_of
+from graphrt.text_thread import TextSide
 from graphrt.validation import (
     RequestLimits,
     check_logprobs,
@@ -110,17 +112,21 @@ class Engine:
         self._groups: dict[str, list[Request]] = {}
         self._seqs: dict[str, Request] = {}
         self.outputs = OutputProcessor(self.tokenizer)
+        self.text = TextSide(self.outputs, threaded=config.text_thread)
         self._inflight: StepHandle | None = None
         self._closed = False
         self._ids = itertools.count()
         # graph_steps: decode graph replays; mixed_graph_steps: replays of steps with prefill.
         self.stats = {"steps": 0, "graph_steps": 0, "mixed_graph_steps": 0, "failed_requests": 0}
+        self._unfreeze_gc: weakref.finalize | None = None
         if config.gc_freeze:
             # What start-up leaves (torch, transformers, the model, ~300k objects) lives as
             # long as the process; a full collection would walk all of it on the step thread.
-            # Objects freed by reference counting are still freed; shutdown unfreezes, so an
-            # engine's own reference cycles are collected after it.
+            # Objects freed by reference counting are still freed; shutdown (or the engine's
+            # end, or the interpreter's exit) unfreezes, so an engine's own reference cycles
+            # are collected after it, and extension modules see no leak at exit.
             gc.freeze()
+            self._unfreeze_gc = weakref.finalize(self, gc.unfreeze)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -142,12 +148,17 @@ class Engine:
         """
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.outputs:
+        if request_id in self.text.open:
             raise RequestRejected(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize_prompt(prompt)
         seq_ids = self.add_core_request(request_id, ids, params, cache_salt=cache_salt, prompt=text)
         arrival = self._groups[request_id][0].arrival_time
-        self.outputs.add(request_id, seq_ids, text, ids, params, stream, arrival)
+        try:
+            group = self.outputs.new_group(request_id, seq_ids, text, ids, params, stream, arrival)
+        except BaseException:
+            self.abort(request_id)
+            raise
+        self.text.add(group)
         return request_id
 
     def add_core_request(
@@ -202,31 +213,41 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its pages now. Returns False if it is unknown or done."""
         children = self._groups.get(request_id)
-        self.outputs.drop(request_id)
+        was_open = request_id in self.text.open
+        self.text.drop(request_id)
         if children is None:
-            return False
+            return was_open
         for req in children:
             if not req.finished:
                 self._finish(req, FinishReason.ABORT)
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self._groups)
+        """Whether a request has not had its final output yet (the core may have finished it
+        while the text side still works on its last steps)."""
+        return bool(self._groups) or bool(self.text.open)
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Plan and submit the next step, then process the previous one. Returns the outputs
-        of requests that progressed (with their deltas) or finished."""
+        of requests that progressed (with their deltas) or finished. With the text side on its
+        own thread (``text_thread``) they are the outputs it has finished since the last call,
+        a step or so behind the core."""
         tokens = self.core_step()
-        if not tokens:
+        if tokens:
+            self.text.submit(tokens)
+        # With nothing in flight there is no GPU work to hide the text side's behind: wait.
+        results = self.text.take(block=not tokens and self._inflight is None)
+        if not results:
             return []
         prof = self.launcher.profiler
-        t0 = time.perf_counter() if prof is not None else 0.0
-        outs, ended = self.outputs.process(tokens)
-        for seq in ended:
-            self._end_on_text(seq)
-        if prof is not None and (rec := prof.records.get(tokens.step_id)) is not None:
-            rec.text_s = time.perf_counter() - t0
+        outs: list[RequestOutput] = []
+        for res in results:
+            for seq in res.ended:
+                self._end_on_text(seq)
+            if prof is not None and (rec := prof.records.get(res.step_id)) is not None:
+                rec.text_s = res.seconds
+            outs += res.outputs
         return outs
 
     def core_step(self) -> StepTokens:
@@ -559,9 +580,10 @@ class Engine:
             self._inflight.release()
             self._inflight = None
         self.launcher.shutdown()
+        self.text.close()
         self.runner.close()
-        if self.config.gc_freeze:
-            gc.unfreeze()  # every frozen object, another live engine's too (it only loses speed)
+        if self._unfreeze_gc is not None:
+            self._unfreeze_gc()  # every frozen object, another live engine's too (only speed)
         self._closed = True
 
     def __enter__(self) -> Engine:

@@ -9,8 +9,9 @@ objects of ``n``-completion groups (streamed every step, or once at the end).
 A stop string is found here, after the core has moved on: ``process`` returns the completions
 it ended so that their owner aborts them in the core, and it ignores the ids the core sampled
 for them after the stop, so outputs end exactly where a synchronous check would have ended
-them. In the server the API processes run this, so the engine-core process does no text work;
-the in-process :class:`~graphrt.engine.Engine` runs it on its own thread after each step.
+them. The :class:`~graphrt.engine.Engine` runs it through a
+:class:`~graphrt.text_thread.TextSide`, on a thread of its own by default (the server's engine
+core is such an engine).
 """
 
 from __future__ import annotations
@@ -198,8 +199,8 @@ class SequenceText:
 
 
 @dataclass(eq=False)
-class _Group:
-    """A user request: its ``n`` completions share a prompt and an id."""
+class TextGroup:
+    """A user request's text state: its ``n`` completions share a prompt and an id."""
 
     request_id: str
     prompt: str | None
@@ -224,8 +225,8 @@ class OutputProcessor:
 
     def __init__(self, tokenizer: Tokenizer | None) -> None:
         self.tokenizer = tokenizer
-        self._groups: dict[str, _Group] = {}
-        self._seqs: dict[str, tuple[SequenceText, _Group]] = {}
+        self._groups: dict[str, TextGroup] = {}
+        self._seqs: dict[str, tuple[SequenceText, TextGroup]] = {}
 
     def __len__(self) -> int:
         return len(self._groups)
@@ -244,11 +245,27 @@ class OutputProcessor:
         arrival_time: float | None = None,
     ) -> None:
         """Register request ``request_id`` and its completions ``seq_ids`` (index order)."""
+        self.register(
+            self.new_group(request_id, seq_ids, prompt, prompt_ids, params, stream, arrival_time)
+        )
+
+    def new_group(
+        self,
+        request_id: str,
+        seq_ids: list[str],
+        prompt: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stream: bool,
+        arrival_time: float | None = None,
+    ) -> TextGroup:
+        """A request's text state, not registered yet (``register``): its detokenizers and stop
+        matchers are built here, where a failure can still reach the caller."""
         seqs = [
             SequenceText(sid, i, params, *self._text_state(prompt_ids, params))
             for i, sid in enumerate(seq_ids)
         ]
-        group = _Group(
+        return TextGroup(
             request_id,
             prompt,
             list(prompt_ids),
@@ -256,8 +273,11 @@ class OutputProcessor:
             stream,
             arrival_time if arrival_time is not None else time.monotonic(),
         )
-        self._groups[request_id] = group
-        for s in seqs:
+
+    def register(self, group: TextGroup) -> None:
+        """Start processing a request's steps (``new_group``)."""
+        self._groups[group.request_id] = group
+        for s in group.seqs:
             self._seqs[s.request_id] = (s, group)
 
     def _text_state(
@@ -310,7 +330,7 @@ class OutputProcessor:
         outs: list[RequestOutput | None] = []
         # Groups of n > 1 completions are reported once per step, after all their rows: they
         # get a place in ``outs`` when first touched, filled at the end.
-        multi: dict[str, tuple[int, _Group]] = {}
+        multi: dict[str, tuple[int, TextGroup]] = {}
         # Runs for every row of every step (at batch 256 most of the text side's time): the
         # common streaming row of a single completion builds its output inline.
         for r, sid in enumerate(step.seq_ids):
@@ -365,7 +385,7 @@ class OutputProcessor:
             outs[i] = self._output(group)
         return [o for o in outs if o is not None] if multi else outs, ended  # type: ignore[return-value]
 
-    def _output(self, group: _Group) -> RequestOutput | None:
+    def _output(self, group: TextGroup) -> RequestOutput | None:
         """The output of a group touched this step (forgotten once done), or None for a
         final-only group that is not done yet."""
         seqs = group.seqs
@@ -404,7 +424,7 @@ class OutputProcessor:
 
 
 def _hold_place(
-    group: _Group, outs: list[RequestOutput | None], multi: dict[str, tuple[int, _Group]]
+    group: TextGroup, outs: list[RequestOutput | None], multi: dict[str, tuple[int, TextGroup]]
 ) -> None:
     # An n > 1 group's output goes where the group was first touched, built after all rows.
     if group.request_id not in multi:

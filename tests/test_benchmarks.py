@@ -147,8 +147,9 @@ def test_offline_profile_runs_on_cpu(llama) -> None:
     try:
         p = mod.profile_steps(eng, wl)
         assert p["cuda"] is False and p["steps"] >= 3 and not eng.has_unfinished()
-        # step() calls: with overlap one more than planned steps, to process the last one.
-        assert mod._run_steps(eng, wl) in (p["steps"], p["steps"] + 1)
+        # step() calls: with overlap one more than planned steps, to process the last one,
+        # and with the text side on its thread one more, to take its last outputs.
+        assert mod._run_steps(eng, wl) in range(p["steps"], p["steps"] + 3)
         sys.path.insert(0, str(BENCH))  # profile_kernels imports step_profile by name
         try:
             with pytest.raises(RuntimeError, match="window"):

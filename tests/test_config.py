@@ -172,6 +172,8 @@ def test_cli_round_trip_of_non_default_config() -> None:
         cuda_graph_max_tokens=256,
         pdl=False,
         overlap="two_events",
+        text_thread=False,
+        gc_freeze=False,
     )
     # Every field differs from its default, so a flag that is dropped or mistyped shows.
     for f in dataclasses.fields(cfg):

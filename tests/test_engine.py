@@ -336,3 +336,43 @@ def test_gc_freeze_until_shutdown(tiny_model_factory) -> None:
     assert len(out[0].outputs[0].token_ids) == 2
     eng.shutdown()
     assert gc.get_freeze_count() == 0
+
+
+def test_text_thread_outputs_equal_the_step_threads(default_model_dir) -> None:
+    """The text side on its own thread (the default) and on the step thread give the same
+    outputs: ids, text, finish and stop reasons, logprobs, and streamed deltas that
+    concatenate to the final text, with stop strings found while the core runs ahead."""
+    prompts = ["The capital of France is", "Once upon a time", "1, 2, 3,"]
+    cases = [
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[" the", "5"]),
+        SamplingParams(temperature=0.8, seed=5, n=2, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=10, logprobs=2),
+    ]
+    got = {}
+    for threaded in (False, True):
+        eng = Engine(str(default_model_dir), show_progress=False, text_thread=threaded)
+        streamed: dict[str, list[str]] = {}
+        final = {}
+        for i, p in enumerate(prompts):
+            for j, sp in enumerate(cases):
+                eng.add_request(f"{i}-{j}", p, sp)
+        for out in eng.drain():
+            deltas = streamed.setdefault(out.request_id, [""] * len(out.outputs))
+            for c in out.outputs:
+                deltas[c.index] += c.delta_text
+            if out.finished:
+                final[out.request_id] = out
+        assert eng.pages.num_free == eng.pages.num_usable and not eng.has_unfinished()
+        eng.shutdown()
+        assert len(final) == len(prompts) * len(cases)
+        for rid, out in final.items():
+            assert streamed[rid] == [c.text for c in out.outputs]
+        got[threaded] = {
+            rid: [
+                (c.token_ids, c.text, c.finish_reason, c.stop_reason, c.cumulative_logprob)
+                for c in out.outputs
+            ]
+            for rid, out in final.items()
+        }
+    assert got[True] == got[False]
+    assert any(c[2] == "stop" for v in got[True].values() for c in v)  # a stop string hit

@@ -139,8 +139,10 @@ def test_overlap_ablation_runs_and_reports(llama, tmp_path) -> None:
     assert [s["bs"] for s in data["seed_question"]] == [1, 3]
 
 
-@pytest.mark.parametrize("mode", ["off", "thread"])
-def test_detokenizer_fault_fails_only_its_request(llama, mode: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "text_thread"), [("off", False), ("thread", False), ("thread", True)]
+)
+def test_detokenizer_fault_fails_only_its_request(llama, mode: str, text_thread: bool) -> None:
     class Exploding:
         def step(self, ids):
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
@@ -151,11 +153,16 @@ def test_detokenizer_fault_fails_only_its_request(llama, mode: str) -> None:
         def flush(self):
             return ""
 
-    eng = Engine(str(llama), show_progress=False, overlap=mode)
+    eng = Engine(str(llama), show_progress=False, overlap=mode, text_thread=text_thread)
+
+    class Tokenizer:  # the model has none: "bad" alone gets a detokenizer, one that fails
+        def new_detokenizer(self, prompt_ids, **kw):
+            return Exploding() if list(prompt_ids) == [1, 2, 3] else None
+
+    eng.outputs.tokenizer = Tokenizer()
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     eng.add_request("bad", [1, 2, 3], params)
     eng.add_request("good", [4, 5, 6], params)
-    eng.outputs.sequence("bad").detokenizer = Exploding()
     outs = {o.request_id: o for o in eng.drain() if o.finished}
     assert outs["bad"].outputs[0].finish_reason == "error"
     assert "injected" in outs["bad"].error
