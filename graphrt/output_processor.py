@@ -9,9 +9,10 @@ objects of ``n``-completion groups (streamed every step, or once at the end).
 A stop string is found here, after the core has moved on: ``process`` returns the completions
 it ended so that their owner aborts them in the core, and it ignores the ids the core sampled
 for them after the stop, so outputs end exactly where a synchronous check would have ended
-them. The :class:`~graphrt.engine.Engine` runs it through a
-:class:`~graphrt.text_thread.TextSide`, on a thread of its own by default (the server's engine
-core is such an engine).
+them. In the server each API process runs one for its own requests
+(:class:`~graphrt.serve.engine_client.EngineClient`), so the engine's process does no text
+work; the in-process :class:`~graphrt.engine.Engine` runs it through a
+:class:`~graphrt.text_thread.TextSide`, on a thread of its own by default.
 """
 
 from __future__ import annotations

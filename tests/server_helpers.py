@@ -53,6 +53,7 @@ ENGINE_STATE_GAUGES = (
     "graphrt_free_slots",
     "graphrt_usable_slots",
     "graphrt_num_preemptions",
+    "graphrt_engine_steps",
 )
 
 

@@ -11,7 +11,15 @@ from graphrt.request import CompletionOutput, FinishReason, RequestOutput, Token
 from graphrt.sampling_params import SamplingParams
 from graphrt.serve.cli import parse_args
 from graphrt.serve.config import API_KEY_ENV, ServerConfig
-from graphrt.serve.ipc import decode_output, encode_output, pack, unpack
+from graphrt.serve.ipc import (
+    ChoiceDelta,
+    OutputDelta,
+    decode_tokens,
+    delta_of,
+    encode_tokens,
+    pack,
+    unpack,
+)
 from graphrt.serve.openai_api import _merge
 from graphrt.serve.protocol import (
     ChatCompletionRequest,
@@ -68,7 +76,7 @@ def _completion(
     return CompletionOutput(req, len(ids) - new, len(text) - new_text)
 
 
-def test_output_round_trips_through_the_wire_format() -> None:
+def test_delta_of_leaves_idle_choices_out() -> None:
     lp = [TokenLogprob(3, -0.1, []), TokenLogprob(5, -0.5, [(5, -0.5), (7, -1.25)])]
     out = RequestOutput(
         request_id="r1",
@@ -82,7 +90,7 @@ def test_output_round_trips_through_the_wire_format() -> None:
         finished=False,
         num_cached_tokens=32,
     )
-    got = decode_output(unpack(pack(encode_output(out))))
+    got = delta_of(out)
     assert got.request_id == "r1" and not got.finished and got.error is None
     assert got.num_cached_tokens == 32
     assert [c.index for c in got.choices] == [0, 2]  # the idle choice is left out
@@ -91,10 +99,33 @@ def test_output_round_trips_through_the_wire_format() -> None:
     assert (c2.finish_reason, c2.stop_reason) == ("stop", "</s>")
 
 
+def test_step_tokens_round_trip_through_the_wire_format() -> None:
+    from graphrt.output_processor import CoreFinish, StepTokens
+
+    step = StepTokens(
+        step_id=7,
+        seq_ids=["a", "b#0", "b#1"],
+        ids=[5, 6, 7],
+        logprobs=[-0.5, -1.0, -2.0],
+        top_ids=[[5], [6], [7]],
+        top_logprobs=[[-0.5], [-1.0], [-2.0]],
+        finished={
+            "a": CoreFinish(FinishReason.STOP, 2),
+            "c": CoreFinish(FinishReason.ERROR, error="x"),
+        },
+        cached={"a": 16, "b": None},
+    )
+    got = decode_tokens(unpack(pack(encode_tokens(step))))
+    assert got == step
+    part = decode_tokens(unpack(pack(encode_tokens(step, [1, 2]))))  # one owner's rows
+    assert (part.seq_ids, part.ids, part.logprobs) == (["b#0", "b#1"], [6, 7], [-1.0, -2.0])
+    assert part.top_ids == [[6], [7]] and part.finished == step.finished
+
+
 def test_merge_joins_deltas_per_choice() -> None:
     def delta(tag: int, index: int, text: str, ids: list[int], finish: str | None = None):
-        raw = ["r", finish is not None, None, [[index, text, ids, None, finish, None]], 0]
-        return tag, decode_output(raw)
+        choice = ChoiceDelta(index, text, ids, None, finish, None)
+        return tag, OutputDelta("r", finish is not None, None, [choice], 0)
 
     merged = _merge(
         [delta(0, 0, "a", [1]), delta(1, 0, "x", [7]), delta(0, 0, "b", [2], "length")], 2
@@ -142,28 +173,44 @@ def test_chat_request_accepts_openai_client_fields() -> None:
 
 def test_mock_engine_paces_tokens_and_counts_pages() -> None:
     from graphrt.engine import EngineOverloaded, RequestRejected
-    from graphrt.serve.mock_engine import MockEngine
+    from graphrt.output_processor import OutputProcessor
+    from graphrt.serve.mock_engine import MockEngine, MockTokenizer
 
     eng = MockEngine(0.001, max_model_len=64, max_num_seqs=2, max_waiting_requests=4, page_size=4)
-    eng.add_request("a", [1, 2, 3], SamplingParams(max_tokens=3, n=2, logprobs=1))
-    eng.add_request("b", [1], SamplingParams(max_tokens=5))  # waits: two seqs already running
+    text = OutputProcessor(MockTokenizer())  # the API side's
+    a = SamplingParams(max_tokens=3, n=2, logprobs=1)
+    text.add("a", eng.add_core_request("a", [1, 2, 3], a), None, [1, 2, 3], a, stream=True)
+    b = SamplingParams(max_tokens=5, stop=[" day"])  # its third word
+    seqs_b = eng.add_core_request("b", [1], b)  # waits: two seqs already running
+    text.add("b", seqs_b, None, [1], b, stream=True)
     with pytest.raises(RequestRejected, match="context length"):
-        eng.add_request("c", [1] * 60, SamplingParams(max_tokens=10))
+        eng.add_core_request("c", [1] * 60, SamplingParams(max_tokens=10))
     with pytest.raises(EngineOverloaded):
-        eng.add_request("d", [1], SamplingParams(n=4))
+        eng.add_core_request("d", [1], SamplingParams(n=4))
     wire = []
     for _ in range(3):
-        outs = eng.step()
-        assert [o.request_id for o in outs] == ["a"]
-        wire.append(decode_output(unpack(pack(encode_output(outs[0])))))
+        outs, ended = text.process(decode_tokens(unpack(pack(encode_tokens(eng.core_step())))))
+        assert [o.request_id for o in outs] == ["a"] and not ended
+        wire.append(delta_of(outs[0]))
     assert [len(c.token_ids) for w in wire for c in w.choices] == [1] * 6
+    assert all(c.text.strip() for w in wire for c in w.choices)  # the mock's words
     assert wire[-1].finished and wire[-1].choices[0].finish_reason == "length"
     assert wire[0].choices[0].logprobs[0].token_id == wire[0].choices[0].token_ids[0]
     assert eng.pages.num_free == eng.pages.num_usable  # "a" finished: its pages are back
     assert eng.slots.num_free == eng.slots.num_usable == 2  # and its two slots
-    assert eng.step()[0].request_id == "b"  # admitted once "a" left
+    for _ in range(5):  # "b", admitted once "a" left, until its stop string
+        outs, ended = text.process(eng.core_step())
+        assert [o.request_id for o in outs] == ["b"]
+        if ended:
+            assert eng.end_sequence(ended[0].request_id, FinishReason.STOP)
+            break
+    assert outs[0].finished and outs[0].outputs[0].stop_reason == " day"
+    assert outs[0].outputs[0].text == " world to"
+    assert not eng.has_unfinished() and eng.pages.num_free == eng.pages.num_usable
+    eng.add_core_request("e", [1], SamplingParams(max_tokens=5))
+    eng.core_step()
     assert eng.pages.num_free < eng.pages.num_usable and eng.slots.num_free == 1
-    assert eng.abort("b") and not eng.has_unfinished()
+    assert eng.abort("e") and not eng.has_unfinished()
     assert eng.pages.num_free == eng.pages.num_usable and eng.kv_usage() == 0.0
     assert eng.slots.num_free == 2
 

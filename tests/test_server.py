@@ -428,6 +428,24 @@ def test_non_streaming_client_disconnect_aborts(server: ServerProcess) -> None:
     wait_until("its pages are freed", lambda: engine_idle_and_kv_full(server.base_url))
 
 
+def test_stop_string_ends_the_request_in_the_engine(server: ServerProcess, client) -> None:
+    """The API process finds stop strings (the engine core deals in ids); a completion it ends
+    there is ended in the core too: the engine stops sampling it a few steps later, not at
+    max_tokens, and frees its pages."""
+    ref = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0)
+    stop = ref.choices[0].text.split()[1]
+    wait_until("the engine is idle", lambda: engine_idle_and_kv_full(server.base_url))
+    before = metrics(server.base_url)["graphrt_engine_steps"]
+    out = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=200, temperature=0, stop=[stop],
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens < 6
+    wait_until("its pages are freed", lambda: engine_idle_and_kv_full(server.base_url))
+    steps = metrics(server.base_url)["graphrt_engine_steps"] - before
+    assert steps < 50, steps  # not the 200 that max_tokens allowed
+
+
 def test_stalled_client_holds_no_kv_pages(server: ServerProcess, http: httpx.Client) -> None:
     """A client that does not read cannot hold engine memory: the engine finishes its request and
     frees the pages; the stream waits (in the API process or the socket) for the client."""

@@ -87,6 +87,7 @@ def build_app(
             info = await client.start(server.engine_start_timeout)
             await warm
             tok = TokenizerService(await asyncio.to_thread(_load_tokenizer, engine, info))
+            client.set_tokenizer(tok.tokenizer)
             serving.attach(client, info, tok)
             # Everything allocated so far lives as long as the server: keep the cyclic GC from
             # rescanning it on every collection, which the per-token path triggers often.

@@ -1,10 +1,13 @@
 """``EngineClient``: an API process's handle on the engine-core process.
 
 It binds its two ZMQ pipes in a private temporary directory, starts the engine core
-(``multiprocessing`` "spawn") unless another process does, and runs one reader task that routes
-each step's outputs to the output box of the HTTP request that owns them. It also watches the
-engine process: when it exits, every pending request is failed at once (nothing waits forever)
-and :meth:`health_problem` says why.
+(``multiprocessing`` "spawn") unless another process does, and runs one reader task that turns
+each step's token ids into text (the text side,
+:class:`~graphrt.output_processor.OutputProcessor`, with this process's tokenizer) and routes
+the outputs to the output box of the HTTP request that owns them; completions it ends on a
+stop string go back to the core to be ended there. It also watches the engine process: when it
+exits, every pending request is failed at once (nothing waits forever) and
+:meth:`health_problem` says why.
 
 With several API processes (``--api-server-count``), :class:`EnginePipes` names one pipe pair
 per process; the supervisor's client starts the engine core with all of them, and each API
@@ -29,8 +32,20 @@ import zmq
 import zmq.asyncio
 
 from graphrt.config import EngineConfig
+from graphrt.output_processor import OutputProcessor, completion_ids
+from graphrt.request import FinishReason
+from graphrt.sampling_params import SamplingParams
 from graphrt.serve.engine_core import run_engine_core, serve_engine
-from graphrt.serve.ipc import Msg, OutputDelta, RejectKind, decode_output, pack, unpack
+from graphrt.serve.ipc import (
+    Msg,
+    OutputDelta,
+    RejectKind,
+    decode_tokens,
+    delta_of,
+    pack,
+    unpack,
+)
+from graphrt.serve.mock_engine import MockTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +179,8 @@ class EngineClient:
         self._stopping = False
         self._closed = False
         self._sinks: dict[str, tuple[OutputBox, int]] = {}
+        # The text side of this process's requests; its tokenizer comes with set_tokenizer.
+        self._text = OutputProcessor(MockTokenizer() if mock_step_s is not None else None)
         self._acks: dict[str, asyncio.Future[None]] = {}
         self._stats_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._stats_seq = 0
@@ -335,6 +352,12 @@ class EngineClient:
             self._pipes = None
         self._closed = True
 
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """The tokenizer the text side detokenizes with (None: the model has none, so outputs
+        carry ids only). The mock engine's words need no tokenizer."""
+        if self.mock_step_s is None:
+            self._text.tokenizer = tokenizer
+
     # ---- requests ---------------------------------------------------------------------------
     def add(
         self,
@@ -356,8 +379,11 @@ class EngineClient:
             raise EngineDeadError(self._dead)
         try:
             data = pack([Msg.ADD, request_id, prompt_ids, params, cache_salt])
+            sampling = SamplingParams(**params)
         except (TypeError, ValueError, OverflowError, UnicodeError) as e:
             raise ValueError(f"request cannot be encoded: {e}") from e
+        seq_ids = completion_ids(request_id, sampling.n)
+        self._text.add(request_id, seq_ids, None, prompt_ids, sampling, stream=True)
         fut = self._loop.create_future()
         self._acks[request_id] = fut
         self._sinks[request_id] = (queue, tag)
@@ -368,6 +394,7 @@ class EngineClient:
         """Abort requests; no more outputs will be delivered for them."""
         for rid in request_ids:
             self._sinks.pop(rid, None)
+            self._text.drop(rid)
             fut = self._acks.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.cancel()
@@ -434,20 +461,27 @@ class EngineClient:
 
     def _dispatch(self, msg: list[Any]) -> None:
         tag = msg[0]
-        if tag == Msg.OUTPUTS:
-            for raw in msg[1]:
-                sink = self._sinks.get(raw[0])
+        if tag == Msg.TOKENS:
+            outs, ended = self._text.process(decode_tokens(msg))
+            if ended and self._dead is None:
+                # A stop string (or a text error) ended these: the core stops sampling them.
+                stop = FinishReason.STOP
+                ends = [[q.request_id, (q.finish_reason or stop).value, q.error] for q in ended]
+                self._send([Msg.END, ends])
+            sinks = self._sinks
+            for out in outs:
+                sink = sinks.get(out.request_id)
                 if sink is None:  # aborted; the engine stopped it already
                     continue
-                out = decode_output(raw)
                 if out.finished:
-                    del self._sinks[out.request_id]
-                sink[0].put_nowait((sink[1], out))
+                    del sinks[out.request_id]
+                sink[0].put_nowait((sink[1], delta_of(out)))
         elif tag == Msg.ACKS:
             for rid, reject in msg[1]:
                 fut = self._acks.pop(rid, None)
                 if reject is not None:
                     self._sinks.pop(rid, None)
+                    self._text.drop(rid)
                 if fut is None or fut.done():
                     continue
                 if reject is None:
@@ -499,6 +533,7 @@ class EngineClient:
         self._acks.clear()
         for rid, (queue, tag) in self._sinks.items():
             queue.put_nowait((tag, OutputDelta(rid, True, f"engine failed: {self._dead}", [])))
+            self._text.drop(rid)
         self._sinks.clear()
         for fut in self._stats_waiters.values():
             if not fut.done():

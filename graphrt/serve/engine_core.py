@@ -1,12 +1,13 @@
 """The engine-core process: runs the :class:`~graphrt.engine.Engine` and its step loop, nothing
 else.
 
-The API process (HTTP, JSON, tokenization, SSE) lives elsewhere so none of that work competes
-with the scheduler for the GIL. Between steps the loop drains its inboxes (adds, aborts, stats
-queries) without blocking, then steps and ships the step's outputs as one message per API
-process. When there is nothing to run it blocks on the inboxes, waking every ``heartbeat_s`` to
-send stats, which the API processes treat as a heartbeat (see :mod:`graphrt.serve.ipc` for the
-messages).
+The API process (HTTP, JSON, tokenization, detokenization, stop strings, SSE) lives elsewhere
+so none of that work competes with the scheduler for the GIL. Between steps the loop drains its
+inboxes (adds, aborts, completions the text side ended, stats queries) without blocking, then
+runs the engine core's half of a step (``Engine.core_step``, token ids only) and ships the
+step's ids as one message per API process. When there is nothing to run it blocks on the
+inboxes, waking every ``heartbeat_s`` to send stats, which the API processes treat as a
+heartbeat (see :mod:`graphrt.serve.ipc` for the messages).
 
 Several API processes (``--api-server-count``) may share one engine core: each has its own pair
 of pipes, and the core routes each request's acks and outputs back through the pair its ADD
@@ -26,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from graphrt.errors import EngineOverloaded, RequestRejected
+from graphrt.output_processor import CoreFinish, StepTokens
+from graphrt.request import FinishReason
 from graphrt.sampling_params import SamplingParams
-from graphrt.serve.ipc import Msg, RejectKind, encode_output, pack, unpack
+from graphrt.serve.ipc import Msg, RejectKind, encode_tokens, pack, unpack
 
 if TYPE_CHECKING:
     from graphrt.engine import Engine
@@ -116,7 +119,9 @@ def serve_engine(
                 # spawn target) and must not load torch.
                 from graphrt.engine import Engine
 
-                engine = Engine(show_progress=sys.stderr.isatty(), **engine_kwargs)
+                # The API processes run the text side: the core needs no thread for it.
+                kwargs = {**engine_kwargs, "text_thread": False}
+                engine = Engine(show_progress=sys.stderr.isatty(), **kwargs)
         except BaseException as e:
             logger.exception("engine failed to start")
             broadcast([Msg.FATAL, f"engine failed to start: {type(e).__name__}: {e}"])
@@ -172,8 +177,11 @@ class EngineCore:
         # The engine plans one step ahead; after the last request finishes, one more step
         # consumes the step still in flight.
         self._flush_pending = False
-        # Which API process (pipe pair) each unfinished request came from.
+        # Which API process (pipe pair) each unfinished request came from, and of each request
+        # its completions the core has not ended yet.
         self._owner: dict[str, int] = {}
+        self._live: dict[str, set[str]] = {}
+        self._seq_owner: dict[str, tuple[int, str]] = {}  # completion id -> (owner, request)
         self._last_sent = [0.0] * len(outboxes)
 
     def run(self) -> int:
@@ -209,27 +217,57 @@ class EngineCore:
                     self._send(i, [Msg.STATS_REPLY, None, stats])
 
     def _step(self) -> None:
-        outs = self.engine.step()
+        tokens = self.engine.core_step()
         self._flush_pending = self.engine.has_unfinished()
-        if not outs:
+        if not tokens:
             return
-        owner = self._owner
         if len(self.outboxes) == 1:
-            for o in outs:
-                if o.finished:
-                    owner.pop(o.request_id, None)
-            self._send(0, [Msg.OUTPUTS, [encode_output(o) for o in outs]])
+            self._send(0, encode_tokens(tokens))
+        else:
+            self._send_split(tokens)
+        for sid in tokens.finished:
+            self._ended(sid)
+
+    def _send_split(self, tokens: StepTokens) -> None:
+        """One message per API process, holding only its own requests' rows."""
+        route = self._seq_owner
+        rows: dict[int, list[int]] = {}
+        for r, sid in enumerate(tokens.seq_ids):
+            if (o := route.get(sid)) is not None:
+                rows.setdefault(o[0], []).append(r)
+        finished: dict[int, dict[str, CoreFinish]] = {}
+        for sid, f in tokens.finished.items():
+            if (o := route.get(sid)) is not None:
+                finished.setdefault(o[0], {})[sid] = f
+        cached: dict[int, dict[str, int | None]] = {}
+        for rid, num in tokens.cached.items():
+            if (i := self._owner.get(rid)) is not None:
+                cached.setdefault(i, {})[rid] = num
+        for i in rows.keys() | finished.keys() | cached.keys():
+            part = StepTokens(
+                tokens.step_id,
+                tokens.seq_ids,
+                tokens.ids,
+                tokens.logprobs,
+                tokens.top_ids,
+                tokens.top_logprobs,
+                finished.get(i, {}),
+                cached.get(i, {}),
+            )
+            self._send(i, encode_tokens(part, rows.get(i, [])))
+
+    def _ended(self, seq_id: str) -> None:
+        """A completion ended in the core: forget its route, and its request's once all its
+        completions have ended."""
+        route = self._seq_owner.pop(seq_id, None)
+        if route is None:
             return
-        # One message per API process per step, holding only its own requests' outputs.
-        per_client: dict[int, list[list[Any]]] = {}
-        for o in outs:
-            i = owner.pop(o.request_id, None) if o.finished else owner.get(o.request_id)
-            if i is None:
-                logger.debug("output for unknown request %s dropped", o.request_id)
-                continue
-            per_client.setdefault(i, []).append(encode_output(o))
-        for i, encoded in per_client.items():
-            self._send(i, [Msg.OUTPUTS, encoded])
+        live = self._live.get(route[1])
+        if live is not None:
+            live.discard(seq_id)
+            if not live:
+                del self._live[route[1]]
+                self._owner.pop(route[1], None)
 
     def _drain_inbox(self, client: int) -> None:
         inbox = self.inboxes[client]
@@ -249,6 +287,12 @@ class EngineCore:
                     for rid in msg[1]:
                         self.engine.abort(rid)
                         self._owner.pop(rid, None)
+                        for sid in self._live.pop(rid, ()):
+                            self._seq_owner.pop(sid, None)
+                elif tag == Msg.END:
+                    for sid, reason, error in msg[1]:
+                        self.engine.end_sequence(sid, FinishReason(reason), error)
+                        self._ended(sid)
                 elif tag == Msg.STATS:
                     self._send(client, [Msg.STATS_REPLY, msg[1], self._stats()])
                 elif tag == Msg.SHUTDOWN:
@@ -271,7 +315,7 @@ class EngineCore:
     ) -> list | None:
         try:
             sampling = SamplingParams(**params)
-            self.engine.add_request(rid, prompt_ids, sampling, cache_salt=cache_salt)
+            seq_ids = self.engine.add_core_request(rid, prompt_ids, sampling, cache_salt=cache_salt)
         except EngineOverloaded as e:
             return [RejectKind.OVERLOADED, str(e)]
         except (RequestRejected, ValueError, TypeError) as e:
@@ -280,6 +324,9 @@ class EngineCore:
             logger.exception("adding request %s failed", rid)
             return [RejectKind.ERROR, f"{type(e).__name__}: {e}"]
         self._owner[rid] = client
+        self._live[rid] = set(seq_ids)
+        for sid in seq_ids:
+            self._seq_owner[sid] = (client, rid)
         return None
 
     def _stats(self) -> dict[str, Any]:

@@ -2,13 +2,20 @@
 
 Two ZMQ PUSH/PULL pipes over ``ipc://`` sockets in a private temporary directory: one carries
 requests to the engine core, the other carries its replies back. Every message is one msgpack
-array whose first item is a :class:`Msg` tag. Outputs carry only what is new since the previous
-step (text and ids deltas), so a message's size does not grow with the length of a generation.
+array whose first item is a :class:`Msg` tag.
+
+The engine core deals in token ids only: each step it sends every API process the ids its
+requests' completions sampled, as arrays. The API process runs the text side
+(:class:`~graphrt.output_processor.OutputProcessor`: detokenization, stop strings, logprob
+records) with the tokenizer it already loads, and tells the core which completions a stop
+string (or a text error) ended. So the text work of every request leaves the engine's process,
+and a message's size does not grow with the length of a generation.
 
 API -> core::
 
     [ADD, request_id, prompt_ids, sampling_params_kwargs, cache_salt]
     [ABORT, [request_id, ...]]
+    [END, [[completion_id, finish_reason, error], ...]]   ended by the text side
     [STATS, seq]
     [SHUTDOWN]
 
@@ -16,14 +23,16 @@ core -> API::
 
     [READY, info]                          once, after the model has loaded
     [ACKS, [[request_id, reject], ...]]    reject: None, or [RejectKind, message]
-    [OUTPUTS, [output, ...]]               one per engine step that produced something
+    [TOKENS, step_id, completion_ids, ids, logprobs, top_ids, top_logprobs, finished, cached]
+                                           one per engine step with rows of this API process
     [STATS_REPLY, seq | None, stats]       seq None: a periodic heartbeat
     [FATAL, message]                       the engine failed; the process is exiting
 
-An ``output`` is ``[request_id, finished, error, [choice, ...], num_cached_tokens]`` and a
-``choice`` is
-``[index, delta_text, delta_token_ids, delta_logprobs, finish_reason, stop_reason]``, where
-``delta_logprobs`` is None or ``[[token_id, logprob, [[top_id, top_logprob], ...]], ...]``.
+In ``TOKENS``, row ``r`` gave completion ``completion_ids[r]`` the id ``ids[r]``; the three
+logprob arrays are None unless a row asked for logprobs. ``finished`` is
+``[[completion_id, finish_reason, stop_token_id, error], ...]`` (ended by the core: EOS, a stop
+id, length, an error, with or without a token this step) and ``cached`` is
+``[[request_id, num_cached_tokens], ...]``, sent once per request.
 """
 
 from __future__ import annotations
@@ -35,7 +44,8 @@ from typing import Any
 
 import msgpack
 
-from graphrt.request import RequestOutput, TokenLogprob
+from graphrt.output_processor import CoreFinish, StepTokens
+from graphrt.request import FinishReason, RequestOutput, TokenLogprob
 
 
 class Msg(enum.IntEnum):
@@ -43,9 +53,10 @@ class Msg(enum.IntEnum):
     ABORT = 1
     STATS = 2
     SHUTDOWN = 3
+    END = 4
     READY = 10
     ACKS = 11
-    OUTPUTS = 12
+    TOKENS = 12
     STATS_REPLY = 13
     FATAL = 14
 
@@ -66,27 +77,38 @@ def unpack(data: bytes) -> list[Any]:
     return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
 
 
-def encode_output(out: RequestOutput) -> list[Any]:
-    """A request's progress since its previous output, in wire form. Choices that made no
-    progress and are not finishing are left out."""
-    choices = []
-    for c in out.outputs:
-        if not (c.delta_token_ids or c.delta_text or c.finish_reason is not None):
-            continue
-        lps = None
-        if c.delta_logprobs is not None:
-            lps = [[t.token_id, t.logprob, [list(p) for p in t.top]] for t in c.delta_logprobs]
-        choices.append(
-            [
-                c.index,
-                c.delta_text,
-                list(c.delta_token_ids),
-                lps,
-                c.finish_reason,
-                c.stop_reason,
-            ]
-        )
-    return [out.request_id, out.finished, out.error, choices, out.num_cached_tokens]
+def encode_tokens(step: StepTokens, rows: list[int] | None = None) -> list[Any]:
+    """``step`` as a ``TOKENS`` message, only rows ``rows`` (default all). ``finished`` and
+    ``cached`` go whole: the caller splits them per API process beforehand."""
+    lps, tids, tlps = step.logprobs, step.top_ids, step.top_logprobs
+    if rows is None:
+        seq_ids, ids = step.seq_ids, step.ids
+    else:
+        seq_ids = [step.seq_ids[r] for r in rows]
+        ids = [step.ids[r] for r in rows]
+        if lps is not None:
+            lps, tids, tlps = ([x[r] for r in rows] for x in (lps, tids, tlps))
+    finished = [[sid, f.reason.value, f.stop_reason, f.error] for sid, f in step.finished.items()]
+    cached = [[rid, num] for rid, num in step.cached.items()]
+    return [Msg.TOKENS, step.step_id, seq_ids, ids, lps, tids, tlps, finished, cached]
+
+
+def decode_tokens(msg: list[Any]) -> StepTokens:
+    """A ``TOKENS`` message back as :class:`StepTokens`."""
+    _, step_id, seq_ids, ids, lps, tids, tlps, finished, cached = msg
+    return StepTokens(
+        step_id=step_id,
+        seq_ids=seq_ids,
+        ids=ids,
+        logprobs=lps,
+        top_ids=tids,
+        top_logprobs=tlps,
+        finished={
+            sid: CoreFinish(FinishReason(reason), stop, error)
+            for sid, reason, stop, error in finished
+        },
+        cached=dict(cached),
+    )
 
 
 @dataclass(slots=True)
@@ -112,12 +134,19 @@ class OutputDelta:
     num_cached_tokens: int | None = None  # prompt tokens served by the prefix cache
 
 
-def decode_output(raw: list[Any]) -> OutputDelta:
-    rid, finished, error, choices, num_cached = raw
-    decoded = []
-    for index, text, ids, lps, finish_reason, stop_reason in choices:
-        logprobs = None
-        if lps is not None:
-            logprobs = [TokenLogprob(t, lp, [(i, v) for i, v in top]) for t, lp, top in lps]
-        decoded.append(ChoiceDelta(index, text, ids, logprobs, finish_reason, stop_reason))
-    return OutputDelta(rid, finished, error, decoded, num_cached)
+def delta_of(out: RequestOutput) -> OutputDelta:
+    """A request's progress since its previous output (API side). Choices that made no
+    progress and are not finishing are left out."""
+    choices = [
+        ChoiceDelta(
+            c.index,
+            c.delta_text,
+            list(c.delta_token_ids),
+            c.delta_logprobs,
+            c.finish_reason,
+            c.stop_reason,
+        )
+        for c in out.outputs
+        if c.delta_token_ids or c.delta_text or c.finish_reason is not None
+    ]
+    return OutputDelta(out.request_id, out.finished, out.error, choices, out.num_cached_tokens)

@@ -186,6 +186,7 @@ class EngineGauges:
         ("graphrt_free_slots", "Request slots free in the allocator", "free_slots"),
         ("graphrt_usable_slots", "Request slots (one per running sequence)", "usable_slots"),
         ("graphrt_num_preemptions", "Preemptions since the engine started", "preemptions"),
+        ("graphrt_engine_steps", "Steps the engine has run since it started", "steps"),
     )
     # Counters since the engine started, in tokens, as vLLM's prefix_cache_queries and _hits.
     COUNTERS = (

@@ -3,12 +3,14 @@ for measuring the API side without a model or a GPU (``--mock-engine-step-ms``, 
 ``benchmarks/api_capacity.py``).
 
 It loads nothing and computes nothing: every ``step_s`` seconds each running completion gets one
-token (a fixed id-to-word mapping), as a decode step on a real GPU would deliver them, and a
-request finishes after exactly ``max_tokens`` tokens. Everything around it is the real server:
-the engine-core loop, the wire format, the API process(es), HTTP and SSE. Admission is FIFO up
-to ``max_num_seqs`` running completions; KV pages and request slots are counted (not
-allocated), so the engine gauges and abort-frees-pages behave as with a real engine. Stop
-strings, stop ids, EOS, ``min_tokens`` and penalties are accepted and ignored.
+token id, as a decode step on a real GPU would deliver them, and a completion finishes after
+exactly ``max_tokens`` tokens (or when the API side ends it on a stop string). The API side
+reads the ids as words through :class:`MockTokenizer` (a fixed id-to-word mapping). Everything
+around it is the real server: the engine-core loop, the wire format, the API process(es) and
+their text side, HTTP and SSE. Admission is FIFO up to ``max_num_seqs`` running completions;
+KV pages and request slots are counted (not allocated), so the engine gauges and
+abort-frees-pages behave as with a real engine. Stop ids, EOS, ``min_tokens`` and penalties
+are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from graphrt.errors import EngineOverloaded, RequestRejected
-from graphrt.request import RequestOutput, TokenLogprob
+from graphrt.output_processor import CoreFinish, StepTokens, completion_ids
+from graphrt.request import FinishReason
 from graphrt.sampling_params import SamplingParams
 from graphrt.validation import RequestLimits, check_logprobs, check_max_tokens, check_prompt
 
@@ -29,16 +32,22 @@ from graphrt.validation import RequestLimits, check_logprobs, check_max_tokens, 
 _WORDS = (" the", " time", " of", " year", " and", " people", " way", " day", " to", " world")
 
 
-@dataclass(slots=True)
-class _MockChoice:
-    """The attributes of :class:`~graphrt.request.CompletionOutput` that the wire format reads."""
+class MockTokenizer:
+    """The API side's tokenizer for the mock engine: ids read as fixed words."""
 
-    index: int
-    delta_token_ids: list[int]
-    delta_text: str
-    delta_logprobs: list[TokenLogprob] | None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
+    def new_detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool = True):
+        return _MockDetokenizer()
+
+
+class _MockDetokenizer:
+    def step_one(self, token_id: int) -> str:
+        return _WORDS[token_id % len(_WORDS)]
+
+    def step(self, ids: list[int]) -> str:
+        return "".join(self.step_one(t) for t in ids)
+
+    def flush(self) -> str:
+        return ""
 
 
 @dataclass
@@ -49,6 +58,7 @@ class _Group:
     max_tokens: int
     generated: list[int] = field(default_factory=list)  # per choice
     pages: int = 0
+    seq_ids: list[str] = field(default_factory=list)  # per choice
 
 
 class _Pages:
@@ -129,6 +139,7 @@ class MockEngine:
         self.slots = _Slots(max_num_seqs, self.scheduler)
         self.stats = {"steps": 0, "graph_steps": 0, "mixed_graph_steps": 0, "failed_requests": 0}
         self._groups: dict[str, _Group] = {}
+        self._seqs: dict[str, tuple[_Group, int]] = {}  # completion id -> (group, index)
         self._next_tick = 0.0
         # The engine's checks (graphrt.validation); n is left to the queue, as its tests want
         # a burst of completions to overload it.
@@ -140,13 +151,15 @@ class MockEngine:
             max_n_setting="max_num_seqs",
         )
 
-    def add_request(
+    def add_core_request(
         self,
         request_id: str,
         prompt_ids: list[int],
         params: SamplingParams,
+        *,
         cache_salt: str | None = None,  # the mock caches nothing
-    ) -> str:
+        prompt: str | None = None,
+    ) -> list[str]:
         if request_id in self._groups:
             raise RequestRejected(f"request id {request_id!r} is already in use")
         limits = self.request_limits
@@ -157,15 +170,36 @@ class MockEngine:
         waiting = sum(g.params.n for g in self.scheduler.waiting)
         if waiting + params.n > self.max_waiting_requests:
             raise EngineOverloaded(f"{waiting} requests already waiting; retry later")
+        seq_ids = completion_ids(request_id, params.n)
         group = _Group(request_id, list(prompt_ids), params, max_tokens, [0] * params.n)
+        group.seq_ids = seq_ids
         self._groups[request_id] = group
+        for i, sid in enumerate(seq_ids):
+            self._seqs[sid] = (group, i)
         self.scheduler.waiting.append(group)
-        return request_id
+        return seq_ids
+
+    def end_sequence(self, seq_id: str, reason: Any, error: str | None = None) -> bool:
+        """The API side ended a completion (a stop string): no more tokens for it."""
+        entry = self._seqs.get(seq_id)
+        if entry is None:
+            return False
+        g, i = entry
+        if g.generated[i] >= g.max_tokens:
+            return False
+        g.generated[i] = g.max_tokens
+        self._seqs.pop(seq_id, None)
+        if all(done >= g.max_tokens for done in g.generated):
+            self._groups.pop(g.request_id, None)
+            self._release(g)
+        return True
 
     def abort(self, request_id: str) -> bool:
         group = self._groups.pop(request_id, None)
         if group is None:
             return False
+        for sid in group.seq_ids:
+            self._seqs.pop(sid, None)
         self._release(group)
         return True
 
@@ -179,7 +213,7 @@ class MockEngine:
         for rid in list(self._groups):
             self.abort(rid)
 
-    def step(self) -> list[RequestOutput]:
+    def core_step(self) -> StepTokens:
         """Wait for the next tick of the step clock, then give every running completion one
         token. A late tick is not made up for with a burst: the clock restarts from now."""
         now = time.perf_counter()
@@ -189,35 +223,36 @@ class MockEngine:
         self._next_tick = now + self.step_s
         self._admit()
         sched = self.scheduler
-        if not sched.running:
-            return []
-        self.stats["steps"] += 1
-        outs = []
+        self.stats["steps"] += bool(sched.running)
+        step = StepTokens(self.stats["steps"])
+        k = max((g.params.logprobs or 0 for g in sched.running), default=0)
+        if any(g.params.logprobs is not None for g in sched.running):
+            step.logprobs, step.top_ids, step.top_logprobs = [], [], []
         still = []
         for g in sched.running:
-            choices = []
-            finished = True
             for i, done in enumerate(g.generated):
                 if done >= g.max_tokens:
                     continue
                 pos = len(g.prompt_ids) + done
                 tid = (pos * 7919 + i) % self.model_config.vocab_size
-                lps = None
-                if g.params.logprobs is not None:
-                    lps = [TokenLogprob(tid, -1.0, [(tid, -1.0)] * g.params.logprobs)]
+                step.seq_ids.append(g.seq_ids[i])
+                step.ids.append(tid)
+                if step.logprobs is not None:
+                    step.logprobs.append(-1.0)
+                    step.top_ids.append([tid] * k)
+                    step.top_logprobs.append([-1.0] * k)
                 g.generated[i] = done = done + 1
-                finish = "length" if done >= g.max_tokens else None
-                finished = finished and finish is not None
-                choices.append(_MockChoice(i, [tid], _WORDS[tid % len(_WORDS)], lps, finish))
+                if done >= g.max_tokens:
+                    step.finished[g.seq_ids[i]] = CoreFinish(FinishReason.LENGTH)
+                    self._seqs.pop(g.seq_ids[i], None)
             self._grow(g)
-            outs.append(RequestOutput(g.request_id, None, g.prompt_ids, choices, finished))
-            if finished:
+            if all(done >= g.max_tokens for done in g.generated):
                 self._groups.pop(g.request_id, None)
                 self._release(g, running=False)
             else:
                 still.append(g)
         sched.running = still
-        return outs
+        return step
 
     # ---- internals ----------------------------------------------------------------------------
     def _admit(self) -> None:
