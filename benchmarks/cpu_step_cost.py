@@ -15,9 +15,11 @@ steps after ``--warmup-steps``, the median per step of
 - ``core``: the core taking the step's ids (``Engine._consume``: append ids, EOS, stop-id and
   length checks, free what finished);
 - ``text``: the text side (``OutputProcessor.process``: detokenize, stop strings, logprob
-  records, build outputs), which the server runs in its API processes;
-- ``core_total``: schedule + core, the engine-core process's CPU per step in the server;
-- ``total``: all three, the thread that calls ``Engine.step`` in process.
+  records, build outputs), which the server runs in its API processes and the in-process
+  engine on a thread of its own (here inline, so it is timed alone);
+- ``core_total``: schedule + core: the step thread's CPU per step, in the server's engine
+  core and in the in-process engine with its text thread;
+- ``total``: all three, the thread that calls ``Engine.step`` with ``text_thread=False``.
 
 Each workload is repeated ``--repeats`` times (interleaved); medians and min–max spreads are
 over the repetitions. Workloads: ``stream`` (every request streams, as the server does),
@@ -137,6 +139,10 @@ def make_engine(
         max_model_len=4096,
         num_pages=batch_size * 64 + 1,
         enable_prefix_caching=prefix_caching,
+        # Inline, so each part is timed alone: the fake launcher never blocks, so a text
+        # thread would only get the GIL at switch intervals and its time would land in the
+        # step thread's parts (with a GPU the step thread waits on copy_done most of a step).
+        text_thread=False,
         show_progress=False,
     )
     corpus = np.array(eng.tokenizer.encode(_TEXT * 4), dtype=np.int64)
