@@ -78,6 +78,8 @@ _TINY_CONFIG = {
 class _FakeHandle:
     """A ``StepHandle`` stand-in whose results are ready at once."""
 
+    launched = True  # at submit, as inline mode's
+
     def __init__(self, plan: StepPlan, ids: np.ndarray, k: int) -> None:
         self.plan = plan
         self.step_id = plan.step_id
@@ -170,7 +172,7 @@ def run_once(
 ) -> dict[str, float]:
     """Per-step medians (ms) of one run of ``bs`` requests of ``workload``."""
     prof = StepProfiler(eng.runner.device)
-    eng.launcher.profiler = prof
+    eng.set_profiler(prof)
     corpus = eng.launcher.corpus
     params, stream = _params(workload, warm + steps + 4)
     for i in range(bs):
@@ -180,7 +182,7 @@ def run_once(
     while eng.has_unfinished():
         outs += len(eng.step())
     eng.drain()
-    eng.launcher.profiler = None
+    eng.set_profiler(None)
     recs = [r for _, r in sorted(prof.records.items()) if r.is_decode and r.batch_size == bs]
     window = recs[warm : warm + steps]
     if len(window) < min(steps, 3):

@@ -115,7 +115,7 @@ def _prefill_steps(args: argparse.Namespace, bs: int) -> int:
 def engine_windows(eng: Engine, bs: int, args: argparse.Namespace) -> list[dict[str, float]]:
     """Decode ``bs`` requests; return one dict per measured window (step_ms, kv_tokens)."""
     prof = _KVProfiler(eng.runner.device)
-    eng.launcher.profiler = prof
+    eng.set_profiler(prof)
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + bs)
     vocab = eng.model_config.vocab_size
     prompt_len = _prompt_len(args)
@@ -129,7 +129,7 @@ def engine_windows(eng: Engine, bs: int, args: argparse.Namespace) -> list[dict[
     try:
         host_end = run_until_idle(eng, prof.records)
     finally:
-        eng.launcher.profiler = None
+        eng.set_profiler(None)
     cuda = eng.runner.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()

@@ -189,14 +189,14 @@ def profile_steps(eng: Engine, wl: Workload) -> dict[str, Any]:
     (``StepProfiler``): the run's wall time split into GPU time per kind of step (decode steps
     replayed from graphs, eager steps carrying prefill chunks) and GPU idle between steps."""
     prof = StepProfiler(eng.runner.device)
-    eng.launcher.profiler = prof
+    eng.set_profiler(prof)
     _sync(eng.runner.device)
     t0 = time.perf_counter()
     try:
         _run_steps(eng, wl)
         _sync(eng.runner.device)
     finally:
-        eng.launcher.profiler = None
+        eng.set_profiler(None)
     wall = time.perf_counter() - t0
     recs = [r for _, r in sorted(prof.records.items())]
     if not recs or recs[0].start is None:

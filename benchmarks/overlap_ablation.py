@@ -58,7 +58,7 @@ def run_once(
     reports every step (as the server's streams do), else only when done (``generate``)."""
     eng.set_overlap(mode)
     prof = StepProfiler(eng.runner.device)
-    eng.launcher.profiler = prof
+    eng.set_profiler(prof)
     g = torch.Generator().manual_seed(seed)
     vocab = eng.model_config.vocab_size
     prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(bs)]
@@ -67,7 +67,7 @@ def run_once(
         eng.add_request(None, p, params, stream=stream)
     with GcPauses() as gcp:
         processed_at = run_until_idle(eng, prof.records)
-    eng.launcher.profiler = None
+    eng.set_profiler(None)
     if eng.runner.device.type == "cuda":
         torch.cuda.synchronize()
     recs = [r for _, r in sorted(prof.records.items()) if r.is_decode and r.batch_size == bs]

@@ -45,11 +45,11 @@ from graphrt.overlap import StepProfiler
 
 def one(eng: Engine, prompt: list[int]) -> dict[str, float]:
     prof = StepProfiler(eng.runner.device)
-    eng.launcher.profiler = prof
+    eng.set_profiler(prof)
     t0 = time.perf_counter()
     eng.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     ttft = time.perf_counter() - t0
-    eng.launcher.profiler = None
+    eng.set_profiler(None)
     if eng.runner.device.type == "cuda":
         torch.cuda.synchronize()
     recs = [r for r in prof.records.values() if not r.is_decode]

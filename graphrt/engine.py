@@ -31,7 +31,7 @@ from graphrt.output_processor import (
     StepTokens,
     completion_ids,
 )
-from graphrt.overlap import Launcher, StepHandle
+from graphrt.overlap import Launcher, NoProfiler, StepHandle, StepProfiler
 from graphrt.request import FinishReason, Request, RequestOutput, RequestStatus
 from graphrt.runner import ModelRunner
 from graphrt.sampling_params import SamplingParams
@@ -114,6 +114,7 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer)
         self.text = TextSide(self.outputs, threaded=config.text_thread)
         self._inflight: StepHandle | None = None
+        self.profiler: StepProfiler | NoProfiler = NoProfiler()
         self._closed = False
         self._ids = itertools.count()
         # graph_steps: decode graph replays; mixed_graph_steps: replays of steps with prefill.
@@ -240,38 +241,42 @@ class Engine:
         results = self.text.take(block=not tokens and self._inflight is None)
         if not results:
             return []
-        prof = self.launcher.profiler
         outs: list[RequestOutput] = []
         for res in results:
             for seq in res.ended:
                 self._end_on_text(seq)
-            if prof is not None and (rec := prof.records.get(res.step_id)) is not None:
-                rec.text_s = res.seconds
+            self.profiler.text_done(res.step_id, res.seconds)
             outs += res.outputs
         return outs
 
     def core_step(self) -> StepTokens:
-        """The core's half of ``step``, token ids only: plan and submit the next step, then take
-        the previous one's ids, end requests on EOS, stop ids and length, and free what they
-        held. Returns what the text side (``OutputProcessor``) needs; empty when no step ended."""
-        prof = self.launcher.profiler
-        t0 = time.perf_counter() if prof is not None else 0.0
-        plan = self.scheduler.schedule()
-        if plan is not None and prof is not None:
-            prof.record(plan).schedule_s = time.perf_counter() - t0
-        handle = self.launcher.submit(plan) if plan is not None else None
-        if handle is not None:
-            self.stats["steps"] += 1
-        if not self.launcher.overlapped:
-            return self._process(handle) if handle is not None else self._check_stalled()
+        """The core's half of ``step``, token ids only: plan and submit the next step, take a
+        finished step's ids, end requests on EOS, stop ids and length, and free what they
+        held. Returns what the text side (``OutputProcessor``) needs; empty when no step ended.
+        One of two loops, by the launcher's overlap mode."""
+        return self._overlapped_step() if self.launcher.overlapped else self._sync_step()
+
+    def _sync_step(self) -> StepTokens:
+        """Plan, launch, wait, process: the GPU idles while the host works (``off``)."""
+        handle = self._launch_next()
+        return self._consume(handle) if handle is not None else self._check_stalled()
+
+    def _overlapped_step(self) -> StepTokens:
+        """Launch step n+1, then process step n while n+1 runs."""
+        handle = self._launch_next()
         prev, self._inflight = self._inflight, handle
         if prev is None:
             return StepTokens() if handle is not None else self._check_stalled()
-        if handle is not None and self.launcher.mode == "two_events":
-            # The pre-SGLang-#4790 protocol: also wait until the next step is launched.
-            handle.wait_launched()
-        nxt = handle if self.launcher.mode == "thread" else None
-        return self._process(prev, nxt)
+        return self._consume(prev, handle)
+
+    def _launch_next(self) -> StepHandle | None:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return None
+        self.profiler.scheduled(plan, time.perf_counter() - t0)
+        self.stats["steps"] += 1
+        return self.launcher.submit(plan)
 
     def _check_stalled(self) -> StepTokens:
         if self.scheduler.num_unfinished and self._inflight is None:
@@ -281,20 +286,6 @@ class Engine:
                 f"{len(self.scheduler.running)} running requests"
             )
         return StepTokens()
-
-    def _process(self, handle: StepHandle, nxt: StepHandle | None = None) -> StepTokens:
-        """Wait for ``handle``'s ids and process them. ``nxt``: the step submitted to the
-        launcher thread after it (``thread`` mode), see ``_consume``."""
-        prof = self.launcher.profiler
-        if prof is None:
-            return self._consume(handle, nxt)
-        t0 = time.perf_counter()
-        tokens = self._consume(handle, nxt)
-        rec = prof.records.get(handle.step_id)
-        if rec is not None:
-            rec.wait_s = handle.wait_s
-            rec.process_s = time.perf_counter() - t0 - handle.wait_s
-        return tokens
 
     @property
     def inflight_plan(self) -> StepPlan | None:
@@ -321,9 +312,26 @@ class Engine:
         self.launcher = Launcher(self.runner, mode, max_rows=self.config.max_num_seqs)
         self.launcher.profiler = profiler
 
+    def set_profiler(self, profiler: StepProfiler | None) -> None:
+        """Attach a :class:`StepProfiler` (None detaches it): the step loops' one hook, timing
+        planning, taking ids and the text side per step; the launcher records the GPU events.
+        Detached, the hook is a :class:`NoProfiler`, whose calls do nothing."""
+        self.profiler = profiler if profiler is not None else NoProfiler()
+        self.launcher.profiler = profiler
+
     def _consume(self, handle: StepHandle, nxt: StepHandle | None = None) -> StepTokens:
+        """Wait for ``handle``'s ids and take them (``_take``); ``nxt``: the step launched
+        after it, whose launch may have to go first. Timed for the profiler hook."""
+        t0 = time.perf_counter()
+        tokens, yielded = self._take(handle, nxt)
+        cpu = time.perf_counter() - t0 - handle.wait_s
+        self.profiler.consumed(handle.step_id, cpu, handle.wait_s, yielded)
+        return tokens
+
+    def _take(self, handle: StepHandle, nxt: StepHandle | None) -> tuple[StepTokens, int | None]:
         plan = handle.plan
         tokens = StepTokens(step_id=plan.step_id)
+        yielded = None
         try:
             res = handle.result()
             if nxt is not None and not nxt.launched:
@@ -335,16 +343,14 @@ class Engine:
                 t0 = time.perf_counter()
                 nxt.wait_launched()
                 handle.wait_s += time.perf_counter() - t0
-                prof = self.launcher.profiler
-                if prof is not None and (rec := prof.records.get(nxt.step_id)) is not None:
-                    rec.yielded = True
+                yielded = nxt.step_id
         except Exception as e:
             logger.exception("step %d failed", plan.step_id)
             handle.release()
             for req in plan.requests:
                 if not req.finished:
                     self._fail(req, f"step failed: {type(e).__name__}: {e}", tokens)
-            return tokens
+            return tokens, yielded
         self.scheduler.step_done(plan)
         if res.graph_bs is not None:
             self.stats["graph_steps"] += 1
@@ -385,7 +391,7 @@ class Engine:
                 tokens.finished[req.request_id] = CoreFinish(FinishReason.LENGTH)
                 self._finish(req, FinishReason.LENGTH)
         handle.release()
-        return tokens
+        return tokens, yielded
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         """End a completion in the core: free its pages and slot, forget it once its whole

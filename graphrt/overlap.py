@@ -233,6 +233,24 @@ class StepProfiler:
         self.records: dict[int, StepRecord] = {}
         self.last_end: torch.cuda.Event | None = None  # the last launched step's end event
 
+    # The engine's hook (``Engine.set_profiler``): its loops call these every step.
+    def scheduled(self, plan: StepPlan, seconds: float) -> None:
+        self.record(plan).schedule_s = seconds
+
+    def consumed(self, step_id: int, seconds: float, wait_s: float, yielded: int | None) -> None:
+        """Step ``step_id``'s ids were taken in ``seconds`` of CPU after ``wait_s`` of waiting;
+        ``yielded``: the next step, whose launch went first (``thread`` mode)."""
+        rec = self.records.get(step_id)
+        if rec is not None:
+            rec.wait_s, rec.process_s = wait_s, seconds
+        if yielded is not None and (nxt := self.records.get(yielded)) is not None:
+            nxt.yielded = True
+
+    def text_done(self, step_id: int, seconds: float) -> None:
+        rec = self.records.get(step_id)
+        if rec is not None:
+            rec.text_s = seconds
+
     def record(self, plan: StepPlan) -> StepRecord:
         decode_rows = plan.batch_size if plan.is_decode else int((plan.input_ids < 0).sum())
         r = StepRecord(plan.step_id, plan.batch_size, plan.is_decode, plan.num_tokens, decode_rows)
@@ -243,6 +261,19 @@ class StepProfiler:
             r.end = torch.cuda.Event(enable_timing=True)
         self.records[plan.step_id] = r
         return r
+
+
+class NoProfiler:
+    """The engine's hook when no :class:`StepProfiler` is attached: every call does nothing."""
+
+    def scheduled(self, plan: StepPlan, seconds: float) -> None:
+        pass
+
+    def consumed(self, step_id: int, seconds: float, wait_s: float, yielded: int | None) -> None:
+        pass
+
+    def text_done(self, step_id: int, seconds: float) -> None:
+        pass
 
 
 class Launcher:
@@ -273,8 +304,12 @@ class Launcher:
         handle = StepHandle(plan, self.pool.acquire(plan.step_id), self.pool)
         if self._thread is None:
             self._run(handle)
-        else:
-            self._queue.put(handle)
+            return handle
+        self._queue.put(handle)
+        if self.mode == "two_events":
+            # The pre-SGLang-#4790 protocol, for the benchmarks: the scheduler also waits for
+            # the step's launch (its launch_done) before it goes on.
+            handle.wait_launched()
         return handle
 
     def _run(self, handle: StepHandle) -> None:
