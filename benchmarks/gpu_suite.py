@@ -815,12 +815,15 @@ def section_overlap(suite: dict[str, Any]) -> list[str]:
                     _stat(x.get("schedule_ms"), ".3f", spread=False)
                     + " + "
                     + _stat(x.get("process_ms"), ".3f", spread=False),
+                    _stat(x.get("text_ms"), ".3f", spread=False),
                     _stat(x.get("launch_ms"), ".3f", spread=False),
+                    _stat(x.get("gc_max_ms"), ".1f"),
                 ]
             )
         head = ["bs", "mode", "step ms", "replay ms", "overhead ratio", "ratio, adjacent replay"]
         head += ["copies far ahead / replay"]
-        head += ["GPU idle %", "late launches %", "tok/s", "sched + proc ms", "launch ms"]
+        head += ["GPU idle %", "late launches %", "tok/s", "sched + proc ms", "text ms"]
+        head += ["launch ms", "longest GC pause ms"]
         out += _table(head, rows)
         out.append("")
         out.append(
@@ -829,7 +832,9 @@ def section_overlap(suite: dict[str, Any]) -> list[str]:
             "input and id copies, enqueued ahead of "
             "the GPU (what the hand-offs cost without the host in the loop). *Late launches*: "
             "steps whose launch finished after the step before had ended (host clock), so the "
-            "GPU waited; *GPU idle* counts only gaps before a step's first event."
+            "GPU waited; *GPU idle* counts only gaps before a step's first event. *sched + proc*: "
+            "the step thread's CPU per step; *text*: the text side's, on its own thread unless "
+            "`--no-text-thread`. *Longest GC pause*: of the cyclic collector, per repetition."
         )
         seed = r.get("seed_question") or []
         if seed:
