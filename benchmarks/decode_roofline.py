@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # benchmarks/ is not a package; harness puts the checkout on sys.path too
 
 from graphrt import Engine, SamplingParams
 from graphrt.measure import (
@@ -80,22 +81,13 @@ def build_engine(args: argparse.Namespace) -> Engine:
     span = args.warmup_steps + args.repeats * args.steps
     # The longest request: a prompt, the windows, and margin for the prefill stagger.
     max_len = args.context_len + span + _prefill_steps(args, max_bs) + 16
-    return Engine(
-        args.model,
-        load_format=args.load_format,
-        dtype=args.dtype,
-        device=args.device,
-        attention_backend=args.attention_backend,
-        pdl=args.pdl,
-        gpu_memory_utilization=args.gpu_memory_utilization,
+    return harness.build_engine(
+        args,
         max_num_seqs=max_bs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
         cuda_graph_max_bs=max_bs,
         # Exactly the measured sizes, so each bs replays its own bucket with no padding.
         cuda_graph_batch_sizes=tuple(sorted(set(args.batch_sizes))),
         max_model_len=-(-max_len // 64) * 64,
-        seed=args.seed,
-        show_progress=False,
     )
 
 
@@ -252,15 +244,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", required=True, help="Hugging Face model directory")
-    p.add_argument("--load-format", default="auto", help="'dummy' for random weights")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--no-pdl", dest="pdl", action="store_false", help="launch kernels without PDL")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="prefill chunk")
-    p.add_argument("--seed", type=int, default=0)
+    # The engine's flags; the benchmark sets the batch sizes, graph buckets and context.
+    harness.add_engine_args(p, max_num_batched_tokens=8192)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=DEFAULT_BATCH_SIZES)
     p.add_argument("--context-len", type=int, default=256, help="KV tokens per row (mid-window)")
     p.add_argument("--warmup-steps", type=int, default=8, help="full-batch steps not timed")
@@ -283,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = measure_hbm_bandwidth(torch.device("cuda")) if want_cuda else None
     eng = build_engine(args)
     header = {
-        **run_header("decode_roofline", args.model, eng, bw),
+        **run_header("decode_roofline", str(eng.model_dir), eng, bw),
         "context_len": args.context_len,
         "prompt_len": _prompt_len(args),
         "warmup_steps": args.warmup_steps,

@@ -51,9 +51,10 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # benchmarks/ is not a package; harness puts the checkout on sys.path too
 
-from graphrt import Engine, EngineConfig, SamplingParams
+from graphrt import Engine, SamplingParams
 from graphrt.measure import (
     measure_gemm_flops,
     measure_hbm_bandwidth,
@@ -678,7 +679,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     h.add_argument("--hf-cb-num-blocks", type=int, default=None, help="default: HF sizes it")
     h.add_argument("--hf-cb-max-batch-tokens", type=int, default=None, help="default: HF's")
     h.add_argument("--hf-cb-timeout", type=float, default=900.0, help="seconds per repeat")
-    EngineConfig.add_cli_args(p.add_argument_group("engine"))
+    harness.add_engine_args(p)
     args = p.parse_args(argv)
     if args.input_len is not None:
         args.min_input_len = args.max_input_len = args.input_len
@@ -696,16 +697,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
-    config = EngineConfig.from_cli_args(args)
-    kw = {k: v for k, v in vars(config).items() if k != "model"}
-    if kw["max_model_len"] is None:
-        # The model's limit (131072 for Llama 3) would size page tables and the graphs' static
-        # KV bound far beyond this workload.
+def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """What this workload needs whatever the flags say: a queue that holds all of it, and,
+    unless given, a context just long enough for it (the model's limit, 131072 for Llama 3,
+    would size page tables and the graphs' static KV bound far beyond it)."""
+    fixed: dict[str, Any] = {
+        "max_waiting_requests": max(args.max_waiting_requests, args.num_requests)
+    }
+    if args.max_model_len is None:
         longest = args.max_input_len + args.max_output_len
-        kw["max_model_len"] = -(-longest // 64) * 64
-    kw["max_waiting_requests"] = max(kw["max_waiting_requests"], args.num_requests)
-    return kw
+        fixed["max_model_len"] = -(-longest // 64) * 64
+    return fixed
 
 
 def print_summary(res: dict[str, Any]) -> None:
@@ -808,11 +810,10 @@ def compute_ratios(res: dict[str, Any]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    kw = engine_settings(args)
-    want_cuda = kw["device"] in ("auto", "cuda") and torch.cuda.is_available()
+    want_cuda = args.device in ("auto", "cuda") and torch.cuda.is_available()
     # Measured before the engine takes its share of memory.
     bw = measure_hbm_bandwidth(torch.device("cuda")) if want_cuda else None
-    eng = Engine(args.model, show_progress=False, **kw)
+    eng = harness.build_engine(args, **engine_overrides(args))
     r = eng.runner
     device = r.device
     wl = make_workload(args, eng.model_config.vocab_size)

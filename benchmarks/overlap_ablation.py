@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # benchmarks/ is not a package; harness puts the checkout on sys.path too
+
 from graphrt import Engine, SamplingParams
 from graphrt.measure import (
     DecodeBench,
@@ -382,31 +385,15 @@ def engine_state_ceilings(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--load-format", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--attention-backend", default="auto")
+    # The engine's flags (--no-pdl, --no-enable-prefix-caching, --no-text-thread,
+    # --no-gc-freeze, ...); the batch sizes, buckets and token budget are the benchmark's.
+    harness.add_engine_args(p, max_model_len=2048)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--warmup-steps", type=int, default=8)
     p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the engine's prefix cache (on by default, as the engine's)",
-    )
-    p.add_argument(
-        "--no-pdl",
-        action="store_true",
-        help="launch without programmatic dependent launch (kernel durations in --trace-steps "
-        "then do not include the wait for the kernel before)",
-    )
     p.add_argument(
         "--switch-interval",
         type=float,
@@ -436,19 +423,6 @@ def main(argv: list[str] | None = None) -> int:
         "processing on one thread) under cProfile, printing the N functions with the most "
         "own time: where the scheduler thread's CPU goes",
     )
-    p.add_argument(
-        "--text-thread",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the engine's text_thread: the text side on its own thread (the default) or on "
-        "the step thread",
-    )
-    p.add_argument(
-        "--gc-freeze",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the engine's gc_freeze (on by default, as the engine's)",
-    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument(
         "--trace-steps",
@@ -462,22 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.setswitchinterval(args.switch_interval)
 
     max_bs = max(args.batch_sizes)
-    eng = Engine(
-        args.model,
-        load_format=args.load_format,
-        dtype=args.dtype,
-        device=args.device,
-        attention_backend=args.attention_backend,
+    eng = harness.build_engine(
+        args,
         max_num_seqs=max_bs,
         cuda_graph_max_bs=max_bs,
-        max_model_len=args.max_model_len,
         max_num_batched_tokens=max(2048, max_bs * args.prompt_len // 4),
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        pdl=not args.no_pdl,
-        enable_prefix_caching=args.enable_prefix_caching,
-        gc_freeze=args.gc_freeze,
-        text_thread=args.text_thread,
-        show_progress=False,
     )
     r = eng.runner
     dev = torch.cuda.get_device_name() if r.device.type == "cuda" else "cpu"
@@ -593,14 +556,14 @@ def main(argv: list[str] | None = None) -> int:
                 print_trace(t)
     seed = seed_question(results)
     header = {
-        "model": args.model,
+        "model": str(eng.model_dir),
         "device": dev,
         "hbm_bytes_per_s": bw,
         "weight_bytes": r.weight_bytes,
         "attention_backend": r.settings.attention_backend,
         "dtype": str(r.settings.dtype),
         "prompt_len": args.prompt_len,
-        "pdl": not args.no_pdl,
+        "pdl": args.pdl,
         "prefix_caching": args.enable_prefix_caching,
         "switch_interval_s": sys.getswitchinterval(),
         "text_thread": args.text_thread,
@@ -611,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     cache = "on" if args.enable_prefix_caching else "off"
     print(
-        f"\n{dev}, {args.model}, attention={r.settings.attention_backend}, prefix cache {cache}, "
+        f"\n{dev}, {eng.model_dir}, attention={r.settings.attention_backend}, "
+        f"prefix cache {cache}, "
         f"text side on {'its own thread' if args.text_thread else 'the step thread'}, gc freeze "
         f"{'on' if args.gc_freeze else 'off'}"
     )

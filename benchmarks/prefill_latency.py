@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # benchmarks/ is not a package; harness puts the checkout on sys.path too
 import torch
 
-from graphrt import Engine, EngineConfig, SamplingParams
+from graphrt import Engine, SamplingParams
 from graphrt.measure import (
     measure_gemm_flops,
     measure_hbm_bandwidth,
@@ -77,21 +77,20 @@ def main(argv: list[str] | None = None) -> int:
         help="after timing, N more prompts of each length per engine under torch.profiler: "
         "GPU kernels grouped by name, per step (use --no-pdl to attribute time per kernel)",
     )
-    EngineConfig.add_cli_args(p.add_argument_group("engine (both engines)"))
-    p.set_defaults(gpu_memory_utilization=0.4)
+    harness.add_engine_args(p, gpu_memory_utilization=0.4)  # both engines'
     args = p.parse_args(argv)
     if args.repeats < 3:
         p.error("--repeats must be at least 3")
-    config = EngineConfig.from_cli_args(args)
-    kw = {k: v for k, v in vars(config).items() if k not in ("model", "cuda_graph_max_tokens")}
-    graphs = Engine(config.model, show_progress=False, **kw)
-    kw["num_pages"] = graphs.pages.num_usable + 1
-    eager = Engine(config.model, show_progress=False, cuda_graph_max_tokens=0, **kw)
+    graphs = harness.build_engine(args)
+    # The same KV pages for both; the second runs every step with prefill tokens eagerly.
+    eager = harness.build_engine(
+        args, cuda_graph_max_tokens=0, num_pages=graphs.pages.num_usable + 1
+    )
     dev = graphs.runner.device
     rate = measure_gemm_flops(dev) if dev.type == "cuda" else None
     hbm = measure_hbm_bandwidth(dev) if dev.type == "cuda" else None
     read_ms = graphs.runner.weight_bytes / hbm * 1e3 if hbm else None
-    res: dict[str, Any] = run_header("prefill_latency", str(config.model), graphs, hbm)
+    res: dict[str, Any] = run_header("prefill_latency", str(graphs.model_dir), graphs, hbm)
     res.update(gemm_flops_per_s=rate, settings=vars(args) | {"json": str(args.json)})
     rng = random.Random(0)
     vocab = graphs.runner.model_cfg.vocab_size

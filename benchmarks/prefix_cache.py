@@ -34,11 +34,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # benchmarks/ is not a package; harness puts the checkout on sys.path too
 import torch
 
-from graphrt import Engine, EngineConfig, SamplingParams
+from graphrt import Engine, SamplingParams
 from graphrt.measure import measure_hbm_bandwidth, run_header, summarize
 
 WORKLOADS = ("shared", "multiturn", "none")
@@ -146,8 +146,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--first-turn-len", type=int, default=256)
     p.add_argument("--turn-len", type=int, default=64, help="each later user message")
     p.add_argument("--json", type=Path, default=None)
-    EngineConfig.add_cli_args(p.add_argument_group("engine (both engines)"))
-    p.set_defaults(gpu_memory_utilization=0.42)
+    harness.add_engine_args(p, gpu_memory_utilization=0.42)  # both engines'
     args = p.parse_args(argv)
     if args.repeats < 3:
         p.error("--repeats must be at least 3 (the table reports the median and the spread)")
@@ -156,15 +155,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config = EngineConfig.from_cli_args(args)
-    kw = {k: v for k, v in vars(config).items() if k not in ("model", "enable_prefix_caching")}
-    on = Engine(config.model, show_progress=False, enable_prefix_caching=True, **kw)
-    kw["num_pages"] = on.pages.num_usable + 1  # the same KV pages for both
-    off = Engine(config.model, show_progress=False, enable_prefix_caching=False, **kw)
+    on = harness.build_engine(args, enable_prefix_caching=True)
+    num_pages = on.pages.num_usable + 1  # the same KV pages for both
+    off = harness.build_engine(args, enable_prefix_caching=False, num_pages=num_pages)
     dev = on.runner.device
     bw = measure_hbm_bandwidth(dev) if dev.type == "cuda" else None
-    res = run_header("prefix_cache", str(config.model), on, bw)
-    res.update(num_pages=kw["num_pages"], settings=vars(args) | {"json": str(args.json)})
+    res = run_header("prefix_cache", str(on.model_dir), on, bw)
+    res.update(num_pages=num_pages, settings=vars(args) | {"json": str(args.json)})
     # Warm-up: every kernel shape both engines will use, compiled before anything is timed.
     for eng in (on, off):
         burst(eng, [[11] * (args.system_len + args.question_len)] * 2, 4)

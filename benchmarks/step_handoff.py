@@ -39,9 +39,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # benchmarks/ is not a package; harness puts the checkout on sys.path too
 
-from graphrt import Engine
 from graphrt.capture.graph_runner import capture_graph
 from graphrt.measure import DecodeBench, run_header, summarize, time_ms
 from graphrt.sampling import GREEDY
@@ -135,8 +135,7 @@ def variants(bench: DecodeBench, bs: int, old: bool = True) -> dict[str, Callabl
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--load-format", default="auto")
+    harness.add_engine_args(p)  # the batch sizes, buckets and context are the benchmark's
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     p.add_argument("--context-len", type=int, default=320)
     p.add_argument("--iters", type=int, default=50)
@@ -147,18 +146,16 @@ def main(argv: list[str] | None = None) -> int:
         print("step_handoff: no CUDA device; nothing to measure")
         return 0
     max_bs = max(args.batch_sizes)
-    eng = Engine(
-        args.model,
-        load_format=args.load_format,
+    eng = harness.build_engine(
+        args,
         max_num_seqs=max_bs,
         cuda_graph_max_bs=max_bs,
-        cuda_graph_batch_sizes=sorted(args.batch_sizes),
+        cuda_graph_batch_sizes=tuple(sorted(args.batch_sizes)),
         max_model_len=max(2048, args.context_len + 16),
-        show_progress=False,
     )
     bench = DecodeBench(eng, args.context_len)
     dev = eng.runner.device
-    header = run_header("step_handoff", args.model, eng, None)
+    header = run_header("step_handoff", str(eng.model_dir), eng, None)
     rows = []
     for bs in args.batch_sizes:
         fns = variants(bench, bs)

@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # benchmarks/ is not a package; harness puts the checkout on sys.path too
 
-from graphrt import Engine
 from graphrt.measure import DecodeBench, measure_hbm_bandwidth, time_ms
 from graphrt.sampling import GREEDY, SampleOutputs
 
@@ -206,10 +206,7 @@ def render(res: dict[str, Any], top: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--load-format", default="auto")
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--no-pdl", dest="pdl", action="store_false", help="launch kernels without PDL")
+    harness.add_engine_args(p)  # the batch sizes, buckets and context are the benchmark's
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--context-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="profiled steps per batch size")
@@ -220,16 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         print("step_profile: no CUDA device; a kernel profile needs a GPU.")
         return 0
     max_bs = max(args.batch_sizes)
-    eng = Engine(
-        args.model,
-        load_format=args.load_format,
-        attention_backend=args.attention_backend,
-        pdl=args.pdl,
+    eng = harness.build_engine(
+        args,
         max_num_seqs=max_bs,
         cuda_graph_max_bs=max_bs,
         cuda_graph_batch_sizes=tuple(sorted(set(args.batch_sizes))),
         max_model_len=-(-(args.context_len + 64) // 64) * 64,
-        show_progress=False,
     )
     try:
         bw = measure_hbm_bandwidth(eng.runner.device)
@@ -237,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {
             "date": datetime.date.today().isoformat(),
             "device": torch.cuda.get_device_name(),
-            "model": args.model,
+            "model": str(eng.model_dir),
             "attention_backend": eng.runner.attn.name,
             "context_len": args.context_len,
             "hbm_bytes_per_s": bw,
@@ -248,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             out["results"].append(profile_bs(bench, bs, args.steps, bw))
             if args.json:
                 Path(args.json).write_text(json.dumps(out, indent=1))
-        print(f"# step profile: {args.model}, {out['device']}, HBM {bw / 1e12:.2f} TB/s, "
+        print(f"# step profile: {out['model']}, {out['device']}, HBM {bw / 1e12:.2f} TB/s, "
               f"backend {out['attention_backend']}, context {args.context_len}")  # fmt: skip
         print(render(out, args.top))
     finally:

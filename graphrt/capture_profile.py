@@ -224,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             "step times only.",
             file=sys.stderr,
         )
-    kw = {k: v for k, v in vars(config).items() if k != "model"}
-    kw.setdefault("max_model_len", None)
-    engine = Engine(config.model, **kw)
+    engine = Engine.from_config(config)
     sizes = batch_sizes(engine)
     fit = DecodeBench.rows_that_fit(engine, args.context_len)
     pool = f"the KV pool ({engine.pages.num_usable} pages of {engine.config.page_size} tokens)"

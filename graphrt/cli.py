@@ -42,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    config = EngineConfig.from_cli_args(args)
-    kw = {k: v for k, v in vars(config).items() if k != "model"}
-    engine = Engine(config.model, show_progress=not args.quiet, **kw)
+    engine = Engine.from_config(EngineConfig.from_cli_args(args), show_progress=not args.quiet)
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,

@@ -9,6 +9,7 @@ each step is waited on right after it is submitted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import itertools
@@ -75,6 +76,12 @@ class Engine:
     SmolLM2-135M-Instruct, prepared on first use); ``settings`` are :class:`EngineConfig`
     fields.
     """
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, *, show_progress: bool = True) -> Engine:
+        """An engine with every setting of ``config`` (``EngineConfig.from_cli_args``)."""
+        settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        return cls(settings.pop("model"), show_progress=show_progress, **settings)
 
     def __init__(self, model: str | None = None, *, show_progress: bool = True, **settings: Any):
         self.config = config = EngineConfig.from_kwargs(model=model, **settings)
