@@ -307,3 +307,66 @@ def test_engine_gauges_are_left_out_unless_the_engine_is_healthy() -> None:
     assert "# TYPE graphrt_free_slots gauge" in text  # still described
     m.update_engine(stats, healthy=True)  # it recovered (a stuck engine resumed)
     assert set(ENGINE_STATE_GAUGES) <= set(samples(m))
+
+
+def test_engine_core_routes_each_api_process_its_own_rows() -> None:
+    """With two API processes, each step's ids go to the process that added each request:
+    rows, core-side finishes and nothing else; an END from the text side ends the completion
+    in the engine, and finished, ended and aborted requests leave no route behind."""
+    import zmq
+
+    from graphrt.output_processor import completion_ids
+    from graphrt.serve.engine_core import EngineCore
+    from graphrt.serve.ipc import Msg
+    from graphrt.serve.mock_engine import MockEngine
+
+    class Inbox:
+        def __init__(self) -> None:
+            self.msgs: list[bytes] = []
+
+        def recv(self, flags: int = 0) -> bytes:
+            if not self.msgs:
+                raise zmq.Again()
+            return self.msgs.pop(0)
+
+    class Outbox:
+        def __init__(self) -> None:
+            self.sent: list[list] = []
+
+        def send(self, data: bytes) -> None:
+            self.sent.append(unpack(data))
+
+        def tokens(self) -> list:
+            got = [m for m in self.sent if m[0] == Msg.TOKENS]
+            self.sent.clear()
+            return [decode_tokens(m) for m in got]
+
+    inboxes, outboxes = [Inbox(), Inbox()], [Outbox(), Outbox()]
+    eng = MockEngine(1e-4, max_model_len=64)
+    core = EngineCore(eng, inboxes, outboxes, heartbeat_s=60.0, parent_pid=None)  # type: ignore[arg-type]
+
+    def send(client: int, msg: list) -> None:
+        inboxes[client].msgs.append(pack(msg))
+        core._drain_inbox(client)
+
+    send(0, [Msg.ADD, "a", [1, 2], {"max_tokens": 3, "n": 2}, None])
+    send(1, [Msg.ADD, "b", [3], {"max_tokens": 8}, None])
+    assert outboxes[0].sent[-1] == [Msg.ACKS, [["a", None]]]
+    assert outboxes[1].sent[-1] == [Msg.ACKS, [["b", None]]]
+    outboxes[0].sent.clear()
+    outboxes[1].sent.clear()
+    core._step()
+    (t0,), (t1,) = outboxes[0].tokens(), outboxes[1].tokens()
+    assert t0.seq_ids == completion_ids("a", 2) and t1.seq_ids == ["b"]
+    send(1, [Msg.END, [["b", "stop", None]]])  # the text side found a stop string
+    assert "b" not in core._owner and not eng.end_sequence("b", FinishReason.STOP)
+    for _ in range(2):
+        core._step()
+    steps = outboxes[0].tokens()
+    assert outboxes[1].tokens() == []  # "b" ended: nothing more for process 1
+    assert set(steps[-1].finished) == set(completion_ids("a", 2))
+    assert all(f.reason is FinishReason.LENGTH for f in steps[-1].finished.values())
+    send(0, [Msg.ADD, "c", [4], {"max_tokens": 8}, None])
+    send(0, [Msg.ABORT, ["c"]])
+    assert core._owner == {} and core._live == {} and core._seq_owner == {}
+    assert not eng.has_unfinished() and eng.pages.num_free == eng.pages.num_usable
