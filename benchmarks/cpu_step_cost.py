@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from graphrt import Engine, SamplingParams
-from graphrt.measure import summarize
+from graphrt.measure import GcPauses, summarize
 from graphrt.overlap import StepProfiler, StepResult
 from graphrt.step_plan import StepPlan
 
@@ -124,7 +124,11 @@ class FakeLauncher:
 
 
 def make_engine(
-    tokenizer_dir: Path, batch_size: int, model_dir: Path, prefix_caching: bool = True
+    tokenizer_dir: Path,
+    batch_size: int,
+    model_dir: Path,
+    prefix_caching: bool = True,
+    gc_freeze: bool = True,
 ) -> Engine:
     """An engine with the real scheduler and output path and a launcher that never runs a model."""
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
@@ -145,6 +149,7 @@ def make_engine(
         # thread would only get the GIL at switch intervals and its time would land in the
         # step thread's parts (with a GPU the step thread waits on copy_done most of a step).
         text_thread=False,
+        gc_freeze=gc_freeze,
         show_progress=False,
     )
     corpus = np.array(eng.tokenizer.encode(_TEXT * 4), dtype=np.int64)
@@ -179,9 +184,10 @@ def run_once(
         start = (i * 13) % (len(corpus) - prompt_len)
         eng.add_request(None, corpus[start : start + prompt_len].tolist(), params, stream=stream)
     outs = 0
-    while eng.has_unfinished():
-        outs += len(eng.step())
-    eng.drain()
+    with GcPauses() as gcp:
+        while eng.has_unfinished():
+            outs += len(eng.step())
+        eng.drain()
     eng.set_profiler(None)
     recs = [r for _, r in sorted(prof.records.items()) if r.is_decode and r.batch_size == bs]
     window = recs[warm : warm + steps]
@@ -197,6 +203,9 @@ def run_once(
         "text_ms": med(lambda r: r.text_s),
         "core_total_ms": med(lambda r: r.schedule_s + r.process_s),
         "total_ms": med(lambda r: r.schedule_s + r.process_s + r.text_s),
+        # The whole run's collections (prefill included): a full one stalls the step loop.
+        "gc_max_ms": gcp.max_ms,
+        "gc_full": gcp.full,
         "outputs": outs,
     }
 
@@ -218,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         default=["on"],
         help="engines to measure, interleaved (default: on, the engine default)",
     )
+    p.add_argument(
+        "--gc-freeze",
+        choices=["on", "off"],
+        default="on",
+        help="the engine's gc_freeze (default: on, the engine default); compare in separate "
+        "runs: a freeze covers the whole process",
+    )
     p.add_argument("--smoke", action="store_true", help="a few tiny runs (tests)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -230,9 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     bs = args.batch_size
     engines: dict[str, Engine] = {}
     with tempfile.TemporaryDirectory() as d:
+        freeze = args.gc_freeze == "on"
         for setting in args.prefix_caching:
             (Path(d) / setting).mkdir()
-            engines[setting] = make_engine(Path(tok_dir), bs, Path(d) / setting, setting == "on")
+            engines[setting] = make_engine(
+                Path(tok_dir), bs, Path(d) / setting, setting == "on", freeze
+            )
         try:
             runs: dict[str, list[dict[str, float]]] = {}
             for _ in range(args.repeats):
@@ -248,14 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"batch_size": bs, "steps": args.steps, "repeats": args.repeats}
     print(f"batch {bs}, {args.steps} steps x {args.repeats} repeats; ms per step, median [min-max]")
     for w, rs in runs.items():
-        keys = ("schedule_ms", "core_ms", "text_ms", "core_total_ms", "total_ms")
+        keys = ("schedule_ms", "core_ms", "text_ms", "core_total_ms", "total_ms", "gc_max_ms")
         row = {k: summarize(r[k] for r in rs) for k in keys}
+        row["gc_full"] = summarize(r["gc_full"] for r in rs)
         result[w] = row
         cells = "  ".join(
             f"{k.removesuffix('_ms')} {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
             for k, s in row.items()
+            if k != "gc_full"
         )
-        print(f"{w:20s} {cells}")
+        print(f"{w:20s} {cells}  full GC {row['gc_full']['median']:.0f}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
