@@ -50,6 +50,9 @@ class TextSide:
         self._ready: list[TextResult] = []
         self._sent = 0  # steps submitted
         self._done = 0  # steps whose result was taken
+        # Requests dropped while steps that may still report them were on their way (thread
+        # only): request id -> the last such step, counted as ``_sent``.
+        self._dropped: dict[str, int] = {}
         self._thread: threading.Thread | None = None
         if threaded:
             self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -70,6 +73,8 @@ class TextSide:
     def drop(self, request_id: str) -> None:
         """Forget a request without an output (aborted by its user)."""
         self.open.discard(request_id)
+        if self._thread is not None and self.busy:
+            self._dropped[request_id] = self._sent
         self._send(("drop", request_id))
 
     def submit(self, step: StepTokens) -> None:
@@ -92,13 +97,15 @@ class TextSide:
                     ready.append(self._unpack(self._outbox.get_nowait()))
             except queue.Empty:
                 pass
-        self._done += len(ready)
-        opened = self.open
+        opened, dropped = self.open, self._dropped
         for res in ready:
-            if self._thread is not None:
-                # Steps processed before a drop reached the thread: an aborted request reports
-                # nothing after ``abort``, as on the step thread.
-                res.outputs = [o for o in res.outputs if o.request_id in opened]
+            self._done += 1
+            if dropped:
+                # Steps sent before a drop: an aborted request reports nothing after
+                # ``abort``, as on the step thread.
+                done = self._done
+                res.outputs = [o for o in res.outputs if dropped.get(o.request_id, 0) < done]
+                self._dropped = dropped = {r: n for r, n in dropped.items() if n > done}
             for out in res.outputs:
                 if out.finished:
                     opened.discard(out.request_id)
