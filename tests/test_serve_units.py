@@ -359,7 +359,7 @@ def test_engine_core_routes_each_api_process_its_own_rows() -> None:
     (t0,), (t1,) = outboxes[0].tokens(), outboxes[1].tokens()
     assert t0.seq_ids == completion_ids("a", 2) and t1.seq_ids == ["b"]
     send(1, [Msg.END, [["b", "stop", None]]])  # the text side found a stop string
-    assert "b" not in core._owner and not eng.end_sequence("b", FinishReason.STOP)
+    assert "b" not in core._requests and not eng.end_sequence("b", FinishReason.STOP)
     for _ in range(2):
         core._step()
     steps = outboxes[0].tokens()
@@ -368,5 +368,5 @@ def test_engine_core_routes_each_api_process_its_own_rows() -> None:
     assert all(f.reason is FinishReason.LENGTH for f in steps[-1].finished.values())
     send(0, [Msg.ADD, "c", [4], {"max_tokens": 8}, None])
     send(0, [Msg.ABORT, ["c"]])
-    assert core._owner == {} and core._live == {} and core._seq_owner == {}
+    assert core._requests == {} and core._seq_owner == {}
     assert not eng.has_unfinished() and eng.pages.num_free == eng.pages.num_usable

@@ -177,10 +177,9 @@ class EngineCore:
         # The engine plans one step ahead; after the last request finishes, one more step
         # consumes the step still in flight.
         self._flush_pending = False
-        # Which API process (pipe pair) each unfinished request came from, and of each request
-        # its completions the core has not ended yet.
-        self._owner: dict[str, int] = {}
-        self._live: dict[str, set[str]] = {}
+        # Each unfinished request: the API process (pipe pair) it came from and its
+        # completions the core has not ended yet; and each such completion's route.
+        self._requests: dict[str, tuple[int, set[str]]] = {}
         self._seq_owner: dict[str, tuple[int, str]] = {}  # completion id -> (owner, request)
         self._last_sent = [0.0] * len(outboxes)
 
@@ -241,8 +240,8 @@ class EngineCore:
                 finished.setdefault(o[0], {})[sid] = f
         cached: dict[int, dict[str, int | None]] = {}
         for rid, num in tokens.cached.items():
-            if (i := self._owner.get(rid)) is not None:
-                cached.setdefault(i, {})[rid] = num
+            if (req := self._requests.get(rid)) is not None:
+                cached.setdefault(req[0], {})[rid] = num
         for i in rows.keys() | finished.keys() | cached.keys():
             part = StepTokens(
                 tokens.step_id,
@@ -260,14 +259,11 @@ class EngineCore:
         """A completion ended in the core: forget its route, and its request's once all its
         completions have ended."""
         route = self._seq_owner.pop(seq_id, None)
-        if route is None:
+        if route is None or (req := self._requests.get(route[1])) is None:
             return
-        live = self._live.get(route[1])
-        if live is not None:
-            live.discard(seq_id)
-            if not live:
-                del self._live[route[1]]
-                self._owner.pop(route[1], None)
+        req[1].discard(seq_id)
+        if not req[1]:
+            del self._requests[route[1]]
 
     def _drain_inbox(self, client: int) -> None:
         inbox = self.inboxes[client]
@@ -286,8 +282,7 @@ class EngineCore:
                 elif tag == Msg.ABORT:
                     for rid in msg[1]:
                         self.engine.abort(rid)
-                        self._owner.pop(rid, None)
-                        for sid in self._live.pop(rid, ()):
+                        for sid in self._requests.pop(rid, (0, ()))[1]:
                             self._seq_owner.pop(sid, None)
                 elif tag == Msg.END:
                     for sid, reason, error in msg[1]:
@@ -323,8 +318,7 @@ class EngineCore:
         except Exception as e:
             logger.exception("adding request %s failed", rid)
             return [RejectKind.ERROR, f"{type(e).__name__}: {e}"]
-        self._owner[rid] = client
-        self._live[rid] = set(seq_ids)
+        self._requests[rid] = (client, set(seq_ids))
         for sid in seq_ids:
             self._seq_owner[sid] = (client, rid)
         return None
