@@ -219,7 +219,7 @@ class TextGroup:
 class OutputProcessor:
     """The text side of every request of one engine (or one API process).
 
-    ``add`` registers a request's completions; ``process`` applies one step's
+    ``register(new_group(...))`` adds a request's completions; ``process`` applies one step's
     :class:`StepTokens` and returns the outputs of the requests that progressed or finished,
     in the order their rows came; ``drop`` forgets a request (aborted by its user).
     """
@@ -234,21 +234,6 @@ class OutputProcessor:
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._groups
-
-    def add(
-        self,
-        request_id: str,
-        seq_ids: list[str],
-        prompt: str | None,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        stream: bool,
-        arrival_time: float | None = None,
-    ) -> None:
-        """Register request ``request_id`` and its completions ``seq_ids`` (index order)."""
-        self.register(
-            self.new_group(request_id, seq_ids, prompt, prompt_ids, params, stream, arrival_time)
-        )
 
     def new_group(
         self,

@@ -291,7 +291,8 @@ def test_text_side_behind_the_core_trims_after_a_stop_string(smol) -> None:
     text_side = OutputProcessor(smol.tokenizer)
     ids = smol.tokenizer.encode(prompt)
     for k, p in cases.items():
-        text_side.add(k, smol.add_core_request(k, ids, p), prompt, ids, p, stream=True)
+        seq_ids = smol.add_core_request(k, ids, p)
+        text_side.register(text_side.new_group(k, seq_ids, prompt, ids, p, stream=True))
     lag: list = []  # the core's steps, handed to the text side three steps late
     streamed: dict[str, str] = {k: "" for k in cases}
     final = {}

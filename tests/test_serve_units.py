@@ -179,10 +179,11 @@ def test_mock_engine_paces_tokens_and_counts_pages() -> None:
     eng = MockEngine(0.001, max_model_len=64, max_num_seqs=2, max_waiting_requests=4, page_size=4)
     text = OutputProcessor(MockTokenizer())  # the API side's
     a = SamplingParams(max_tokens=3, n=2, logprobs=1)
-    text.add("a", eng.add_core_request("a", [1, 2, 3], a), None, [1, 2, 3], a, stream=True)
+    seqs_a = eng.add_core_request("a", [1, 2, 3], a)
+    text.register(text.new_group("a", seqs_a, None, [1, 2, 3], a, stream=True))
     b = SamplingParams(max_tokens=5, stop=[" day"])  # its third word
     seqs_b = eng.add_core_request("b", [1], b)  # waits: two seqs already running
-    text.add("b", seqs_b, None, [1], b, stream=True)
+    text.register(text.new_group("b", seqs_b, None, [1], b, stream=True))
     with pytest.raises(RequestRejected, match="context length"):
         eng.add_core_request("c", [1] * 60, SamplingParams(max_tokens=10))
     with pytest.raises(EngineOverloaded):

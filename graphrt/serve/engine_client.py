@@ -383,7 +383,8 @@ class EngineClient:
         except (TypeError, ValueError, OverflowError, UnicodeError) as e:
             raise ValueError(f"request cannot be encoded: {e}") from e
         seq_ids = completion_ids(request_id, sampling.n)
-        self._text.add(request_id, seq_ids, None, prompt_ids, sampling, stream=True)
+        text = self._text
+        text.register(text.new_group(request_id, seq_ids, None, prompt_ids, sampling, stream=True))
         fut = self._loop.create_future()
         self._acks[request_id] = fut
         self._sinks[request_id] = (queue, tag)
