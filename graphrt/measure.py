@@ -69,20 +69,32 @@ def measure_gemm_flops(device: torch.device, n: int = 8192, iters: int = 10) -> 
     return 2 * n**3 / best
 
 
-def prefill_flops(eng: Engine, prompt_len: int, cached: int = 0) -> float:
-    """FLOPs of prefilling ``prompt_len`` tokens of which the first ``cached`` are in the KV
-    cache: every non-embedding weight once per new token (the LM head once, for the last),
-    plus causal attention, QK^T and PV, of each new token over its context."""
+def token_flops(eng: Engine) -> tuple[float, float]:
+    """FLOPs of one token through the model's dense layers: (the non-embedding weights, one
+    row of the LM head). A decode row pays both; a prompt token pays the first, and only a
+    prompt's last token pays the LM head."""
     c = eng.runner.model_cfg
     emb = c.vocab_size * c.hidden_size
     weights = sum(p.numel() for p in eng.runner.model.parameters()) - emb
     if not c.tie_word_embeddings:
-        weights -= emb  # the LM head: one row, below
+        weights -= emb  # the LM head, counted apart
+    return 2.0 * weights, 2.0 * emb
+
+
+def attention_flops(eng: Engine, new: int, cached: int = 0) -> float:
+    """Causal attention FLOPs (QK^T and PV) of ``new`` tokens after ``cached`` ones."""
+    c = eng.runner.model_cfg
+    ctx = new * cached + new * (new + 1) / 2  # sum over new tokens i of their context
+    return 2 * 2 * c.num_layers * c.num_heads * c.head_dim * ctx
+
+
+def prefill_flops(eng: Engine, prompt_len: int, cached: int = 0) -> float:
+    """FLOPs of prefilling ``prompt_len`` tokens of which the first ``cached`` are in the KV
+    cache: every non-embedding weight once per new token (the LM head once, for the last),
+    plus causal attention, QK^T and PV, of each new token over its context."""
+    body, head = token_flops(eng)
     new = prompt_len - cached
-    # Sum over new tokens i of their context (cached + i + 1).
-    ctx = new * cached + new * (new + 1) / 2
-    attn = 2 * 2 * c.num_layers * c.num_heads * c.head_dim * ctx
-    return 2 * weights * new + attn + 2 * emb
+    return body * new + attention_flops(eng, new, cached) + head
 
 
 def measure_hbm_bandwidth(device: torch.device, nbytes: int = 2 << 30, iters: int = 10) -> float:

@@ -186,10 +186,11 @@ def test_offline_decode_ceiling_arithmetic() -> None:
     assert c["output_tok_s"] == pytest.approx(4 / 123)
 
 
-def test_prefill_flops_and_the_bound_with_prefill(llama) -> None:
+def test_prefill_flops_and_the_roofline_with_prompts(llama) -> None:
     """Prefill FLOPs by hand for the tiny Llama: 2 x non-embedding weights per new token, the
-    LM head once, and causal attention over each new token's context, cached tokens included;
-    the bound adds them at the GEMM rate to the decode-only time."""
+    LM head once, and causal attention over each new token's context, cached tokens included.
+    The roofline charges KV reads at HBM bandwidth, prompt attention at the GEMM rate, and the
+    longer of the steps' weight reads and every row's dense FLOPs."""
     from graphrt import Engine
     from graphrt.measure import prefill_flops
 
@@ -205,11 +206,16 @@ def test_prefill_flops_and_the_bound_with_prefill(llama) -> None:
     # 4 cached tokens, 6 new at contexts 5..10.
     assert prefill_flops(eng, 10, cached=4) == pytest.approx(2 * body * 6 + per_ctx * 45 + 2 * emb)
     wl = mod.Workload(prompts=[[0] * 10, [0] * 20], output_lens=[3, 1])
-    decode = {"seconds": 2.0}
-    rate = 1e9
-    b = mod.prefill_decode_ceiling(wl, decode, eng, rate)
-    want = 2.0 + (prefill_flops(eng, 10) + prefill_flops(eng, 20)) / rate
-    assert b["seconds"] == pytest.approx(want) and b["output_tok_s"] == pytest.approx(4 / want)
+    decode = mod.decode_ceiling(wl, weight_bytes=1000, kv_bytes_per_token=1, max_batch=2, bw=1.0)
+    assert decode["decode_rows"] == 2 and decode["kv_bytes"] == 23
+    attn = per_ctx * (55 + 210)
+    # Two decode rows pay body + head, 30 prompt tokens pay body, each prompt one head row.
+    dense = 2 * (2 * body + 2 * emb) + 30 * 2 * body + 2 * 2 * emb
+    for rate, bound in ((1.0, "flops"), (1e12, "bytes")):
+        b = mod.roofline_ceiling(wl, decode, eng, rate, bw=1.0)
+        want = 23 + attn / rate + max(1000, dense / rate)
+        assert b["dense_bound"] == bound and b["seconds"] == pytest.approx(want)
+        assert b["output_tok_s"] == pytest.approx(4 / want)
     eng.shutdown()
 
 
