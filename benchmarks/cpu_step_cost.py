@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from graphrt import Engine, SamplingParams
-from graphrt.measure import GcPauses, summarize
+from graphrt.measure import GcPauses, fmt_stat, summarize
 from graphrt.overlap import StepProfiler, StepResult
 from graphrt.step_plan import StepPlan
 
@@ -272,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         row["gc_full"] = summarize(r["gc_full"] for r in rs)
         result[w] = row
         cells = "  ".join(
-            f"{k.removesuffix('_ms')} {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
-            for k, s in row.items()
-            if k != "gc_full"
+            f"{k.removesuffix('_ms')} {fmt_stat(s)}" for k, s in row.items() if k != "gc_full"
         )
         print(f"{w:20s} {cells}  full GC {row['gc_full']['median']:.0f}")
     if args.json is not None:

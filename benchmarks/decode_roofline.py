@@ -41,6 +41,7 @@ import harness  # benchmarks/ is not a package; harness puts the checkout on sys
 from graphrt import Engine, SamplingParams
 from graphrt.measure import (
     DecodeBench,
+    fmt_stat,
     measure_hbm_bandwidth,
     run_header,
     run_until_idle,
@@ -66,14 +67,6 @@ class _KVProfiler(StepProfiler):
     def record(self, plan: StepPlan):  # type: ignore[override]
         self.seq_lens[plan.step_id] = plan.seq_lens
         return super().record(plan)
-
-
-def fmt_stat(stat: dict[str, Any] | None, spec: str = ".3f", scale: float = 1.0) -> str:
-    """``median [min-max]`` or ``-``."""
-    if not stat or stat.get("median") is None:
-        return "-"
-    m, lo, hi = (stat[k] * scale for k in ("median", "min", "max"))
-    return f"{m:{spec}} [{lo:{spec}}-{hi:{spec}}]"
 
 
 def build_engine(args: argparse.Namespace) -> Engine:

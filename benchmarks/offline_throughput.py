@@ -57,6 +57,7 @@ import harness  # benchmarks/ is not a package; harness puts the checkout on sys
 from graphrt import Engine, SamplingParams
 from graphrt.measure import (
     attention_flops,
+    fmt_stat,
     measure_gemm_flops,
     measure_hbm_bandwidth,
     run_header,
@@ -110,12 +111,6 @@ def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
     o_lens = rng.integers(args.min_output_len, args.max_output_len + 1, size=n)
     prompts = [rng.integers(0, vocab_size, size=int(k)).tolist() for k in p_lens]
     return Workload(prompts, [int(x) for x in o_lens])
-
-
-def fmt_stat(stat: dict[str, Any] | None, spec: str = ",.0f") -> str:
-    if not stat or stat.get("median") is None:
-        return "-"
-    return f"{stat['median']:{spec}} [{stat['min']:{spec}}-{stat['max']:{spec}}]"
 
 
 def throughput(runs: list[dict[str, float]]) -> dict[str, Any]:
@@ -769,7 +764,8 @@ def print_summary(res: dict[str, Any]) -> None:
             pct += f", {g['output_tok_s']['median'] / both['output_tok_s']:.1%} of roofline"
         print(
             f"graphrt              req/s {fmt_stat(g['requests_per_s'], '.2f')} | output tok/s "
-            f"{fmt_stat(g['output_tok_s'])} | total tok/s {fmt_stat(g['total_tok_s'])}{pct}"
+            f"{fmt_stat(g['output_tok_s'], ',.0f')} | total tok/s "
+            f"{fmt_stat(g['total_tok_s'], ',.0f')}{pct}"
         )
     peer = res.get("peer")
     if not peer:
@@ -796,13 +792,14 @@ def print_summary(res: dict[str, Any]) -> None:
             extra = (
                 f" | batch {r['batch_size']}, {r['num_batches']} batches, tok/s counts all "
                 f"{r['generated_tokens']} generated tokens (requested only: "
-                f"{fmt_stat(r['requested_output_tok_s'])})"
+                f"{fmt_stat(r['requested_output_tok_s'], ',.0f')})"
             )
         if key == "cb":
             extra = f" | warm-up {r['setup_s']:.1f} s, not timed"
         print(
             f"{label:<20} req/s {fmt_stat(r['requests_per_s'], '.2f')} | output tok/s "
-            f"{fmt_stat(r['output_tok_s'])} | total tok/s {fmt_stat(r['total_tok_s'])}{extra}"
+            f"{fmt_stat(r['output_tok_s'], ',.0f')} | total tok/s "
+            f"{fmt_stat(r['total_tok_s'], ',.0f')}{extra}"
         )
     for name, ratio in res.get("ratios", {}).items():
         print(f"ratio {name}: {ratio:.3g}x")

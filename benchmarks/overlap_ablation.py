@@ -36,6 +36,7 @@ from graphrt import Engine, SamplingParams
 from graphrt.measure import (
     DecodeBench,
     GcPauses,
+    fmt_stat,
     measure_hbm_bandwidth,
     run_until_idle,
     summarize,
@@ -599,15 +600,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _m(stat: dict, scale: float = 1.0, spec: str = ".3f") -> str:
-    if stat["median"] is None:
-        return "-"
-    return (
-        f"{stat['median'] * scale:{spec}} [{stat['min'] * scale:{spec}}, "
-        f"{stat['max'] * scale:{spec}}]"
-    )
-
-
 def print_row(row: dict) -> None:
     ceil = f"{row['ceiling_ms']:.3f}" if row["ceiling_ms"] else "-"
     state = row.get("engine_state_ceiling_ms")
@@ -623,16 +615,19 @@ def print_row(row: dict) -> None:
         ):
             if row.get(key):
                 vs_state += f", {label} {row[key]:.3f} ms"
-        vs_state += f", ratio {_m(row['ratio_to_engine_state'])}"
+        vs_state += f", ratio {fmt_stat(row['ratio_to_engine_state'])}"
     print(
-        f"bs={row['bs']:<4} {row['mode']:<10} step {_m(row['step_ms'])} ms | ceiling {ceil} ms"
+        f"bs={row['bs']:<4} {row['mode']:<10} step {fmt_stat(row['step_ms'])} ms | "
+        f"ceiling {ceil} ms"
         f" (KV {row['context_at_ceiling']})"
-        f" | ratio {_m(row['overhead_ratio'])}{vs_state} | tok/s {_m(row['tok_s'], spec='.0f')}"
+        f" | ratio {fmt_stat(row['overhead_ratio'])}{vs_state} | "
+        f"tok/s {fmt_stat(row['tok_s'], '.0f')}"
         " | idle "
-        f"{_m(row['gpu_idle'], 100, '.1f')}% | sched {_m(row['schedule_ms'])} + proc "
-        f"{_m(row['process_ms'])} + text {_m(row['text_ms'])} ms | wait {_m(row['wait_ms'])} | "
-        f"launch {_m(row['launch_ms'])} ms | gc {_m(row['gc_ms'], spec='.1f')} ms, longest "
-        f"{_m(row['gc_max_ms'], spec='.1f')}, full {_m(row['gc_full'], spec='.0f')}",
+        f"{fmt_stat(row['gpu_idle'], '.1f', 100)}% | sched {fmt_stat(row['schedule_ms'])} + proc "
+        f"{fmt_stat(row['process_ms'])} + text {fmt_stat(row['text_ms'])} ms | "
+        f"wait {fmt_stat(row['wait_ms'])} | "
+        f"launch {fmt_stat(row['launch_ms'])} ms | gc {fmt_stat(row['gc_ms'], '.1f')} ms, longest "
+        f"{fmt_stat(row['gc_max_ms'], '.1f')}, full {fmt_stat(row['gc_full'], '.0f')}",
         flush=True,
     )
     handoff = row.get("handoff_ceiling_ms")
@@ -640,16 +635,17 @@ def print_row(row: dict) -> None:
         print(
             f"  the step far ahead (graph + copy_done): {handoff:.3f} ms ("
             f"{handoff / row['ceiling_ms']:.4f}x the replay); step / that "
-            f"{_m(row['ratio_to_handoff'])}"
+            f"{fmt_stat(row['ratio_to_handoff'])}"
             f" | decode alone (no ring load/store) {row['decode_alone_ms']:.3f} ms, ratio to it "
-            f"{_m(row['ratio_to_decode_alone'])}; with the copies before the ring, far ahead "
+            f"{fmt_stat(row['ratio_to_decode_alone'])}; with the copies before the ring, far ahead "
             f"{row['before_ring_ms']:.3f} ms"
-            f" | launched after the step before had ended: {_m(row['late_steps'], 100, '.0f')}%"
-            f" of steps (launch waited for: {_m(row['yielded_steps'], 100, '.0f')}%) | ratio "
-            f"to a replay right before each repetition {_m(row['ratio_to_adjacent_replay'])}"
-            f" | median step {_m(row['step_p50_ms'])} ms; mean of steps without page "
-            f"updates {_m(row['plain_step_ms'])}, with {_m(row['paged_step_ms'])} ms "
-            f"({_m(row['paged_steps'], 100, '.0f')}% of steps)",
+            " | launched after the step before had ended: "
+            f"{fmt_stat(row['late_steps'], '.0f', 100)}%"
+            f" of steps (launch waited for: {fmt_stat(row['yielded_steps'], '.0f', 100)}%) | ratio "
+            f"to a replay right before each repetition {fmt_stat(row['ratio_to_adjacent_replay'])}"
+            f" | median step {fmt_stat(row['step_p50_ms'])} ms; mean of steps without page "
+            f"updates {fmt_stat(row['plain_step_ms'])}, with {fmt_stat(row['paged_step_ms'])} ms "
+            f"({fmt_stat(row['paged_steps'], '.0f', 100)}% of steps)",
             flush=True,
         )
 
@@ -665,8 +661,8 @@ def seed_question(rows: list[dict]) -> dict:
         ratio = a["tok_s"]["median"] / b["tok_s"]["median"]
         out.append({"bs": bs, "thread": a["tok_s"], "two_events": b["tok_s"], "ratio": ratio})
         lines.append(
-            f"  bs={bs}: thread {_m(a['tok_s'], spec='.0f')} vs two_events "
-            f"{_m(b['tok_s'], spec='.0f')}  ratio {ratio:.3f}"
+            f"  bs={bs}: thread {fmt_stat(a['tok_s'], '.0f')} vs two_events "
+            f"{fmt_stat(b['tok_s'], '.0f')}  ratio {ratio:.3f}"
         )
     return {"rows": out, "lines": lines}
 

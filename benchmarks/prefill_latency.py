@@ -34,6 +34,7 @@ import torch
 
 from graphrt import Engine, SamplingParams
 from graphrt.measure import (
+    fmt_stat,
     measure_gemm_flops,
     measure_hbm_bandwidth,
     prefill_flops,
@@ -125,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("graphs", "eager"):
             s = stats[name]
             print(
-                f"{n:>6} tokens  {name:<6}  TTFT {_fmt(s['ttft_ms'])} ms  launch CPU "
-                f"{_fmt(s['launch_ms'])} ms  GPU {_fmt(s['gpu_ms'])} ms  "
+                f"{n:>6} tokens  {name:<6}  TTFT {fmt_stat(s['ttft_ms'], '.2f')} ms  launch CPU "
+                f"{fmt_stat(s['launch_ms'], '.2f')} ms  GPU {fmt_stat(s['gpu_ms'], '.2f')} ms  "
                 f"(ceiling {_ms(bound_ms)}: FLOPs {_ms(flop_ms)}, weight read {_ms(read_ms)}; "
                 "through mixed graphs: "
                 f"{s['graph']['median']:.0%})",
@@ -165,12 +166,6 @@ def profile(eng: Engine, n: int, steps: int, rng: random.Random) -> dict[str, An
 
 def _ms(v: float | None) -> str:
     return "not measured (no CUDA)" if v is None else f"{v:.2f} ms"
-
-
-def _fmt(s: dict[str, Any]) -> str:
-    if s["median"] is None:
-        return "-"
-    return f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]"
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import harness  # benchmarks/ is not a package; harness puts the checkout on sys
 import torch
 
 from graphrt import Engine, SamplingParams
-from graphrt.measure import measure_hbm_bandwidth, run_header, summarize
+from graphrt.measure import fmt_stat, measure_hbm_bandwidth, run_header, summarize
 
 WORKLOADS = ("shared", "multiturn", "none")
 
@@ -190,23 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fmt(s: dict[str, Any], spec: str) -> str:
-    return f"{s['median']:{spec}} [{s['min']:{spec}}-{s['max']:{spec}}]"
-
-
 def print_row(wl: str, r: dict[str, Any]) -> None:
     for name in ("on", "off"):
         s = r["stats"][name]
         print(
-            f"{wl:<10} cache {name:<3}  output {_fmt(s['output_tok_s'], ',.0f')} tok/s  "
-            f"TTFT p50 {_fmt(s['ttft_p50_ms'], ',.1f')} ms  p99 {_fmt(s['ttft_p99_ms'], ',.1f')} "
+            f"{wl:<10} cache {name:<3}  output {fmt_stat(s['output_tok_s'], ',.0f')} tok/s  "
+            f"TTFT p50 {fmt_stat(s['ttft_p50_ms'], ',.1f')} ms  "
+            f"p99 {fmt_stat(s['ttft_p99_ms'], ',.1f')} "
             f"ms  hit rate {s['hit_rate']['median']:.1%}",
             flush=True,
         )
     bound = r["decode_bound_tok_s"]
     print(
-        f"{wl:<10} on/off  throughput {_fmt(r['throughput_ratio'], '.2f')}x  TTFT p50 "
-        f"{_fmt(r['ttft_p50_speedup'], '.2f')}x lower"
+        f"{wl:<10} on/off  throughput {fmt_stat(r['throughput_ratio'], '.2f')}x  TTFT p50 "
+        f"{fmt_stat(r['ttft_p50_speedup'], '.2f')}x lower"
         + (f"  (ceiling: decode-only HBM bound {bound:,.0f} tok/s)" if bound else ""),
         flush=True,
     )

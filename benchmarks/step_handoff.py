@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # benchmarks/ is not a package; harness puts the checkout on sys.path too
 
 from graphrt.capture.graph_runner import capture_graph
-from graphrt.measure import DecodeBench, run_header, summarize, time_ms
+from graphrt.measure import DecodeBench, fmt_stat, run_header, summarize, time_ms
 from graphrt.sampling import GREEDY
 
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             extra_us = (s["median"] - base) * 1e3
             rows.append({"bs": bs, "variant": name, "ms": s, "extra_us": extra_us})
             print(
-                f"  {name:<30} {s['median']:.4f} [{s['min']:.4f}-{s['max']:.4f}]  "
+                f"  {name:<30} {fmt_stat(s, '.4f')}  "
                 f"{s['median'] / base:.4f}x replay, {extra_us:+.1f} us"
             )
         rows_ms = summarize(layouts["rows"])
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"  page layout: by row {rows_ms['median']:.4f} ms, interleaved across rows "
-            f"{inter_ms['median']:.4f} [{inter_ms['min']:.4f}-{inter_ms['max']:.4f}] ms "
+            f"{fmt_stat(inter_ms, '.4f')} ms "
             f"({inter_ms['median'] / rows_ms['median']:.4f}x)"
         )
     if args.json:

@@ -31,6 +31,14 @@ def summarize(values: Iterable[float | None]) -> dict[str, Any]:
     }
 
 
+def fmt_stat(stat: dict[str, Any] | None, spec: str = ".3f", scale: float = 1.0) -> str:
+    """``median [min-max]`` of a :func:`summarize` dict, times ``scale``, or ``-``."""
+    if not stat or stat.get("median") is None:
+        return "-"
+    m, lo, hi = (stat[k] * scale for k in ("median", "min", "max"))
+    return f"{m:{spec}} [{lo:{spec}}-{hi:{spec}}]"
+
+
 def run_header(benchmark: str, model: str, eng: Engine, hbm_bytes_per_s: float | None) -> dict:
     """What every benchmark's JSON starts with: the run, the card, the model's byte counts and
     the engine settings that decide its speed. Callers add their own keys."""
