@@ -29,6 +29,7 @@ _EXPORTS = {
     "RequestOutput": "graphrt.request",
     "RequestRejected": "graphrt.errors",
     "SamplingParams": "graphrt.sampling_params",
+    "StructuredOutputsParams": "graphrt.sampling_params",
     "TokenLogprob": "graphrt.request",
 }
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "RequestOutput",
     "RequestRejected",
     "SamplingParams",
+    "StructuredOutputsParams",
     "TokenLogprob",
 ]
 __version__ = "0.1.0"
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
     from graphrt.engine import Engine
     from graphrt.errors import EngineOverloaded, RequestRejected
     from graphrt.request import CompletionOutput, RequestOutput, TokenLogprob
-    from graphrt.sampling_params import SamplingParams
+    from graphrt.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str) -> Any:

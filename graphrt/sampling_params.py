@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -10,6 +11,76 @@ _FIELDS_INT_OR_NONE = ("seed", "max_tokens", "logprobs")
 
 # Temperatures below this are greedy, as in vLLM: dividing fp32 logits by less overflows.
 MIN_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on what a request may generate, with vLLM's names. Exactly one is set:
+
+    - ``json``: a JSON schema (a dict, or its JSON text); the output is an instance of it;
+    - ``json_object``: any JSON object (OpenAI's ``{"type": "json_object"}``);
+    - ``regex``: the output matches this regular expression;
+    - ``grammar``: an EBNF grammar (GBNF dialect, root rule ``root``);
+    - ``choice``: the output is exactly one of these strings.
+
+    The schema is stored as canonical JSON text (sorted keys), so equal schemas compare and
+    hash equal and share one compiled grammar.
+    """
+
+    json: str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    choice: tuple[str, ...] | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        if self.json is not None:
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as e:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise TypeError(
+                    "structured_outputs.json must be a JSON schema (an object), got "
+                    f"{type(schema).__name__}"
+                )
+            object.__setattr__(self, "json", json.dumps(schema, sort_keys=True))
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise TypeError(f"structured_outputs.{name} must be a non-empty string")
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise TypeError("structured_outputs.choice must be a non-empty list of strings")
+        if not isinstance(self.json_object, bool):
+            raise TypeError(
+                f"structured_outputs.json_object must be a bool, got {self.json_object!r}"
+            )
+        kinds = [k for k in ("json", "regex", "grammar", "choice") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            raise ValueError(
+                "structured_outputs takes exactly one of json, json_object, regex, grammar, "
+                f"choice; got {', '.join(kinds) or 'none'}"
+            )
+
+    @property
+    def kind(self) -> str:
+        """``json``, ``json_object``, ``regex``, ``grammar`` or ``choice``."""
+        if self.json_object:
+            return "json_object"
+        return next(
+            k for k in ("json", "regex", "grammar", "choice") if getattr(self, k) is not None
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that are set, for the wire (``StructuredOutputsParams(**d)`` rebuilds it)."""
+        return {self.kind: list(self.choice) if self.choice else getattr(self, self.kind)}
 
 
 @dataclass(frozen=True)
@@ -40,6 +111,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # Accept a single stop string and lists, as the OpenAI API does, but store tuples so the
@@ -50,6 +122,9 @@ class SamplingParams:
             object.__setattr__(self, "stop", ())
         elif isinstance(self.stop, (list, tuple)):
             object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.structured_outputs, dict):
+            so = StructuredOutputsParams(**self.structured_outputs)
+            object.__setattr__(self, "structured_outputs", so)
         if self.stop_token_ids is None:
             object.__setattr__(self, "stop_token_ids", ())
         elif isinstance(self.stop_token_ids, (list, tuple)):
@@ -91,6 +166,9 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be > 0, got 0")
         _num("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
         _num("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise TypeError(f"structured_outputs must be StructuredOutputsParams, got {so!r}")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
