@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from graphrt.config import EngineConfig
 from graphrt.errors import EngineOverloaded, RequestRejected
 from graphrt.memory.page_allocator import PageAllocator, SlotAllocator
@@ -38,6 +40,7 @@ from graphrt.runner import ModelRunner
 from graphrt.sampling_params import SamplingParams
 from graphrt.scheduler import Scheduler
 from graphrt.step_plan import MAX_BANNED_IDS, SamplerNeeds, SlotInit, StepPlan, needs_of
+from graphrt.structured_outputs import StructuredOutputs
 from graphrt.text_thread import TextSide
 from graphrt.validation import (
     RequestLimits,
@@ -121,6 +124,17 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer)
         self.text = TextSide(self.outputs, threaded=config.text_thread)
         self._inflight: StepHandle | None = None
+        # A step taken early, before the next one launched, because that one's rows need
+        # their grammars' masks (``_launch_next``); the loop returns its tokens.
+        self._taken_early: StepTokens | None = None
+        # structured_outputs: the grammar service (built on first use) and the completions
+        # waiting, outside the scheduler, for their grammars to compile.
+        self._structured: StructuredOutputs | None = None
+        self._grammar_waiting: list[Request] = []
+        self._num_constrained = 0
+        # Completions the core ended outside a step's ids (a grammar that failed to compile
+        # or allows nothing): reported with the next step's tokens.
+        self._side_finished = StepTokens()
         self.profiler: StepProfiler | NoProfiler = NoProfiler()
         self._closed = False
         self._ids = itertools.count()
@@ -189,7 +203,11 @@ class Engine:
             raise RequestRejected("cache_salt must be a string")
         ids = list(prompt_ids)
         max_len = self._validate(ids, params)
-        if len(self.scheduler.waiting) + params.n > self.config.max_waiting_requests:
+        so = params.structured_outputs
+        if so is not None:
+            self.structured_outputs().check(so)
+        waiting = len(self.scheduler.waiting) + len(self._grammar_waiting)
+        if waiting + params.n > self.config.max_waiting_requests:
             raise EngineOverloaded(
                 f"{len(self.scheduler.waiting)} requests already waiting (max_waiting_requests="
                 f"{self.config.max_waiting_requests}); retry later"
@@ -213,7 +231,12 @@ class Engine:
             for i, cid in enumerate(completion_ids(request_id, params.n))
         ]
         for req in children:
-            self.scheduler.add(req)
+            if so is not None:
+                req.grammar = self.structured_outputs().start(so)
+                self._grammar_waiting.append(req)
+                self._num_constrained += 1
+            else:
+                self.scheduler.add(req)
             self._seqs[req.request_id] = req
         self._groups[request_id] = children
         return [c.request_id for c in children]
@@ -261,7 +284,13 @@ class Engine:
         finished step's ids, end requests on EOS, stop ids and length, and free what they
         held. Returns what the text side (``OutputProcessor``) needs; empty when no step ended.
         One of two loops, by the launcher's overlap mode."""
-        return self._overlapped_step() if self.launcher.overlapped else self._sync_step()
+        tokens = self._overlapped_step() if self.launcher.overlapped else self._sync_step()
+        if self._side_finished:
+            side, self._side_finished = self._side_finished, StepTokens()
+            tokens.finished.update(side.finished)
+            for rid, n in side.cached.items():
+                tokens.cached.setdefault(rid, n)
+        return tokens
 
     def _sync_step(self) -> StepTokens:
         """Plan, launch, wait, process: the GPU idles while the host works (``off``)."""
@@ -272,20 +301,34 @@ class Engine:
         """Launch step n+1, then process step n while n+1 runs."""
         handle = self._launch_next()
         prev, self._inflight = self._inflight, handle
+        early, self._taken_early = self._taken_early, None
+        if early is not None:  # ``prev`` was taken before ``handle`` launched
+            return early
         if prev is None:
             return StepTokens() if handle is not None else self._check_stalled()
         return self._consume(prev, handle)
 
     def _launch_next(self) -> StepHandle | None:
         t0 = time.perf_counter()
+        if self._grammar_waiting:
+            self._admit_compiled()
         plan = self.scheduler.schedule()
         if plan is None:
             return None
+        if self._num_constrained and any(r.grammar is not None for r in plan.requests):
+            # A row's mask follows from every token before it, and the step in flight holds
+            # one: take that step first (the GPU waits for this host work).
+            if self._inflight is not None:
+                prev, self._inflight = self._inflight, None
+                self._taken_early = self._consume(prev)
+            plan.token_masks = self._grammar_masks(plan)
         self.profiler.scheduled(plan, time.perf_counter() - t0)
         self.stats["steps"] += 1
         return self.launcher.submit(plan)
 
     def _check_stalled(self) -> StepTokens:
+        if self._grammar_waiting:
+            return StepTokens()  # grammars still compiling; nothing else to run
         if self.scheduler.num_unfinished and self._inflight is None:
             # Every request is admitted only if it fits alone, so this is a bug, not load.
             raise RuntimeError(
@@ -293,6 +336,63 @@ class Engine:
                 f"{len(self.scheduler.running)} running requests"
             )
         return StepTokens()
+
+    # ---- structured outputs ---------------------------------------------------------------
+    def structured_outputs(self) -> StructuredOutputs:
+        """The grammar service, built on the first request that needs it."""
+        if self._structured is None:
+            if self.tokenizer is None:
+                raise RequestRejected(
+                    "structured_outputs needs the model's tokenizer, and this engine has none",
+                    param="structured_outputs",
+                )
+            self._structured = StructuredOutputs(
+                self.tokenizer.hf, self.model_config.vocab_size, self._eos_ids
+            )
+        return self._structured
+
+    def _admit_compiled(self) -> None:
+        """Hand completions whose grammar has compiled to the scheduler; end those whose
+        compilation failed or ran out of time."""
+        so = self.structured_outputs()
+        for req in list(self._grammar_waiting):
+            err = so.poll(req.grammar)
+            if err is not None:
+                self._grammar_waiting.remove(req)
+                self._fail(req, err, self._side_finished)
+            elif req.grammar.matcher is not None:
+                self._grammar_waiting.remove(req)
+                self.scheduler.add(req)
+
+    def _grammar_masks(self, plan: StepPlan) -> np.ndarray:
+        """The step's allowed-token bitmasks: one row per plan row; rows that sample nothing
+        this step, or have no grammar, allow everything. A grammar that allows nothing ends
+        its request with an error (its row samples unconstrained, into a finished request)."""
+        so = self.structured_outputs()
+        samples = None if plan.is_decode else plan.samples
+        states = [
+            r.grammar if (samples is None or samples[i]) and not r.finished else None
+            for i, r in enumerate(plan.requests)
+        ]
+        masks = np.empty((plan.batch_size, so.words), dtype=np.int32)
+        for i in so.fill(states, masks):
+            req = plan.requests[i]
+            self._fail(req, "the grammar allows no next token", self._side_finished)
+        return masks
+
+    def _grammar_ends(self, req: Request, tok: int, tokens: StepTokens) -> bool:
+        """Advance ``req``'s grammar past ``tok``. True if that ended the request: the token
+        broke the grammar (an error), or completed it (a stop, also under ``ignore_eos``)."""
+        g = req.grammar
+        if not g.accept(tok):
+            self._fail(req, f"token {tok} does not follow the request's grammar", tokens)
+            return True
+        if g.terminated:
+            stop = tok if tok in req.params.stop_token_ids else None
+            tokens.finished[req.request_id] = CoreFinish(FinishReason.STOP, stop)
+            self._finish(req, FinishReason.STOP)
+            return True
+        return False
 
     @property
     def inflight_plan(self) -> StepPlan | None:
@@ -389,6 +489,8 @@ class Engine:
                 tokens.top_logprobs.append(top_lps[r])
             if len(out) == 1 and req.index == 0:
                 tokens.cached[req.group_id] = req.num_cached_tokens
+            if req.grammar is not None and self._grammar_ends(req, tok, tokens):
+                continue
             if tok in req.stop_ids:
                 # A stop token id wins over EOS (an id in both reports itself as the reason).
                 stop = tok if tok in req.params.stop_token_ids else None
@@ -404,6 +506,11 @@ class Engine:
         """End a completion in the core: free its pages and slot, forget it once its whole
         request has ended."""
         req.finish_reason = reason
+        if req.grammar is not None:
+            req.grammar = None  # its matcher, and a compile future nobody else waits for
+            self._num_constrained -= 1
+            if req in self._grammar_waiting:
+                self._grammar_waiting.remove(req)
         self.scheduler.finish(req)
         self._seqs.pop(req.request_id, None)
         children = self._groups.get(req.group_id)
@@ -595,6 +702,8 @@ class Engine:
         self.launcher.shutdown()
         self.text.close()
         self.runner.close()
+        if self._structured is not None:
+            self._structured.close()
         if self._unfreeze_gc is not None:
             self._unfreeze_gc()  # every frozen object, another live engine's too (only speed)
         self._closed = True
@@ -612,7 +721,11 @@ class Engine:
 
 def _sampler_needs(p: SamplingParams) -> SamplerNeeds:
     return needs_of(
-        full=not p.greedy or p.uses_penalties or p.min_tokens > 0,
+        # The token masks of structured outputs are applied by the full sampler.
+        full=not p.greedy
+        or p.uses_penalties
+        or p.min_tokens > 0
+        or p.structured_outputs is not None,
         filters=not p.greedy and p.uses_filters,
         logprobs=p.logprobs is not None,
     )

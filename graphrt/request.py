@@ -12,6 +12,7 @@ from graphrt.step_plan import GREEDY_NEEDS, SamplerNeeds
 
 if TYPE_CHECKING:
     from graphrt.output_processor import SequenceText
+    from graphrt.structured_outputs import GrammarMatcherState
 
 
 class RequestStatus(enum.Enum):
@@ -83,6 +84,8 @@ class Request:
     stop_reason: str | int | None = None
     error: str | None = None
     needs: SamplerNeeds = GREEDY_NEEDS
+    # ``structured_outputs``: the completion's grammar (compiling, then its matcher).
+    grammar: GrammarMatcherState | None = None
     # Sampled ids that end the request: stop_token_ids, and the EOS ids unless ignore_eos.
     # One set, so the per-token check is one lookup (Engine.core_step).
     stop_ids: frozenset[int] = field(init=False, repr=False)

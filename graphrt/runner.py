@@ -183,6 +183,7 @@ class ModelRunner:
             s.num_slots, s.max_pages_per_seq, dtype=torch.int32, device=s.device
         )
         self.slot_state = SlotSamplingState(s.num_slots, c.vocab_size, s.device)
+        self._step_masks: torch.Tensor | None = None  # the eager step's token bitmasks
         self.max_logprobs = config.max_logprobs
         self.graphs: DecodeGraphRunner | None = None
         self.mixed_graphs: MixedGraphRunner | None = None
@@ -419,6 +420,15 @@ class ModelRunner:
         """Enqueue one step. Returns device outputs; nothing here waits for the GPU."""
         with torch.inference_mode():
             flags = plan.needs
+            if plan.token_masks is not None:
+                # Constrained rows: their masks are applied by the eager sampler. (The graphs'
+                # samplers take no mask yet; see graphrt/structured_outputs.py.)
+                self.prepare(plan)
+                self._step_masks = to_device(plan.token_masks, self.device)
+                try:
+                    return StepOutputs(self._eager(plan, flags), plan.batch_size, None)
+                finally:
+                    self._step_masks = None
             graphs = self.graphs
             bucket = None
             if plan.is_decode and graphs is not None:
@@ -613,6 +623,7 @@ class ModelRunner:
             flags,
             out,
             self.ops.argmax,
+            self._step_masks,
         )
 
     def decode_kv_bound(self, max_seq_len: int) -> int:

@@ -22,6 +22,7 @@ from graphrt.host_copy import to_device
 from graphrt.kernels import reference
 from graphrt.sampling_params import MIN_TEMPERATURE
 from graphrt.step_plan import GREEDY_NEEDS, MAX_BANNED_IDS, SamplerNeeds, SlotInit, needs_of
+from graphrt.structured_outputs import apply_token_bitmask
 
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 multipliers, as signed int64
 _M2 = 0x94D049BB133111EB - (1 << 64)
@@ -214,6 +215,7 @@ def sample(
     flags: SamplerFlags,
     out: SampleOutputs,
     argmax: Callable[[torch.Tensor], torch.Tensor] = reference.argmax,
+    token_masks: torch.Tensor | None = None,
 ) -> None:
     """Sample one token per row and write it to ``out`` and to ``token_buf[out_slots]``.
 
@@ -221,8 +223,11 @@ def sample(
     sampler (greedy needs no copy); ``slots``: whose parameters each row uses; ``out_slots``:
     where each row's token goes (the dummy slot for rows that must not record one);
     ``positions``: the position the sampled token will occupy; ``argmax``: the greedy kernel
-    (``Ops.argmax``). No host synchronisation, no allocation that depends on values: safe to
-    capture.
+    (``Ops.argmax``); ``token_masks``: int32 ``[B, words]`` allowed-token bitmasks
+    (``structured_outputs``; needs ``flags.full``), applied after penalties and bans and before
+    temperature, so greedy and sampled rows pick only allowed tokens while logprobs stay those
+    of the model's raw distribution. No host synchronisation, no allocation that depends on
+    values: safe to capture.
     """
     # One fp32 copy, shared by logprobs and the full sampler; greedy alone needs none.
     lf = logits.float() if flags.logprobs or flags.full else logits
@@ -233,6 +238,8 @@ def sample(
     else:
         work = apply_penalties(lf, slots, state)
         work = ban_stop_ids(work, slots, positions, state)
+        if token_masks is not None:
+            work = apply_token_bitmask(work, token_masks)
         greedy_ids = work.argmax(dim=-1)
         temp = state.temperature.index_select(0, slots)
         sampled = temp >= MIN_TEMPERATURE

@@ -23,8 +23,8 @@ class StructuredOutputsParams:
     - ``grammar``: an EBNF grammar (GBNF dialect, root rule ``root``);
     - ``choice``: the output is exactly one of these strings.
 
-    The schema is stored as canonical JSON text (sorted keys), so equal schemas compare and
-    hash equal and share one compiled grammar.
+    The schema is stored as JSON text, so equal schemas compare and hash equal and share one
+    compiled grammar.
     """
 
     json: str | None = None
@@ -46,7 +46,8 @@ class StructuredOutputsParams:
                     "structured_outputs.json must be a JSON schema (an object), got "
                     f"{type(schema).__name__}"
                 )
-            object.__setattr__(self, "json", json.dumps(schema, sort_keys=True))
+            # Key order kept: a schema's property order is the order the output follows.
+            object.__setattr__(self, "json", json.dumps(schema))
         if isinstance(self.choice, list):
             object.__setattr__(self, "choice", tuple(self.choice))
         for name in ("regex", "grammar"):
@@ -123,6 +124,13 @@ class SamplingParams:
         elif isinstance(self.stop, (list, tuple)):
             object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.structured_outputs, dict):
+            known = StructuredOutputsParams.__dataclass_fields__
+            unknown = [k for k in self.structured_outputs if k not in known]
+            if unknown:
+                raise TypeError(
+                    f"structured_outputs has unknown fields {unknown!r}; it takes json, "
+                    "json_object, regex, grammar or choice"
+                )
             so = StructuredOutputsParams(**self.structured_outputs)
             object.__setattr__(self, "structured_outputs", so)
         if self.stop_token_ids is None:

@@ -91,6 +91,9 @@ class StepPlan:
     page_updates: np.ndarray  # int64 [3, U]: (slot, index in the slot's page row, page)
     slot_inits: list[SlotInit] = field(default_factory=list)
     needs: SamplerNeeds = field(default_factory=SamplerNeeds)
+    # int32 [B, words]: each row's allowed-token bitmask (``structured_outputs``), rows without
+    # a grammar all ones; None when no row of the step is constrained.
+    token_masks: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:

@@ -1,0 +1,181 @@
+"""Structured outputs: grammars compiled off the step loop, and the token masks they give.
+
+A request with ``SamplingParams.structured_outputs`` gets a grammar (xgrammar) compiled from its
+JSON schema, regex, EBNF grammar or choice list. Compilation runs in a small thread pool, cached
+by the constraint (equal schemas compile once), with a time limit; the request waits for it
+outside the scheduler, so it holds up no other request. Each completion then owns a matcher:
+before a step samples its next token, the matcher fills that row of the step's allowed-token
+bitmask (int32 words, bit ``j`` of word ``i`` allows token ``32 i + j``); after the step, the
+sampled token advances it.
+
+The mask of step n+1 depends on the token of step n, so a step with constrained rows is
+planned one step ahead as usual but launched only after the step before it has been taken (see
+``Engine._launch_next``). Steps without constrained rows pay nothing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from graphrt.errors import RequestRejected
+from graphrt.sampling_params import StructuredOutputsParams
+
+# Workers that compile grammars, and how long one compilation may take.
+COMPILE_THREADS = 2
+COMPILE_TIMEOUT_S = 30.0
+# Whitespace characters allowed in a row between JSON tokens: enough for any indentation a
+# model is taught, and a sampled (temperature > 0) output cannot spend its tokens on blanks.
+MAX_JSON_WHITESPACE = 32
+
+
+def bitmask_words(vocab_size: int) -> int:
+    """int32 words per row of a token bitmask over ``vocab_size`` tokens."""
+    return (vocab_size + 31) // 32
+
+
+class GrammarMatcherState:
+    """One completion's grammar: the compiled grammar's future until it is ready, then a
+    matcher that follows the completion's tokens."""
+
+    __slots__ = ("deadline", "future", "matcher")
+
+    def __init__(self, future: concurrent.futures.Future, deadline: float) -> None:
+        self.future = future
+        self.deadline = deadline
+        self.matcher: Any = None
+
+    def accept(self, token: int) -> bool:
+        """Advance past ``token``; False if the grammar does not allow it."""
+        return bool(self.matcher.accept_token(token))
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar has ended: its output is complete (and its stop token taken)."""
+        return bool(self.matcher.is_terminated())
+
+
+class StructuredOutputs:
+    """The engine's grammar service: the tokenizer's vocabulary as xgrammar sees it, a compile
+    pool with a cache and a time limit, and batched mask filling.
+
+    Built on the first constrained request (importing xgrammar and reading the vocabulary take
+    ~0.2 s), so engines that never see one pay nothing.
+    """
+
+    def __init__(
+        self,
+        hf_tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: Iterable[int],
+        compile_timeout_s: float = COMPILE_TIMEOUT_S,
+        threads: int = COMPILE_THREADS,
+    ) -> None:
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        self.words = bitmask_words(vocab_size)
+        info = xgr.TokenizerInfo.from_huggingface(
+            hf_tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids)
+        )
+        # xgrammar's own cache keeps compiled grammars by their text; ours keeps the futures,
+        # so concurrent requests with one schema wait on one compilation.
+        self._compiler = xgr.GrammarCompiler(info, max_threads=threads)
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, "graphrt-grammar")
+        self._futures: dict[StructuredOutputsParams, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+        self._batch = xgr.BatchGrammarMatcher(max_threads=threads)
+        self.compile_timeout_s = compile_timeout_s
+
+    # ---- compilation ----------------------------------------------------------------------
+    def check(self, so: StructuredOutputsParams) -> None:
+        """Parse the constraint now, on the caller's thread (fast: no vocabulary work), so a
+        malformed schema, regex or grammar is rejected at once with an error naming it."""
+        xgr = self._xgr
+        try:
+            if so.json is not None:
+                xgr.Grammar.from_json_schema(so.json, max_whitespace_cnt=MAX_JSON_WHITESPACE)
+            elif so.regex is not None:
+                xgr.Grammar.from_regex(so.regex)
+            elif so.grammar is not None:
+                xgr.Grammar.from_ebnf(so.grammar)
+        except Exception as e:  # xgrammar raises RuntimeError/ValueError subclasses
+            raise RequestRejected(
+                f"structured_outputs.{so.kind} is not supported or not valid: {_first_line(e)}",
+                param="structured_outputs",
+            ) from None
+
+    def start(self, so: StructuredOutputsParams) -> GrammarMatcherState:
+        """A completion's grammar state; compilation starts (or is shared) in the pool."""
+        with self._lock:
+            fut = self._futures.get(so)
+            if fut is None or (fut.done() and fut.exception() is not None):
+                fut = self._pool.submit(self._compile, so)
+                self._futures[so] = fut
+        return GrammarMatcherState(fut, time.monotonic() + self.compile_timeout_s)
+
+    def _compile(self, so: StructuredOutputsParams) -> Any:
+        c = self._compiler
+        if so.json is not None or so.json_object:
+            schema = so.json if so.json is not None else '{"type": "object"}'
+            return c.compile_json_schema(schema, max_whitespace_cnt=MAX_JSON_WHITESPACE)
+        if so.regex is not None:
+            return c.compile_regex(so.regex)
+        if so.grammar is not None:
+            return c.compile_grammar(so.grammar)
+        # One alternative per choice, each a JSON string literal in EBNF.
+        alts = " | ".join(json.dumps(c_) for c_ in so.choice or ())
+        return c.compile_grammar(f"root ::= {alts}")
+
+    def poll(self, state: GrammarMatcherState) -> str | None:
+        """Make ``state``'s matcher once its grammar is compiled. Returns None while it is
+        not ready or once the matcher is made, or the error that ends the request."""
+        if state.matcher is not None:
+            return None
+        if not state.future.done():
+            if time.monotonic() > state.deadline:
+                return f"grammar compilation took longer than {self.compile_timeout_s:g} s"
+            return None
+        err = state.future.exception()
+        if err is not None:
+            return f"grammar compilation failed: {_first_line(err)}"
+        state.matcher = self._xgr.GrammarMatcher(state.future.result())
+        return None
+
+    # ---- masks ----------------------------------------------------------------------------
+    def fill(self, states: Sequence[GrammarMatcherState | None], out: np.ndarray) -> list[int]:
+        """Fill row ``r`` of ``out`` (int32 ``[len(states), words]``) with what ``states[r]``
+        allows next; rows without a grammar allow every token. Returns the rows whose grammar
+        allows nothing (their requests must end with an error)."""
+        out.fill(-1)
+        rows = [r for r, s in enumerate(states) if s is not None and s.matcher is not None]
+        if not rows:
+            return []
+        self._batch.batch_fill_next_token_bitmask([states[r].matcher for r in rows], out, rows)
+        return [r for r in rows if not out[r].any()]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def apply_token_bitmask(logits: Any, masks: Any) -> Any:
+    """``logits`` ``[B, V]`` with the tokens that ``masks`` (int32 ``[B, words]``) forbids set
+    to -inf. Pure torch, graph-safe: no host synchronisation, no value-dependent shapes."""
+    import torch
+
+    b, v = logits.shape
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((masks[:, :, None] >> shifts) & 1).to(torch.bool).reshape(b, -1)[:, :v]
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

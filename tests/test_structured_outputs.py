@@ -1,0 +1,293 @@
+"""Structured outputs in the engine (issue #20): grammars from JSON schemas, regexes, EBNF and
+choices constrain what the default model generates, on CPU, in every overlap mode."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+pytest.importorskip("xgrammar")
+jsonschema = pytest.importorskip("jsonschema")
+
+from graphrt import Engine, SamplingParams, StructuredOutputsParams  # noqa: E402
+from graphrt.errors import RequestRejected  # noqa: E402
+from graphrt.request import FinishReason  # noqa: E402
+
+S = {"type": "string", "maxLength": 10}
+# Integers need a range: an unbounded one lets a greedy model write digits forever.
+I = {"type": "integer", "minimum": -1000, "maximum": 1000}
+
+# Twenty-two schemas: nested objects, arrays with maxItems, enums, integer ranges, string
+# maxLength, anyOf, $ref, const, booleans, numbers and nulls.
+SCHEMAS: list[dict] = [
+    {"type": "object", "properties": {"name": S}, "required": ["name"]},
+    {
+        "type": "object",
+        "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120}},
+        "required": ["age"],
+    },
+    {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "green", "blue"]}},
+        "required": ["color"],
+    },
+    {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": S, "maxItems": 3}},
+        "required": ["tags"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "person": {
+                "type": "object",
+                "properties": {"first": S, "last": S},
+                "required": ["first", "last"],
+                "additionalProperties": False,
+            }
+        },
+        "required": ["person"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"id": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 999}, S]}},
+        "required": ["id"],
+    },
+    {
+        "$defs": {"pt": {"type": "object", "properties": {"x": I}}},
+        "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/pt"}, "b": {"$ref": "#/$defs/pt"}},
+        "required": ["a", "b"],
+    },
+    {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+    {
+        "type": "object",
+        "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1}},
+        "required": ["score"],
+    },
+    {"type": "object", "properties": {"v": {"const": "fixed"}}, "required": ["v"]},
+    {
+        "type": "array",
+        "items": {"type": "integer", "minimum": -5, "maximum": 5},
+        "minItems": 1,
+        "maxItems": 4,
+    },
+    {"type": "array", "items": {"enum": [1, 2, 3]}, "maxItems": 2},
+    {
+        "type": "object",
+        "properties": {
+            "matrix": {
+                "type": "array",
+                "maxItems": 2,
+                "items": {"type": "array", "maxItems": 2, "items": I},
+            }
+        },
+        "required": ["matrix"],
+    },
+    {
+        "type": "object",
+        "properties": {"n": {"type": "null"}, "s": S},
+        "required": ["n", "s"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "kind": {"enum": ["cat", "dog"]},
+            "legs": {"type": "integer", "minimum": 0, "maximum": 4},
+        },
+        "required": ["kind", "legs"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "address": {
+                "type": "object",
+                "properties": {
+                    "city": S,
+                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                },
+                "required": ["city", "zip"],
+            }
+        },
+        "required": ["address"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "maxItems": 2,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "sku": S,
+                        "qty": {"type": "integer", "minimum": 1, "maximum": 99},
+                    },
+                    "required": ["sku", "qty"],
+                },
+            }
+        },
+        "required": ["items"],
+    },
+    {"type": "object", "properties": {"code": {"type": "string", "maxLength": 3}}},
+    {
+        "type": "object",
+        "properties": {"when": {"anyOf": [{"type": "null"}, I]}},
+        "required": ["when"],
+    },
+    {
+        "$defs": {
+            "node": {
+                "type": "object",
+                "properties": {"val": I, "next": {"type": "null"}},
+                "required": ["val", "next"],
+            }
+        },
+        "$ref": "#/$defs/node",
+    },
+    {"type": "string", "maxLength": 12},
+    {"type": "integer", "minimum": 10, "maximum": 99},
+]
+
+PROMPT = "Answer with JSON only."
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_dir):
+    eng = Engine(str(default_model_dir), show_progress=False, max_model_len=1024)
+    yield eng
+    eng.shutdown()
+
+
+def _params(schema: dict, temperature: float, **kw) -> SamplingParams:
+    so = StructuredOutputsParams(json=schema)
+    return SamplingParams(
+        temperature=temperature, seed=7, max_tokens=200, structured_outputs=so, **kw
+    )
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_every_output_parses_and_validates_against_its_schema(engine, temperature) -> None:
+    assert len(SCHEMAS) >= 20
+    outs = engine.generate([PROMPT] * len(SCHEMAS), [_params(s, temperature) for s in SCHEMAS])
+    for schema, out in zip(SCHEMAS, outs):
+        c = out.outputs[0]
+        assert c.finish_reason == FinishReason.STOP, (schema, c.text)
+        jsonschema.validate(json.loads(c.text), schema)
+
+
+def test_streamed_deltas_concatenate_to_the_same_valid_json(engine) -> None:
+    schema = SCHEMAS[4]
+    final = engine.generate([PROMPT], _params(schema, 0.0))[0].outputs[0].text
+    streamed = "".join(o.outputs[0].delta_text for o in engine.stream(PROMPT, _params(schema, 0.0)))
+    assert streamed == final
+    jsonschema.validate(json.loads(streamed), schema)
+
+
+def test_regex_choice_grammar_and_json_object(engine) -> None:
+    cases = [
+        (StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2}"), r"[0-9]{3}-[a-z]{2}"),
+        (StructuredOutputsParams(choice=["alpha", "beta", "gamma"]), r"alpha|beta|gamma"),
+        (StructuredOutputsParams(grammar='root ::= "yes" | "no" | "maybe"'), r"yes|no|maybe"),
+    ]
+    params = [
+        SamplingParams(temperature=t, seed=3, max_tokens=32, structured_outputs=so)
+        for so, _ in cases
+        for t in (0.0, 1.0)
+    ]
+    outs = engine.generate(["Pick one:"] * len(params), params)
+    for i, out in enumerate(outs):
+        assert re.fullmatch(cases[i // 2][1], out.outputs[0].text), out.outputs[0].text
+    obj = SamplingParams(
+        temperature=1.0,
+        seed=5,
+        max_tokens=200,
+        structured_outputs=StructuredOutputsParams(json_object=True),
+    )
+    text = engine.generate([PROMPT], obj)[0].outputs[0].text
+    assert isinstance(json.loads(text), dict)
+
+
+def test_unconstrained_requests_beside_constrained_ones_are_unchanged(engine) -> None:
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = engine.generate(["The capital of France is"], plain)[0].outputs[0].token_ids
+    mixed = engine.generate(["The capital of France is", PROMPT], [plain, _params(SCHEMAS[0], 0.0)])
+    assert mixed[0].outputs[0].token_ids == alone
+    jsonschema.validate(json.loads(mixed[1].outputs[0].text), SCHEMAS[0])
+
+
+def test_n_completions_each_follow_their_own_grammar_state(engine) -> None:
+    p = _params(SCHEMAS[3], 1.0).replace(n=3)
+    out = engine.generate([PROMPT], p)[0]
+    assert len(out.outputs) == 3
+    for c in out.outputs:
+        jsonschema.validate(json.loads(c.text), SCHEMAS[3])
+
+
+def test_a_completed_grammar_ends_the_request_even_with_ignore_eos(engine) -> None:
+    so = StructuredOutputsParams(choice=["done"])
+    p = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, structured_outputs=so)
+    c = engine.generate(["Say done:"], p)[0].outputs[0]
+    assert c.text == "done" and c.finish_reason == FinishReason.STOP
+
+
+@pytest.mark.parametrize(
+    "so, feature",
+    [
+        (StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "nope"}}}),
+         "json"),
+        (StructuredOutputsParams(regex="(unclosed"), "regex"),
+        (StructuredOutputsParams(grammar="root ::= undefined_rule"), "grammar"),
+    ],
+)  # fmt: skip
+def test_bad_constraints_are_rejected_naming_the_parameter(engine, so, feature) -> None:
+    with pytest.raises(RequestRejected, match=f"structured_outputs.{feature}") as e:
+        engine.add_request(None, PROMPT, SamplingParams(structured_outputs=so))
+    assert e.value.param == "structured_outputs"
+    assert not engine.has_unfinished()
+    # The engine keeps serving.
+    ok = engine.generate([PROMPT], _params(SCHEMAS[1], 0.0))[0].outputs[0].text
+    jsonschema.validate(json.loads(ok), SCHEMAS[1])
+
+
+def test_abort_while_waiting_for_the_grammar_frees_everything(engine) -> None:
+    rid = engine.add_request(None, PROMPT, _params(SCHEMAS[5], 0.0))
+    assert engine.abort(rid)
+    engine.drain()
+    assert not engine.has_unfinished()
+    assert engine._num_constrained == 0 and not engine._grammar_waiting
+    assert engine.scheduler.num_unfinished == 0
+
+
+def test_structured_outputs_params_validation() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams()
+    with pytest.raises(ValueError, match="not valid JSON"):
+        StructuredOutputsParams(json="{")
+    with pytest.raises(TypeError, match="unknown fields"):
+        SamplingParams(structured_outputs={"jsn": {}})
+    a = SamplingParams(structured_outputs={"json": {"type": "object"}})
+    b = SamplingParams(structured_outputs=StructuredOutputsParams(json='{"type": "object"}'))
+    assert a == b and hash(a) == hash(b)
+    assert a.structured_outputs.to_dict() == {"json": '{"type": "object"}'}
+    assert StructuredOutputsParams(choice=["x"]).to_dict() == {"choice": ["x"]}
+
+
+def test_every_overlap_mode_gives_identical_constrained_outputs(engine) -> None:
+    params = [_params(s, t) for s in SCHEMAS[:6] for t in (0.0, 1.0)]
+    got = {}
+    try:
+        for mode in ("off", "thread", "inline", "two_events"):
+            engine.set_overlap(mode)
+            outs = engine.generate([PROMPT] * len(params), params)
+            got[mode] = [o.outputs[0].token_ids for o in outs]
+    finally:
+        engine.set_overlap("thread")
+    for mode in ("thread", "inline", "two_events"):
+        assert got[mode] == got["off"], mode
