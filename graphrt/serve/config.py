@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from graphrt.serve.tool_calls import PARSERS
+
 API_KEY_ENV = "GRAPHRT_API_KEY"
 
 _HELP: dict[str, str] = {
@@ -27,6 +29,11 @@ _HELP: dict[str, str] = {
     "max_stop_strings": "most stop strings per request",
     "max_stop_string_length": "longest stop string, in characters",
     "max_stop_token_ids": "most stop_token_ids per request",
+    "max_structured_output_bytes": "largest JSON schema, grammar or list of tools one request "
+    "may send, in bytes of JSON (compiling a grammar costs time and memory in the engine)",
+    "tool_call_parser": "how tool calls are read from a model's output when tool_choice is "
+    "'auto': llama3_json (Llama 3.1/3.2) or hermes (Qwen2.5, Hermes). Default: from the chat "
+    "template's markers, else the model type (qwen*: hermes, llama: llama3_json), else both",
     "max_concurrent_requests": "most generation requests in flight at once (503 beyond it)",
     "drain_timeout": "seconds to let in-flight requests finish after SIGTERM before aborting them",
     "engine_start_timeout": "seconds to wait for the engine process to load the model",
@@ -46,7 +53,9 @@ _HELP: dict[str, str] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "engine_mode": ("process", "thread"),
     "log_level": ("critical", "error", "warning", "info", "debug"),
+    "tool_call_parser": PARSERS,
 }
+_NULLABLE_CHOICES = frozenset({"tool_call_parser"})  # None: decided from the model
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,8 @@ class ServerConfig:
     max_stop_strings: int = 16
     max_stop_string_length: int = 256
     max_stop_token_ids: int = 64
+    max_structured_output_bytes: int = 64 * 1024
+    tool_call_parser: str | None = None
     max_concurrent_requests: int = 1024
     drain_timeout: float = 30.0
     engine_start_timeout: float = 1800.0
@@ -94,6 +105,7 @@ class ServerConfig:
         _check_int("max_stop_strings", self.max_stop_strings, 0, 1 << 16)
         _check_int("max_stop_string_length", self.max_stop_string_length, 1, 1 << 16)
         _check_int("max_stop_token_ids", self.max_stop_token_ids, 0, 1 << 16)
+        _check_int("max_structured_output_bytes", self.max_structured_output_bytes, 2, 1 << 26)
         _check_int("max_concurrent_requests", self.max_concurrent_requests, 1, 1 << 24)
         _check_float("drain_timeout", self.drain_timeout, 0.0, 86400.0)
         _check_float("engine_start_timeout", self.engine_start_timeout, 1.0, 86400.0)
@@ -105,6 +117,8 @@ class ServerConfig:
         if self.mock_engine_step_ms is not None:
             _check_float("mock_engine_step_ms", self.mock_engine_step_ms, 0.01, 60000.0)
         for name, choices in _CHOICES.items():
+            if getattr(self, name) is None and name in _NULLABLE_CHOICES:
+                continue
             if getattr(self, name) not in choices:
                 raise ValueError(
                     f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}"
@@ -164,6 +178,7 @@ _FLAG_TYPES: dict[str, type] = {
     "max_stop_strings": int,
     "max_stop_string_length": int,
     "max_stop_token_ids": int,
+    "max_structured_output_bytes": int,
     "max_concurrent_requests": int,
     "drain_timeout": float,
     "engine_start_timeout": float,

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_str  # json.dumps(str, ensure_ascii=False)
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -43,6 +44,16 @@ from graphrt.serve.protocol import (
     parse,
 )
 from graphrt.serve.tokenization import TokenizerService
+from graphrt.serve.tool_calls import (
+    ParsedOutput,
+    ToolCall,
+    ToolCallParser,
+    detect_parser,
+    function_parameters,
+    make_parser,
+    parse_required,
+    required_schema,
+)
 from graphrt.validation import (
     RequestLimits,
     check_logprobs,
@@ -71,6 +82,9 @@ _PASSTHROUGH = (
     "skip_special_tokens",
 )
 _SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
+_JSON_TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
+# Schema keywords whose values are data, not schemas: a "type" key inside is no type keyword.
+_SCHEMA_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
 
 
 @dataclass(slots=True)
@@ -96,6 +110,38 @@ class _Choice:
             self.stop_reason = c.stop_reason
 
 
+@dataclass(frozen=True, slots=True)
+class _ToolPlan:
+    """How a chat request's tools shape its output (none when ``tool_choice`` is "none")."""
+
+    mode: str  # "auto": parse free output; "required"/"named": a schema forces the call
+    parser: ToolCallParser | None  # auto's
+    function: str | None  # named's
+    parallel: bool  # parallel_tool_calls
+
+    def parse(self, text: str) -> ParsedOutput:
+        """The calls in a finished output (with text that was not a call)."""
+        if self.mode == "named":
+            return ParsedOutput(None, (ToolCall(self.function, text),))
+        if self.mode == "required":
+            out = parse_required(text)
+        else:
+            out = self.parser.parse(text)
+        if not self.parallel and len(out.calls) > 1:
+            out = ParsedOutput(out.content, out.calls[:1])
+        return out
+
+
+@dataclass(slots=True)
+class _ToolStream:
+    """One streamed choice's progress through a tool plan."""
+
+    text: str = ""  # the output so far
+    sent: int = 0  # characters of ``text`` sent as content
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # held back with the text
+    num_calls: int = 0  # calls sent
+
+
 @dataclass
 class _Job:
     """A validated generation request, ready for the engine."""
@@ -112,6 +158,8 @@ class _Job:
     logprobs: int | None  # None: not requested
     arrival: float
     cache_salt: str | None
+    tools: _ToolPlan | None = None
+    structured_param: str | None = None  # the request field an engine's grammar error names
 
 
 class OpenAIServing:
@@ -126,6 +174,7 @@ class OpenAIServing:
         self.info: EngineInfo | None = None
         self.tok: TokenizerService | None = None
         self.limits: RequestLimits | None = None  # the engine's limits with this server's caps
+        self.tool_parser: ToolCallParser | None = None
         self.in_flight = 0
         # With several API processes each admits its share of the limit (connections are
         # spread across them by the kernel, evenly on average).
@@ -143,6 +192,8 @@ class OpenAIServing:
             max_output_tokens=cfg.max_output_tokens,
             max_n_setting="the server limit max_n",
         )
+        name = cfg.tool_call_parser or detect_parser(tok.chat_template_text(), _model_type(info))
+        self.tool_parser = make_parser(name)
 
     # ---- plain endpoints --------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -204,9 +255,12 @@ class OpenAIServing:
         req = await self._parse(request, CompletionRequest)
         self._check_model(req.model)
         self._refuse_unsupported(req)
+        structured = self._structured_outputs(req)
         prompts = await self._completion_prompts(req.prompt)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        job = self._job("completion", req, prompts, max_tokens, req.logprobs, "logprobs", arrival)
+        job = self._job(
+            "completion", req, prompts, max_tokens, req.logprobs, "logprobs", arrival, structured
+        )
         return await self._serve(request, job)
 
     async def chat(self, request: Request) -> Response:
@@ -219,19 +273,41 @@ class OpenAIServing:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
+        structured = self._structured_outputs(req)
+        tools, plan, forced = self._tool_plan(req)
+        if forced is not None:
+            if structured[0] is not None:
+                what = "'required'" if plan.mode == "required" else "naming a function"
+                raise APIError(
+                    400,
+                    f"tool_choice {what} constrains the output itself; it cannot be combined "
+                    f"with {structured[1]}",
+                    param="tool_choice",
+                )
+            structured = forced
         ids = await self.tok.apply_chat_template(
-            req.messages, add_generation_prompt=req.add_generation_prompt is not False
+            req.messages,
+            add_generation_prompt=req.add_generation_prompt is not False,
+            tools=tools,
         )
         max_tokens = req.max_completion_tokens
         if max_tokens is None:
             max_tokens = req.max_tokens
-        job = self._job("chat", req, [ids], max_tokens, logprobs, "top_logprobs", arrival)
+        job = self._job(
+            "chat", req, [ids], max_tokens, logprobs, "top_logprobs", arrival, structured, plan
+        )
         return await self._serve(request, job)
 
     async def _serve(self, request: Request, job: _Job) -> Response:
         gen = self._open_generation(job)
         try:
-            await gen.start(job.prompts, job.params, job.cache_salt)
+            try:
+                await gen.start(job.prompts, job.params, job.cache_salt)
+            except APIError as e:
+                # The engine's grammar compiler names its own field; the client sent another.
+                if e.status == 400 and job.structured_param and "structured_outputs" in e.message:
+                    raise APIError(400, e.message, param=job.structured_param) from None
+                raise
             if job.stream:
                 owned = gen
 
@@ -311,12 +387,20 @@ class OpenAIServing:
                 else None
             )
             if job.kind == "chat":
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                finish = ch.finish_reason
+                if job.tools is not None:
+                    out = job.tools.parse(text)
+                    message["content"] = out.content
+                    if out.calls:
+                        message["tool_calls"] = [c.to_openai() for c in out.calls]
+                        finish = _tool_finish(finish)
                 result.append(
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": text},
+                        "message": message,
                         "logprobs": lp,
-                        "finish_reason": ch.finish_reason,
+                        "finish_reason": finish,
                         "stop_reason": ch.stop_reason,
                     }
                 )
@@ -349,6 +433,7 @@ class OpenAIServing:
         suffix = b'],"usage":null}\n\n' if job.include_usage else b"]}\n\n"
         chat = job.kind == "chat"
         cached = [0] * len(job.prompts)
+        tool_streams = [_ToolStream() for _ in choices] if job.tools is not None else None
         try:
             async for batch in gen.outputs():
                 for tag, out in batch:
@@ -359,6 +444,15 @@ class OpenAIServing:
                     if ch.finish_reason is not None:
                         continue
                     ch.add(c)
+                    if tool_streams is not None:
+                        for d in await self._tool_deltas(job, idx, ch, tool_streams[idx], c):
+                            choice = _dumps(d)
+                            if job.continuous_usage:
+                                usage = _dumps(_usage(job, choices, cached)).encode()
+                                yield prefix + choice.encode() + b'],"usage":' + usage + b"}\n\n"
+                            else:
+                                yield prefix + choice.encode() + suffix
+                        continue
                     lp = "null"
                     if job.logprobs is not None and c.logprobs:
                         lp = _dumps(await self._format_logprobs(job, ch, c.logprobs))
@@ -389,6 +483,71 @@ class OpenAIServing:
         if job.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(job, choices, cached)})
         yield b"data: [DONE]\n\n"
+
+    async def _tool_deltas(
+        self, job: _Job, idx: int, ch: _Choice, st: _ToolStream, c: ChoiceDelta
+    ) -> list[dict[str, Any]]:
+        """The stream choices (OpenAI chunk format) one step of a tool-planned choice sends.
+
+        A named call streams its arguments as they come. Otherwise text is held back while it
+        may still be a call (the parser says from where) and sent as content once it cannot;
+        the held text is parsed when the choice finishes and goes out as calls, or as content
+        if it was none."""
+        plan = job.tools
+        st.text += c.text
+        if c.logprobs:
+            st.logprobs.extend(c.logprobs)
+        deltas: list[dict[str, Any]] = []
+        if plan.mode == "named":
+            if st.num_calls == 0:
+                deltas.append(_call_head(ToolCall(plan.function, ""), 0))
+                st.num_calls = 1
+            if c.text:
+                deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": c.text}}]})
+        elif plan.mode == "auto":
+            hold = plan.parser.hold_from(st.text)
+            if hold > st.sent:
+                deltas.append({"content": st.text[st.sent : hold]})
+                st.sent = hold
+        finish = c.finish_reason
+        if finish is not None:
+            tail = st.text[st.sent :]
+            st.sent = len(st.text)
+            if plan.mode != "named":
+                out = plan.parse(tail)
+                if out.calls:
+                    if out.content:
+                        deltas.append({"content": out.content})
+                    for call in out.calls:
+                        deltas.append(_call_head(call, st.num_calls))
+                        args = {"arguments": call.arguments}
+                        deltas.append({"tool_calls": [{"index": st.num_calls, "function": args}]})
+                        st.num_calls += 1
+                elif tail:
+                    deltas.append({"content": tail})
+            if st.num_calls:
+                finish = _tool_finish(finish)
+            if not deltas:
+                deltas.append({})
+        if not deltas:
+            return []
+        if not ch.sent_role:
+            deltas[0] = {"role": "assistant", **deltas[0]}
+            ch.sent_role = True
+        lp = None
+        if job.logprobs is not None and st.logprobs:
+            lp = await self._format_logprobs(job, ch, st.logprobs)
+            st.logprobs = []
+        out = [
+            {"index": idx, "delta": d, "logprobs": None, "finish_reason": None,
+             "stop_reason": None}
+            for d in deltas
+        ]  # fmt: skip
+        out[0]["logprobs"] = lp
+        if c.finish_reason is not None:
+            out[-1]["finish_reason"] = finish
+            out[-1]["stop_reason"] = c.stop_reason
+        return out
 
     async def _format_logprobs(
         self, job: _Job, ch: _Choice, lps: list[TokenLogprob]
@@ -455,13 +614,6 @@ class OpenAIServing:
                 raise APIError(400, "suffix is not supported", param="suffix")
             if req.best_of is not None and req.best_of != (req.n or 1):
                 raise APIError(400, "best_of other than n is not supported", param="best_of")
-        if isinstance(req, ChatCompletionRequest):
-            if req.tools:
-                raise APIError(400, "tools are not supported", param="tools")
-            if req.response_format is not None and req.response_format.type != "text":
-                raise APIError(
-                    400, "only response_format type 'text' is supported", param="response_format"
-                )
 
     async def _completion_prompts(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -498,7 +650,11 @@ class OpenAIServing:
         logprobs: int | None,
         logprobs_param: str,
         arrival: float,
+        structured: tuple[dict[str, Any] | None, str | None] = (None, None),
+        tools: _ToolPlan | None = None,
     ) -> _Job:
+        """``structured``: the ``structured_outputs`` for the engine and the request field they
+        came from."""
         cfg, info = self.config, self.info
         n = 1 if req.n is None else req.n
         param = "messages" if kind == "chat" else "prompt"
@@ -518,7 +674,7 @@ class OpenAIServing:
             check_logprobs(logprobs, limits, logprobs_param)
         except RequestRejected as e:
             raise APIError(400, str(e), param=e.param, code=e.code) from None
-        params = self._sampling_params(req, n, max_tokens, logprobs, logprobs_param)
+        params = self._sampling_params(req, n, max_tokens, logprobs, logprobs_param, structured)
         stream = bool(req.stream)
         opts = req.stream_options
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
@@ -535,6 +691,8 @@ class OpenAIServing:
             logprobs=logprobs,
             arrival=arrival,
             cache_salt=req.cache_salt,
+            tools=tools,
+            structured_param=structured[1],
         )
 
     def _sampling_params(
@@ -544,6 +702,7 @@ class OpenAIServing:
         max_tokens: int,
         logprobs: int | None,
         logprobs_param: str,
+        structured: tuple[dict[str, Any] | None, str | None] = (None, None),
     ) -> dict[str, Any]:
         cfg = self.config
         kw: dict[str, Any] = {"n": n, "max_tokens": max_tokens}
@@ -582,6 +741,8 @@ class OpenAIServing:
         if stop_ids:
             self._check_token_ids(stop_ids, "stop_token_ids")
             kw["stop_token_ids"] = stop_ids
+        if structured[0] is not None:
+            kw["structured_outputs"] = structured[0]
         try:
             SamplingParams(**kw)
         except (ValueError, TypeError) as e:
@@ -589,8 +750,122 @@ class OpenAIServing:
             param = name if name in _SAMPLING_FIELDS else None
             if param == "logprobs":
                 param = logprobs_param
+            if name.startswith("structured_outputs"):
+                param = structured[1]
             raise APIError(400, str(e), param=param) from None
         return kw
+
+    # ---- structured outputs and tools -------------------------------------------------------
+    def _structured_outputs(
+        self, req: CompletionRequest | ChatCompletionRequest
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """The engine's ``structured_outputs`` from ``response_format`` or vLLM's
+        ``structured_outputs`` field, and which of the two it came from."""
+        fmt, extra = req.response_format, req.structured_outputs
+        if fmt is not None and fmt.type != "text":
+            if extra is not None:
+                raise APIError(
+                    400,
+                    "give response_format or structured_outputs, not both",
+                    param="structured_outputs",
+                )
+            if fmt.type == "json_object":
+                if fmt.json_schema is not None:
+                    raise APIError(
+                        400,
+                        "response_format.json_schema is only for type 'json_schema'",
+                        param="response_format",
+                    )
+                return {"json_object": True}, "response_format"
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise APIError(
+                    400,
+                    "response_format of type 'json_schema' needs json_schema.schema, the JSON "
+                    "schema the output must follow",
+                    param="response_format",
+                )
+            schema = fmt.json_schema.schema_
+            self._check_structured_size(schema, "response_format.json_schema.schema",
+                                        "response_format")  # fmt: skip
+            _check_schema_types(schema, "response_format.json_schema.schema", "response_format")
+            return {"json": schema}, "response_format"
+        if fmt is not None and fmt.json_schema is not None:
+            raise APIError(
+                400,
+                "response_format.json_schema is only for type 'json_schema'",
+                param="response_format",
+            )
+        if extra is None:
+            return None, None
+        given = extra.model_dump(by_alias=True, exclude_none=True)
+        if given.get("json_object") is False:
+            del given["json_object"]
+        if len(given) != 1:
+            raise APIError(
+                400,
+                "structured_outputs takes exactly one of json, json_object, regex, grammar, "
+                f"choice; got {', '.join(given) or 'none'}",
+                param="structured_outputs",
+            )
+        self._check_structured_size(given, "structured_outputs", "structured_outputs")
+        if isinstance(given.get("json"), dict):
+            _check_schema_types(given["json"], "structured_outputs.json", "structured_outputs")
+        return given, "structured_outputs"
+
+    def _tool_plan(
+        self, req: ChatCompletionRequest
+    ) -> tuple[list[dict[str, Any]] | None, _ToolPlan | None, tuple[dict[str, Any], str] | None]:
+        """The tools for the chat template, how they shape the output, and the
+        ``structured_outputs`` that force a call ("required" or a named function)."""
+        choice = req.tool_choice
+        if not req.tools:
+            if choice is not None and choice != "none":
+                raise APIError(400, "tool_choice requires tools", param="tool_choice")
+            return None, None, None
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+        self._check_structured_size(tools, "tools", "tools")
+        functions = [t["function"] for t in tools]
+        names = [f["name"] for f in functions]
+        seen: set[str] = set()
+        for i, f in enumerate(functions):
+            if f["name"] in seen:
+                raise APIError(
+                    400, f"tools name the function {f['name']!r} twice", param=f"tools.{i}"
+                )
+            seen.add(f["name"])
+            if "parameters" in f:
+                _check_schema_types(f["parameters"], f"tools[{i}].function.parameters", "tools")
+        parallel = req.parallel_tool_calls is not False
+        if choice is None:
+            choice = "auto"
+        if choice == "none":
+            # Tools are still rendered (vLLM's default): the model sees what it may not call.
+            return tools, None, None
+        if choice == "auto":
+            return tools, _ToolPlan("auto", self.tool_parser, None, parallel), None
+        if choice == "required":
+            schema = required_schema(functions, parallel)
+            return tools, _ToolPlan("required", None, None, parallel), ({"json": schema}, "tools")
+        name = choice.function.name
+        if name not in seen:
+            raise APIError(
+                400,
+                f"tool_choice names the function {name!r}, which is not among the tools {names}",
+                param="tool_choice",
+            )
+        params = function_parameters(functions[names.index(name)])
+        return tools, _ToolPlan("named", None, name, parallel), ({"json": params}, "tools")
+
+    def _check_structured_size(self, value: Any, what: str, param: str) -> None:
+        limit = self.config.max_structured_output_bytes
+        size = len(_dumps(value).encode())
+        if size > limit:
+            raise APIError(
+                400,
+                f"{what} is {size} bytes of JSON, over the server limit "
+                f"max_structured_output_bytes={limit}",
+                param=param,
+            )
 
 
 class _CleanupStreamingResponse(StreamingResponse):
@@ -674,6 +949,60 @@ def _json_scalar(v: str | int | None) -> str:
     if isinstance(v, str):
         return _json_str(v)
     return _dumps(v)
+
+
+def _tool_finish(reason: str | None) -> str | None:
+    """A choice that ended in tool calls finishes with "tool_calls", unless it was cut short."""
+    return "tool_calls" if reason == "stop" else reason
+
+
+def _call_head(call: ToolCall, index: int) -> dict[str, Any]:
+    """The delta that opens a streamed call: id and name; its arguments follow."""
+    return {
+        "tool_calls": [
+            {
+                "index": index,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+        ]
+    }
+
+
+def _check_schema_types(schema: Any, where: str, param: str) -> None:
+    """Every ``type`` keyword in a JSON schema names JSON types: a typo ("str", "int") is
+    reported here, naming the request field, rather than as a grammar error."""
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("type")
+        if isinstance(kind, (str, list)):
+            kinds = kind if isinstance(kind, list) else [kind]
+            bad = [k for k in kinds if not isinstance(k, str) or k not in _JSON_TYPES]
+            if bad or not kinds:
+                raise APIError(
+                    400,
+                    f"{where}: {bad[0] if bad else kind!r} is not a JSON schema type; use one "
+                    f"of {sorted(_JSON_TYPES)}",
+                    param=param,
+                )
+        for key, value in node.items():
+            if key not in _SCHEMA_DATA_KEYWORDS:
+                stack.append(value)
+
+
+def _model_type(info: EngineInfo) -> str | None:
+    """``model_type`` from the model's config.json (None when it has none, e.g. the mock)."""
+    try:
+        return json.loads((Path(info.model_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _usage(job: _Job, choices: list[_Choice], cached: list[int]) -> dict[str, Any]:

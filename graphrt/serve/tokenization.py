@@ -8,13 +8,14 @@ threads at once (concurrent use can fail with "Already borrowed").
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
 from graphrt.serve.errors import APIError
-from graphrt.serve.protocol import CHAT_ROLES, ChatMessage
+from graphrt.serve.protocol import CHAT_ROLES, ChatMessage, MessageToolCall
 from graphrt.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -52,16 +53,31 @@ class TokenizerService:
         return await self._run("tokenize the prompt", tok.encode, text, add_special_tokens)
 
     async def apply_chat_template(
-        self, messages: list[ChatMessage], add_generation_prompt: bool = True
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
+        """``tools`` (OpenAI's tool dicts) go to the template, which renders them the way its
+        model was taught; a template that knows no tools ignores them."""
         tok = self._need("chat")
         plain = chat_messages_to_dicts(messages)
+        kw: dict[str, Any] = {"tools": tools} if tools else {}
         return await self._run(
             "apply the chat template",
             tok.apply_chat_template,
             plain,
             add_generation_prompt=add_generation_prompt,
+            **kw,
         )
+
+    def chat_template_text(self) -> str | None:
+        """The chat template's source (all named templates joined), or None."""
+        hf = getattr(self.tokenizer, "_hf", None)
+        template = getattr(hf, "chat_template", None)
+        if isinstance(template, dict):
+            return "\n".join(str(t) for t in template.values())
+        return template if isinstance(template, str) else None
 
     async def decode(self, ids: Sequence[int]) -> str:
         tok = self._need("detokenize")
@@ -74,8 +90,9 @@ class TokenizerService:
         return await self._run("decode tokens", self.tokenizer.token_strings, list(ids))
 
 
-def chat_messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Plain ``{"role", "content"}`` dicts for the chat template; text parts are joined."""
+def chat_messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Plain ``{"role", "content"}`` dicts for the chat template; text parts are joined. An
+    assistant turn's ``tool_calls`` and a tool turn's ``tool_call_id`` are passed on."""
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
     out = []
@@ -101,5 +118,28 @@ def chat_messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
             content = "".join(texts)
         # The templates expect 'system'; 'developer' is OpenAI's newer name for it.
         role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": content or ""})
+        d: dict[str, Any] = {"role": role, "content": content or ""}
+        if m.tool_calls:
+            d["tool_calls"] = [_template_tool_call(c) for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
+
+
+def _template_tool_call(call: MessageToolCall) -> dict[str, Any]:
+    """A call as templates expect it: the arguments as a mapping (templates render them with
+    ``tojson``; OpenAI sends JSON text), as vLLM does. Text that is not a JSON object stays
+    text."""
+    args: Any = call.function.arguments
+    try:
+        parsed = json.loads(args)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        args = parsed
+    fn = {"name": call.function.name, "arguments": args}
+    out: dict[str, Any] = {"type": "function", "function": fn}
+    if call.id is not None:
+        out["id"] = call.id
     return out
