@@ -206,3 +206,15 @@ def test_parse_required_output() -> None:
     cut = '[{"name": "get_weather", "parameters": {"ci'
     assert parse_required(cut).calls == () and parse_required(cut).content == cut
     assert parse_required("[]").calls == ()
+
+
+def test_server_flags_validate() -> None:
+    from graphrt.serve.config import ServerConfig
+
+    assert ServerConfig().tool_call_parser is None
+    assert ServerConfig().max_structured_output_bytes == 64 * 1024
+    assert ServerConfig(tool_call_parser="llama3_json").tool_call_parser == "llama3_json"
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        ServerConfig(tool_call_parser="mistral")
+    with pytest.raises(ValueError, match="max_structured_output_bytes"):
+        ServerConfig(max_structured_output_bytes=0)
