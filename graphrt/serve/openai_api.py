@@ -514,11 +514,11 @@ class OpenAIServing:
             tail = st.text[st.sent :]
             st.sent = len(st.text)
             if plan.mode != "named":
-                out = plan.parse(tail)
-                if out.calls:
-                    if out.content:
-                        deltas.append({"content": out.content})
-                    for call in out.calls:
+                parsed = plan.parse(tail)
+                if parsed.calls:
+                    if parsed.content:
+                        deltas.append({"content": parsed.content})
+                    for call in parsed.calls:
                         deltas.append(_call_head(call, st.num_calls))
                         args = {"arguments": call.arguments}
                         deltas.append({"tool_calls": [{"index": st.num_calls, "function": args}]})
