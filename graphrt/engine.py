@@ -139,7 +139,16 @@ class Engine:
         self._closed = False
         self._ids = itertools.count()
         # graph_steps: decode graph replays; mixed_graph_steps: replays of steps with prefill.
-        self.stats = {"steps": 0, "graph_steps": 0, "mixed_graph_steps": 0, "failed_requests": 0}
+        # grammar_mask_s / grammar_mask_steps: host time filling structured outputs' token
+        # masks, and the steps that needed them.
+        self.stats = {
+            "steps": 0,
+            "graph_steps": 0,
+            "mixed_graph_steps": 0,
+            "failed_requests": 0,
+            "grammar_mask_steps": 0,
+            "grammar_mask_s": 0.0,
+        }
         self._unfreeze_gc: weakref.finalize | None = None
         if config.gc_freeze:
             # What start-up leaves (torch, transformers, the model, ~300k objects) lives as
@@ -368,6 +377,7 @@ class Engine:
         """The step's allowed-token bitmasks: one row per plan row; rows that sample nothing
         this step, or have no grammar, allow everything. A grammar that allows nothing ends
         its request with an error (its row samples unconstrained, into a finished request)."""
+        t0 = time.perf_counter()
         so = self.structured_outputs()
         samples = None if plan.is_decode else plan.samples
         states = [
@@ -378,6 +388,8 @@ class Engine:
         for i in so.fill(states, masks):
             req = plan.requests[i]
             self._fail(req, "the grammar allows no next token", self._side_finished)
+        self.stats["grammar_mask_steps"] += 1
+        self.stats["grammar_mask_s"] += time.perf_counter() - t0
         return masks
 
     def _grammar_ends(self, req: Request, tok: int, tokens: StepTokens) -> bool:

@@ -58,7 +58,7 @@ class FakeTokenizer:
     """Records what the chat template was given; every prompt is three tokens."""
 
     def __init__(self, chat_template: str = "{{ messages }}") -> None:
-        self._hf = type("HF", (), {"chat_template": chat_template})()
+        self.hf = type("HF", (), {"chat_template": chat_template})()
         self.template_calls: list[tuple[list[dict], dict[str, Any]]] = []
 
     def apply_chat_template(self, messages, add_generation_prompt=True, **kw) -> list[int]:

@@ -73,7 +73,7 @@ class TokenizerService:
 
     def chat_template_text(self) -> str | None:
         """The chat template's source (all named templates joined), or None."""
-        hf = getattr(self.tokenizer, "_hf", None)
+        hf = getattr(self.tokenizer, "hf", None)  # None for a mock tokenizer
         template = getattr(hf, "chat_template", None)
         if isinstance(template, dict):
             return "\n".join(str(t) for t in template.values())
