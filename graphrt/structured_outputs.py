@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,9 @@ from graphrt.sampling_params import StructuredOutputsParams
 
 # Workers that compile grammars, and how long one compilation may take.
 COMPILE_THREADS = 2
+# Threads that fill a step's masks (xgrammar's batched fill): the host's cores, up to 8; the
+# fill is on the step's critical path while constrained steps are taken one at a time.
+MASK_THREADS = max(1, min(8, os.cpu_count() or 1))
 COMPILE_TIMEOUT_S = 30.0
 # Whitespace characters allowed in a row between JSON tokens: enough for any indentation a
 # model is taught, and a sampled (temperature > 0) output cannot spend its tokens on blanks.
@@ -91,7 +95,7 @@ class StructuredOutputs:
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, "graphrt-grammar")
         self._futures: dict[StructuredOutputsParams, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
-        self._batch = xgr.BatchGrammarMatcher(max_threads=threads)
+        self._batch = xgr.BatchGrammarMatcher(max_threads=MASK_THREADS)
         self.compile_timeout_s = compile_timeout_s
 
     # ---- compilation ----------------------------------------------------------------------

@@ -597,3 +597,18 @@ def test_profiler_events_grouped_and_overlap_union() -> None:
     assert sp.gap_table(nested, steps=1)["pairs"] == [
         {"before": "a", "after": "c", "count": 1.0, "us": 2.0}
     ]
+
+
+def test_structured_outputs_benchmark_constrains_every_step(default_model_dir, tmp_path) -> None:
+    pytest.importorskip("xgrammar")
+    out = tmp_path / "so.json"
+    args = ["--model", str(default_model_dir), "--batch-size", "3", "--prompt-len", "8"]
+    args += ["--output-len", "6", "--repeats", "5", "--max-model-len", "64", "--json", str(out)]
+    assert _load("structured_outputs").main(args) == 0
+    res = json.loads(out.read_text())
+    c, u = res["runs"]["constrained"], res["runs"]["unconstrained"]
+    assert len(c) == len(u) == 5
+    # Every step of every constrained run filled masks; no unconstrained one did.
+    assert all(r["mask_steps"] == 6 and r["output_tokens"] == 18 for r in c)
+    assert all(r["mask_steps"] == 0 and r["output_tokens"] == 18 for r in u)
+    assert res["ratio"]["median"] > 0

@@ -291,3 +291,90 @@ def test_every_overlap_mode_gives_identical_constrained_outputs(engine) -> None:
         engine.set_overlap("thread")
     for mode in ("thread", "inline", "two_events"):
         assert got[mode] == got["off"], mode
+
+
+def test_preempted_constrained_requests_recompute_the_same_valid_outputs(
+    engine, default_model_dir
+) -> None:
+    schemas = [SCHEMAS[1], SCHEMAS[2], SCHEMAS[7], SCHEMAS[9]] * 2
+    params = [_params(s, t).replace(max_tokens=60) for s, t in zip(schemas, [0.0, 1.0] * 4)]
+    prompt = "Reply with a JSON value, nothing else. " * 5  # 51 tokens
+    want = [o.outputs[0].token_ids for o in engine.generate([prompt] * 8, params)]
+    # 29 usable pages of 4 tokens: two requests are admitted, and their outputs outgrow them.
+    with Engine(
+        str(default_model_dir), show_progress=False, max_model_len=128, num_pages=30, page_size=4
+    ) as small:
+        outs = small.generate([prompt] * 8, params)
+        assert small.scheduler.num_preemptions > 0
+        assert small._num_constrained == 0
+    assert [o.outputs[0].token_ids for o in outs] == want
+    for schema, out in zip(schemas, outs):
+        jsonschema.validate(json.loads(out.outputs[0].text), schema)
+
+
+def test_a_grammar_that_allows_nothing_fails_only_its_request(engine, monkeypatch) -> None:
+    so = engine.structured_outputs()
+    fill = so.fill
+
+    def fill_nothing_for_choices(states, out):
+        bad = fill(states, out)
+        for r, s in enumerate(states):
+            if s is not None and s is getattr(fill_nothing_for_choices, "victim", None):
+                out[r] = 0
+                bad.append(r)
+        return bad
+
+    monkeypatch.setattr(so, "fill", fill_nothing_for_choices)
+    victim = _params(SCHEMAS[0], 0.0)
+    ok = _params(SCHEMAS[1], 0.0)
+    rid = engine.add_request(None, PROMPT, victim)
+    fill_nothing_for_choices.victim = engine._groups[rid][0].grammar
+    other = engine.add_request(None, PROMPT, ok)
+    outs = {o.request_id: o for o in engine.drain() if o.finished}
+    assert outs[rid].outputs[0].finish_reason == FinishReason.ERROR
+    assert "allows no next token" in outs[rid].error
+    jsonschema.validate(json.loads(outs[other].outputs[0].text), SCHEMAS[1])
+    assert engine._num_constrained == 0 and engine.scheduler.num_unfinished == 0
+
+
+def test_a_token_the_grammar_rejects_fails_the_request(engine, monkeypatch) -> None:
+    from graphrt.structured_outputs import GrammarMatcherState
+
+    accept = GrammarMatcherState.accept
+    seen: list[int] = []
+
+    def reject_third(self, token):
+        seen.append(token)
+        return False if len(seen) == 3 else accept(self, token)
+
+    monkeypatch.setattr(GrammarMatcherState, "accept", reject_third)
+    res = engine.generate([PROMPT], _params(SCHEMAS[0], 0.0))[0]
+    assert res.outputs[0].finish_reason == FinishReason.ERROR
+    assert "does not follow the request's grammar" in res.error
+    assert len(res.outputs[0].token_ids) == 3
+    assert engine._num_constrained == 0
+
+
+def test_grammar_compilation_past_its_time_limit_fails_the_request(engine, monkeypatch) -> None:
+    import threading
+
+    so = engine.structured_outputs()
+    release = threading.Event()
+    compile_ = so._compile
+
+    def slow(constraint):
+        release.wait(10)
+        return compile_(constraint)
+
+    monkeypatch.setattr(so, "_compile", slow)
+    monkeypatch.setattr(so, "compile_timeout_s", 0.2)
+    try:
+        slow_p = SamplingParams(
+            max_tokens=8, structured_outputs=StructuredOutputsParams(regex="slow[0-9]")
+        )
+        res = engine.generate([PROMPT], slow_p)[0]
+    finally:
+        release.set()
+    assert res.outputs[0].finish_reason == FinishReason.ERROR
+    assert "took longer than 0.2 s" in res.error
+    assert not engine._grammar_waiting and engine._num_constrained == 0
