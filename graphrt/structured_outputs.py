@@ -69,8 +69,9 @@ class StructuredOutputs:
     """The engine's grammar service: the tokenizer's vocabulary as xgrammar sees it, a compile
     pool with a cache and a time limit, and batched mask filling.
 
-    Built on the first constrained request (importing xgrammar and reading the vocabulary take
-    ~0.2 s), so engines that never see one pay nothing.
+    Built on the first constrained request, so engines that never see one pay nothing. Reading
+    the vocabulary (0.2 s for 49k tokens, more for larger ones) happens in the compile pool, with
+    the first compilation, not on the step thread.
     """
 
     def __init__(
@@ -86,12 +87,11 @@ class StructuredOutputs:
         self._xgr = xgr
         self.vocab_size = vocab_size
         self.words = bitmask_words(vocab_size)
-        info = xgr.TokenizerInfo.from_huggingface(
-            hf_tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids)
-        )
+        self._tokenizer = (hf_tokenizer, sorted(stop_token_ids), threads)
+        self._compiler: Any = None  # made by the first compilation (``_compiler_for_pool``)
+        self._compiler_lock = threading.Lock()
         # xgrammar's own cache keeps compiled grammars by their text; ours keeps the futures,
         # so concurrent requests with one schema wait on one compilation.
-        self._compiler = xgr.GrammarCompiler(info, max_threads=threads)
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, "graphrt-grammar")
         self._futures: dict[StructuredOutputsParams, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
@@ -125,8 +125,18 @@ class StructuredOutputs:
                 self._futures[so] = fut
         return GrammarMatcherState(fut, time.monotonic() + self.compile_timeout_s)
 
+    def _compiler_for_pool(self) -> Any:
+        with self._compiler_lock:
+            if self._compiler is None:
+                tok, stops, threads = self._tokenizer
+                info = self._xgr.TokenizerInfo.from_huggingface(
+                    tok, vocab_size=self.vocab_size, stop_token_ids=stops
+                )
+                self._compiler = self._xgr.GrammarCompiler(info, max_threads=threads)
+            return self._compiler
+
     def _compile(self, so: StructuredOutputsParams) -> Any:
-        c = self._compiler
+        c = self._compiler_for_pool()
         if so.json is not None or so.json_object:
             schema = so.json if so.json is not None else '{"type": "object"}'
             return c.compile_json_schema(schema, max_whitespace_cnt=MAX_JSON_WHITESPACE)
