@@ -16,6 +16,7 @@ import dataclasses
 import importlib
 import os
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -65,7 +66,9 @@ GARBAGE = 1e3
 
 @pytest.fixture(autouse=True)
 def _seed(request: pytest.FixtureRequest) -> None:
-    torch.manual_seed(abs(hash(request.node.name)) % (2**31))
+    # crc32, not hash(): str hashes change with every process (PYTHONHASHSEED), which made
+    # each run draw different inputs.
+    torch.manual_seed(zlib.crc32(request.node.name.encode()))
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> None:
@@ -421,6 +424,10 @@ def test_rope_and_store_kv(hq, hkv, dim, dtype) -> None:
     q_ref, k_ref = reference.rope_and_store_kv(q, k, v, pos, cos_sin, kc_ref, vc_ref, locs)
     q_out, k_out = T.rope_and_store_kv(q, k, v, pos, cos_sin, kc, vc, locs)
     atol, rtol = _tol(dtype)
+    if dtype == torch.bfloat16:
+        # x cos - y sin cancels: a result near 0 keeps the rounding error of its operands, a
+        # couple of bf16 ulps of the largest input, not of itself.
+        atol = max(atol, 2 * 2**-8 * float(torch.cat([q.flatten(), k.flatten()]).abs().max()))
     _close(q_out, q_ref, atol, rtol)
     _close(k_out, k_ref, atol, rtol)
     torch.testing.assert_close(kc.float(), kc_ref.float(), atol=atol, rtol=rtol, equal_nan=True)
