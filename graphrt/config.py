@@ -16,6 +16,9 @@ DType = Literal["auto", "bfloat16", "float16", "float32"]
 LoadFormat = Literal["auto", "safetensors", "dummy"]
 AttentionBackendName = Literal["auto", "torch", "triton", "flashinfer"]
 OverlapMode = Literal["thread", "inline", "off", "two_events"]
+# Values of ``quantization`` besides None (graphrt.models.fp8_checkpoint.QUANTIZATIONS, kept
+# here too so that reading the config imports no model code).
+QUANTIZATIONS = ("fp8",)
 
 _HELP: dict[str, str] = {
     "model": "local Hugging Face model directory; default: SmolLM2-135M-Instruct, prepared on "
@@ -24,6 +27,9 @@ _HELP: dict[str, str] = {
     "load_format": "'safetensors' weights, or 'dummy' random weights from config.json alone",
     "dtype": "weight and activation dtype; 'auto' is the checkpoint's dtype on CUDA, fp32 on CPU",
     "device": "'cuda', 'cpu', or 'auto' (cuda when available)",
+    "quantization": "'fp8': quantize the decoder's linear weights to float8 e4m3 with "
+    "per-output-channel scales at load time (embeddings, lm_head and norms stay in dtype); FP8 "
+    "checkpoints (quantization_config) load as FP8 whatever this says",
     "seed": "seed for dummy weights and for requests that give no seed",
     "page_size": "tokens per KV-cache page",
     "gpu_memory_utilization": "fraction of total GPU memory graphrt may use (weights, graphs, "
@@ -71,6 +77,7 @@ class EngineConfig:
     load_format: LoadFormat = "auto"
     dtype: DType = "auto"
     device: Device = "auto"
+    quantization: str | None = None
     seed: int = 0
     page_size: int = 16
     gpu_memory_utilization: float = 0.85
@@ -95,6 +102,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), _resolved_hints()[f.name])
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be None or one of {list(QUANTIZATIONS)}, "
+                f"got {self.quantization!r}"
+            )
         _check_range("page_size", self.page_size, 1, 1024)
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
@@ -153,6 +165,8 @@ class EngineConfig:
             kwargs: dict[str, Any] = {"default": f.default, "help": _HELP.get(f.name, "")}
             if choices:
                 kwargs["choices"] = choices
+            elif f.name == "quantization":
+                kwargs["choices"] = list(QUANTIZATIONS)
             elif f.name == "cuda_graph_batch_sizes":
                 kwargs["type"] = int
                 kwargs["nargs"] = "+"

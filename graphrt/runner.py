@@ -146,18 +146,23 @@ class ModelRunner:
         self.device = s.device
         t0 = time.perf_counter()
         self.ops = make_ops(s.ops, pdl=s.pdl)
-        self.model = build_model(model_cfg, self.ops, s.dtype, s.device, s.max_model_len + 1)
+        self.model = build_model(
+            model_cfg, self.ops, s.dtype, s.device, s.max_model_len + 1, config.quantization
+        )
         self.model_cfg: ModelConfig = self.model.cfg
         if config.load_format == "dummy" or model_dir is None:
             init_dummy(self.model, config.seed)
         else:
             load_safetensors(self.model, model_dir, show_progress=show_progress)
+        # Every parameter once (a tied lm_head is the embedding): FP8 weights count one byte a
+        # value plus their fp32 row scales, so MBU figures read the bytes a step really streams.
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(
-            "model %s loaded: %.2f GB of %s weights on %s in %.1fs",
+            "model %s loaded: %.2f GB of %s%s weights on %s in %.1fs",
             model_cfg.architecture,
             self.weight_bytes / 1e9,
             s.dtype,
+            "" if self.model.fp8 is None else f" (linear layers FP8, {self.model.fp8.source})",
             s.device,
             time.perf_counter() - t0,
         )

@@ -27,6 +27,10 @@ class Ops:
     rope_and_store_kv: Callable
     linear: Callable
     silu_mul_linear: Callable
+    # ``fp8_linear(x, weight_fp8, scale, bias)``: the one seam for FP8 weights
+    # (graphrt.models.fp8). Both bundles use the torch reference (dequantize, then matmul) until
+    # the GPU kernels (a Triton FP8 GEMV for few rows, W8A8 for more) land in "triton".
+    fp8_linear: Callable
     argmax: Callable
     # Not model ops: a decode step's first and last nodes, which read its inputs (and apply its
     # page-table writes) from and write its sampled ids to a pinned ring slot
@@ -50,6 +54,7 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
             rope_and_store_kv=reference.rope_and_store_kv,
             linear=reference.linear,
             silu_mul_linear=reference.silu_mul_linear,
+            fp8_linear=reference.fp8_linear,
             argmax=reference.argmax,
             load_step_inputs=reference.load_step_inputs,
             store_step_ids=reference.store_step_ids,
@@ -71,6 +76,7 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
             rope_and_store_kv=bind(mod.rope_and_store_kv),
             linear=bind(gemv.linear),
             silu_mul_linear=bind(gemv.silu_mul_linear),
+            fp8_linear=reference.fp8_linear,
             argmax=bind(amax.argmax),
             load_step_inputs=step_io.load_step_inputs,
             store_step_ids=step_io.store_step_ids,

@@ -31,6 +31,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ (weight * scale[:, None]).T + bias`` for an fp8 ``weight`` ``[N, K]`` with fp32
+    per-output-channel ``scale`` ``[N]``: dequantized to ``x``'s dtype (the product formed in
+    fp32, rounded once), then an ordinary matmul. Activations are not quantized here; a W8A8
+    kernel's dynamic per-token activation scales are its own business and must stay close."""
+    w = (weight.float() * scale.float()[:, None]).to(x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Greedy sampling: the index of each row's largest logit (the lowest one on ties)."""
     return logits.argmax(dim=-1)

@@ -2,7 +2,8 @@
 
 Q, K and V projections are fused into one matrix and gate/up into another at load time, so a
 layer runs four GEMMs. Linear layers, norms, rotary+KV write and SiLU-and-mul come from the
-``Ops`` bundle; attention from the backend in the ``ForwardBatch``.
+``Ops`` bundle (linear layers through :mod:`graphrt.models.fp8`, which sends FP8 weights to
+``ops.fp8_linear``); attention from the backend in the ``ForwardBatch``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from torch import nn
 
 from graphrt.forward_batch import ForwardBatch
 from graphrt.kernels.ops import Ops
+from graphrt.models.fp8 import Fp8Weight, linear, silu_mul_linear
+from graphrt.models.fp8_checkpoint import Fp8Plan
 from graphrt.models.model_config import ModelConfig, rope_cos_sin
 
 
@@ -24,20 +27,52 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def _linear_weight(
+    out_features: int,
+    in_features: int,
+    modules: list[str],
+    fp8: Fp8Plan | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Parameter | Fp8Weight:
+    """The (possibly fused) weight of the HF ``modules``: FP8 where ``fp8`` says so."""
+    if fp8 is None:
+        return _param(out_features, in_features, dtype=dtype, device=device)
+    flags = {fp8.quantizes(m) for m in modules}
+    if len(flags) > 1:
+        # They are one fused matrix here, with one dtype.
+        raise ValueError(f"{modules} must be all FP8 or all unquantized; the checkpoint mixes them")
+    if flags.pop():
+        return Fp8Weight(out_features, in_features, device)
+    return _param(out_features, in_features, dtype=dtype, device=device)
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        index: int = 0,
+        fp8: Fp8Plan | None = None,
+    ) -> None:
         super().__init__()
-        h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
+        h, q, kv, i = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
         self.cfg = cfg
+        p = f"model.layers.{index}."
         self.input_norm = _param(h, dtype=dtype, device=device)
-        self.qkv_proj = _param(q + 2 * kv, h, dtype=dtype, device=device)
+        self.qkv_proj = _linear_weight(
+            q + 2 * kv, h, [p + f"self_attn.{x}_proj" for x in "qkv"], fp8, dtype, device
+        )
         self.qkv_bias = _param(q + 2 * kv, dtype=dtype, device=device) if cfg.qkv_bias else None
         self.q_norm = _param(cfg.head_dim, dtype=dtype, device=device) if cfg.qk_norm else None
         self.k_norm = _param(cfg.head_dim, dtype=dtype, device=device) if cfg.qk_norm else None
-        self.o_proj = _param(h, q, dtype=dtype, device=device)
+        self.o_proj = _linear_weight(h, q, [p + "self_attn.o_proj"], fp8, dtype, device)
         self.post_attn_norm = _param(h, dtype=dtype, device=device)
-        self.gate_up_proj = _param(2 * cfg.intermediate_size, h, dtype=dtype, device=device)
-        self.down_proj = _param(h, cfg.intermediate_size, dtype=dtype, device=device)
+        self.gate_up_proj = _linear_weight(
+            2 * i, h, [p + "mlp.gate_proj", p + "mlp.up_proj"], fp8, dtype, device
+        )
+        self.down_proj = _linear_weight(h, i, [p + "mlp.down_proj"], fp8, dtype, device)
 
     def forward(
         self,
@@ -55,7 +90,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden = ops.rms_norm(hidden, self.input_norm, eps)
         else:
             hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.input_norm, eps)
-        qkv = ops.linear(hidden, self.qkv_proj, self.qkv_bias)
+        qkv = linear(ops, hidden, self.qkv_proj, self.qkv_bias)
         t = qkv.shape[0]
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(t, cfg.num_heads, cfg.head_dim)
@@ -76,9 +111,9 @@ class LlamaDecoderLayer(nn.Module):
             fb.kv_locs,
         )
         attn = backend.forward(q, layer_idx, fb.attn_meta)
-        hidden = ops.linear(attn.reshape(t, cfg.q_size), self.o_proj)
+        hidden = linear(ops, attn.reshape(t, cfg.q_size), self.o_proj)
         hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.post_attn_norm, eps)
-        hidden = ops.silu_mul_linear(ops.linear(hidden, self.gate_up_proj), self.down_proj)
+        hidden = silu_mul_linear(ops, linear(ops, hidden, self.gate_up_proj), self.down_proj)
         return hidden, residual
 
 
@@ -92,15 +127,19 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         max_positions: int,
+        fp8: Fp8Plan | None = None,
     ) -> None:
+        """``fp8``: which decoder linear layers hold FP8 weights (None: none do). Embeddings,
+        norms and the lm_head always stay in ``dtype``."""
         super().__init__()
         self.check_config(cfg)
         self.cfg = cfg
         self.ops = ops
         self.dtype = dtype
+        self.fp8 = fp8
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers)
+            LlamaDecoderLayer(cfg, dtype, device, i, fp8) for i in range(cfg.num_layers)
         )
         self.norm = _param(cfg.hidden_size, dtype=dtype, device=device)
         self.lm_head = (
@@ -165,8 +204,9 @@ class LlamaForCausalLM(nn.Module):
             "up": (i, i),
         }[shard]
 
-    def target(self, name: str) -> tuple[torch.Tensor, tuple[int, int] | None] | None:
+    def target(self, name: str) -> tuple[torch.Tensor | Fp8Weight, tuple[int, int] | None] | None:
         """Map a checkpoint tensor name to (parameter, row range within it), or None to skip.
+        The parameter is an :class:`Fp8Weight` for a quantized linear layer.
 
         Raises ``KeyError`` for names this model does not know.
         """
