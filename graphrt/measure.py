@@ -1,6 +1,6 @@
 """Measurement helpers shared by ``capture-profile`` and the benchmarks: HBM bandwidth, GEMM
-rate, prefill FLOPs, a decode bench of fake running rows over a live engine, GPU timing, and
-repeat statistics."""
+rate, prefill FLOPs, a decode bench of fake running rows over a live engine, GPU timing,
+repeat statistics, and teacher-forced scoring of a text (FP8 accuracy)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -304,3 +305,73 @@ def run_until_idle(eng: Engine, records: dict[int, Any]) -> dict[int, float]:
             next_id += 1
     eng.drain()
     return seen
+
+
+@dataclass(frozen=True)
+class TeacherForced:
+    """Per position ``i`` of a text, the model's view of token ``i + 1`` given tokens ``0..i``:
+    its negative log-likelihood (``nll``) and the model's own top-1 token (``top1``)."""
+
+    nll: torch.Tensor  # [T - 1] fp32, on the CPU
+    top1: torch.Tensor  # [T - 1] int64, on the CPU
+
+    @property
+    def perplexity(self) -> float:
+        return float(self.nll.mean().exp())
+
+    def agreement(self, other: TeacherForced) -> float:
+        """The share of positions where both models' top-1 tokens are the same."""
+        return float((self.top1 == other.top1).double().mean())
+
+
+def teacher_forced(eng: Engine, ids: list[int], chunk: int = 256) -> TeacherForced:
+    """Score every position of ``ids`` in one causal forward of the engine's model (eager, torch
+    attention over a KV cache of its own, so the engine's pool and slots are untouched); the
+    lm_head runs ``chunk`` rows at a time to bound the logits' memory."""
+    from graphrt.forward_batch import ForwardBatch
+    from graphrt.kernels.attention_backend import AttentionSpec, AttnInputs
+    from graphrt.kernels.torch_attention import TorchAttentionBackend
+
+    r = eng.runner
+    model, dev, c = r.model, r.device, r.model_cfg
+    page = 16
+    pages = -(-len(ids) // page) + 1  # page 0 left unused, as the engine's dummy page is
+    shape = (pages, page, c.num_kv_heads, c.head_dim)
+    dtype = r.settings.dtype
+    k = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(c.num_layers)]
+    v = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(c.num_layers)]
+    spec = AttentionSpec(
+        c.num_heads, c.num_kv_heads, c.head_dim, page, pages, c.head_dim**-0.5, dtype, dev
+    )
+    n = len(ids)
+    seq, cu = np.array([n]), np.array([0, n])
+    inputs = AttnInputs(
+        is_decode=False,
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+        page_rows=torch.arange(1, pages, dtype=torch.int32, device=dev)[None],
+        kv_len_bound=n,
+        cu_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
+        max_q_len=n,
+        seq_lens_host=seq,
+        cu_q_host=cu,
+    )
+    backend = TorchAttentionBackend(spec, k, v)
+    tokens = torch.tensor(ids, dtype=torch.int64, device=dev)
+    positions = torch.arange(n, device=dev)
+    fb = ForwardBatch(
+        input_ids=tokens,
+        positions=positions,
+        kv_locs=positions + page,  # page p holds positions (p - 1) * page ...
+        logits_rows=positions,
+        attn_backend=backend,
+        attn_meta=backend.prepare_metadata(inputs),
+    )
+    nll, top1 = [], []
+    with torch.inference_mode():
+        hidden = model(fb)[:-1]
+        for s in range(0, n - 1, chunk):
+            logp = model.compute_logits(hidden[s : s + chunk]).float().log_softmax(-1)
+            nxt = tokens[s + 1 : s + 1 + chunk]
+            nll.append(-logp.gather(1, nxt[:, None])[:, 0].cpu())
+            top1.append(logp.argmax(-1).cpu())
+    return TeacherForced(torch.cat(nll), torch.cat(top1))

@@ -1,0 +1,50 @@
+"""FP8 weights against the unquantized model: teacher forcing over a fixed public-domain text.
+
+Prints top-1 agreement and both perplexities (issue #21's bars: agreement >= 95%, FP8
+perplexity within +3%) and the weight bytes of each. CPU by default (fp32 reference); on a GPU
+pass ``--device cuda`` (bf16 reference).
+
+    python benchmarks/fp8_accuracy.py [--model DIR] [--device cpu|cuda] [--text FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from graphrt import Engine
+from graphrt.measure import teacher_forced
+
+TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "declaration_gettysburg.txt"
+
+
+def read_text(path: Path) -> str:
+    """The text after its one header line (which says where it is from)."""
+    return path.read_text().split("\n", 1)[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model directory (default: the default model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--text", type=Path, default=TEXT)
+    args = ap.parse_args()
+    results, ids = {}, None
+    for quant in (None, "fp8"):
+        eng = Engine(model=args.model, device=args.device, quantization=quant, max_num_seqs=1)
+        if ids is None:
+            ids = eng.tokenizer.encode(read_text(args.text))
+        results[quant] = (teacher_forced(eng, ids), eng.runner.weight_bytes)
+        dtype = eng.runner.settings.dtype
+        eng.shutdown()
+    (ref, ref_bytes), (fp8, fp8_bytes) = results[None], results["fp8"]
+    print(
+        f"fp8 accuracy: {args.text.name}, {len(ref.nll)} positions, reference {dtype}: "
+        f"top-1 agreement {fp8.agreement(ref):.2%}, perplexity {ref.perplexity:.4f} -> "
+        f"{fp8.perplexity:.4f} ({fp8.perplexity / ref.perplexity - 1:+.2%}); weights "
+        f"{ref_bytes / 1e6:.1f} MB -> {fp8_bytes / 1e6:.1f} MB"
+    )
+
+
+if __name__ == "__main__":
+    main()
