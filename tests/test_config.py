@@ -154,6 +154,7 @@ def test_cli_round_trip_of_non_default_config() -> None:
         load_format="dummy",
         dtype="bfloat16",
         device="cpu",
+        quantization="fp8",
         seed=7,
         page_size=64,
         gpu_memory_utilization=0.5,
