@@ -8,6 +8,7 @@ each step is waited on right after it is submitted.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -337,7 +338,10 @@ class Engine:
 
     def _check_stalled(self) -> StepTokens:
         if self._grammar_waiting:
-            return StepTokens()  # grammars still compiling; nothing else to run
+            # Nothing runs until a grammar compiles: wait for one briefly rather than spin.
+            futures = [r.grammar.future for r in self._grammar_waiting]
+            concurrent.futures.wait(futures, timeout=0.01, return_when="FIRST_COMPLETED")
+            return StepTokens()
         if self.scheduler.num_unfinished and self._inflight is None:
             # Every request is admitted only if it fits alone, so this is a bug, not load.
             raise RuntimeError(
