@@ -253,7 +253,7 @@ def _sweep_norm(timer, sets, w, label, nbytes, iters, pdl=False, smoke=False) ->
     if timer.device.type == "cuda":
         _compile_in_parallel(
             [
-                lambda c=c, on=on: triton_ops._launch_fused_add_rms_norm(
+                lambda c=c, on=on: triton_ops.launch_fused_add_rms_norm(
                     x0, r0, w, x0, r0, 1e-5, c, on, warmup=True
                 )
                 for c, on in runs
@@ -506,14 +506,7 @@ def _flashinfer_result(be, timer, case, q, inputs, name, nbytes, iters) -> Resul
         steady += _host_us(lambda: be.prepare_for_replay(bs, host, slots), 1)
     torch.cuda.synchronize()
     numpy_part = _host_us(lambda: host_page_metadata(host, case.page_size))
-    st = be._buckets[bs]  # diagnostics only: time plan() without the fence
-    s = be.spec
-    plan = _host_us(
-        lambda: st.wrapper.plan(
-            st.indptr_host, be._no_indices, st.last_host, s.num_q_heads, s.num_kv_heads,
-            s.head_dim, s.page_size, q_data_type=s.dtype, kv_data_type=s.dtype, sm_scale=s.scale,
-        )
-    )  # fmt: skip
+    plan = _host_us(lambda: be.replan(bs))  # plan() alone, without the fence
     torch.cuda.synchronize()
     be.prepare_for_replay(bs, host, slots)
 

@@ -167,7 +167,7 @@ async def closed_loop(
     out: list[Outcome] = []
     pool = itertools.cycle(jobs)
     issued = 0
-    async with serving._client(base_url, cfg.api_key) as client:
+    async with serving.http_client(base_url, cfg.api_key) as client:
         await _sleep_until(start_at)
 
         async def user() -> None:
@@ -193,7 +193,7 @@ async def open_loop(
     start_at: float,
 ) -> list[Outcome]:
     """Send ``jobs[job_index[i]]`` at ``start_at + send_at[i]`` whatever is in flight."""
-    async with serving._client(base_url, cfg.api_key) as client:
+    async with serving.http_client(base_url, cfg.api_key) as client:
         tasks = []
         for i, at in zip(job_index, send_at):
             await _sleep_until(start_at + at)

@@ -180,7 +180,8 @@ def _error_code(raw: bytes) -> str | None:
     return err.get("code") if isinstance(err, dict) else None
 
 
-def _client(base_url: str, api_key: str | None) -> httpx.AsyncClient:
+def http_client(base_url: str, api_key: str | None) -> httpx.AsyncClient:
+    """An HTTP client for the server under test, without connection limits (load_test shares it)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     return httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits)
@@ -188,7 +189,7 @@ def _client(base_url: str, api_key: str | None) -> httpx.AsyncClient:
 
 async def prepare(args: argparse.Namespace, base_url: str) -> str:
     """The model name to send; also runs the warm-up requests."""
-    async with _client(base_url, args.api_key) as client:
+    async with http_client(base_url, args.api_key) as client:
         model = args.model or (await client.get("/v1/models")).json()["data"][0]["id"]
         for job in make_jobs(args)[: args.warmup]:
             path, body = request_body(args, model, Job(job.prompt, min(job.output_len, 8)))
@@ -210,7 +211,7 @@ async def drive(
     """Send ``jobs[i]`` at wall time ``start_at + send_at[i]`` with at most ``cap`` in flight.
     Returns the results and the wall times of the first send and of the last end."""
     gate = asyncio.Semaphore(cap) if cap else None
-    async with _client(base_url, args.api_key) as client:
+    async with http_client(base_url, args.api_key) as client:
 
         async def limited(job: Job) -> Result:
             path, body = request_body(args, model, job)

@@ -271,6 +271,16 @@ class FlashInferAttentionBackend(AttentionBackend):
     ) -> None:
         self._plan_bucket(self._buckets[bs], np.asarray(seq_lens_host))
 
+    def replan(self, bs: int) -> None:
+        """flashinfer's ``plan()`` alone for bucket ``bs``, on the metadata of its last
+        ``prepare_for_replay``: no fence, no metadata refresh. For benchmarks that split a
+        replay's host cost into its parts (``benchmarks/kernel_bench.py``)."""
+        st, s = self._buckets[bs], self.spec
+        st.wrapper.plan(
+            st.indptr_host, self._no_indices, st.last_host,
+            s.num_q_heads, s.num_kv_heads, s.head_dim, s.page_size, **self._plan_kwargs(),
+        )  # fmt: skip
+
     def forward(self, q: torch.Tensor, layer: int, meta: FlashInferMeta) -> torch.Tensor:
         if q.stride(-1) != 1 or q.stride(1) != q.shape[2]:
             q = q.contiguous()

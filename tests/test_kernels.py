@@ -201,7 +201,7 @@ def test_fused_add_rms_norm_configs(per, evict, dtype) -> None:
 
     out_buf = torch.full((rows + per, n), float("nan"), device=DEV, dtype=dtype)
     res_buf = out_buf.clone()
-    T._launch_fused_add_rms_norm(x, r, w, out_buf[:rows], res_buf[:rows], eps, cfg, False)
+    T.launch_fused_add_rms_norm(x, r, w, out_buf[:rows], res_buf[:rows], eps, cfg, False)
     assert torch.equal(out_buf[:rows], base_out) and torch.equal(res_buf[:rows], base_res)
     assert out_buf[rows:].isnan().all() and res_buf[rows:].isnan().all()
     _close(out_buf[:rows], ref_out, *_tol(dtype))
