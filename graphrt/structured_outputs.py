@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -190,6 +191,10 @@ def apply_token_bitmask(logits: Any, masks: Any) -> Any:
     return logits.masked_fill(~allowed, float("-inf"))
 
 
+# xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:94: ": where, not what.
+_CPP_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
+    return _CPP_PREFIX.sub("", text.splitlines()[0])[:300]
