@@ -188,7 +188,6 @@ class ModelRunner:
             s.num_slots, s.max_pages_per_seq, dtype=torch.int32, device=s.device
         )
         self.slot_state = SlotSamplingState(s.num_slots, c.vocab_size, s.device)
-        self._step_masks: torch.Tensor | None = None  # the eager step's token bitmasks
         self.max_logprobs = config.max_logprobs
         self.graphs: DecodeGraphRunner | None = None
         self.mixed_graphs: MixedGraphRunner | None = None
@@ -425,20 +424,14 @@ class ModelRunner:
         """Enqueue one step. Returns device outputs; nothing here waits for the GPU."""
         with torch.inference_mode():
             flags = plan.needs
-            if plan.token_masks is not None:
-                # Constrained rows: their masks are applied by the eager sampler. (The graphs'
-                # samplers take no mask yet; see graphrt/structured_outputs.py.)
-                self.prepare(plan)
-                self._step_masks = to_device(plan.token_masks, self.device)
-                try:
-                    return StepOutputs(self._eager(plan, flags), plan.batch_size, None)
-                finally:
-                    self._step_masks = None
             graphs = self.graphs
             bucket = None
-            if plan.is_decode and graphs is not None:
+            # Constrained rows run eagerly, whose sampler applies their token masks (the graphs'
+            # samplers take none yet; see graphrt/structured_outputs.py).
+            graphable = plan.token_masks is None
+            if graphable and plan.is_decode and graphs is not None:
                 bucket = graphs.bucket_for(plan.batch_size)
-            elif not plan.is_decode and (mixed := self.mixed_graphs) is not None:
+            elif graphable and not plan.is_decode and (mixed := self.mixed_graphs) is not None:
                 tokens = mixed.bucket_for(plan)
                 if tokens is not None:
                     in_ring = mixed.fits_page_updates(plan, tokens)
@@ -464,12 +457,14 @@ class ModelRunner:
         capture_bs: int | None = None,
         attn_meta: object | None = None,
         seq_lens_host: np.ndarray | None = None,
+        token_masks: torch.Tensor | None = None,
     ) -> None:
         """One decode token per row, entirely from device tensors: the captured function.
 
         Input ids come from the token buffer; page rows and KV write locations from the page
         table. ``capture_bs`` marks graph capture (backends then build static metadata).
-        ``seq_lens_host`` is given on eager steps, for backends that plan on the host.
+        ``seq_lens_host`` is given on eager steps, for backends that plan on the host;
+        ``token_masks`` on eager steps with constrained rows (``sample``).
         """
         ps = self.config.page_size
         input_ids = self.token_buf.index_select(0, slots)
@@ -496,7 +491,7 @@ class ModelRunner:
             attn_backend=self.attn,
             attn_meta=attn_meta,
         )
-        self._forward_and_sample(fb, slots, slots, seq_lens, flags, out)
+        self._forward_and_sample(fb, slots, slots, seq_lens, flags, out, token_masks)
 
     def mixed_forward(
         self,
@@ -545,6 +540,7 @@ class ModelRunner:
         dev = self.device
         b, t = plan.batch_size, plan.num_tokens
         out = SampleOutputs.allocate(b, self.max_logprobs, dev)
+        masks = None if plan.token_masks is None else to_device(plan.token_masks, dev)
         if plan.is_decode:
             packed = np.stack([plan.slots, plan.seq_lens - 1, plan.seq_lens])
             d = to_device(packed, dev)
@@ -556,6 +552,7 @@ class ModelRunner:
                 flags,
                 self.decode_kv_bound(int(plan.seq_lens.max())),
                 seq_lens_host=plan.seq_lens,
+                token_masks=masks,
             )
             return out
         cu = np.zeros(b + 1, dtype=np.int64)
@@ -604,7 +601,7 @@ class ModelRunner:
             attn_backend=self.attn,
             attn_meta=self.attn.prepare_metadata(inputs),
         )
-        self._forward_and_sample(fb, slots, out_slots, seq_lens, flags, out)
+        self._forward_and_sample(fb, slots, out_slots, seq_lens, flags, out, masks)
         return out
 
     def _forward_and_sample(
@@ -615,6 +612,7 @@ class ModelRunner:
         positions: torch.Tensor,
         flags: SamplerFlags,
         out: SampleOutputs,
+        token_masks: torch.Tensor | None = None,
     ) -> None:
         """The model, its logits and the sampler: the tail every step shares (see ``sample``)."""
         logits = self.model.compute_logits(self.model(fb))
@@ -628,7 +626,7 @@ class ModelRunner:
             flags,
             out,
             self.ops.argmax,
-            self._step_masks,
+            token_masks,
         )
 
     def decode_kv_bound(self, max_seq_len: int) -> int:
