@@ -214,8 +214,8 @@ class Engine:
         ids = list(prompt_ids)
         max_len = self._validate(ids, params)
         so = params.structured_outputs
-        if so is not None:
-            self.structured_outputs().check(so)
+        # Parsed now (a bad constraint rejects the request here), compiled off this thread.
+        compiled = self.structured_outputs().start(so) if so is not None else None
         waiting = len(self.scheduler.waiting) + len(self._grammar_waiting)
         if waiting + params.n > self.config.max_waiting_requests:
             raise EngineOverloaded(
@@ -241,8 +241,8 @@ class Engine:
             for i, cid in enumerate(completion_ids(request_id, params.n))
         ]
         for req in children:
-            if so is not None:
-                req.grammar = self.structured_outputs().start(so)
+            if compiled is not None:
+                req.grammar = self.structured_outputs().matcher_state(compiled)
                 self._grammar_waiting.append(req)
                 self._num_constrained += 1
             else:

@@ -31,6 +31,8 @@ from graphrt.sampling_params import StructuredOutputsParams
 
 # Workers that compile grammars, and how long one compilation may take.
 COMPILE_THREADS = 2
+# Compiled grammars kept for reuse (a server sees many distinct schemas).
+MAX_CACHED_GRAMMARS = 256
 # Threads that fill a step's masks (xgrammar's batched fill): the host's cores, up to 8; the
 # fill is on the step's critical path while constrained steps are taken one at a time.
 MASK_THREADS = max(1, min(8, os.cpu_count() or 1))
@@ -82,6 +84,7 @@ class StructuredOutputs:
         stop_token_ids: Iterable[int],
         compile_timeout_s: float = COMPILE_TIMEOUT_S,
         threads: int = COMPILE_THREADS,
+        max_cached: int = MAX_CACHED_GRAMMARS,
     ) -> None:
         import xgrammar as xgr
 
@@ -91,40 +94,52 @@ class StructuredOutputs:
         self._tokenizer = (hf_tokenizer, sorted(stop_token_ids), threads)
         self._compiler: Any = None  # made by the first compilation (``_compiler_for_pool``)
         self._compiler_lock = threading.Lock()
-        # xgrammar's own cache keeps compiled grammars by their text; ours keeps the futures,
-        # so concurrent requests with one schema wait on one compilation.
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, "graphrt-grammar")
+        # Compiled grammars by constraint, least recently used first: concurrent requests with
+        # one schema wait on one compilation. Called from the engine's thread only.
         self._futures: dict[StructuredOutputsParams, concurrent.futures.Future] = {}
-        self._lock = threading.Lock()
+        self._max_cached = max_cached
         self._batch = xgr.BatchGrammarMatcher(max_threads=MASK_THREADS)
         self.compile_timeout_s = compile_timeout_s
 
     # ---- compilation ----------------------------------------------------------------------
-    def check(self, so: StructuredOutputsParams) -> None:
-        """Parse the constraint now, on the caller's thread (fast: no vocabulary work), so a
-        malformed schema, regex or grammar is rejected at once with an error naming it."""
+    def start(self, so: StructuredOutputsParams) -> concurrent.futures.Future:
+        """The compiled grammar of ``so``, compiling in the pool or already compiled. On a
+        cache miss the constraint is parsed here, on the caller's thread (fast: no vocabulary
+        work), so a malformed or unsupported schema, regex or grammar raises
+        ``RequestRejected`` naming it before anything of the request exists."""
+        fut = self._futures.pop(so, None)
+        if fut is None or (fut.done() and fut.exception() is not None):
+            fut = self._pool.submit(self._compile, self._parse(so))
+        self._futures[so] = fut  # most recently used last
+        if len(self._futures) > self._max_cached:
+            for key in [k for k, f in self._futures.items() if f.done()]:
+                if len(self._futures) <= self._max_cached:
+                    break
+                del self._futures[key]
+        return fut
+
+    def matcher_state(self, compiled: concurrent.futures.Future) -> GrammarMatcherState:
+        """A completion's grammar state, waiting for ``compiled`` within the time limit."""
+        return GrammarMatcherState(compiled, time.monotonic() + self.compile_timeout_s)
+
+    def _parse(self, so: StructuredOutputsParams) -> Any:
         xgr = self._xgr
         try:
-            if so.json is not None:
-                xgr.Grammar.from_json_schema(so.json, max_whitespace_cnt=MAX_JSON_WHITESPACE)
-            elif so.regex is not None:
-                xgr.Grammar.from_regex(so.regex)
-            elif so.grammar is not None:
-                xgr.Grammar.from_ebnf(so.grammar)
+            if so.json is not None or so.json_object:
+                schema = so.json if so.json is not None else '{"type": "object"}'
+                return xgr.Grammar.from_json_schema(schema, max_whitespace_cnt=MAX_JSON_WHITESPACE)
+            if so.regex is not None:
+                return xgr.Grammar.from_regex(so.regex)
+            if so.grammar is not None:
+                return xgr.Grammar.from_ebnf(so.grammar)
+            # One alternative per choice, each a JSON string literal in EBNF.
+            return xgr.Grammar.from_ebnf("root ::= " + " | ".join(map(json.dumps, so.choice)))
         except Exception as e:  # xgrammar raises RuntimeError/ValueError subclasses
             raise RequestRejected(
                 f"structured_outputs.{so.kind} is not supported or not valid: {_first_line(e)}",
                 param="structured_outputs",
             ) from None
-
-    def start(self, so: StructuredOutputsParams) -> GrammarMatcherState:
-        """A completion's grammar state; compilation starts (or is shared) in the pool."""
-        with self._lock:
-            fut = self._futures.get(so)
-            if fut is None or (fut.done() and fut.exception() is not None):
-                fut = self._pool.submit(self._compile, so)
-                self._futures[so] = fut
-        return GrammarMatcherState(fut, time.monotonic() + self.compile_timeout_s)
 
     def _compiler_for_pool(self) -> Any:
         with self._compiler_lock:
@@ -133,21 +148,14 @@ class StructuredOutputs:
                 info = self._xgr.TokenizerInfo.from_huggingface(
                     tok, vocab_size=self.vocab_size, stop_token_ids=stops
                 )
-                self._compiler = self._xgr.GrammarCompiler(info, max_threads=threads)
+                # Our futures are the cache; xgrammar's own would keep every grammar twice.
+                self._compiler = self._xgr.GrammarCompiler(
+                    info, max_threads=threads, cache_enabled=False
+                )
             return self._compiler
 
-    def _compile(self, so: StructuredOutputsParams) -> Any:
-        c = self._compiler_for_pool()
-        if so.json is not None or so.json_object:
-            schema = so.json if so.json is not None else '{"type": "object"}'
-            return c.compile_json_schema(schema, max_whitespace_cnt=MAX_JSON_WHITESPACE)
-        if so.regex is not None:
-            return c.compile_regex(so.regex)
-        if so.grammar is not None:
-            return c.compile_grammar(so.grammar)
-        # One alternative per choice, each a JSON string literal in EBNF.
-        alts = " | ".join(json.dumps(c_) for c_ in so.choice or ())
-        return c.compile_grammar(f"root ::= {alts}")
+    def _compile(self, grammar: Any) -> Any:
+        return self._compiler_for_pool().compile_grammar(grammar)
 
     def poll(self, state: GrammarMatcherState) -> str | None:
         """Make ``state``'s matcher once its grammar is compiled. Returns None while it is

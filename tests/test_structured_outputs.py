@@ -379,3 +379,15 @@ def test_grammar_compilation_past_its_time_limit_fails_the_request(engine, monke
     assert res.outputs[0].finish_reason == FinishReason.ERROR
     assert "took longer than 0.2 s" in res.error
     assert not engine._grammar_waiting and engine._num_constrained == 0
+
+
+def test_the_grammar_cache_is_bounded_and_shared(engine, monkeypatch) -> None:
+    so = engine.structured_outputs()
+    monkeypatch.setattr(so, "_max_cached", 2)
+    constraints = [StructuredOutputsParams(regex=f"cache{i}[a-z]") for i in range(4)]
+    futures = [so.start(c) for c in constraints]
+    for f in futures:
+        f.result(timeout=30)
+    assert so.start(constraints[3]) is futures[3]  # one compilation per constraint
+    so.start(StructuredOutputsParams(regex="cache_last"))
+    assert len(so._futures) <= 2
