@@ -35,6 +35,7 @@ class TextResult:
     outputs: list[RequestOutput]
     ended: list[SequenceText]
     seconds: float
+    finished: list[str]  # requests whose final output is among ``outputs``
 
 
 class TextSide:
@@ -105,10 +106,9 @@ class TextSide:
                 # ``abort``, as on the step thread.
                 done = self._done
                 res.outputs = [o for o in res.outputs if dropped.get(o.request_id, 0) < done]
+                res.finished = [r for r in res.finished if dropped.get(r, 0) < done]
                 self._dropped = dropped = {r: n for r, n in dropped.items() if n > done}
-            for out in res.outputs:
-                if out.finished:
-                    opened.discard(out.request_id)
+            opened.difference_update(res.finished)
         return ready
 
     def close(self) -> None:
@@ -150,7 +150,8 @@ class TextSide:
 def _process(proc: OutputProcessor, step: StepTokens) -> TextResult:
     t0 = time.perf_counter()
     outs, ended = proc.process(step)
-    return TextResult(step.step_id, outs, ended, time.perf_counter() - t0)
+    finished = [o.request_id for o in outs if o.finished]  # here: off the step thread
+    return TextResult(step.step_id, outs, ended, time.perf_counter() - t0, finished)
 
 
 def _apply(proc: OutputProcessor, msg: tuple) -> None:
