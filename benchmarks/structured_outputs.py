@@ -41,6 +41,7 @@ def schema_for(output_len: int) -> dict[str, Any]:
 def run(eng: Engine, prompts: list[list[int]], params: SamplingParams) -> dict[str, float]:
     """One batch to the end: output tok/s over the wall time, and the mask work it caused."""
     steps0, mask0 = eng.stats["grammar_mask_steps"], eng.stats["grammar_mask_s"]
+    split0 = eng.stats["split_steps"]
     t0 = time.perf_counter()
     outs = eng.generate(prompts, params)
     wall = time.perf_counter() - t0
@@ -55,6 +56,7 @@ def run(eng: Engine, prompts: list[list[int]], params: SamplingParams) -> dict[s
         "wall_s": wall,
         "output_tokens": tokens,
         "mask_steps": steps,
+        "split_steps": eng.stats["split_steps"] - split0,
         "mask_ms_per_step": mask_s / steps * 1e3 if steps else 0.0,
     }
 
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{m:<14} output tok/s {fmt_stat(s['output_tok_s'], ',.0f')}  mask fill "
             f"{fmt_stat(s['mask_ms_per_step'], '.3f')} ms/step over "
-            f"{s['mask_steps']['median']:.0f} steps"
+            f"{s['mask_steps']['median']:.0f} steps ({s['split_steps']['median']:.0f} split)"
         )
     print(f"constrained / unconstrained (the ceiling): {fmt_stat(ratio, '.3f')}")
     if args.json:

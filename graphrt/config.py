@@ -52,6 +52,10 @@ _HELP: dict[str, str] = {
     "cuda_graph_max_tokens": "largest step with prefill tokens captured as a CUDA graph, by "
     "token-count bucket (default: 2048, or max_num_batched_tokens if smaller; larger steps are "
     "GPU-bound and run eagerly); 0 runs every such step eagerly",
+    "cuda_graph_structured": "also capture each decode bucket split in two (the forward to the "
+    "logits, then the sampler with token masks), for decode steps with structured-output rows: "
+    "their forward runs while the host fills the masks; off, such steps run eagerly (saves "
+    "capture time and a [cuda_graph_max_bs, vocab] logits buffer)",
     "pdl": "launch the Triton kernels with programmatic dependent launch where the GPU supports "
     "it (sm_90+): each kernel's launch overlaps the end of the one before",
     "overlap": "'thread': launcher thread, scheduler one step ahead; 'inline': one step ahead "
@@ -94,6 +98,7 @@ class EngineConfig:
     cuda_graph_max_bs: int = 256
     cuda_graph_batch_sizes: tuple[int, ...] | None = None
     cuda_graph_max_tokens: int | None = None
+    cuda_graph_structured: bool = True
     pdl: bool = True
     overlap: OverlapMode = "thread"
     text_thread: bool = True

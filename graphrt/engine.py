@@ -141,13 +141,15 @@ class Engine:
         self._ids = itertools.count()
         # graph_steps: decode graph replays; mixed_graph_steps: replays of steps with prefill.
         # grammar_mask_s / grammar_mask_steps: host time filling structured outputs' token
-        # masks, and the steps that needed them.
+        # masks, and the steps that needed them; split_steps: those of them whose forward ran
+        # while the masks were filled (``_launch_split``).
         self.stats = {
             "steps": 0,
             "graph_steps": 0,
             "mixed_graph_steps": 0,
             "failed_requests": 0,
             "grammar_mask_steps": 0,
+            "split_steps": 0,
             "grammar_mask_s": 0.0,
         }
         self._unfreeze_gc: weakref.finalize | None = None
@@ -327,7 +329,11 @@ class Engine:
             return None
         if self._num_constrained and any(r.grammar is not None for r in plan.requests):
             # A row's mask follows from every token before it, and the step in flight holds
-            # one: take that step first (the GPU waits for this host work).
+            # one: take that step first.
+            if self.runner.defers_masks(plan):
+                return self._launch_split(plan, t0)
+            # Not split (a step with prompt tokens, or above the largest bucket): the GPU
+            # waits for this host work.
             if self._inflight is not None:
                 prev, self._inflight = self._inflight, None
                 self._taken_early = self._consume(prev)
@@ -335,6 +341,24 @@ class Engine:
         self.profiler.scheduled(plan, time.perf_counter() - t0)
         self.stats["steps"] += 1
         return self.launcher.submit(plan)
+
+    def _launch_split(self, plan: StepPlan, t0: float) -> StepHandle:
+        """Launch a step with constrained rows in two parts (``ModelRunner.defers_masks``): its
+        forward first; then, while the GPU runs it, take the step in flight, which advances
+        the grammars past its tokens, fill this step's token masks, and launch its sampler."""
+        self.profiler.scheduled(plan, time.perf_counter() - t0)
+        self.stats["steps"] += 1
+        self.stats["split_steps"] += 1
+        handle = self.launcher.submit(plan, masked=True)
+        try:
+            if self._inflight is not None:
+                prev, self._inflight = self._inflight, None
+                self._taken_early = self._consume(prev)
+            self._grammar_masks(plan, handle.masks(self.runner.mask_words))
+        finally:
+            # Always: the launcher runs nothing after this step's forward until it has it.
+            self.launcher.submit_masks(handle)
+        return handle
 
     def _check_stalled(self) -> StepTokens:
         if self._grammar_waiting:
@@ -377,10 +401,11 @@ class Engine:
                 self._grammar_waiting.remove(req)
                 self.scheduler.add(req)
 
-    def _grammar_masks(self, plan: StepPlan) -> np.ndarray:
-        """The step's allowed-token bitmasks: one row per plan row; rows that sample nothing
-        this step, or have no grammar, allow everything. A grammar that allows nothing ends
-        its request with an error (its row samples unconstrained, into a finished request)."""
+    def _grammar_masks(self, plan: StepPlan, out: np.ndarray | None = None) -> np.ndarray:
+        """The step's allowed-token bitmasks: one row per plan row, in the first rows of
+        ``out`` if given; rows that sample nothing this step, or have no grammar, allow
+        everything. A grammar that allows nothing ends its request with an error (its row
+        samples unconstrained, into a finished request)."""
         t0 = time.perf_counter()
         so = self.structured_outputs()
         samples = None if plan.is_decode else plan.samples
@@ -388,7 +413,10 @@ class Engine:
             r.grammar if (samples is None or samples[i]) and not r.finished else None
             for i, r in enumerate(plan.requests)
         ]
-        masks = np.empty((plan.batch_size, so.words), dtype=np.int32)
+        if out is None:
+            masks = np.empty((plan.batch_size, so.words), dtype=np.int32)
+        else:
+            masks = out[: plan.batch_size]
         for i in so.fill(states, masks):
             req = plan.requests[i]
             self._fail(req, "the grammar allows no next token", self._side_finished)
@@ -737,11 +765,7 @@ class Engine:
 
 def _sampler_needs(p: SamplingParams) -> SamplerNeeds:
     return needs_of(
-        # The token masks of structured outputs are applied by the full sampler.
-        full=not p.greedy
-        or p.uses_penalties
-        or p.min_tokens > 0
-        or p.structured_outputs is not None,
+        full=not p.greedy or p.uses_penalties or p.min_tokens > 0,
         filters=not p.greedy and p.uses_filters,
         logprobs=p.logprobs is not None,
     )

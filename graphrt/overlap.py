@@ -73,6 +73,16 @@ class _Resources:
         )
         self.copy_done = torch.cuda.Event() if pin else None
         self.owner: int | None = None
+        self._pin = pin
+        self._rows = rows
+        # int32 [rows, words] token masks of a split step (structured outputs), made on the
+        # first one: the host fills them while the step's forward runs.
+        self.masks: torch.Tensor | None = None
+
+    def mask_buffer(self, words: int) -> torch.Tensor:
+        if self.masks is None or self.masks.shape[1] != words:
+            self.masks = torch.empty(self._rows, words, dtype=torch.int32, pin_memory=self._pin)
+        return self.masks
 
 
 class ResourcePool:
@@ -103,14 +113,22 @@ class ResourcePool:
 
 
 class StepHandle:
-    """One launched step: its plan, its outputs, its ``copy_done`` event."""
+    """One launched step: its plan, its outputs, its ``copy_done`` event.
 
-    def __init__(self, plan: StepPlan, res: _Resources, pool: ResourcePool) -> None:
+    A split step (``masked``; structured outputs) launches in two parts: its forward on
+    ``Launcher.submit``, its sampler and copies on ``Launcher.submit_masks``, once the host has
+    written the step's token masks into ``masks()``. Its results are ready after both."""
+
+    def __init__(
+        self, plan: StepPlan, res: _Resources, pool: ResourcePool, masked: bool = False
+    ) -> None:
         self.plan = plan
+        self.masked = masked
         self._res = res
         self._pool = pool
         self._outputs: StepOutputs | None = None  # keeps device tensors alive
-        self._launched = threading.Event()
+        self._launched = threading.Event()  # the step's first (or only) part is enqueued
+        self._done = threading.Event()  # all of it is enqueued, copy_done recorded (or failed)
         self._error: BaseException | None = None
         self._consumed = False
         self._released = False
@@ -129,6 +147,13 @@ class StepHandle:
         """Whether the launcher has enqueued this step (or failed to)."""
         return self._launched.is_set()
 
+    def masks(self, words: int) -> np.ndarray:
+        """The pinned int32 ``[max rows, words]`` host array a split step's token masks go in
+        (its first ``plan.batch_size`` rows), before ``Launcher.submit_masks``."""
+        if not self.masked:
+            raise StepOwnershipError(f"step {self.step_id} is not a split step; it has no masks")
+        return self._res.mask_buffer(words).numpy()
+
     def result(self) -> StepResult:
         """Wait for this step's ``copy_done`` and return its ids. Callable once."""
         if self._consumed:
@@ -137,7 +162,7 @@ class StepHandle:
             raise StepOwnershipError(f"step {self.step_id}: results read after release")
         self._consumed = True
         t0 = time.perf_counter()
-        self._launched.wait()
+        self._done.wait()
         if self._error is not None:
             raise self._error
         if self._res.copy_done is not None:
@@ -167,7 +192,7 @@ class StepHandle:
                 f"step {self.step_id}: released before its results were consumed; its event "
                 "and buffer could be reused while the copy is in flight"
             )
-        self._launched.wait()
+        self._done.wait()
         self._released = True
         if self._outputs is not None and self._outputs.io is not None:
             self._outputs.io.release()
@@ -176,23 +201,47 @@ class StepHandle:
 
     # ---- called by the launcher -----------------------------------------------------------
     def _launch(self, runner: ModelRunner) -> None:
+        """Enqueue the step, or a split step's forward."""
         try:
-            outputs = runner.execute(self.plan)
-            self._outputs = outputs
-            b = self.plan.batch_size
-            h, o = self._res.host, outputs.out
-            if outputs.io is None:  # a graph step writes its ids into its ring slot itself
-                h.ids[:b].copy_(o.ids[:b], non_blocking=True)
-            if self.plan.needs.logprobs:
-                h.logprob[:b].copy_(o.logprob[:b], non_blocking=True)
-                h.top_ids[:b].copy_(o.top_ids[:b], non_blocking=True)
-                h.top_logprobs[:b].copy_(o.top_logprobs[:b], non_blocking=True)
-            if self._res.copy_done is not None:
-                self._res.copy_done.record()
+            if self.masked:
+                self._outputs = runner.execute(self.plan, masked=True)
+            else:
+                self._outputs = runner.execute(self.plan)
+                self._copy_out()
         except BaseException as e:  # surfaced to the scheduler by result()
             self._error = e
         finally:
             self._launched.set()
+            if not self.masked or self._error is not None:
+                self._done.set()
+
+    def _launch_sampler(self, runner: ModelRunner) -> None:
+        """Enqueue a split step's sampler, with the masks the host wrote, and its copies."""
+        try:
+            if self._error is None:
+                runner.execute_sampler(self.plan, self._outputs, self._res.masks)
+                self._copy_out()
+        except BaseException as e:
+            self._error = e
+        finally:
+            self._done.set()
+
+    def _fail(self, e: BaseException) -> None:
+        self._error = e
+        self._launched.set()
+        self._done.set()
+
+    def _copy_out(self) -> None:
+        b = self.plan.batch_size
+        h, o = self._res.host, self._outputs.out
+        if self._outputs.io is None:  # a graph step writes its ids into its ring slot itself
+            h.ids[:b].copy_(o.ids[:b], non_blocking=True)
+        if self.plan.needs.logprobs:
+            h.logprob[:b].copy_(o.logprob[:b], non_blocking=True)
+            h.top_ids[:b].copy_(o.top_ids[:b], non_blocking=True)
+            h.top_logprobs[:b].copy_(o.top_logprobs[:b], non_blocking=True)
+        if self._res.copy_done is not None:
+            self._res.copy_done.record()
 
 
 @dataclass
@@ -288,7 +337,7 @@ class Launcher:
         # Steps in flight at once: the one being processed, the one running, one being queued.
         # Each may hold a slot of the decode graphs' ring, which has as many.
         self.pool = ResourcePool(RING_SLOTS, max_rows, runner.max_logprobs, dev)
-        self._queue: queue.SimpleQueue[StepHandle | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[StepHandle, bool] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.profiler: StepProfiler | None = None
         if mode in ("thread", "two_events"):
@@ -300,41 +349,59 @@ class Launcher:
         """Whether the scheduler submits step n+1 before consuming step n."""
         return self.mode != "off"
 
-    def submit(self, plan: StepPlan) -> StepHandle:
-        handle = StepHandle(plan, self.pool.acquire(plan.step_id), self.pool)
+    def submit(self, plan: StepPlan, masked: bool = False) -> StepHandle:
+        """Launch ``plan``'s step. ``masked``: a split step (``ModelRunner.defers_masks``):
+        only its forward now; the caller writes its token masks into ``handle.masks`` and then
+        must call ``submit_masks`` before submitting anything else."""
+        handle = StepHandle(plan, self.pool.acquire(plan.step_id), self.pool, masked)
         if self._thread is None:
-            self._run(handle)
+            self._run(handle, False)
             return handle
-        self._queue.put(handle)
+        self._queue.put((handle, False))
         if self.mode == "two_events":
             # The pre-SGLang-#4790 protocol, for the benchmarks: the scheduler also waits for
             # the step's launch (its launch_done) before it goes on.
             handle.wait_launched()
         return handle
 
-    def _run(self, handle: StepHandle) -> None:
+    def submit_masks(self, handle: StepHandle) -> None:
+        """Launch the rest of split step ``handle`` (its sampler and copies), with the token
+        masks the caller wrote into ``handle.masks``."""
+        if not handle.masked:
+            raise StepOwnershipError(f"step {handle.step_id} is not a split step")
+        if self._thread is None:
+            self._run(handle, True)
+        else:
+            self._queue.put((handle, True))
+
+    def _run(self, handle: StepHandle, sampler: bool) -> None:
         if self.stream is None:
-            self._launch(handle)
+            self._launch(handle, sampler)
             return
         with torch.cuda.stream(self.stream):
-            self._launch(handle)
+            self._launch(handle, sampler)
 
-    def _launch(self, handle: StepHandle) -> None:
+    def _launch(self, handle: StepHandle, sampler: bool) -> None:
+        launch = handle._launch_sampler if sampler else handle._launch
         prof = self.profiler
         if prof is None:
-            handle._launch(self.runner)
+            launch(self.runner)
             return
         rec = prof.records.get(handle.step_id) or prof.record(handle.plan)
         t0 = time.perf_counter()
-        if rec.start is not None:
+        if rec.start is not None and not sampler:
             rec.start.record()
-        handle._launch(self.runner)
-        if rec.end is not None:
+        launch(self.runner)
+        last = sampler or not handle.masked  # this call enqueued the step's end
+        if rec.end is not None and last:
             rec.end.record()
-        rec.launch_s = time.perf_counter() - t0
+        rec.launch_s += time.perf_counter() - t0
         if rec.end is not None:
-            prev, prof.last_end = prof.last_end, rec.end
-            rec.late = prev is not None and prev.query()
+            if not sampler:  # what follows the step before on the GPU is enqueued now
+                prev = prof.last_end
+                rec.late = prev is not None and prev.query()
+            if last:
+                prof.last_end = rec.end
         rec.graph_bs = handle._outputs.graph_bs if handle._outputs is not None else None
         rec.graph_tokens = handle._outputs.graph_tokens if handle._outputs is not None else None
 
@@ -342,10 +409,13 @@ class Launcher:
         if self.stream is not None:
             torch.cuda.set_device(self.runner.device)
         while True:
-            handle = self._queue.get()
-            if handle is None:
+            job = self._queue.get()
+            if job is None:
                 return
-            self._run(handle)
+            try:
+                self._run(*job)
+            except BaseException as e:  # a failure outside the step's own: fail the step
+                job[0]._fail(e)
 
     def shutdown(self) -> None:
         if self._thread is not None:

@@ -209,10 +209,14 @@ class ModelRunner:
             max_logprobs=self.max_logprobs,
             kv_len_bound=self.graph_kv_bound,
             cuda_graph_max_bs=cfg.cuda_graph_max_bs,
+            masked_steps=cfg.cuda_graph_structured,
+            vocab_size=self.model_cfg.vocab_size,
+            logits_dtype=self.settings.dtype,
         )
         return DecodeGraphRunner(
             spec,
-            self.decode_forward,
+            self.decode_logits,
+            self.sample_decode,
             self.ops.load_step_inputs,
             self.ops.store_step_ids,
             self.page_table,
@@ -337,7 +341,7 @@ class ModelRunner:
         probe = self._make_decode_graphs(show_progress=False)
         mixed_probe = self._make_mixed_graphs(show_progress=False)
         largest = mixed_probe.buckets[-1:] if mixed_probe is not None else None
-        graph_bytes = self._capture_graphs(probe, mixed_probe, largest)
+        graph_bytes = self._capture_graphs(probe, mixed_probe, largest) + probe.static_bytes
         for g in (probe, mixed_probe):
             if g is not None:
                 g.close()
@@ -420,16 +424,19 @@ class ModelRunner:
             upd = to_device(plan.page_updates, self.device)
             self.page_table.index_put_((upd[0], upd[1]), upd[2].to(torch.int32))
 
-    def execute(self, plan: StepPlan) -> StepOutputs:
-        """Enqueue one step. Returns device outputs; nothing here waits for the GPU."""
+    def execute(self, plan: StepPlan, masked: bool = False) -> StepOutputs:
+        """Enqueue one step. Returns device outputs; nothing here waits for the GPU.
+
+        ``masked``: only the forward half of a split step (``defers_masks``); its outputs are
+        written by ``execute_sampler``, which must come next on this stream."""
         with torch.inference_mode():
             flags = plan.needs
             graphs = self.graphs
             bucket = None
-            # Constrained rows run eagerly, whose sampler applies their token masks (the graphs'
-            # samplers take none yet; see graphrt/structured_outputs.py).
+            # Constrained rows not split (``masked``) run eagerly, whose sampler applies the
+            # plan's token masks.
             graphable = plan.token_masks is None
-            if graphable and plan.is_decode and graphs is not None:
+            if masked or (graphable and plan.is_decode and graphs is not None):
                 bucket = graphs.bucket_for(plan.batch_size)
             elif graphable and not plan.is_decode and (mixed := self.mixed_graphs) is not None:
                 tokens = mixed.bucket_for(plan)
@@ -443,28 +450,50 @@ class ModelRunner:
                 return StepOutputs(self._eager(plan, flags), plan.batch_size, None)
             in_ring = graphs.fits_page_updates(plan, bucket)
             self.prepare(plan, page_updates=not in_ring)
-            out, lease = graphs.run(plan, bucket, flags, page_updates=in_ring)
+            out, lease = graphs.run(plan, bucket, flags, page_updates=in_ring, masked=masked)
             return StepOutputs(out, plan.batch_size, bucket, lease)
 
-    def decode_forward(
+    def defers_masks(self, plan: StepPlan) -> bool:
+        """Whether a step with constrained rows can run split: its forward enqueued before its
+        token masks exist (``execute(plan, masked=True)``), its sampler after
+        (``execute_sampler``). Decode steps within the largest bucket, with
+        ``cuda_graph_structured``; other steps take their masks up front and run eagerly."""
+        g = self.graphs
+        return (
+            plan.is_decode
+            and g is not None
+            and g.masked_steps
+            and g.bucket_for(plan.batch_size) is not None
+        )
+
+    def execute_sampler(self, plan: StepPlan, outputs: StepOutputs, masks: torch.Tensor) -> None:
+        """The sampler half of ``plan``'s split step, whose forward gave ``outputs``
+        (``execute(plan, masked=True)``): ``masks`` is the host's int32 ``[>= bucket, words]``
+        (pinned on CUDA), its first rows the plan's token masks. Enqueues; does not wait."""
+        with torch.inference_mode():
+            self.graphs.run_sampler(outputs.graph_bs, plan.needs, masks, outputs.rows)
+
+    @property
+    def mask_words(self) -> int:
+        """int32 words of one row's token bitmask."""
+        return -(-self.model_cfg.vocab_size // 32)
+
+    def decode_logits(
         self,
         slots: torch.Tensor,
         positions: torch.Tensor,
         seq_lens: torch.Tensor,
-        out: SampleOutputs,
-        flags: SamplerFlags,
         kv_len_bound: int,
         capture_bs: int | None = None,
-        attn_meta: object | None = None,
         seq_lens_host: np.ndarray | None = None,
-        token_masks: torch.Tensor | None = None,
-    ) -> None:
-        """One decode token per row, entirely from device tensors: the captured function.
+        attn_meta: object | None = None,
+    ) -> torch.Tensor:
+        """A decode step up to its ``[B, V]`` logits, entirely from device tensors: one token
+        per row.
 
         Input ids come from the token buffer; page rows and KV write locations from the page
         table. ``capture_bs`` marks graph capture (backends then build static metadata).
-        ``seq_lens_host`` is given on eager steps, for backends that plan on the host;
-        ``token_masks`` on eager steps with constrained rows (``sample``).
+        ``seq_lens_host`` is given on eager steps, for backends that plan on the host.
         """
         ps = self.config.page_size
         input_ids = self.token_buf.index_select(0, slots)
@@ -491,7 +520,51 @@ class ModelRunner:
             attn_backend=self.attn,
             attn_meta=attn_meta,
         )
-        self._forward_and_sample(fb, slots, slots, seq_lens, flags, out, token_masks)
+        return self.model.compute_logits(self.model(fb))
+
+    def sample_decode(
+        self,
+        logits: torch.Tensor,
+        slots: torch.Tensor,
+        seq_lens: torch.Tensor,
+        flags: SamplerFlags,
+        out: SampleOutputs,
+        token_masks: torch.Tensor | None = None,
+    ) -> None:
+        """A decode step's sampler: each row's token, at position ``seq_lens``, into ``out``
+        and its slot of the token buffer."""
+        sample(
+            logits,
+            slots,
+            slots,
+            seq_lens,
+            self.slot_state,
+            self.token_buf,
+            flags,
+            out,
+            self.ops.argmax,
+            token_masks,
+        )
+
+    def decode_forward(
+        self,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: torch.Tensor,
+        out: SampleOutputs,
+        flags: SamplerFlags,
+        kv_len_bound: int,
+        capture_bs: int | None = None,
+        attn_meta: object | None = None,
+        seq_lens_host: np.ndarray | None = None,
+        token_masks: torch.Tensor | None = None,
+    ) -> None:
+        """One decode step, forward and sampler (``decode_logits``, ``sample_decode``);
+        ``token_masks`` on eager steps with constrained rows (``sample``)."""
+        logits = self.decode_logits(
+            slots, positions, seq_lens, kv_len_bound, capture_bs, seq_lens_host, attn_meta
+        )
+        self.sample_decode(logits, slots, seq_lens, flags, out, token_masks)
 
     def mixed_forward(
         self,

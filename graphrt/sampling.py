@@ -224,8 +224,8 @@ def sample(
     where each row's token goes (the dummy slot for rows that must not record one);
     ``positions``: the position the sampled token will occupy; ``argmax``: the greedy kernel
     (``Ops.argmax``); ``token_masks``: int32 ``[B, words]`` allowed-token bitmasks
-    (``structured_outputs``; needs ``flags.full``), applied after penalties and bans and before
-    temperature, so greedy and sampled rows pick only allowed tokens while logprobs stay those
+    (``structured_outputs``), applied after penalties and bans and before temperature (or
+    before the greedy argmax), so every row picks only allowed tokens while logprobs stay those
     of the model's raw distribution. No host synchronisation, no allocation that depends on
     values: safe to capture.
     """
@@ -234,7 +234,7 @@ def sample(
     if flags.logprobs:
         logp = lf.log_softmax(dim=-1)
     if not flags.full:
-        ids = argmax(logits)
+        ids = argmax(logits if token_masks is None else apply_token_bitmask(logits, token_masks))
     else:
         work = apply_penalties(lf, slots, state)
         work = ban_stop_ids(work, slots, positions, state)

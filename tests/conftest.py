@@ -105,3 +105,44 @@ def default_model_dir() -> Path:
             "first (the README's test command does)"
         )
     return ensure_default_model()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as a printable character."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars), strict=True))
+
+
+def save_byte_tokenizer(path: Path) -> Path:
+    """A byte-level tokenizer with no merges into ``path``: ids 0-255 are the bytes, 256 is
+    ``<s>`` and 257 ``</s>`` (eos). With a tiny model of ``vocab_size=258`` it makes a model
+    that grammars can constrain, built without the network."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: b for b, c in _bytes_to_unicode().items()}
+    vocab.update({"<s>": 256, "</s>": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_byte_model(tiny_model_factory: Callable[..., Path]) -> Path:
+    """A tiny random Llama whose vocabulary is ``save_byte_tokenizer``'s, with that
+    tokenizer: for structured outputs without the default model."""
+    d = tiny_model_factory("LlamaForCausalLM", vocab_size=258, initializer_range=0.3)
+    if not (d / "tokenizer.json").is_file():
+        save_byte_tokenizer(d)
+    return d

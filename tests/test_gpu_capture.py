@@ -159,3 +159,39 @@ def test_shutdown_frees_gpu_memory(tiny_model_factory) -> None:
     assert torch.cuda.memory_allocated() - before < max(held // 20, 8 << 20)
     with pytest.raises(RuntimeError, match="shut down"):
         eng.add_request(None, [1, 2], None)
+
+
+def test_structured_split_graphs_equal_eager(tiny_byte_model) -> None:
+    """Decode steps with constrained rows replay the bucket's split graphs (forward, then the
+    masked sampler once the host has the masks): the same tokens as eager steps, greedy and
+    sampled, beside an unconstrained row."""
+    pytest.importorskip("xgrammar")
+    from graphrt import StructuredOutputsParams
+    from graphrt.capture.graph_runner import LOGITS, MASKED_VARIANTS
+
+    constraints = [
+        StructuredOutputsParams(json={"type": "array", "items": {"type": "integer"}}),
+        StructuredOutputsParams(regex=r"[a-z]{3,8}-[0-9]{2,5}"),
+        StructuredOutputsParams(choice=["alpha", "beta", "gamma"]),
+    ]
+    params = [
+        SamplingParams(temperature=t, seed=11, max_tokens=40, structured_outputs=so)
+        for t in (0.0, 1.0)
+        for so in constraints
+    ]
+    params.append(SamplingParams(temperature=1.0, seed=5, max_tokens=40, ignore_eos=True))
+    prompts = ["json: ", "id: ", "pick: ", "a", "b", "c", "d"]
+    common = dict(show_progress=False, dtype="bfloat16", max_model_len=256)
+    graph = Engine(str(tiny_byte_model), cuda_graph_batch_sizes=(4, 8), **common)
+    eager = Engine(str(tiny_byte_model), cuda_graph_max_bs=0, **common)
+    try:
+        keys = {k for _, k in graph.runner.graphs.graphs}
+        assert LOGITS in keys and set(MASKED_VARIANTS) <= keys
+        g = graph.generate(prompts, params)
+        e = eager.generate(prompts, params)
+        assert [o.outputs[0].token_ids for o in g] == [o.outputs[0].token_ids for o in e]
+        assert not any(o.error for o in g)
+        assert graph.stats["split_steps"] > 0 and eager.stats["split_steps"] == 0
+    finally:
+        graph.shutdown()
+        eager.shutdown()

@@ -187,10 +187,10 @@ def test_thread_mode_lets_a_pending_launch_go_before_processing(llama, mode: str
     gate = threading.Event()
     launch = eng.launcher._launch
 
-    def gated_launch(handle):
+    def gated_launch(handle, sampler=False):
         if mode == "thread":
             gate.wait(timeout=30)
-        launch(handle)
+        launch(handle, sampler)
         log.append("launched")
 
     real_done = eng.scheduler.step_done

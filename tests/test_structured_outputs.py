@@ -391,3 +391,56 @@ def test_the_grammar_cache_is_bounded_and_shared(engine, monkeypatch) -> None:
     assert so.start(constraints[3]) is futures[3]  # one compilation per constraint
     so.start(StructuredOutputsParams(regex="cache_last"))
     assert len(so._futures) <= 2
+
+
+def _split_params() -> list[SamplingParams]:
+    """Greedy and sampled rows under a JSON schema, a regex and a choice, plus an
+    unconstrained row, for a tiny byte-level model."""
+    out = []
+    for t in (0.0, 1.0):
+        for so in (
+            StructuredOutputsParams(json=SCHEMAS[6]),
+            StructuredOutputsParams(regex=r"[a-z]{3,8}-[0-9]{2,5}"),
+            StructuredOutputsParams(choice=["alpha", "beta", "gamma"]),
+        ):
+            out.append(SamplingParams(temperature=t, seed=11, max_tokens=48, structured_outputs=so))
+    out.append(SamplingParams(temperature=1.0, seed=5, max_tokens=48, ignore_eos=True))
+    return out
+
+
+@pytest.mark.parametrize("overlap", ["thread", "off"])
+def test_split_steps_equal_unsplit_steps(tiny_byte_model, overlap) -> None:
+    """Decode steps with constrained rows run split (forward, then the masked sampler once the
+    host has the masks) or, with cuda_graph_structured off, whole after the masks: the same
+    tokens either way, and every finished output follows its constraint."""
+    params = _split_params()
+    prompts = ["json: ", "id: ", "pick: ", "more: ", "x"] * 2 + ["y", "z"]
+    got, stats = {}, {}
+    for split in (True, False):
+        eng = Engine(
+            str(tiny_byte_model),
+            show_progress=False,
+            max_model_len=256,
+            cuda_graph_batch_sizes=(4, 8, 16),
+            cuda_graph_structured=split,
+            overlap=overlap,
+        )
+        try:
+            outs = eng.generate(prompts[: len(params)], params)
+            got[split] = [o.outputs[0] for o in outs]
+            stats[split] = dict(eng.stats)
+        finally:
+            eng.shutdown()
+    assert [c.token_ids for c in got[True]] == [c.token_ids for c in got[False]]
+    assert stats[True]["split_steps"] > 0 and stats[False]["split_steps"] == 0
+    for p, c in zip(params, got[True], strict=True):
+        so = p.structured_outputs
+        if so is None or c.finish_reason != "stop":
+            continue
+        if so.json is not None:
+            jsonschema.validate(json.loads(c.text), so.json)
+        elif so.regex is not None:
+            assert re.fullmatch(so.regex, c.text), c.text
+        else:
+            assert c.text in so.choice
+    assert any(c.finish_reason == "stop" for c in got[True])
