@@ -171,6 +171,7 @@ def test_cli_round_trip_of_non_default_config() -> None:
         cuda_graph_max_bs=32,
         cuda_graph_batch_sizes=(1, 2, 4, 32),
         cuda_graph_max_tokens=256,
+        cuda_graph_structured=False,
         pdl=False,
         overlap="two_events",
         text_thread=False,
