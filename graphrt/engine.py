@@ -353,7 +353,7 @@ class Engine:
         try:
             if self._inflight is not None:
                 prev, self._inflight = self._inflight, None
-                self._taken_early = self._consume(prev)
+                self._taken_early = self._consume(prev, handle)  # the forward launches first
             self._grammar_masks(plan, handle.masks(self.runner.mask_words))
         finally:
             # Always: the launcher runs nothing after this step's forward until it has it.

@@ -371,8 +371,12 @@ class Launcher:
             raise StepOwnershipError(f"step {handle.step_id} is not a split step")
         if self._thread is None:
             self._run(handle, True)
-        else:
-            self._queue.put((handle, True))
+            return
+        self._queue.put((handle, True))
+        # The GPU may already wait for this sampler. Block until the launcher has enqueued it:
+        # the wait hands the launcher the GIL now, where carrying on with the next step's
+        # planning would hold it until a blocking call or CPython's 5 ms switch interval.
+        handle._done.wait()
 
     def _run(self, handle: StepHandle, sampler: bool) -> None:
         if self.stream is None:
