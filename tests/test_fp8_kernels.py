@@ -4,7 +4,8 @@ references.
 On CPU the Triton kernels run under ``TRITON_INTERPRET=1`` (set by conftest before anything
 imports triton) at tiny shapes: the FP8 GEMV, its SiLU-and-mul variant and the per-token
 activation quantizer, plus the W8A8 glue where this torch's CPU ``_scaled_mm`` takes row-wise
-scales. The ``gpu`` tests add real shapes, W8A8 on the fp8 tensor cores, PDL in a captured graph.
+scales. The ``gpu`` tests add real shapes, W8A8 on the fp8 tensor cores, PDL in a captured graph
+and an FP8 model's graphs against eager.
 
 Tolerances, per element, from ``mag = |x| @ |w|^T + |b|`` (the bound on a dot product's rounding
 error) and ``eps``, the output dtype's ulp at 1 (2^-7 bf16, 2^-10 fp16, 2^-23 fp32):
@@ -270,6 +271,29 @@ def test_w8a8_error_is_the_activation_rounding() -> None:
         assert 0.02 < err < 0.03
 
 
+# ---- the seam: Ops bundles and the model's calls -------------------------------------------
+
+
+def test_ops_bundles_bind_the_fp8_kernels() -> None:
+    from graphrt.kernels.ops import make_ops
+    from graphrt.models.fp8 import Fp8Weight, linear, silu_mul_linear
+
+    tri, ref = make_ops("triton"), make_ops("torch")
+    assert tri.fp8_linear is F8.fp8_linear and tri.fp8_silu_mul_linear is F8.silu_mul_linear
+    assert ref.fp8_linear is reference.fp8_linear
+    assert ref.fp8_silu_mul_linear is reference.fp8_silu_mul_linear
+    w = Fp8Weight(48, 64, DEV)
+    w.load_rows(None, *_weight(48, 64, spread=0.0))
+    x = torch.randn(2, 64, device=DEV)
+    gu = torch.randn(2, 128, device=DEV)
+    for a, b in [(linear(tri, x, w), linear(ref, x, w)),
+                 (silu_mul_linear(tri, gu, w), silu_mul_linear(ref, gu, w))]:  # fmt: skip
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # The torch bundle computes what it did before the fused entry existed.
+    want = reference.fp8_linear(reference.silu_and_mul(gu), w.weight, w.weight_scale)
+    assert torch.equal(silu_mul_linear(ref, gu, w), want)
+
+
 # ---- GPU: real shapes, W8A8, PDL in a graph, a model's graphs against eager --------------------
 
 # (N, K) of Llama-3.1-8B's qkv, o and down, Llama-3.2-1B's qkv and down.
@@ -352,3 +376,40 @@ def test_gpu_fp8_chain_in_graph_is_exact(rows) -> None:
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_gpu_fp8_model_graphs_equal_eager(tiny_model_factory, arch) -> None:
+    """An FP8 model (quantized at load) gives the same greedy ids from decode graphs as from
+    eager steps, at batch sizes on the GEMV (up to 16 rows, padded buckets included) and on
+    W8A8 (24, 32). Qwen2 adds the q/k/v bias."""
+    from graphrt import Engine, SamplingParams
+    from graphrt.models.fp8 import Fp8Weight
+
+    d = tiny_model_factory(
+        arch, initializer_range=0.3, hidden_size=256, intermediate_size=512,
+        num_attention_heads=4, head_dim=64,
+    )  # fmt: skip
+    buckets = (1, 2, 4, 8, 16, 24, 32)
+    common = dict(show_progress=False, dtype="bfloat16", quantization="fp8", max_model_len=256,
+                  overlap="off")  # fmt: skip
+    graph = Engine(str(d), cuda_graph_batch_sizes=buckets, **common)
+    eager = Engine(str(d), cuda_graph_max_bs=0, **common)
+    try:
+        assert graph.runner.ops.name == "triton" and graph.runner.graphs.captured
+        assert isinstance(graph.runner.model.layers[0].down_proj, Fp8Weight)
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        g = torch.Generator().manual_seed(0)
+        for n in (1, 3, 13, 16, 21, 32):
+            prompts = [torch.randint(0, 256, (int(l),), generator=g).tolist()
+                       for l in torch.randint(4, 60, (n,), generator=g)]  # fmt: skip
+            before = graph.stats["graph_steps"]
+            a = [o.outputs[0].token_ids for o in graph.generate(prompts, params)]
+            b = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+            assert a == b, f"bs={n}"
+            assert graph.stats["graph_steps"] > before
+        assert eager.stats["graph_steps"] == 0
+    finally:
+        graph.shutdown()
+        eager.shutdown()
