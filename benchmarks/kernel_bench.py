@@ -13,6 +13,10 @@ the same run, the torch reference and flashinfer.
   over a 1536 prefix) for the backend choice; flashinfer's host cost per graph replay.
 - Skinny GEMMs: cuBLAS against the Triton GEMV at m = 1-16 rows for every decode GEMM of
   Llama-3.1-8B and Llama-3.2-1B; greedy argmax over a 128,256 vocabulary (batch 1-256).
+- FP8 weights (``--only fp8``): the bf16 linear against the FP8 GEMV and W8A8 at those GEMMs
+  (lm_head aside) for m = 1, 2, 4, 8, 16 and 64, with a summary table of each one's % of the
+  HBM ceiling and FP8's speed-up; ``--sweep`` adds the FP8 GEMV's launch configs at m = 1, 16
+  (``kernels/triton_fp8.py``'s config table is re-tuned from these).
 
 Each measurement captures ``iters`` calls into one CUDA graph (no launch gaps from Python) and
 times its replays with CUDA events; ``--reps`` replays give the median and the min-max spread.
@@ -752,6 +756,149 @@ def bench_argmax(timer: Timer, dev: torch.device, smoke: bool) -> list[Result]:
     return res
 
 
+# ---- FP8 weights (issue #21) --------------------------------------------------------------------
+
+FP8_ROWS = (1, 2, 4, 8, 16, 64)
+
+
+def _fp8_sweep_configs(m: int, smoke: bool = False):
+    from graphrt.kernels.triton_gemv import GemvConfig
+
+    if smoke:
+        return [GemvConfig(2, 32, 2, 4), GemvConfig(16, 64, 4, 4)][: 2 if m == 1 else 1]
+    if m == 1:
+        return [
+            GemvConfig(bn, bk, w, 4)
+            for bn in (2, 4, 8, 16)
+            for bk in (512, 1024, 2048)
+            for w in (4, 8)
+        ]
+    return [
+        GemvConfig(bn, bk, w, st)
+        for bn in (16, 32)
+        for bk in (128, 256, 512)
+        for w in (4, 8)
+        for st in (3, 4)
+    ]
+
+
+def _fp8_gemv_cfg(m: int, n: int, k: int):
+    """The dispatch's config, or past its row bound one with a short K block (a 64-row tile of
+    512 would overflow shared memory), so the table shows where the GEMV stops paying."""
+    from graphrt.kernels import triton_fp8 as tf
+
+    cfg = tf.fp8_gemv_config(m, n, k)
+    return cfg or replace(tf.FEW_ROWS, block_k=min(128, 1 << (k.bit_length() - 1)))
+
+
+def bench_fp8(
+    timer: Timer,
+    dev: torch.device,
+    smoke: bool,
+    sweep: bool,
+    pdl: bool = False,
+    only_shapes: list[str] | None = None,
+    rows: list[int] | None = None,
+) -> list[Result]:
+    """FP8 weights against bf16 at Llama-3.1-8B's and Llama-3.2-1B's decoder GEMMs (the lm_head
+    stays bf16): the bf16 linear a step runs today (``triton_gemv.linear``: its GEMV or cuBLAS),
+    the FP8 GEMV and W8A8 (per-token quantizer + ``torch._scaled_mm``; sm_89+), each at every
+    row count whatever ``fp8_linear``'s row bound picks, so the bound can be set from the table.
+    The down projection also runs from the gate/up output (SiLU fused) on both paths. Bytes = the
+    weight (2 bytes a value in bf16; 1 plus a 4-byte scale per row in FP8) + bf16 input + output:
+    each op's unavoidable traffic. With ``--sweep``, every FP8 GEMV config at m = 1 and 16."""
+    from graphrt.kernels import triton_fp8 as tf
+    from graphrt.kernels import triton_gemv as tg
+    from graphrt.models.fp8 import quantize_fp8
+
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    shapes = [("tiny", "down", 128, 64)] if smoke else [s for s in GEMV_SHAPES if s[1] != "lm_head"]
+    if only_shapes:
+        shapes = [s for s in shapes if f"{s[0]}:{s[1]}" in only_shapes]
+    ms = tuple(rows) if rows else (1, 2, 17) if smoke else FP8_ROWS
+    iters = 2 if smoke else 20
+    res = []
+    for model, layer, n, k in shapes:
+        ws = [
+            torch.randn(n, k, device=dev, dtype=dt) / k**0.5
+            for _ in range(_copies(2 * n * k, smoke))
+        ]
+        qs = [quantize_fp8(ws[i % len(ws)]) for i in range(_copies(n * k, smoke))]
+        fp8_bytes = n * k + 4 * n
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=dt)
+            gu = torch.randn(m, 2 * k, device=dev, dtype=dt)
+            io = 2 * m * (n + k)
+            label = f"fp8 {model} {layer} m{m} {n}x{k}"
+            fns = [lambda w=w, x=x: tg.linear(x, w, pdl=pdl) for w in ws]
+            cfg = tg.gemv_config(m, n, k)
+            res.append(Result(label, "bf16", 2 * n * k + io, timer(fns, iters),
+                              f"GEMV {cfg}" if cfg else "cuBLAS"))  # fmt: skip
+            cfg = _fp8_gemv_cfg(m, n, k)
+            fns = [
+                lambda q=q, s=s, x=x, c=cfg: tf.fp8_gemv(x, q, s, None, c, pdl=pdl) for q, s in qs
+            ]
+            note = str(cfg) + ("" if m <= tf.FP8_GEMV_MAX_ROWS else "; past the row bound")
+            res.append(Result(label, "triton-fp8", fp8_bytes + io, timer(fns, iters), note))
+            if tf.w8a8_supported(x, qs[0][0], None):
+                fns = [lambda q=q, s=s, x=x: tf.w8a8_linear(x, q, s, pdl=pdl) for q, s in qs]
+                res.append(Result(label, "w8a8", fp8_bytes + io, timer(fns, iters),
+                                  "quantizer + _scaled_mm"))  # fmt: skip
+            if layer == "down":
+                label = f"fp8 silu+{layer} {model} m{m} {n}x{k}"
+                io = 2 * m * (n + 2 * k)
+                fns = [lambda w=w, gu=gu: tg.silu_mul_linear(gu, w, pdl=pdl) for w in ws]
+                res.append(Result(label, "bf16", 2 * n * k + io, timer(fns, iters)))
+                fns = [lambda q=q, s=s, gu=gu: tf.silu_mul_linear(gu, q, s, pdl=pdl) for q, s in qs]
+                res.append(Result(label, "fp8", fp8_bytes + io, timer(fns, iters),
+                                  "fp8_silu_mul_linear's dispatch"))  # fmt: skip
+            if sweep and m in (1, 16):
+                label = f"fp8 {model} {layer} m{m} {n}x{k}"
+                for c in _fp8_sweep_configs(m, smoke):
+                    fns = [
+                        lambda q=q, s=s, x=x, c=c: tf.fp8_gemv(x, q, s, None, c, pdl=pdl)
+                        for q, s in qs
+                    ]
+                    r = Result(label, "triton-sweep", fp8_bytes + 2 * m * (n + k),
+                               timer(fns, iters), str(c))  # fmt: skip
+                    r.extra["config"] = asdict(c)
+                    res.append(r)
+        del ws, qs
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def _fp8_table(results: list[Result], hbm_gbps: float) -> str:
+    """One line per FP8 shape and row count: each path's time, achieved GB/s and % of the HBM
+    ceiling measured in the same run, and the fastest FP8 path's speed-up over bf16."""
+    names = [r.name for r in results if r.name.startswith("fp8 ") and r.impl == "bf16"]
+    out = [
+        f"fp8 vs bf16 (median us, GB/s, % of the {hbm_gbps:.0f} GB/s HBM ceiling; "
+        "w8a8 only on sm_89+):",
+        f"  {'shape':<40} {'bf16':>21} {'fp8 gemv*':>21} {'w8a8':>21} {'speed-up':>9}",
+    ]
+    for name in names:
+        by = {r.impl: r for r in results if r.name == name and r.impl != "triton-sweep"}
+
+        def cell(impl: str, by=by) -> str:
+            r = by.get(impl)
+            if r is None:
+                return f"{'-':>21}"
+            gb = r.gbps(r.median_us)
+            return f"{r.median_us:>8.2f} {gb:>5.0f} {100 * gb / hbm_gbps:>5.1f}%"
+
+        fp8 = [by[i].median_us for i in ("triton-fp8", "w8a8", "fp8") if i in by]
+        speed = by["bf16"].median_us / min(fp8) if fp8 else float("nan")
+        gemv = "fp8" if "fp8" in by else "triton-fp8"
+        out.append(
+            f"  {name.removeprefix('fp8 '):<40} {cell('bf16')} {cell(gemv)} {cell('w8a8')} "
+            f"{speed:>8.2f}x"
+        )
+    out.append("  * silu+down rows: fp8_silu_mul_linear as dispatched (GEMV up to its row bound)")
+    return "\n".join(out)
+
+
 # ---- driver --------------------------------------------------------------------------------------
 
 
@@ -812,7 +959,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="MODEL:LAYER",
         help="GEMV shapes to run, e.g. 1b:qkv 1b:down (default: all)",
     )
-    ap.add_argument("--gemv-rows", type=int, nargs="+", help="GEMV row counts (default: 1 8)")
+    ap.add_argument(
+        "--gemv-rows",
+        type=int,
+        nargs="+",
+        help="GEMV row counts (default: 1 8; fp8 section: 1 2 4 8 16 64)",
+    )
     ap.add_argument("--skip-ops", action="store_true", help="attention only")
     ap.add_argument(
         "--no-flashinfer",
@@ -822,7 +974,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--only",
         nargs="+",
-        choices=["decode", "extend", "ops", "gemv", "argmax"],
+        choices=["decode", "extend", "ops", "gemv", "argmax", "fp8"],
         help="run only these sections (the HBM ceiling always runs)",
     )
     args = ap.parse_args(argv)
@@ -870,6 +1022,14 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         sections.append(("argmax", lambda: bench_argmax(timer, dev, args.smoke)))
+        sections.append(
+            (
+                "fp8",
+                lambda: bench_fp8(
+                    timer, dev, args.smoke, args.sweep, pdl, args.gemv_shapes, args.gemv_rows
+                ),
+            )
+        )
     for name, section in sections:
         if args.only and name not in args.only:
             continue
@@ -882,6 +1042,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep:
         print(_sweep_table(results, hbm_gbps))
     print(_table(results, hbm_gbps, device))
+    if any(r.name.startswith("fp8 ") for r in results):
+        print(_fp8_table(results, hbm_gbps))
     if args.json:
         meta = {
             "device": device,

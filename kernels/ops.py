@@ -2,7 +2,8 @@
 
 Models receive an :class:`Ops` explicitly; nothing here is global. ``"torch"`` is the reference
 (and the CPU path); ``"triton"`` uses the fused Triton kernels in :mod:`graphrt.kernels.triton_ops`,
-the few-row GEMV of :mod:`graphrt.kernels.triton_gemv` (cuBLAS above it), the two-pass argmax
+the few-row GEMV of :mod:`graphrt.kernels.triton_gemv` (cuBLAS above it), the FP8-weight
+linear layers of :mod:`graphrt.kernels.triton_fp8` (FP8 GEMV, W8A8 above it), the two-pass argmax
 of :mod:`graphrt.kernels.triton_argmax` and the decode steps' zero-copy input load (with
 their page-table writes) and ids store of :mod:`graphrt.kernels.triton_step_io`, optionally
 launched with PDL (:mod:`graphrt.kernels.pdl`).
@@ -27,10 +28,12 @@ class Ops:
     rope_and_store_kv: Callable
     linear: Callable
     silu_mul_linear: Callable
-    # ``fp8_linear(x, weight_fp8, scale, bias)``: the one seam for FP8 weights
-    # (graphrt.models.fp8). Both bundles use the torch reference (dequantize, then matmul) until
-    # the GPU kernels (a Triton FP8 GEMV for few rows, W8A8 for more) land in "triton".
+    # ``fp8_linear(x, weight_fp8, scale, bias)`` and ``fp8_silu_mul_linear(x, weight_fp8,
+    # scale)`` (the down projection on the gate/up output): the seam for FP8 weights
+    # (graphrt.models.fp8). "torch" dequantizes, then multiplies (kernels.reference); "triton"
+    # runs an FP8 GEMV for a few rows and W8A8 (_scaled_mm) for more (kernels.triton_fp8).
     fp8_linear: Callable
+    fp8_silu_mul_linear: Callable
     argmax: Callable
     # Not model ops: a decode step's first and last nodes, which read its inputs (and apply its
     # page-table writes) from and write its sampled ids to a pinned ring slot
@@ -55,6 +58,7 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
             linear=reference.linear,
             silu_mul_linear=reference.silu_mul_linear,
             fp8_linear=reference.fp8_linear,
+            fp8_silu_mul_linear=reference.fp8_silu_mul_linear,
             argmax=reference.argmax,
             load_step_inputs=reference.load_step_inputs,
             store_step_ids=reference.store_step_ids,
@@ -62,6 +66,7 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
     if impl == "triton":
         mod = importlib.import_module("graphrt.kernels.triton_ops")
         gemv = importlib.import_module("graphrt.kernels.triton_gemv")
+        fp8 = importlib.import_module("graphrt.kernels.triton_fp8")
         amax = importlib.import_module("graphrt.kernels.triton_argmax")
         step_io = importlib.import_module("graphrt.kernels.triton_step_io")
 
@@ -76,7 +81,8 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
             rope_and_store_kv=bind(mod.rope_and_store_kv),
             linear=bind(gemv.linear),
             silu_mul_linear=bind(gemv.silu_mul_linear),
-            fp8_linear=reference.fp8_linear,
+            fp8_linear=bind(fp8.fp8_linear),
+            fp8_silu_mul_linear=bind(fp8.silu_mul_linear),
             argmax=bind(amax.argmax),
             load_step_inputs=step_io.load_step_inputs,
             store_step_ids=step_io.store_step_ids,

@@ -319,6 +319,30 @@ def test_kernels_smoke_ops_gemv_and_argmax(tmp_path) -> None:
     assert "benchmark section failed" not in r.stderr
 
 
+def test_kernels_smoke_fp8() -> None:
+    """kernel_bench.py's FP8 section (bf16 linear, FP8 GEMV past its row bound too, the fused
+    down projection, the sweep) runs end to end, interpreted, and prints its summary table.
+    The checkout root goes first on the path, so the script imports this tree's graphrt."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, str(BENCH / "kernel_bench.py"), "--smoke", "--sweep", "--reps", "2"]
+    cmd += ["--only", "fp8", "--gemv-rows", "1", "17"]
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent)}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "benchmark section failed" not in r.stderr
+    table = r.stdout.split("fp8 vs bf16", 1)[1].splitlines()
+    shapes = [line.split()[:3] for line in table[2:] if line.startswith("  ") and "x" in line]
+    assert shapes == [
+        ["tiny", "down", "m1"],
+        ["silu+down", "tiny", "m1"],
+        ["tiny", "down", "m17"],
+        ["silu+down", "tiny", "m17"],
+    ]
+    assert "past the row bound" in r.stdout  # m17: the GEMV timed beyond fp8_linear's bound
+
+
 def test_step_profile_without_cuda_says_so() -> None:
     sp = _load("step_profile")
     assert sp.main(["--model", "unused"]) == 0

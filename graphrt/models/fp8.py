@@ -7,13 +7,17 @@ brought to this one layout: a per-tensor scale is repeated over the tensor's row
 exact, and lets q, k and v (or gate and up) with different scales share one fused matrix.
 
 **The GPU seam.** A model calls :func:`linear` / :func:`silu_mul_linear` for every projection.
-For an :class:`Fp8Weight` these call ``ops.fp8_linear(x, weight, weight_scale, bias)`` and
-nothing else, so a faster kernel plugs in by giving the ``Ops`` bundle another ``fp8_linear``
-(``graphrt.kernels.ops.make_ops``). Today both bundles use the torch reference,
-``graphrt.kernels.reference.fp8_linear``, which dequantizes to the activation dtype and runs the
-matmul: that is the CPU path, and the numerics a GPU kernel must match. Any kernel must keep the
-step capturable: no host sync and no allocation whose size depends on values (a per-token
-activation scale, for W8A8, is computed on the device).
+For an :class:`Fp8Weight` these call ``ops.fp8_linear(x, weight, weight_scale, bias)`` or
+``ops.fp8_silu_mul_linear(x, weight, weight_scale)`` and nothing else, so kernels plug in
+through the ``Ops`` bundle (``graphrt.kernels.ops.make_ops``). The "torch" bundle (the CPU path)
+uses the reference, ``graphrt.kernels.reference.fp8_linear``, which dequantizes to the
+activation dtype and runs the matmul: the numerics every kernel must match. The "triton" bundle
+(CUDA) uses ``graphrt.kernels.triton_fp8``: on sm_89+, an FP8 GEMV that streams the e4m3
+weight and applies the row scale after its fp32 sum (up to 16 rows; the down projection with
+SiLU-and-mul fused), and above that W8A8, the activations quantized per token on the device
+and multiplied by ``torch._scaled_mm``; before sm_89, or for shapes ``_scaled_mm`` refuses, the
+reference. Any kernel must keep the step capturable: no host sync and no allocation whose
+size depends on values (W8A8's per-token activation scales are computed on the device).
 
 Only the decoder's linear layers are quantized; embeddings, the lm_head and norms stay in the
 model dtype.
@@ -100,6 +104,5 @@ def linear(
 def silu_mul_linear(ops: Ops, x: torch.Tensor, w: torch.Tensor | Fp8Weight) -> torch.Tensor:
     """The down projection on the gate/up output: ``linear(silu_and_mul(x), w)``."""
     if isinstance(w, Fp8Weight):
-        # Unfused for now: a GPU fp8 GEMV can fuse SiLU-and-mul into its load as the bf16 one does.
-        return ops.fp8_linear(ops.silu_and_mul(x), w.weight, w.weight_scale, None)
+        return ops.fp8_silu_mul_linear(x, w.weight, w.weight_scale)
     return ops.silu_mul_linear(x, w)

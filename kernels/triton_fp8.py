@@ -1,0 +1,406 @@
+"""FP8-weight linear layers on the GPU: ``y = x @ (q * s[:, None]).T (+ b)`` for e4m3 ``q``
+``[N, K]`` with one fp32 scale per output channel ``s`` ``[N]`` (the layout of
+:mod:`graphrt.models.fp8`), activations ``x`` ``[M, K]`` in bf16, fp16 or fp32.
+
+Two paths, chosen from shapes alone (so the choice is fixed per captured graph):
+
+- **A few rows** (``M <= FP8_GEMV_MAX_ROWS``): a weight-only FP8 GEMV, laid out as the bf16 one
+  (:mod:`graphrt.kernels.triton_gemv`): each program owns ``BLOCK_N`` output columns over all
+  of ``K``, so every output is summed by one program in one order (no split-K, no atomics:
+  deterministic). It streams one byte per weight, upcasts in registers (exact: every e4m3 value
+  is a bf16, fp16 and fp32 value), accumulates in fp32 and applies the row scale once at the
+  end (``sum_k x q s = s sum_k x q``: the scale belongs to the output channel). One row reduces
+  on the CUDA cores; 2-16 rows run one tensor-core ``tl.dot`` per K block in the activation
+  dtype. A ``silu_mul`` variant reads the gate/up output ``[M, 2K]`` and applies SiLU-and-mul
+  as it loads (the down projection, as in the bf16 GEMV).
+- **More rows: W8A8.** One Triton kernel quantizes each activation row to e4m3 on the device
+  (``scale = amax(|row|) / 448``, the weights' recipe; no host sync, nothing sized by values),
+  then ``torch._scaled_mm`` multiplies on the fp8 tensor cores with row-wise scales. Per-token
+  scales keep rows independent: a graph bucket's padding rows cannot move a real row's scale,
+  as a per-tensor scale would.
+
+Anything else takes the torch reference (dequantize, then ``F.linear``): GPUs before sm_89
+(neither Triton nor cuBLAS has e4m3 there), and above the GEMV bound, fp16/fp32 activations
+(``_scaled_mm``'s row-wise path is bf16-only in some torch releases) or a K or N that is not a
+multiple of 16 (``_scaled_mm`` refuses them).
+
+Numerics against :func:`graphrt.kernels.reference.fp8_linear`, which rounds the dequantized
+weight to the activation dtype before its matmul: the GEMV does not round the weight, so it is
+the closer of the two to exact arithmetic (``tests/test_fp8_kernels.py`` checks it is within one
+rounding of the exact product). W8A8 adds e4m3 rounding of the activations: about 2.6% relative
+(norm-wise) error on random inputs, as much as the weights' own quantization.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import replace
+
+import torch
+import triton
+import triton.language as tl
+
+from graphrt.kernels import reference
+from graphrt.kernels.pdl import launch_options, pdl_enter, pdl_launch, pdl_wait
+from graphrt.kernels.triton_gemv import NARROW_N, GemvConfig, _load_w, _load_x, _pow2_at_most
+from graphrt.kernels.triton_ops import silu_and_mul
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+# A row of zeros (a padding row) gets a finite scale, as in graphrt.models.fp8.quantize_fp8.
+MIN_AMAX = 1e-12
+# The same, for the kernels (Triton reads only constexpr globals).
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_MIN_AMAX = tl.constexpr(MIN_AMAX)
+
+# At or below this many rows the GEMV runs: its 16-row dot tile reads the weight once for up to
+# 16 rows, as _scaled_mm does, without quantizing the activations or a second kernel. Not yet
+# measured: benchmarks/kernel_bench.py --only fp8 times both at 1-64 rows.
+FP8_GEMV_MAX_ROWS = 16
+
+# Launch configs by shape; unmeasured starting points. Each keeps the bytes a program loads per
+# K block of the bf16 GEMV's measured best (a byte per weight here, so blocks twice as long) and
+# about 32 registers of upcast weight per thread. Re-tune with kernel_bench.py --only fp8 --sweep
+# (fp8_gemv_config picks among these four).
+ONE_ROW_NARROW = GemvConfig(block_n=2, block_k=2048, num_warps=4, num_stages=4)  # N <= 3072
+ONE_ROW_NARROW_SILU = GemvConfig(block_n=4, block_k=2048, num_warps=8, num_stages=4)
+ONE_ROW_WIDE = GemvConfig(block_n=8, block_k=1024, num_warps=8, num_stages=4)
+FEW_ROWS = GemvConfig(block_n=16, block_k=512, num_warps=4, num_stages=4)  # 2-16 rows: tl.dot
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_has_fp8(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """True where these kernels can run on ``device``: CUDA sm_89+ (Triton's and cuBLAS's e4m3),
+    or the CPU under ``TRITON_INTERPRET=1`` (the GEMV and the quantizer; no ``_scaled_mm``)."""
+    if device.type == "cuda":
+        return _cuda_has_fp8(
+            device.index if device.index is not None else torch.cuda.current_device()
+        )
+    return _INTERPRET and device.type == "cpu"
+
+
+def fp8_gemv_config(m: int, n: int, k: int, silu_mul: bool = False) -> GemvConfig | None:
+    """The GEMV's launch config for ``[m, k] x [n, k]^T``, or None above the row bound.
+
+    Unlike the bf16 GEMV there is no cuBLAS to hand narrow or long-K shapes to (the fallback
+    would dequantize the whole weight), so every shape up to the bound takes the kernel."""
+    if m < 1 or m > FP8_GEMV_MAX_ROWS:
+        return None
+    if m == 1:
+        cfg = ONE_ROW_WIDE if n > NARROW_N else ONE_ROW_NARROW_SILU if silu_mul else ONE_ROW_NARROW
+    else:
+        cfg = FEW_ROWS
+    return replace(cfg, block_k=min(cfg.block_k, _pow2_at_most(k)))
+
+
+# ---- the GEMV ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_x_rows(x_ptrs, k0, rk, m_mask, K, SILU_MUL: tl.constexpr, EVEN: tl.constexpr):
+    # One [BLOCK_M, BLOCK_K] block of the input rows; with SILU_MUL each row is [gate | up]
+    # (width 2K) and the block is silu(gate) * up, rounded where silu_and_mul rounds it.
+    if EVEN:
+        mask = m_mask[:, None]
+    else:
+        mask = m_mask[:, None] & ((k0 + rk) < K)[None, :]
+    x = tl.load(x_ptrs, mask=mask, other=0.0)
+    if SILU_MUL:
+        up = tl.load(x_ptrs + K, mask=mask, other=0.0)
+        g = x.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(x.dtype)
+        x = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+    return x
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    # Row scales are weights too: constant data, read before any PDL wait.
+    scale = tl.load(s_ptr + rn, mask=n_mask, other=0.0)
+    if BLOCK_M == 1:
+        # As the bf16 GEMV: the first weight block streams in while the kernel that writes x
+        # finishes (with PDL); the loop starts at the second block.
+        w = _load_w(w_ptrs, 0, rk, n_mask, K, EVEN)
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
+        x = _load_x(x_ptr, 0, rk, K, SILU_MUL, EVEN)
+        acc1 = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        w_ptrs += BLOCK_K
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            w = _load_w(w_ptrs, k0, rk, n_mask, K, EVEN)
+            x = _load_x(x_ptr, k0, rk, K, SILU_MUL, EVEN)
+            acc1 += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+            w_ptrs += BLOCK_K
+        acc1 = acc1 * scale
+        if HAS_BIAS:
+            acc1 += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rn, acc1.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        # A few rows: the weight block upcast to the activation dtype (exact), one tensor-core
+        # dot per K block with fp32 accumulation; rows beyond M are zeros. fp32 activations
+        # need exact products, not tf32.
+        pdl_enter(USE_PDL)
+        rm = tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = _load_w(w_ptrs, k0, rk, n_mask, K, EVEN)
+            x = _load_x_rows(x_ptrs, k0, rk, m_mask, K, SILU_MUL, EVEN)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        acc = acc * scale[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, silu_mul: bool) -> None:
+    n, k = weight.shape
+    if x.dim() != 2 or x.shape[1] != (2 * k if silu_mul else k):
+        raise ValueError(f"fp8: input shape {tuple(x.shape)} does not match weight {(n, k)}")
+    if weight.dtype != FP8_DTYPE or scale.dtype != torch.float32 or scale.shape != (n,):
+        raise ValueError(
+            f"fp8: want a float8_e4m3fn weight and fp32 [{n}] scales, got {weight.dtype} and "
+            f"{scale.dtype} {tuple(scale.shape)}"
+        )
+
+
+def fp8_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: GemvConfig,
+    *,
+    silu_mul: bool = False,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """``x @ (weight * scale[:, None]).T + bias`` by the FP8 GEMV with an explicit config (the
+    benchmark sweeps these); any row count (the dot tile grows past 16 rows).
+
+    With ``silu_mul``, ``x`` is a gate/up output ``[m, 2k]`` and the product is taken on
+    ``silu_and_mul(x)``. ``pdl`` launches with programmatic dependent launch."""
+    _check(x, weight, scale, silu_mul)
+    m = x.shape[0]
+    n, k = weight.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))
+    # tl.dot needs every tile dimension >= 16.
+    block_n = cfg.block_n if m == 1 else max(16, cfg.block_n)
+    block_k = cfg.block_k if m == 1 else max(16, cfg.block_k)
+    even = n % block_n == 0 and k % block_k == 0
+    _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, scale, bias if bias is not None else scale, out, m, n, k,
+        x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN=even, DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
+        SILU_MUL=silu_mul, USE_PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl),
+    )  # fmt: skip
+    return out
+
+
+# ---- W8A8: per-token activation quantization, then _scaled_mm ----------------------------------
+
+
+@triton.jit
+def _round_to_e4m3(y):
+    # ``y`` (fp32, |y| <= 448) rounded to the nearest e4m3 value, ties to even, still in fp32, so
+    # the cast that follows is exact. Done by hand because the interpreter's fp32 -> e4m3 cast
+    # does not round to nearest (1.97 becomes 1.0 under TRITON_INTERPRET=1, Triton 3.9); the
+    # GPU's cast (cvt.rn) would give these same bits. Adding 1.5 * 2^(e + 20) leaves 2^(e - 3),
+    # e4m3's spacing in y's binade [2^e, 2^(e+1)) (2^-9 for its subnormals, below 2^-6), as the
+    # sum's last bit, so fp32 addition rounds there; the subtraction is exact.
+    bits = y.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    magic = (((e + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    r = (y + magic) - magic
+    # Keep y's sign on a zero result, as the cast would (-0.0 is e4m3's 0x80).
+    return (r.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    K,
+    stride_xm,
+    stride_qm,
+    BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    # One program per row: its amax, then the row again (from L1/L2), divided and rounded.
+    row = tl.program_id(0).to(tl.int64)
+    pdl_enter(USE_PDL)
+    x_row = x_ptr + row * stride_xm
+    rk = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = _load_x(x_row, k0, rk, K, SILU_MUL, EVEN)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    # IEEE division (div_rn), as torch divides: the scales and values match the reference's bits.
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), _MIN_AMAX), _FP8_MAX)
+    for k0 in range(0, K, BLOCK_K):
+        x = _load_x(x_row, k0, rk, K, SILU_MUL, EVEN)
+        y = tl.math.div_rn(x.to(tl.float32), scale)
+        q = _round_to_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX))
+        q_ptrs = q_ptr + row * stride_qm + k0 + rk
+        if EVEN:
+            tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty))
+        else:
+            tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=(k0 + rk) < K)
+    tl.store(s_ptr + row, scale)
+
+
+def quantize_rows_fp8(
+    x: torch.Tensor, *, silu_mul: bool = False, pdl: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) e4m3 quantization of ``x`` ``[M, K]``: ``(q, scale)`` with ``q``
+    ``float8_e4m3fn`` ``[M, K]`` (contiguous) and ``scale`` fp32 ``[M, 1]``, the bits of
+    :func:`graphrt.kernels.reference.quantize_rows_fp8`. With ``silu_mul`` the rows are
+    ``silu_and_mul(x)`` (``x`` is ``[M, 2K]``), computed on load. Capturable: one launch, shapes
+    from ``x`` alone."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows_fp8 takes a 2-D input, got shape {tuple(x.shape)}")
+    m, kx = x.shape
+    k = kx // 2 if silu_mul else kx
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return q, scale.fill_(MIN_AMAX / FP8_MAX)
+    block_k = min(2048, triton.next_power_of_2(k))
+    _quantize_rows_kernel[(m,)](
+        x, q, scale, k, x.stride(0), q.stride(0),
+        BLOCK_K=block_k, EVEN=k % block_k == 0, SILU_MUL=silu_mul, USE_PDL=pdl,
+        num_warps=4 if block_k <= 1024 else 8, **launch_options(pdl),
+    )  # fmt: skip
+    return q, scale
+
+
+def w8a8_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether :func:`w8a8_linear` can take these operands: CUDA sm_89+, bf16 activations (and
+    bias), K and N multiples of 16, and a row-major weight (its transpose is then the
+    column-major second operand cuBLASLt needs, with no copy)."""
+    n, k = weight.shape
+    return (
+        x.device.type == "cuda"
+        and fp8_supported(x.device)
+        and x.dtype == torch.bfloat16
+        and (bias is None or bias.dtype == torch.bfloat16)
+        and k % 16 == 0
+        and n % 16 == 0
+        and weight.stride() == (k, 1)
+    )
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    silu_mul: bool = False,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """``x @ (weight * scale[:, None]).T + bias`` with the activations quantized per row to e4m3
+    (:func:`quantize_rows_fp8`) and ``torch._scaled_mm`` on fp8 tensor cores, row-wise scales
+    (``[M, 1]`` for the activations, ``[1, N]`` for the weight), output in ``x``'s dtype.
+    ``silu_mul`` takes the product on ``silu_and_mul(x)``. The caller checks
+    :func:`w8a8_supported`. ``pdl`` applies to the quantizer; cuBLAS launches plainly."""
+    _check(x, weight, scale, silu_mul)
+    xq, xs = quantize_rows_fp8(x, silu_mul=silu_mul, pdl=pdl)
+    return torch._scaled_mm(
+        xq,
+        weight.t(),
+        scale_a=xs,
+        scale_b=scale.reshape(1, -1).contiguous(),
+        bias=bias,
+        out_dtype=x.dtype,
+        use_fast_accum=False,  # fp32 accumulation throughout, as the GEMV
+    )
+
+
+# ---- dispatch (the Ops entries) ---------------------------------------------------------------
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """``reference.fp8_linear``'s product by the fastest path that fits (see the module
+    docstring): the FP8 GEMV for few rows, W8A8 for more, else the reference."""
+    if x.dim() != 2:
+        out = fp8_linear(x.reshape(-1, x.shape[-1]), weight, scale, bias, pdl=pdl)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    if fp8_supported(x.device):
+        cfg = fp8_gemv_config(x.shape[0], *weight.shape)
+        if cfg is not None:
+            return fp8_gemv(x, weight, scale, bias, cfg, pdl=pdl)
+        if w8a8_supported(x, weight, bias):
+            return w8a8_linear(x, weight, scale, bias, pdl=pdl)
+    return reference.fp8_linear(x, weight, scale, bias)
+
+
+def silu_mul_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, pdl: bool = False
+) -> torch.Tensor:
+    """``fp8_linear(silu_and_mul(x), weight, scale)``: the down projection on the gate/up
+    output, with SiLU-and-mul applied as the GEMV or the activation quantizer loads ``x``."""
+    if x.dim() == 2 and fp8_supported(x.device):
+        cfg = fp8_gemv_config(x.shape[0], *weight.shape, silu_mul=True)
+        if cfg is not None:
+            return fp8_gemv(x, weight, scale, None, cfg, silu_mul=True, pdl=pdl)
+        if w8a8_supported(x, weight, None):
+            return w8a8_linear(x, weight, scale, None, silu_mul=True, pdl=pdl)
+    act = silu_and_mul(x, pdl=pdl) if x.is_cuda or _INTERPRET else reference.silu_and_mul(x)
+    return reference.fp8_linear(act, weight, scale)
