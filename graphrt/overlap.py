@@ -379,11 +379,14 @@ class Launcher:
         handle._done.wait()
 
     def _run(self, handle: StepHandle, sampler: bool) -> None:
-        if self.stream is None:
-            self._launch(handle, sampler)
-            return
-        with torch.cuda.stream(self.stream):
-            self._launch(handle, sampler)
+        try:
+            if self.stream is None:
+                self._launch(handle, sampler)
+                return
+            with torch.cuda.stream(self.stream):
+                self._launch(handle, sampler)
+        except BaseException as e:  # a failure outside the step's own: fail the step
+            handle._fail(e)
 
     def _launch(self, handle: StepHandle, sampler: bool) -> None:
         launch = handle._launch_sampler if sampler else handle._launch
@@ -416,10 +419,7 @@ class Launcher:
             job = self._queue.get()
             if job is None:
                 return
-            try:
-                self._run(*job)
-            except BaseException as e:  # a failure outside the step's own: fail the step
-                job[0]._fail(e)
+            self._run(*job)
 
     def shutdown(self) -> None:
         if self._thread is not None:

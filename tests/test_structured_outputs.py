@@ -444,3 +444,50 @@ def test_split_steps_equal_unsplit_steps(tiny_byte_model, overlap) -> None:
         else:
             assert c.text in so.choice
     assert any(c.finish_reason == "stop" for c in got[True])
+
+
+@pytest.mark.parametrize("overlap", ["thread", "off"])
+@pytest.mark.parametrize("where", ["sampler", "launcher"])
+def test_a_failed_split_sampler_fails_its_step_and_the_engine_goes_on(
+    tiny_byte_model, overlap, where
+) -> None:
+    """The sampler half of a split step fails (in the runner, or in the launcher around it):
+    the step's requests end with the error instead of hanging, their pages are freed, and the
+    next requests are served."""
+    eng = Engine(
+        str(tiny_byte_model),
+        show_progress=False,
+        max_model_len=256,
+        cuda_graph_batch_sizes=(4, 8),
+        overlap=overlap,
+    )
+    so = StructuredOutputsParams(regex=r"[a-z]{20,30}")
+    params = SamplingParams(temperature=0, max_tokens=24, structured_outputs=so)
+    calls = {"n": 0}
+
+    def fault(*args) -> None:
+        calls["n"] += 1
+        raise RuntimeError("injected sampler fault")
+
+    try:
+        if where == "sampler":
+            real = eng.runner.execute_sampler
+            eng.runner.execute_sampler = fault
+        else:
+            real = eng.launcher._launch
+            eng.launcher._launch = lambda handle, sampler: (
+                fault() if sampler else real(handle, sampler)
+            )
+        outs = eng.generate(["ab", "cd"], [params, params])
+        assert calls["n"] >= 1
+        assert all(o.outputs[0].finish_reason == "error" for o in outs)
+        assert all("injected sampler fault" in o.error for o in outs)
+        if where == "sampler":
+            eng.runner.execute_sampler = real
+        else:
+            eng.launcher._launch = real
+        ok = eng.generate(["ef"], params)[0]
+        assert ok.error is None and re.fullmatch(r"[a-z]*", ok.outputs[0].text)
+        assert eng.pages.num_free == eng.pages.num_usable
+    finally:
+        eng.shutdown()
