@@ -31,6 +31,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def add_rms_norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm and the projection that reads it: ``(linear(h, weight, bias), s)`` with
+    ``h, s = fused_add_rms_norm(x, residual, norm_weight, eps)``. With ``residual`` None (a
+    model's first layer) ``h = rms_norm(x)`` and ``s`` is ``x``."""
+    if residual is None:
+        return linear(rms_norm(x, norm_weight, eps), weight, bias), x
+    h, summed = fused_add_rms_norm(x, residual, norm_weight, eps)
+    return linear(h, weight, bias), summed
+
+
 def fp8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

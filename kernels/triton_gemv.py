@@ -12,6 +12,10 @@ deterministic.
 ``linear`` takes the GEMV path only where :func:`gemv_config` says it measured faster than
 cuBLAS, and falls back to ``F.linear`` otherwise. The choice depends on shapes alone, so it is
 fixed per captured graph.
+
+Two variants fold the op that produces the GEMV's input into its loads: ``silu_mul_linear``
+(the down projection on the gate/up output) and ``add_rms_norm_linear`` (a pre-norm, residual
+add included, and the projection that reads it: qkv and gate/up).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import triton
 import triton.language as tl
 
 from graphrt.kernels.pdl import launch_options, pdl_enter, pdl_launch, pdl_wait
-from graphrt.kernels.triton_ops import silu_and_mul
+from graphrt.kernels.triton_ops import fused_add_rms_norm, rms_norm, silu_and_mul
 
 # Above this many rows cuBLAS's tensor-core tiles win (benchmarks/kernel_bench.py, gemv sweep).
 GEMV_MAX_ROWS = 8
@@ -244,3 +248,267 @@ def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, *, pdl: bool = False)
         if cfg is not None and x.shape[0] == 1:
             return gemv(x, weight, None, cfg, silu_mul=True, pdl=pdl)
     return linear(silu_and_mul(x, pdl=pdl), weight, pdl=pdl)
+
+
+# ---- RMSNorm folded into the GEMV ----------------------------------------------------------------
+
+
+@triton.jit
+def _load_act(ptrs, mask, EVEN: tl.constexpr):
+    if EVEN:
+        v = tl.load(ptrs)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
+def _residual_sum(x_ptrs, r_ptrs, mask, HAS_RES: tl.constexpr, EVEN: tl.constexpr):
+    # s = x + residual, formed in fp32 and rounded to the activation dtype where
+    # fused_add_rms_norm rounds it; without a residual (a model's first layer) s is x.
+    s = _load_act(x_ptrs, mask, EVEN)
+    if HAS_RES:
+        r = _load_act(r_ptrs, mask, EVEN)
+        s = (s.to(tl.float32) + r.to(tl.float32)).to(s.dtype)
+    return s
+
+
+@triton.jit
+def _store_residual(ptrs, s, mask, pid, HAS_RES: tl.constexpr):
+    # Program 0 stores the new residual; the others only read. (Two ifs: HAS_RES is a
+    # constexpr, pid is not.)
+    if HAS_RES:  # noqa: SIM102
+        if pid == 0:
+            tl.store(ptrs, s, mask=mask)
+
+
+@triton.jit
+def _normed(s, inv, nw):
+    # The norm's output, rounded at the standalone kernels' two points: s * inv to the
+    # activation dtype, then its product with the norm weight.
+    xn = (s.to(tl.float32) * inv).to(s.dtype)
+    return (xn.to(tl.float32) * nw.to(tl.float32)).to(s.dtype)
+
+
+@triton.jit
+def _norm_gemv_kernel(
+    x_ptr,
+    r_ptr,
+    nw_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    res_out_ptr,
+    M,
+    N,
+    K,
+    eps,
+    stride_xm,
+    stride_rm,
+    stride_wn,
+    stride_om,
+    stride_resm,
+    HAS_RES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    # Every program needs its rows' full sum of squares before its first product, so it reads
+    # x (and the residual) twice: pass 1 sums the squares of s = x + residual, pass 2 recomputes
+    # s block by block, norms it and runs the GEMV of _gemv_kernel over it, in the same order.
+    # Program 0 also stores s, the norm's second output, into a buffer that no program of this
+    # grid reads; the kernels after this one read it after their pdl_wait, which returns once
+    # the whole grid has completed.
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    n_mask = rn < N
+    if BLOCK_M == 1:
+        # The first weight block is constant data: with PDL it streams in while the kernel
+        # that writes x is still finishing. Nothing else is touched before the wait.
+        w = _load_w(w_ptrs, 0, rk, n_mask, K, EVEN)
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
+        s = _residual_sum(x_ptr + rk, r_ptr + rk, rk < K, HAS_RES, EVEN)
+        _store_residual(res_out_ptr + rk, s, rk < K, pid, HAS_RES)
+        sf = s.to(tl.float32)
+        sq = tl.sum(sf * sf, axis=0)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            kk = k0 + rk
+            s = _residual_sum(x_ptr + kk, r_ptr + kk, kk < K, HAS_RES, EVEN)
+            _store_residual(res_out_ptr + kk, s, kk < K, pid, HAS_RES)
+            sf = s.to(tl.float32)
+            sq += tl.sum(sf * sf, axis=0)
+        inv = tl.rsqrt(sq / K + eps)
+        s = _residual_sum(x_ptr + rk, r_ptr + rk, rk < K, HAS_RES, EVEN)
+        h = _normed(s, inv, _load_act(nw_ptr + rk, rk < K, EVEN))
+        acc1 = tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+        w_ptrs += BLOCK_K
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            w = _load_w(w_ptrs, k0, rk, n_mask, K, EVEN)
+            kk = k0 + rk
+            s = _residual_sum(x_ptr + kk, r_ptr + kk, kk < K, HAS_RES, EVEN)
+            h = _normed(s, inv, _load_act(nw_ptr + kk, kk < K, EVEN))
+            acc1 += tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+            w_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc1 += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rn, acc1.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        # A few rows: per-row sums of squares, then one tensor-core dot per K block, as in
+        # _gemv_kernel. Rows beyond M load zeros, so their normed values are zeros too.
+        pdl_enter(USE_PDL)
+        rm = tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+        r_ptrs = r_ptr + rm[:, None] * stride_rm + rk[None, :]
+        res_ptrs = res_out_ptr + rm[:, None] * stride_resm + rk[None, :]
+        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = m_mask[:, None] & ((k0 + rk) < K)[None, :]
+            s = _residual_sum(x_ptrs + k0, r_ptrs + k0, mask, HAS_RES, False)
+            _store_residual(res_ptrs + k0, s, mask, pid, HAS_RES)
+            sf = s.to(tl.float32)
+            sq += tl.sum(sf * sf, axis=1)
+        inv = tl.rsqrt(sq / K + eps)[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = _load_w(w_ptrs, k0, rk, n_mask, K, EVEN)
+            k_mask = (k0 + rk) < K
+            s = _residual_sum(x_ptrs + k0, r_ptrs + k0, m_mask[:, None] & k_mask[None, :],
+                              HAS_RES, False)  # fmt: skip
+            nw = tl.load(nw_ptr + k0 + rk, mask=k_mask, other=0.0)
+            h = _normed(s, inv, nw[None, :])
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            w_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def norm_gemv(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: GemvConfig,
+    *,
+    pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``add_rms_norm_linear`` in one kernel with an explicit config (the benchmark sweeps
+    these): returns ``(rms_norm(x + residual) @ weight.T + bias, x + residual)``, or with
+    ``residual`` None ``(rms_norm(x) @ weight.T + bias, x)``.
+
+    The new residual is a new tensor (``x`` itself without a residual); neither input is
+    modified. Every tensor has ``x``'s dtype.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k or norm_weight.shape != (k,):
+        raise ValueError(
+            f"norm_gemv: input width {k} does not match weight {tuple(weight.shape)} or norm "
+            f"weight {tuple(norm_weight.shape)}"
+        )
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"norm_gemv: residual {tuple(residual.shape)} is not x's {(m, k)}")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    res_out = x if residual is None else torch.empty((m, k), dtype=x.dtype, device=x.device)
+    launch_norm_gemv(x, residual, norm_weight, weight, bias, out, res_out, eps, cfg, pdl)
+    return out, res_out
+
+
+def launch_norm_gemv(x, residual, norm_weight, weight, bias, out, res_out, eps, cfg, pdl) -> None:
+    """The fused norm + GEMV kernel with explicit outputs (what :func:`norm_gemv` runs; the
+    tests poison outputs through it). ``res_out`` is written only when ``residual`` is given;
+    it must not overlap any input, since other programs read those while program 0 writes."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if m == 0:
+        return
+    x = x if x.stride(1) == 1 else x.contiguous()
+    r = x if residual is None else residual
+    r = r if r.stride(1) == 1 else r.contiguous()
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    block_m = 1 if m == 1 else 16
+    block_n = cfg.block_n if m == 1 else max(16, cfg.block_n)  # tl.dot: every dim >= 16
+    even = n % block_n == 0 and k % cfg.block_k == 0
+    _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, r, norm_weight.contiguous(), weight, bias if bias is not None else x, out, res_out,
+        m, n, k, eps, x.stride(0), r.stride(0), weight.stride(0), out.stride(0), res_out.stride(0),
+        HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=cfg.block_k, EVEN=even,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else None, USE_PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl),
+    )  # fmt: skip
+
+
+def norm_gemv_config(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> GemvConfig | None:
+    """The config :func:`add_rms_norm_linear` runs the fused kernel with, or None to run the
+    norm and ``linear`` apart: ``linear``'s own choice (:func:`gemv_config`) for the shape, so
+    the two paths run the same GEMV, where every tensor is 2-D (the norm weight 1-D) of one
+    dtype. Shapes and dtypes only, so the choice is fixed per captured graph."""
+    if any(t is not None and t.dtype != x.dtype for t in (residual, norm_weight, weight, bias)):
+        return None
+    if x.dim() != 2 or weight.dim() != 2:
+        return None
+    if residual is not None and residual.shape != x.shape:
+        return None
+    if norm_weight.shape != (x.shape[1],) or weight.shape[1] != x.shape[1]:
+        return None
+    return gemv_config(x.shape[0], weight.shape[0], weight.shape[1])
+
+
+def composed_add_rms_norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfused path of :func:`add_rms_norm_linear`: the norm kernel (``fused_add_rms_norm``,
+    in place where it can be, or ``rms_norm``), then ``linear``."""
+    if residual is None:
+        return linear(rms_norm(x, norm_weight, eps, pdl=pdl), weight, bias, pdl=pdl), x
+    h, residual = fused_add_rms_norm(x, residual, norm_weight, eps, pdl=pdl)
+    return linear(h, weight, bias, pdl=pdl), residual
+
+
+def add_rms_norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear(h, weight, bias), s)`` with ``h, s = fused_add_rms_norm(x, residual, ...)``; with
+    ``residual`` None (a model's first layer), ``h = rms_norm(x)`` and ``s`` is ``x``.
+
+    Where ``linear`` would run the GEMV (few rows, :func:`norm_gemv_config`), one kernel does
+    both: the norm's launch and its round trip through memory go. Otherwise the two kernels run
+    as before. The new residual is always returned; callers must not rely on the inputs being
+    overwritten (the fused kernel leaves them as they are).
+    """
+    cfg = norm_gemv_config(x, residual, norm_weight, weight, bias)
+    if cfg is None:
+        return composed_add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, pdl=pdl)
+    return norm_gemv(x, residual, norm_weight, eps, weight, bias, cfg, pdl=pdl)

@@ -1,0 +1,215 @@
+"""The RMSNorm folded into the GEMV that reads it (``add_rms_norm_linear``) against the composed
+references (``fused_add_rms_norm`` or ``rms_norm``, then ``linear``) and the unfused Triton
+kernels; on CUDA, real shapes, a PDL chain in a graph, and a model's greedy ids.
+
+On CPU the kernel runs under ``TRITON_INTERPRET=1`` (set before triton is imported, as in
+``test_kernels.py``). Numerics, and so the tolerances below:
+
+- the new residual ``x + residual`` is formed and rounded exactly as ``fused_add_rms_norm``
+  forms it: bit for bit against the reference in fp32, and in bf16 on a GPU; the interpreter
+  truncates fp32 -> bf16 casts where torch rounds to nearest, so on CPU bf16 it is compared bit
+  for bit with the standalone Triton kernel (same casts) and within one ulp with the reference;
+- the normed input ``h`` is rounded at the standalone kernels' two points, but each kernel sums
+  the fp32 squares in its own order (blocks of ``BLOCK_K`` here, one block of the whole row
+  there), which can move ``s * rsqrt(...)`` across a rounding boundary: an element of ``h`` is
+  then one ulp off. With one K block both sums are the same and the results are identical;
+- the GEMV is ``linear``'s kernel (same config, same per-column order of the fp32 sums), so
+  with ``h`` identical the output is too; against torch's matmul the output differs by its
+  final rounding (bf16: 2^-8 relative, the interpreter's truncation 2^-7) and by the fp32
+  order of the sums (~1e-6 relative). bf16 uses ``_tol`` (2e-2 absolute and relative: about
+  two truncation ulps of outputs up to ~4, whose ulp is 2^-6), fp32 1e-5.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from graphrt.kernels import reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernel_modules():
+    """Import the Triton modules, reloading any imported before the interpreter was enabled."""
+    mods = []
+    for name, probe in (("triton_ops", "_rms_norm_kernel"), ("triton_gemv", "_norm_gemv_kernel")):
+        full = f"graphrt.kernels.{name}"
+        mod = sys.modules.get(full) or importlib.import_module(full)
+        if INTERPRET and type(getattr(mod, probe)).__name__ != "InterpretedFunction":
+            mod = importlib.reload(mod)
+        mods.append(mod)
+    return mods
+
+
+T, GEMV = _kernel_modules()
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BF16 = torch.bfloat16
+EPS = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _seed(request: pytest.FixtureRequest) -> None:
+    torch.manual_seed(zlib.crc32(request.node.name.encode()))
+
+
+def _tol(dtype: torch.dtype) -> tuple[float, float]:
+    return (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> None:
+    assert not out.isnan().any(), "output has unwritten (NaN) elements"
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+def _case(m: int, n: int, k: int, dtype: torch.dtype, residual: bool):
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    r = torch.randn(m, k, device=DEV).to(dtype) if residual else None
+    nw = (1 + 0.1 * torch.randn(k, device=DEV)).to(dtype)
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(dtype)
+    b = torch.randn(n, device=DEV).to(dtype)
+    return x, r, nw, w, b
+
+
+def _unfused_triton(x, r, nw, w, b, cfg):
+    """The two Triton kernels the fused one replaces, on copies (the norm works in place)."""
+    if r is None:
+        h, s = T.rms_norm(x, nw, EPS), x
+    else:
+        h, s = T.fused_add_rms_norm(x.clone(), r.clone(), nw, EPS)
+    return GEMV.gemv(h, w, b, cfg), s
+
+
+def _skip_interpreted_bf16_dot(m: int, dtype: torch.dtype) -> None:
+    if m > 1 and dtype == BF16 and INTERPRET:
+        pytest.skip("interpreter's bf16 tl.dot is wrong (the m > 1 path is a dot)")
+
+
+# ---- the kernel ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize(("n", "k", "block_n", "block_k"), [(64, 128, 8, 32), (40, 56, 16, 32)])
+def test_norm_gemv(m, n, k, block_n, block_k, residual, dtype) -> None:
+    """Even and ragged (masked N and K tails) shapes, with and without a residual and a bias.
+    Outputs are poisoned and sit in buffers with poisoned rows after them: every element is
+    written (the new residual by program 0 alone), nothing past the rows, inputs untouched."""
+    _skip_interpreted_bf16_dot(m, dtype)
+    x, r, nw, w, b = _case(m, n, k, dtype, residual)
+    cfg = GEMV.GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=2)
+    x0, r0 = x.clone(), (r.clone() if residual else None)
+    for bias in (None, b):
+        ref_y, ref_s = reference.add_rms_norm_linear(x, r, nw, EPS, w, bias)
+        out = torch.full((m + 2, n), float("nan"), device=DEV, dtype=dtype)
+        res = torch.full((m + 2, k), float("nan"), device=DEV, dtype=dtype)
+        GEMV.launch_norm_gemv(x, r, nw, w, bias, out[:m], res[:m], EPS, cfg, False)
+        _close(out[:m], ref_y, *_tol(dtype))
+        assert out[m:].isnan().all()
+        if residual:
+            assert not res[:m].isnan().any() and res[m:].isnan().all()
+            if dtype == torch.float32 or not INTERPRET:
+                assert torch.equal(res[:m], ref_s)
+            else:
+                _close(res[:m], ref_s, 0, 2**-7)  # the interpreter truncates fp32 -> bf16
+            assert torch.equal(res[:m], _unfused_triton(x, r, nw, w, bias, cfg)[1])
+        else:
+            assert res.isnan().all()  # nothing to write: the new residual is x
+        y, s = GEMV.norm_gemv(x, r, nw, EPS, w, bias, cfg)
+        assert torch.equal(y, out[:m])
+        assert (s is x) if not residual else torch.equal(s, res[:m])
+        assert torch.equal(x, x0) and (not residual or torch.equal(r, r0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("m", [1, 3])
+def test_norm_gemv_equals_unfused_kernels(m, residual, dtype) -> None:
+    """Against the norm kernel then the GEMV with the same config: with one K block both kernels
+    sum the squares in the same order, so the results are identical bit for bit (which checks
+    every rounding point); with several blocks the sums' order differs (the module docstring)."""
+    _skip_interpreted_bf16_dot(m, dtype)
+    n = 48
+    for k, block_k in ((64, 64), (128, 32)):
+        x, r, nw, w, b = _case(m, n, k, dtype, residual)
+        cfg = GEMV.GemvConfig(block_n=16, block_k=block_k, num_warps=4, num_stages=2)
+        y, s = GEMV.norm_gemv(x, r, nw, EPS, w, b, cfg)
+        y_ref, s_ref = _unfused_triton(x, r, nw, w, b, cfg)
+        assert torch.equal(s, s_ref)
+        if k == block_k and INTERPRET:
+            # Compiled, the order of a sum also depends on the warp count, which differs.
+            assert torch.equal(y, y_ref)
+        else:
+            _close(y, y_ref, *_tol(dtype))
+
+
+def test_norm_gemv_rejects_mismatched_shapes() -> None:
+    x, r, nw, w, _ = _case(1, 32, 64, torch.float32, True)
+    cfg = GEMV.GemvConfig(8, 32, 4, 2)
+    with pytest.raises(ValueError, match="does not match"):
+        GEMV.norm_gemv(x, r, nw[:32], EPS, w, None, cfg)
+    with pytest.raises(ValueError, match="residual"):
+        GEMV.norm_gemv(x, r.expand(2, 64), nw, EPS, w, None, cfg)
+
+
+# ---- the op and its dispatch --------------------------------------------------------------------
+
+
+def test_add_rms_norm_linear_dispatch() -> None:
+    """The fused kernel runs exactly where ``linear`` would run the GEMV (shapes and dtypes
+    only); elsewhere the norm and ``linear`` run apart. Both equal the reference."""
+    n, k = 512, 64
+    x, r, nw, w, b = _case(1, n, k, torch.float32, True)
+    cfg = GEMV.norm_gemv_config(x, r, nw, w, b)
+    assert cfg is not None and cfg == GEMV.gemv_config(1, n, k)
+    assert GEMV.norm_gemv_config(x, None, nw, w, None) == cfg
+    assert GEMV.norm_gemv_config(x.expand(GEMV.GEMV_MAX_ROWS + 1, k), None, nw, w, b) is None
+    assert GEMV.norm_gemv_config(x, r, nw.to(BF16), w, b) is None  # one dtype only
+    assert GEMV.norm_gemv_config(x, r, nw, w, b.to(BF16)) is None
+    assert GEMV.norm_gemv_config(x[None], r[None], nw, w, b) is None  # 2-D only
+    assert GEMV.norm_gemv_config(x, r, nw, w[:64], b[:64]) is None  # too few columns
+    assert GEMV.norm_gemv_config(x.expand(4, k), r.expand(4, k), nw, w, b) is None  # cuBLAS rows
+
+    calls = []
+    fused = GEMV.norm_gemv
+
+    def spy(*a, **kw):
+        calls.append(a[0].shape[0])
+        return fused(*a, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(GEMV, "norm_gemv", spy)
+    try:
+        for m in (1, 3, GEMV.GEMV_MAX_ROWS + 1):
+            for res in (True, False):
+                x, r, nw, w, b = _case(m, n, k, torch.float32, res)
+                x0, r0 = x.clone(), (r.clone() if res else None)
+                ref_y, ref_s = reference.add_rms_norm_linear(x0, r0, nw, EPS, w, b)
+                y, s = GEMV.add_rms_norm_linear(x, r, nw, EPS, w, b)
+                _close(y, ref_y, 1e-5, 1e-5)
+                assert torch.equal(s, ref_s)
+                if not res:
+                    assert s is x
+    finally:
+        mp.undo()
+    assert calls == [1, 1]  # one row: fused; 3 and 9 rows: the norm kernel, then cuBLAS
+
+
+def test_reference_composes_the_unfused_ops() -> None:
+    """The torch bundle's op is exactly the two calls a layer made before it existed."""
+    x, r, nw, w, b = _case(3, 40, 24, torch.float32, True)
+    y, s = reference.add_rms_norm_linear(x, r, nw, EPS, w, b)
+    h, s_ref = reference.fused_add_rms_norm(x, r, nw, EPS)
+    assert torch.equal(s, s_ref) and torch.equal(y, reference.linear(h, w, b))
+    y, s = reference.add_rms_norm_linear(x, None, nw, EPS, w, None)
+    assert s is x and torch.equal(y, reference.linear(reference.rms_norm(x, nw, EPS), w))
