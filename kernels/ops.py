@@ -24,6 +24,10 @@ class Ops:
     name: str
     rms_norm: Callable
     fused_add_rms_norm: Callable
+    # ``add_rms_norm_linear(x, residual, norm_w, eps, weight, bias) -> (y, new_residual)``: a
+    # pre-norm (``rms_norm`` when ``residual`` is None) and the plain-weight projection reading
+    # it; "triton" runs one kernel where ``linear`` would take the GEMV (few rows).
+    add_rms_norm_linear: Callable
     silu_and_mul: Callable
     rope_and_store_kv: Callable
     linear: Callable
@@ -53,6 +57,7 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
             name="torch",
             rms_norm=reference.rms_norm,
             fused_add_rms_norm=reference.fused_add_rms_norm,
+            add_rms_norm_linear=reference.add_rms_norm_linear,
             silu_and_mul=reference.silu_and_mul,
             rope_and_store_kv=reference.rope_and_store_kv,
             linear=reference.linear,
@@ -77,6 +82,7 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
             name="triton",
             rms_norm=bind(mod.rms_norm),
             fused_add_rms_norm=bind(mod.fused_add_rms_norm),
+            add_rms_norm_linear=bind(gemv.add_rms_norm_linear),
             silu_and_mul=bind(mod.silu_and_mul),
             rope_and_store_kv=bind(mod.rope_and_store_kv),
             linear=bind(gemv.linear),

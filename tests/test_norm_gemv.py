@@ -205,6 +205,18 @@ def test_add_rms_norm_linear_dispatch() -> None:
     assert calls == [1, 1]  # one row: fused; 3 and 9 rows: the norm kernel, then cuBLAS
 
 
+def test_ops_bundles_have_add_rms_norm_linear() -> None:
+    from graphrt.kernels.ops import make_ops
+
+    assert make_ops("torch").add_rms_norm_linear is reference.add_rms_norm_linear
+    ops = make_ops("triton")
+    x, r, nw, w, b = _case(1, 512, 64, torch.float32, True)
+    y, s = ops.add_rms_norm_linear(x, r, nw, EPS, w, b)
+    ref_y, ref_s = reference.add_rms_norm_linear(x, r, nw, EPS, w, b)
+    _close(y, ref_y, 1e-5, 1e-5)
+    assert torch.equal(s, ref_s)
+
+
 def test_reference_composes_the_unfused_ops() -> None:
     """The torch bundle's op is exactly the two calls a layer made before it existed."""
     x, r, nw, w, b = _case(3, 40, 24, torch.float32, True)
