@@ -3,7 +3,8 @@
 Q, K and V projections are fused into one matrix and gate/up into another at load time, so a
 layer runs four GEMMs. Linear layers, norms, rotary+KV write and SiLU-and-mul come from the
 ``Ops`` bundle (linear layers through :mod:`graphrt.models.fp8`, which sends FP8 weights to
-``ops.fp8_linear``); attention from the backend in the ``ForwardBatch``.
+``ops.fp8_linear``); attention from the backend in the ``ForwardBatch``. Each pre-norm and the
+projection reading it (qkv, gate/up) are one op, ``ops.add_rms_norm_linear``, for plain weights.
 """
 
 from __future__ import annotations
@@ -47,6 +48,27 @@ def _linear_weight(
     return _param(out_features, in_features, dtype=dtype, device=device)
 
 
+def _norm_linear(
+    ops: Ops,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_w: torch.Tensor,
+    eps: float,
+    w: torch.Tensor | Fp8Weight,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear(rms_norm(x + residual)), x + residual)``; with ``residual`` None (the first
+    layer) ``x`` is normed alone and becomes the residual. A plain weight takes
+    ``ops.add_rms_norm_linear`` (one kernel for a decode step's few rows); an FP8 weight the
+    norm, then ``ops.fp8_linear``."""
+    if not isinstance(w, Fp8Weight):
+        return ops.add_rms_norm_linear(x, residual, norm_w, eps, w, bias)
+    if residual is None:
+        return linear(ops, ops.rms_norm(x, norm_w, eps), w, bias), x
+    x, residual = ops.fused_add_rms_norm(x, residual, norm_w, eps)
+    return linear(ops, x, w, bias), residual
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(
         self,
@@ -85,12 +107,9 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         eps = cfg.rms_norm_eps
-        if residual is None:
-            residual = hidden
-            hidden = ops.rms_norm(hidden, self.input_norm, eps)
-        else:
-            hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.input_norm, eps)
-        qkv = linear(ops, hidden, self.qkv_proj, self.qkv_bias)
+        qkv, residual = _norm_linear(
+            ops, hidden, residual, self.input_norm, eps, self.qkv_proj, self.qkv_bias
+        )
         t = qkv.shape[0]
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(t, cfg.num_heads, cfg.head_dim)
@@ -112,8 +131,10 @@ class LlamaDecoderLayer(nn.Module):
         )
         attn = backend.forward(q, layer_idx, fb.attn_meta)
         hidden = linear(ops, attn.reshape(t, cfg.q_size), self.o_proj)
-        hidden, residual = ops.fused_add_rms_norm(hidden, residual, self.post_attn_norm, eps)
-        hidden = silu_mul_linear(ops, linear(ops, hidden, self.gate_up_proj), self.down_proj)
+        gate_up, residual = _norm_linear(
+            ops, hidden, residual, self.post_attn_norm, eps, self.gate_up_proj
+        )
+        hidden = silu_mul_linear(ops, gate_up, self.down_proj)
         return hidden, residual
 
 
