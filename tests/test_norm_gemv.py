@@ -283,3 +283,131 @@ def test_model_decode_through_fused_op_matches_torch_on_cpu(tiny_model_factory, 
     for a, b in zip(outs["triton"], outs["torch"]):
         assert a.token_ids == b.token_ids
         assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-4)
+
+
+# ---- GPU: real shapes, PDL in a graph, a model's greedy ids ------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("m", "n", "k", "cfg"),
+    [
+        (1, 3072, 2048, None),  # Llama-3.2-1B qkv, gate/up
+        (1, 16384, 2048, None),
+        (1, 6144, 4096, None),  # Llama-3.1-8B qkv, gate/up
+        (1, 28672, 4096, None),
+        (4, 32768, 2048, None),  # several rows: the dispatch fuses only this wide
+        (3, 6144, 4096, GEMV.GemvConfig(16, 256, 4, 4)),
+    ],
+)
+def test_gpu_norm_gemv_real_shapes(m, n, k, cfg) -> None:
+    """Compiled bf16 rounds as torch does, so the new residual equals the reference bit for bit.
+    Against the unfused kernels (norm, then the GEMV with the same config) an output moves only
+    where an element of h moved by an ulp (about 2^-8 / sqrt(K) of the output, so it crosses a
+    bf16 rounding boundary rarely) or where the sums' layout differs (fp32 order, rarer still):
+    at least 90% of outputs are identical."""
+    x, r, nw, w, b = _case(m, n, k, BF16, True)
+    cfg = cfg or GEMV.norm_gemv_config(x, r, nw, w, b)
+    assert cfg is not None
+    for res in (r, None):
+        ref_y, ref_s = reference.add_rms_norm_linear(x, res, nw, EPS, w, b)
+        y, s = GEMV.norm_gemv(x, res, nw, EPS, w, b, cfg)
+        assert torch.equal(s, ref_s)
+        _close(y, ref_y, 2e-2, 2e-2)
+        y_unfused, _ = _unfused_triton(x, res, nw, w, b, cfg)
+        same = (y == y_unfused).float().mean().item()
+        assert same >= 0.9, f"only {same:.1%} of outputs equal the unfused kernels'"
+
+
+@pytest.mark.gpu
+def test_gpu_norm_gemv_pdl_chain_in_graph_is_exact() -> None:
+    """One decode row through a chain where fused norm + GEMV kernels write the residual (from
+    program 0) and the very next kernel reads it (a norm, in place), and a later fused kernel
+    reads a residual written two launches before, launched with PDL and replayed from a graph:
+    bit-identical to the chain launched plainly. Each kernel's pdl_wait returns only once the
+    whole grid before it has completed, so program 0's stores are visible."""
+    from graphrt.kernels.pdl import pdl_supported
+
+    if not pdl_supported(DEV):
+        pytest.skip("PDL needs sm_90")
+    h, q, inter, vocab = 2048, 3072, 8192, 32768
+    g = torch.Generator(device=DEV).manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=DEV, generator=g) * scale).to(BF16)
+
+    nw = (1 + 0.1 * torch.randn(h, device=DEV, generator=g)).to(BF16)
+    w_qkv, w_o = rnd(q, h, scale=h**-0.5), rnd(h, h, scale=h**-0.5)
+    w_gu, w_dn = rnd(2 * inter, h, scale=h**-0.5), rnd(h, inter, scale=inter**-0.5)
+    w_lm = rnd(vocab, h, scale=h**-0.5)
+    x, r, z = rnd(1, h), rnd(1, h), rnd(1, h)
+
+    def chain(pdl: bool) -> list[torch.Tensor]:
+        zc = z.clone()
+        qkv, s1 = GEMV.add_rms_norm_linear(x, r, nw, EPS, w_qkv, pdl=pdl)
+        hs, s1 = T.fused_add_rms_norm(zc, s1, nw, EPS, pdl=pdl)  # reads s1 right away
+        o = GEMV.linear(qkv[:, :h], w_o, pdl=pdl)
+        gu, s2 = GEMV.add_rms_norm_linear(o, s1, nw, EPS, w_gu, pdl=pdl)
+        d = GEMV.silu_mul_linear(gu, w_dn, pdl=pdl)
+        first, s3 = GEMV.add_rms_norm_linear(d, s2, nw, EPS, w_qkv, pdl=pdl)  # s2: 2 launches ago
+        hs, _ = T.fused_add_rms_norm(GEMV.linear(first[:, :h], w_o, pdl=pdl), s3, nw, EPS, pdl=pdl)
+        return [qkv, gu, first, hs, GEMV.linear(hs, w_lm, pdl=pdl)]
+
+    ref = chain(False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(True)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain(True)
+    for _ in range(3):
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for o, want in zip(outs, ref):
+            assert torch.equal(o, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_gpu_model_fused_equals_unfused(tiny_model_factory, monkeypatch, arch) -> None:
+    """bf16, the real dispatch: one-row decode steps run the fused kernel, in graphs (with PDL
+    where the GPU has it) and eagerly, and give the greedy ids of each other and of engines with
+    the fused op swapped for the two kernels it replaces; logprobs stay within bf16 noise."""
+    from graphrt import Engine, SamplingParams
+
+    gemv = importlib.import_module("graphrt.kernels.triton_gemv")  # the module make_ops binds
+    d = tiny_model_factory(arch, **GEMV_MODEL)
+    rows: list[int] = []
+    real_fused = gemv.norm_gemv
+
+    def spy(*a, **kw):
+        rows.append(a[0].shape[0])
+        return real_fused(*a, **kw)
+
+    monkeypatch.setattr(gemv, "norm_gemv", spy)
+    common = dict(show_progress=False, dtype="bfloat16", max_model_len=256, max_num_seqs=4)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    prompts = [[5, 17, 99, 3, 200, 45, 7], list(range(40, 100)), [1, 2, 3]]
+
+    def run(**kw) -> list:
+        eng = Engine(str(d), **common, **kw)
+        # One prompt at a time (one-row decode steps), then all together (3 rows: unfused).
+        outs = [o.outputs[0] for p in prompts for o in eng.generate([p], params)]
+        outs += [o.outputs[0] for o in eng.generate(prompts, params)]
+        eng.shutdown()
+        return outs
+
+    graph = run(cuda_graph_batch_sizes=(1, 2, 4))
+    eager = run(cuda_graph_max_bs=0)
+    assert rows and set(rows) == {1}
+    monkeypatch.setattr(gemv, "add_rms_norm_linear", gemv.composed_add_rms_norm_linear)
+    rows.clear()
+    unfused = run(cuda_graph_batch_sizes=(1, 2, 4))
+    assert not rows
+    for g, e, u in zip(graph, eager, unfused):
+        assert g.token_ids == e.token_ids == u.token_ids
+        assert g.cumulative_logprob == pytest.approx(u.cumulative_logprob, abs=0.08)
