@@ -13,6 +13,8 @@ the same run, the torch reference and flashinfer.
   over a 1536 prefix) for the backend choice; flashinfer's host cost per graph replay.
 - Skinny GEMMs: cuBLAS against the Triton GEMV at m = 1-16 rows for every decode GEMM of
   Llama-3.1-8B and Llama-3.2-1B; greedy argmax over a 128,256 vocabulary (batch 1-256).
+- Pre-norm + projection at one row (qkv and gate/up of both models): the norm kernel then the
+  GEMV, against the GEMV with the norm folded in (``add_rms_norm_linear``).
 - FP8 weights (``--only fp8``): the bf16 linear against the FP8 GEMV and W8A8 at those GEMMs
   (lm_head aside) for m = 1, 2, 4, 8, 16 and 64, with a summary table of each one's % of the
   HBM ceiling and FP8's speed-up; ``--sweep`` adds the FP8 GEMV's launch configs at m = 1, 16
@@ -688,6 +690,8 @@ def bench_gemv(
                     res.append(Result(label, "triton-pdl", nbytes, timer(fns, iters), str(cfg)))
             if layer == "down" and m == 1:
                 res += _bench_down_silu(timer, ws, m, n, k, iters, pdl)
+            if (layer in ("qkv", "gate_up") or smoke) and m == 1:
+                res += _bench_norm_linear(timer, ws, model, layer, m, iters, pdl, sweep, smoke)
             if sweep and m in (1, 8):
                 # Launched as a step launches them: with PDL where the GPU has it.
                 gu = torch.randn(m, 2 * k, device=dev, dtype=dt)
@@ -733,6 +737,53 @@ def _bench_down_silu(timer, ws, m, n, k, iters, pdl) -> list[Result]:
             fns = [lambda w=w, on=on: tg.gemv(gu, w, None, cfg, silu_mul=True, pdl=on) for w in ws]
             impl = "triton-silu-pdl" if on else "triton-silu"
             res.append(Result(label, impl, nbytes, timer(fns, iters), str(cfg)))
+    return res
+
+
+def _bench_norm_linear(timer, ws, model, layer, m, iters, pdl, sweep, smoke) -> list[Result]:
+    """A decoder layer's pre-norm (residual add included) and the projection reading it: the
+    norm kernel then the GEMV (what a step ran before ``add_rms_norm_linear``; both with the
+    same GEMV config), against the one kernel that does both. Bytes, the same for both rows:
+    weight + x and residual read + norm weight + output and new residual written, the traffic
+    the fused kernel cannot avoid (the unfused pair also writes and rereads the normed row).
+    With ``--sweep``, the fused kernel at every GEMV config: its programs also read the
+    activations twice (sum of squares, then the normed values), which may favour wider ones."""
+    from graphrt.kernels import triton_gemv as tg
+    from graphrt.kernels import triton_ops
+
+    n, k = ws[0].shape
+    dev, dt = ws[0].device, ws[0].dtype
+    x = torch.randn(m, k, device=dev, dtype=dt)
+    resid = torch.randn(m, k, device=dev, dtype=dt)
+    nw = (1 + 0.1 * torch.randn(k, device=dev)).to(dt)
+    esz = ws[0].element_size()
+    nbytes = n * k * esz + esz * (3 * m * k + k + m * n)
+    label = f"norm+{layer} {model} m{m} {n}x{k}"
+    cfg = tg.norm_gemv_config(x, resid, nw, ws[0], None)
+    if cfg is None:
+        return []
+
+    def unfused(w, on):
+        h, _ = triton_ops.fused_add_rms_norm(x, resid, nw, 1e-5, pdl=on)  # in place, as a step
+        return tg.gemv(h, w, None, cfg, pdl=on)
+
+    def fused(w, c, on):
+        return tg.norm_gemv(x, resid, nw, 1e-5, w, None, c, pdl=on)
+
+    res = []
+    for on in (False, True) if pdl else (False,):
+        sfx = "-pdl" if on else ""
+        fns = [lambda w=w, on=on: unfused(w, on) for w in ws]
+        res.append(Result(label, "norm+triton" + sfx, nbytes, timer(fns, iters), "two kernels"))
+        fns = [lambda w=w, on=on: fused(w, cfg, on) for w in ws]
+        res.append(Result(label, "triton-norm" + sfx, nbytes, timer(fns, iters), str(cfg)))
+    if sweep:
+        # Interpreted (--smoke), narrow programs take seconds a call: one wide config checks it.
+        for c in _gemv_sweep_configs(m, smoke)[-1 if smoke else 0 :]:
+            fns = [lambda w=w, c=c: fused(w, c, pdl) for w in ws]
+            r = Result(label, "triton-sweep", nbytes, timer(fns, iters), str(c))
+            r.extra["config"] = asdict(c)
+            res.append(r)
     return res
 
 

@@ -306,6 +306,8 @@ def test_kernels_smoke_ops_gemv_and_argmax(tmp_path) -> None:
     assert {("linear", "cublas"), ("linear", "triton"), ("linear", "triton-sweep")} <= impls
     assert {("silu+down", "silu+cublas"), ("silu+down", "triton-silu")} <= impls
     assert ("silu+down", "triton-sweep") in impls
+    assert {("norm+down", "norm+triton"), ("norm+down", "triton-norm")} <= impls
+    assert ("norm+down", "triton-sweep") in impls
     assert {("argmax", "torch"), ("argmax", "triton")} <= impls
     norm = [x for x in rows if x["name"] == "rmsnorm+residual b4 h256"]
     assert {x["impl"] for x in norm} >= {"triton", "torch", "triton-sweep", "copy"}
