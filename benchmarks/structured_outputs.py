@@ -4,8 +4,8 @@
         --load-format dummy --tokenizer DIR --batch-size 64
 
 ``--batch-size`` requests at once, each with a random ``--prompt-len``-token prompt and
-``--output-len`` output tokens, sampled at temperature 1: once with every row constrained by a
-JSON schema whose shortest instance is longer than the output (an array of at least
+``--output-len`` output tokens, sampled at ``--temperature`` (default 1): once with every row
+constrained by a JSON schema whose shortest instance is longer than the output (an array of at least
 ``--output-len`` integers), so every step of every row is masked, and once unconstrained
 (``ignore_eos``). Repetitions alternate the two. Grammars do not need real weights to be
 enforced: dummy weights and any tokenizer with the model's vocabulary or a smaller one will do.
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="0: greedy (the lighter sampler graphs)"
+    )
     p.add_argument("--json", type=Path)
     harness.add_engine_args(p)
     args = p.parse_args(argv)
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [
         [rng.randrange(10, vocab) for _ in range(args.prompt_len)] for _ in range(args.batch_size)
     ]
-    base = dict(temperature=1.0, seed=1, max_tokens=args.output_len)
+    base = dict(temperature=args.temperature, seed=1, max_tokens=args.output_len)
     so = StructuredOutputsParams(json=schema_for(args.output_len))
     modes = {
         "unconstrained": SamplingParams(**base, ignore_eos=True),
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     res["stats"], res["ratio"] = stats, ratio
     print(
         f"{res['device']}, {args.batch_size} requests, prompt {args.prompt_len}, output "
-        f"{args.output_len}, temperature 1; median [min-max] of {args.repeats}"
+        f"{args.output_len}, temperature {args.temperature:g}; median [min-max] of "
+        f"{args.repeats}"
     )
     for m in modes:
         s = stats[m]

@@ -74,7 +74,10 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``1e-12 / 448``) and ``q = x / scale`` in ``float8_e4m3fn``, all in fp32. The recipe of
     ``graphrt.models.fp8.quantize_fp8`` for weights, applied to rows of activations."""
     x32 = x.float()
-    scale = x32.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
+    amax = x32.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+    # Divided by a tensor, not the Python scalar 448: on CUDA torch turns division by a scalar
+    # into a multiply by its reciprocal, one rounding off IEEE division in some rows (H100).
+    scale = amax / torch.full_like(amax, 448.0)
     q = (x32 / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     return q, scale
 
