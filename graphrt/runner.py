@@ -533,18 +533,7 @@ class ModelRunner:
     ) -> None:
         """A decode step's sampler: each row's token, at position ``seq_lens``, into ``out``
         and its slot of the token buffer."""
-        sample(
-            logits,
-            slots,
-            slots,
-            seq_lens,
-            self.slot_state,
-            self.token_buf,
-            flags,
-            out,
-            self.ops.argmax,
-            token_masks,
-        )
+        self._sample(logits, slots, slots, seq_lens, flags, out, token_masks)
 
     def decode_forward(
         self,
@@ -689,6 +678,18 @@ class ModelRunner:
     ) -> None:
         """The model, its logits and the sampler: the tail every step shares (see ``sample``)."""
         logits = self.model.compute_logits(self.model(fb))
+        self._sample(logits, slots, out_slots, positions, flags, out, token_masks)
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        slots: torch.Tensor,
+        out_slots: torch.Tensor,
+        positions: torch.Tensor,
+        flags: SamplerFlags,
+        out: SampleOutputs,
+        token_masks: torch.Tensor | None,
+    ) -> None:
         sample(
             logits,
             slots,
