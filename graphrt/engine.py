@@ -424,11 +424,30 @@ class Engine:
         self.stats["grammar_mask_s"] += time.perf_counter() - t0
         return masks
 
-    def _grammar_ends(self, req: Request, tok: int, tokens: StepTokens) -> bool:
-        """Advance ``req``'s grammar past ``tok``. True if that ended the request: the token
-        broke the grammar (an error), or completed it (a stop, also under ``ignore_eos``)."""
+    def _accept_grammars(
+        self, plan: StepPlan, ids: list[int], samples: list[bool] | None
+    ) -> dict[int, bool]:
+        """Advance the grammar of each constrained row that sampled this step past its token,
+        all in one batch. Returns, by row, whether the grammar took it."""
+        rows = [
+            r
+            for r, req in enumerate(plan.requests)
+            if req.grammar is not None
+            and req.status is not RequestStatus.FINISHED
+            and (samples is None or samples[r])
+        ]
+        if not rows:
+            return {}
+        states = [plan.requests[r].grammar for r in rows]
+        ok = self.structured_outputs().accept(states, [ids[r] for r in rows])
+        return dict(zip(rows, ok, strict=True))
+
+    def _grammar_ends(self, req: Request, tok: int, tokens: StepTokens, accepted: bool) -> bool:
+        """Take the verdict of ``req``'s grammar on ``tok`` (``_accept_grammars``). True if that
+        ended the request: the token broke the grammar (an error), or completed it (a stop,
+        also under ``ignore_eos``)."""
         g = req.grammar
-        if not g.accept(tok):
+        if not accepted:
             self._fail(req, f"token {tok} does not follow the request's grammar", tokens)
             return True
         if g.terminated:
@@ -515,6 +534,9 @@ class Engine:
             top_ids, top_lps = res.top_ids.tolist(), res.top_logprobs.tolist()
             tokens.logprobs, tokens.top_ids, tokens.top_logprobs = [], [], []
         finished = RequestStatus.FINISHED
+        # Constrained rows' grammars advance first, in one batch; each row's verdict is then
+        # taken in the loop below, where it was always taken.
+        accepted = self._accept_grammars(plan, ids, samples) if self._num_constrained else None
         seq_ids, out_ids = tokens.seq_ids, tokens.ids
         # This loop runs for every row of every step (at batch 256 it is most of the core's
         # CPU time per step): ids only, flat.
@@ -533,7 +555,7 @@ class Engine:
                 tokens.top_logprobs.append(top_lps[r])
             if len(out) == 1 and req.index == 0:
                 tokens.cached[req.group_id] = req.num_cached_tokens
-            if req.grammar is not None and self._grammar_ends(req, tok, tokens):
+            if req.grammar is not None and self._grammar_ends(req, tok, tokens, accepted[r]):
                 continue
             if tok in req.stop_ids:
                 # A stop token id wins over EOS (an id in both reports itself as the reason).

@@ -173,6 +173,14 @@ class StructuredOutputs:
         return None
 
     # ---- masks ----------------------------------------------------------------------------
+    def accept(self, states: Sequence[GrammarMatcherState], tokens: Sequence[int]) -> list[bool]:
+        """Advance each of ``states`` past its token (xgrammar's batched accept, on up to
+        ``MASK_THREADS`` threads where there are several); False where a grammar refuses it."""
+        if len(states) < 4:  # not worth the threads
+            return [s.accept(t) for s, t in zip(states, tokens, strict=True)]
+        ok = self._batch.batch_accept_token([s.matcher for s in states], list(tokens))
+        return [bool(x) for x in ok]
+
     def fill(self, states: Sequence[GrammarMatcherState | None], out: np.ndarray) -> list[int]:
         """Fill row ``r`` of ``out`` (int32 ``[len(states), words]``) with what ``states[r]``
         allows next; rows without a grammar allow every token. Returns the rows whose grammar

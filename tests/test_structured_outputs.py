@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
 pytest.importorskip("xgrammar")
@@ -489,5 +490,32 @@ def test_a_failed_split_sampler_fails_its_step_and_the_engine_goes_on(
         ok = eng.generate(["ef"], params)[0]
         assert ok.error is None and re.fullmatch(r"[a-z]*", ok.outputs[0].text)
         assert eng.pages.num_free == eng.pages.num_usable
+    finally:
+        eng.shutdown()
+
+
+def test_batched_accept_matches_one_by_one(tiny_byte_model) -> None:
+    """``StructuredOutputs.accept`` over several rows (xgrammar's threaded batch) gives the
+    verdicts and matcher states of accepting each row alone, refusals included."""
+    eng = Engine(str(tiny_byte_model), show_progress=False, max_model_len=128)
+    try:
+        so = eng.structured_outputs()
+        fut = so.start(StructuredOutputsParams(regex=r"[ab]{2,6}"))
+        fut.result(timeout=30)
+
+        def fresh(n):
+            states = [so.matcher_state(fut) for _ in range(n)]
+            for s in states:
+                assert so.poll(s) is None and s.matcher is not None
+            return states
+
+        toks = [ord("a"), ord("b"), ord("c"), ord("a"), ord("z"), ord("b")]
+        batched, alone = fresh(6), fresh(6)
+        assert so.accept(batched, toks) == [True, True, False, True, False, True]
+        assert [s.accept(t) for s, t in zip(alone, toks, strict=True)] == so.accept(fresh(6), toks)
+        words = np.empty((2, 6, so.words), dtype=np.int32)
+        so.fill(batched, words[0])
+        so.fill(alone, words[1])
+        assert np.array_equal(words[0], words[1])
     finally:
         eng.shutdown()
