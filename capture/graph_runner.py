@@ -45,6 +45,7 @@ from graphrt.capture.static_buffers import (
 from graphrt.kernels.attention_backend import AttentionBackend
 from graphrt.sampling import EVERYTHING, GREEDY, SampleOutputs, SamplerFlags
 from graphrt.step_plan import StepPlan
+from graphrt.structured_outputs import bitmask_words
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ VARIANTS: tuple[SamplerFlags, ...] = (GREEDY, EVERYTHING)
 # Keys of a decode bucket's split graphs: the forward to the logits, and the masked samplers.
 LOGITS = "logits"
 MASKED_VARIANTS: tuple[tuple[str, SamplerFlags], ...] = tuple(("masked", v) for v in VARIANTS)
+_MASKED_KEY = dict(zip(VARIANTS, MASKED_VARIANTS, strict=True))
 
 
 def variant_for(flags: SamplerFlags) -> SamplerFlags:
@@ -136,7 +138,7 @@ class DecodeGraphSpec:
     @property
     def mask_words(self) -> int:
         """int32 words of one row's token bitmask."""
-        return -(-self.vocab_size // 32)
+        return bitmask_words(self.vocab_size)
 
 
 class DecodeGraphRunner:
@@ -350,7 +352,7 @@ class DecodeGraphRunner:
         padding: they are set to allow all first, so one copy carries the bucket."""
         masks[rows:bucket].fill_(-1)
         self.masks[:bucket].copy_(masks[:bucket], non_blocking=True)
-        key = ("masked", variant_for(flags))
+        key = _MASKED_KEY[variant_for(flags)]
         graph = self.graphs.get((bucket, key))
         if graph is not None:
             graph.replay()

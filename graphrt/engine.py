@@ -327,34 +327,35 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan is None:
             return None
+        split = False
         if self._num_constrained and any(r.grammar is not None for r in plan.requests):
             # A row's mask follows from every token before it, and the step in flight holds
-            # one: take that step first.
-            if self.runner.defers_masks(plan):
-                return self._launch_split(plan, t0)
-            # Not split (a step with prompt tokens, or above the largest bucket): the GPU
-            # waits for this host work.
-            if self._inflight is not None:
-                prev, self._inflight = self._inflight, None
-                self._taken_early = self._consume(prev)
-            plan.token_masks = self._grammar_masks(plan)
+            # one: take that step first. A decode step runs split, its forward while the host
+            # does this (``_launch_split``); any other step waits for it on the GPU.
+            split = self.runner.defers_masks(plan)
+            if not split:
+                self._take_inflight()
+                plan.token_masks = self._grammar_masks(plan)
         self.profiler.scheduled(plan, time.perf_counter() - t0)
         self.stats["steps"] += 1
-        return self.launcher.submit(plan)
+        return self._launch_split(plan) if split else self.launcher.submit(plan)
 
-    def _launch_split(self, plan: StepPlan, t0: float) -> StepHandle:
+    def _take_inflight(self, nxt: StepHandle | None = None) -> None:
+        """Take the step in flight now, before the loop would (``_taken_early``); ``nxt``: the
+        step launched after it, whose launch goes first."""
+        if self._inflight is not None:
+            prev, self._inflight = self._inflight, None
+            self._taken_early = self._consume(prev, nxt)
+
+    def _launch_split(self, plan: StepPlan) -> StepHandle:
         """Launch a step with constrained rows in two parts (``ModelRunner.defers_masks``): its
         forward first; then, while the GPU runs it, take the step in flight, which advances
         the grammars past its tokens, fill this step's token masks, and launch its sampler."""
-        self.profiler.scheduled(plan, time.perf_counter() - t0)
-        self.stats["steps"] += 1
         self.stats["split_steps"] += 1
         handle = self.launcher.submit(plan, masked=True)
         try:
-            if self._inflight is not None:
-                prev, self._inflight = self._inflight, None
-                self._taken_early = self._consume(prev, handle)  # the forward launches first
-            self._grammar_masks(plan, handle.masks(self.runner.mask_words))
+            self._take_inflight(handle)
+            self._grammar_masks(plan, handle.masks(self.structured_outputs().words))
         finally:
             # Always: the launcher runs nothing after this step's forward until it has it.
             self.launcher.submit_masks(handle)

@@ -80,7 +80,7 @@ class _Resources:
         self.masks: torch.Tensor | None = None
 
     def mask_buffer(self, words: int) -> torch.Tensor:
-        if self.masks is None or self.masks.shape[1] != words:
+        if self.masks is None:
             self.masks = torch.empty(self._rows, words, dtype=torch.int32, pin_memory=self._pin)
         return self.masks
 

@@ -473,11 +473,6 @@ class ModelRunner:
         with torch.inference_mode():
             self.graphs.run_sampler(outputs.graph_bs, plan.needs, masks, outputs.rows)
 
-    @property
-    def mask_words(self) -> int:
-        """int32 words of one row's token bitmask."""
-        return -(-self.model_cfg.vocab_size // 32)
-
     def decode_logits(
         self,
         slots: torch.Tensor,
