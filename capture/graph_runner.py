@@ -43,13 +43,13 @@ from graphrt.capture.static_buffers import (
     fill_inputs,
 )
 from graphrt.kernels.attention_backend import AttentionBackend
-from graphrt.sampling import EVERYTHING, GREEDY, SampleOutputs, SamplerFlags
+from graphrt.sampling import EVERYTHING, GREEDY, SAMPLED, SampleOutputs, SamplerFlags
 from graphrt.step_plan import StepPlan
 from graphrt.structured_outputs import bitmask_words
 
 logger = logging.getLogger(__name__)
 
-VARIANTS: tuple[SamplerFlags, ...] = (GREEDY, EVERYTHING)
+VARIANTS: tuple[SamplerFlags, ...] = (GREEDY, SAMPLED, EVERYTHING)
 # Keys of a decode bucket's split graphs: the forward to the logits, and the masked samplers.
 LOGITS = "logits"
 MASKED_VARIANTS: tuple[tuple[str, SamplerFlags], ...] = tuple(("masked", v) for v in VARIANTS)
@@ -57,7 +57,10 @@ _MASKED_KEY = dict(zip(VARIANTS, MASKED_VARIANTS, strict=True))
 
 
 def variant_for(flags: SamplerFlags) -> SamplerFlags:
-    return GREEDY if flags == GREEDY else EVERYTHING
+    """The captured sampler that covers ``flags``: the lightest of ``VARIANTS`` that does."""
+    if flags == GREEDY:
+        return GREEDY
+    return SAMPLED if not (flags.filters or flags.logprobs) else EVERYTHING
 
 
 class CaptureError(RuntimeError):

@@ -21,7 +21,7 @@ from graphrt.capture.static_buffers import (
     fill_inputs,
 )
 from graphrt.memory.page_allocator import DUMMY_PAGE, DUMMY_SLOT
-from graphrt.sampling import EVERYTHING, GREEDY, SamplerFlags
+from graphrt.sampling import EVERYTHING, GREEDY, SAMPLED, SamplerFlags
 
 
 def test_default_buckets_dense_then_sixteen() -> None:
@@ -138,7 +138,9 @@ def test_ring_out_of_step_fails_loudly(llama) -> None:
 def test_variant_choice() -> None:
     assert variant_for(GREEDY) == GREEDY
     assert variant_for(SamplerFlags(logprobs=True)) == EVERYTHING
-    assert variant_for(SamplerFlags(full=True)) == EVERYTHING
+    assert variant_for(SamplerFlags(full=True)) == SAMPLED
+    assert variant_for(SamplerFlags(full=True, filters=True)) == EVERYTHING
+    assert variant_for(SamplerFlags(filters=True)) == EVERYTHING
 
 
 @pytest.fixture(scope="module")
@@ -258,9 +260,10 @@ def test_capture_buckets_loop(monkeypatch) -> None:
         return f"g{size}"
 
     capture_buckets([2, 8, 4], ok, graphs, stats, io, show_progress=False, **kw)
-    assert [s for s, _ in seen] == [8, 8, 4, 4, 2, 2] and {f for _, f in seen} == set(VARIANTS)
+    assert [s for s, _ in seen] == [s for s in (8, 4, 2) for _ in VARIANTS]
+    assert {f for _, f in seen} == set(VARIANTS)
     assert [st.bs for st in stats] == [8, 4, 2] and all(st.graph_bytes > 0 for st in stats)
-    assert len(graphs) == 6 and io.next == 0 and int(io.pos.item()) == 0
+    assert len(graphs) == 3 * len(VARIANTS) and io.next == 0 and int(io.pos.item()) == 0
 
     def oom(size: int, flags: SamplerFlags) -> str:
         raise torch.cuda.OutOfMemoryError("no room")
