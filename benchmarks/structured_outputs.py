@@ -5,13 +5,18 @@
 
 ``--batch-size`` requests at once, each with a random ``--prompt-len``-token prompt and
 ``--output-len`` output tokens, sampled at ``--temperature`` (default 1): once with every row
-constrained by a JSON schema whose shortest instance is longer than the output (an array of at least
-``--output-len`` integers), so every step of every row is masked, and once unconstrained
-(``ignore_eos``). Repetitions alternate the two. Grammars do not need real weights to be
-enforced: dummy weights and any tokenizer with the model's vocabulary or a smaller one will do.
+constrained by a JSON schema whose shortest instance is longer than the output, so every step of
+every row is masked, and once unconstrained (``ignore_eos``). ``--schema`` picks it: ``ints``, an
+array of at least ``--output-len`` integers; ``records``, an array of as many objects with
+strings, an integer, an enum and a nested array (strings make xgrammar's masks costlier).
+Repetitions alternate the two. Grammars do not need real weights to be enforced: dummy weights
+and any tokenizer with the model's vocabulary or a smaller one will do.
 
 Reports output tok/s of both (the unconstrained run is the ceiling), their ratio, and the host
-time the engine spent filling token masks per constrained step (``Engine.stats``).
+time the engine spent per constrained step advancing the grammars and filling the token masks
+(``Engine.stats``). ``--host-sweep`` first times that host work alone, for ``--batch-size``
+grammars walking random allowed tokens, at each of ``--grammar-threads-sweep`` thread counts:
+what ``grammar_threads`` should be on this host.
 """
 
 from __future__ import annotations
@@ -26,22 +31,70 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # benchmarks/ is not a package; harness puts the checkout on sys.path too
+import numpy as np
 
 from graphrt import Engine, SamplingParams, StructuredOutputsParams
 from graphrt.measure import fmt_stat, run_header, summarize
+from graphrt.structured_outputs import StructuredOutputs
+
+RECORD = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+    },
+    "required": ["name", "age", "role", "tags"],
+}
 
 
-def schema_for(output_len: int) -> dict[str, Any]:
-    """An array of at least ``output_len`` small integers: no instance fits in the output, so
-    the grammar constrains every token up to ``max_tokens``."""
-    item = {"type": "integer", "minimum": 0, "maximum": 999}
+def schema_for(output_len: int, kind: str = "ints") -> dict[str, Any]:
+    """An array of at least ``output_len`` items (small integers, or records): no instance fits
+    in the output, so the grammar constrains every token up to ``max_tokens``."""
+    item = {"type": "integer", "minimum": 0, "maximum": 999} if kind == "ints" else RECORD
     return {"type": "array", "items": item, "minItems": output_len}
+
+
+def host_sweep(
+    eng: Engine, so: StructuredOutputsParams, rows: int, threads: list[int], steps: int = 64
+) -> dict[int, dict[str, Any]]:
+    """Per step, the host time to advance ``rows`` grammars one token and fill their masks, at
+    each thread count: the work a split step must finish inside its forward."""
+    vocab = eng.model_config.vocab_size
+    rng = np.random.default_rng(0)
+    out = {}
+    for t in threads:
+        eos = eng.tokenizer.eos_token_ids | set(eng.model_config.eos_token_ids)
+        svc = StructuredOutputs(eng.tokenizer.hf, vocab, eos, mask_threads=t)
+        fut = svc.start(so)
+        fut.result()
+        states = [svc.matcher_state(fut) for _ in range(rows)]
+        for st in states:
+            svc.poll(st)
+        masks = np.empty((rows, svc.words), dtype=np.int32)
+        fill, accept = [], []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            svc.fill(states, masks)
+            fill.append(time.perf_counter() - t0)
+            bits = np.unpackbits(masks.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+            toks = [int(rng.choice(np.flatnonzero(b))) for b in bits]
+            t0 = time.perf_counter()
+            svc.accept(states, toks)
+            accept.append(time.perf_counter() - t0)
+        svc.close()
+        out[t] = {
+            "fill_ms": summarize(x * 1e3 for x in fill),
+            "accept_ms": summarize(x * 1e3 for x in accept),
+        }
+    return out
 
 
 def run(eng: Engine, prompts: list[list[int]], params: SamplingParams) -> dict[str, float]:
     """One batch to the end: output tok/s over the wall time, and the mask work it caused."""
     steps0, mask0 = eng.stats["grammar_mask_steps"], eng.stats["grammar_mask_s"]
-    split0 = eng.stats["split_steps"]
+    split0, accept0 = eng.stats["split_steps"], eng.stats["grammar_accept_s"]
     t0 = time.perf_counter()
     outs = eng.generate(prompts, params)
     wall = time.perf_counter() - t0
@@ -51,6 +104,7 @@ def run(eng: Engine, prompts: list[list[int]], params: SamplingParams) -> dict[s
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     steps = eng.stats["grammar_mask_steps"] - steps0
     mask_s = eng.stats["grammar_mask_s"] - mask0
+    accept_s = eng.stats["grammar_accept_s"] - accept0
     return {
         "output_tok_s": tokens / wall,
         "wall_s": wall,
@@ -58,6 +112,7 @@ def run(eng: Engine, prompts: list[list[int]], params: SamplingParams) -> dict[s
         "mask_steps": steps,
         "split_steps": eng.stats["split_steps"] - split0,
         "mask_ms_per_step": mask_s / steps * 1e3 if steps else 0.0,
+        "accept_ms_per_step": accept_s / steps * 1e3 if steps else 0.0,
     }
 
 
@@ -70,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--temperature", type=float, default=1.0, help="0: greedy (the lighter sampler graphs)"
     )
+    p.add_argument("--schema", choices=["ints", "records"], default="ints")
+    p.add_argument("--host-sweep", action="store_true", help="time the host work alone first")
+    p.add_argument("--grammar-threads-sweep", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--json", type=Path)
     harness.add_engine_args(p)
     args = p.parse_args(argv)
@@ -82,7 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         [rng.randrange(10, vocab) for _ in range(args.prompt_len)] for _ in range(args.batch_size)
     ]
     base = dict(temperature=args.temperature, seed=1, max_tokens=args.output_len)
-    so = StructuredOutputsParams(json=schema_for(args.output_len))
+    so = StructuredOutputsParams(json=schema_for(args.output_len, args.schema))
+    sweep = None
+    if args.host_sweep:
+        sweep = host_sweep(eng, so, args.batch_size, args.grammar_threads_sweep)
+        for t, r in sweep.items():
+            print(
+                f"host, {args.batch_size} grammars ({args.schema}), {t} thread(s): fill "
+                f"{fmt_stat(r['fill_ms'], '.3f')} ms, accept {fmt_stat(r['accept_ms'], '.3f')} "
+                "ms per step"
+            )
     modes = {
         "unconstrained": SamplingParams(**base, ignore_eos=True),
         "constrained": SamplingParams(**base, structured_outputs=so),
@@ -97,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[m].append(run(eng, prompts, modes[m]))
     res = run_header("structured_outputs", str(eng.model_dir), eng, None)
     res["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
-    res["runs"] = runs
+    res["runs"], res["host_sweep"] = runs, sweep
     stats = {m: {k: summarize(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
     ratio = summarize(
         c["output_tok_s"] / u["output_tok_s"]
@@ -112,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in modes:
         s = stats[m]
         print(
-            f"{m:<14} output tok/s {fmt_stat(s['output_tok_s'], ',.0f')}  mask fill "
+            f"{m:<14} output tok/s {fmt_stat(s['output_tok_s'], ',.0f')}  accept "
+            f"{fmt_stat(s['accept_ms_per_step'], '.3f')}, mask fill "
             f"{fmt_stat(s['mask_ms_per_step'], '.3f')} ms/step over "
             f"{s['mask_steps']['median']:.0f} steps ({s['split_steps']['median']:.0f} split)"
         )

@@ -60,6 +60,9 @@ _HELP: dict[str, str] = {
     "it (sm_90+): each kernel's launch overlaps the end of the one before",
     "overlap": "'thread': launcher thread, scheduler one step ahead; 'inline': one step ahead "
     "on the scheduler thread; 'off': synchronous; 'two_events': also waits on launch_done",
+    "grammar_threads": "threads that advance structured-output rows' grammars and fill their "
+    "token masks each step (xgrammar's batched calls; on a split step's critical path); 0: one "
+    "per core, up to 8; 1: on the step thread",
     "text_thread": "run the text side (detokenization, stop strings, outputs) on a thread of its "
     "own, behind the step loop, instead of on the step thread after each step",
     "gc_freeze": "after start-up, move every live object out of the cyclic garbage collector's "
@@ -99,6 +102,7 @@ class EngineConfig:
     cuda_graph_batch_sizes: tuple[int, ...] | None = None
     cuda_graph_max_tokens: int | None = None
     cuda_graph_structured: bool = True
+    grammar_threads: int = 0
     pdl: bool = True
     overlap: OverlapMode = "thread"
     text_thread: bool = True
@@ -127,6 +131,7 @@ class EngineConfig:
         _check_range("max_waiting_requests", self.max_waiting_requests, 1, 1 << 24)
         _check_range("max_logprobs", self.max_logprobs, 0, 1024)
         _check_range("cuda_graph_max_bs", self.cuda_graph_max_bs, 0, 8192)
+        _check_range("grammar_threads", self.grammar_threads, 0, 256)
         if self.cuda_graph_max_tokens is not None:
             _check_range("cuda_graph_max_tokens", self.cuda_graph_max_tokens, 0, 1 << 20)
         if self.cuda_graph_batch_sizes is not None:

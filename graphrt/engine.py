@@ -142,7 +142,8 @@ class Engine:
         # graph_steps: decode graph replays; mixed_graph_steps: replays of steps with prefill.
         # grammar_mask_s / grammar_mask_steps: host time filling structured outputs' token
         # masks, and the steps that needed them; split_steps: those of them whose forward ran
-        # while the masks were filled (``_launch_split``).
+        # while the masks were filled (``_launch_split``); grammar_accept_s: host time
+        # advancing the grammars past each step's tokens (before the next step's masks).
         self.stats = {
             "steps": 0,
             "graph_steps": 0,
@@ -151,6 +152,7 @@ class Engine:
             "grammar_mask_steps": 0,
             "split_steps": 0,
             "grammar_mask_s": 0.0,
+            "grammar_accept_s": 0.0,
         }
         self._unfreeze_gc: weakref.finalize | None = None
         if config.gc_freeze:
@@ -385,7 +387,10 @@ class Engine:
                     param="structured_outputs",
                 )
             self._structured = StructuredOutputs(
-                self.tokenizer.hf, self.model_config.vocab_size, self._eos_ids
+                self.tokenizer.hf,
+                self.model_config.vocab_size,
+                self._eos_ids,
+                mask_threads=self.config.grammar_threads,
             )
         return self._structured
 
@@ -439,8 +444,10 @@ class Engine:
         ]
         if not rows:
             return {}
+        t0 = time.perf_counter()
         states = [plan.requests[r].grammar for r in rows]
         ok = self.structured_outputs().accept(states, [ids[r] for r in rows])
+        self.stats["grammar_accept_s"] += time.perf_counter() - t0
         return dict(zip(rows, ok, strict=True))
 
     def _grammar_ends(self, req: Request, tok: int, tokens: StepTokens, accepted: bool) -> bool:

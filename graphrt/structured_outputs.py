@@ -33,8 +33,9 @@ from graphrt.sampling_params import StructuredOutputsParams
 COMPILE_THREADS = 2
 # Compiled grammars kept for reuse (a server sees many distinct schemas).
 MAX_CACHED_GRAMMARS = 256
-# Threads that fill a step's masks (xgrammar's batched fill): the host's cores, up to 8; the
-# fill is on the step's critical path while constrained steps are taken one at a time.
+# Threads that advance a step's grammars and fill its masks (xgrammar's batched calls), when
+# EngineConfig.grammar_threads is 0: the host's cores, up to 8. Both are on a split step's
+# critical path.
 MASK_THREADS = max(1, min(8, os.cpu_count() or 1))
 COMPILE_TIMEOUT_S = 30.0
 # Whitespace characters allowed in a row between JSON tokens: enough for any indentation a
@@ -85,6 +86,7 @@ class StructuredOutputs:
         compile_timeout_s: float = COMPILE_TIMEOUT_S,
         threads: int = COMPILE_THREADS,
         max_cached: int = MAX_CACHED_GRAMMARS,
+        mask_threads: int = 0,
     ) -> None:
         import xgrammar as xgr
 
@@ -99,7 +101,8 @@ class StructuredOutputs:
         # one schema wait on one compilation. Called from the engine's thread only.
         self._futures: dict[StructuredOutputsParams, concurrent.futures.Future] = {}
         self._max_cached = max_cached
-        self._batch = xgr.BatchGrammarMatcher(max_threads=MASK_THREADS)
+        self.mask_threads = mask_threads or MASK_THREADS
+        self._batch = xgr.BatchGrammarMatcher(max_threads=self.mask_threads)
         self.compile_timeout_s = compile_timeout_s
 
     # ---- compilation ----------------------------------------------------------------------
@@ -175,8 +178,10 @@ class StructuredOutputs:
     # ---- masks ----------------------------------------------------------------------------
     def accept(self, states: Sequence[GrammarMatcherState], tokens: Sequence[int]) -> list[bool]:
         """Advance each of ``states`` past its token (xgrammar's batched accept, on up to
-        ``MASK_THREADS`` threads where there are several); False where a grammar refuses it."""
-        if len(states) < 4:  # not worth the threads
+        ``mask_threads`` threads where there are several); False where a grammar refuses it."""
+        # One thread, or few rows: one at a time (xgrammar's batch on one thread was 25% slower
+        # than this loop for 64 rows on the VM).
+        if self.mask_threads == 1 or len(states) < 4:
             return [s.accept(t) for s, t in zip(states, tokens, strict=True)]
         ok = self._batch.batch_accept_token([s.matcher for s in states], list(tokens))
         return [bool(x) for x in ok]

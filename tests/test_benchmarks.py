@@ -638,3 +638,20 @@ def test_structured_outputs_benchmark_constrains_every_step(default_model_dir, t
     assert all(r["mask_steps"] == 6 and r["output_tokens"] == 18 for r in c)
     assert all(r["mask_steps"] == 0 and r["output_tokens"] == 18 for r in u)
     assert res["ratio"]["median"] > 0
+    assert all(r["accept_ms_per_step"] > 0 for r in c)
+
+
+def test_structured_outputs_benchmark_records_and_host_sweep(default_model_dir, tmp_path) -> None:
+    """The records schema constrains every step too, and the host sweep times fill and accept
+    at each thread count asked for."""
+    pytest.importorskip("xgrammar")
+    out = tmp_path / "so.json"
+    args = ["--model", str(default_model_dir), "--batch-size", "4", "--prompt-len", "8"]
+    args += ["--output-len", "6", "--repeats", "5", "--max-model-len", "64", "--json", str(out)]
+    args += ["--schema", "records", "--host-sweep", "--grammar-threads-sweep", "1", "2"]
+    assert _load("structured_outputs").main(args) == 0
+    res = json.loads(out.read_text())
+    assert all(r["mask_steps"] == 6 for r in res["runs"]["constrained"])
+    assert set(res["host_sweep"]) == {"1", "2"}
+    for r in res["host_sweep"].values():
+        assert r["fill_ms"]["median"] > 0 and r["accept_ms"]["median"] > 0

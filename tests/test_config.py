@@ -172,6 +172,7 @@ def test_cli_round_trip_of_non_default_config() -> None:
         cuda_graph_batch_sizes=(1, 2, 4, 32),
         cuda_graph_max_tokens=256,
         cuda_graph_structured=False,
+        grammar_threads=3,
         pdl=False,
         overlap="two_events",
         text_thread=False,
@@ -203,6 +204,7 @@ INT_FIELDS = [
     "max_waiting_requests",
     "max_logprobs",
     "cuda_graph_max_bs",
+    "grammar_threads",
 ]
 
 

@@ -494,12 +494,17 @@ def test_a_failed_split_sampler_fails_its_step_and_the_engine_goes_on(
         eng.shutdown()
 
 
-def test_batched_accept_matches_one_by_one(tiny_byte_model) -> None:
-    """``StructuredOutputs.accept`` over several rows (xgrammar's threaded batch) gives the
-    verdicts and matcher states of accepting each row alone, refusals included."""
-    eng = Engine(str(tiny_byte_model), show_progress=False, max_model_len=128)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_accept_matches_one_by_one(tiny_byte_model, threads) -> None:
+    """``StructuredOutputs.accept`` over several rows (xgrammar's threaded batch, or a loop on
+    one thread) gives the verdicts and matcher states of accepting each row alone, refusals
+    included."""
+    eng = Engine(
+        str(tiny_byte_model), show_progress=False, max_model_len=128, grammar_threads=threads
+    )
     try:
         so = eng.structured_outputs()
+        assert so.mask_threads == threads
         fut = so.start(StructuredOutputsParams(regex=r"[ab]{2,6}"))
         fut.result(timeout=30)
 
