@@ -391,6 +391,7 @@ class Engine:
                 self.model_config.vocab_size,
                 self._eos_ids,
                 mask_threads=self.config.grammar_threads,
+                json_whitespace=self.config.json_whitespace,
             )
         return self._structured
 

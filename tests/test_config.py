@@ -173,6 +173,7 @@ def test_cli_round_trip_of_non_default_config() -> None:
         cuda_graph_max_tokens=256,
         cuda_graph_structured=False,
         grammar_threads=3,
+        json_whitespace="flexible",
         pdl=False,
         overlap="two_events",
         text_thread=False,

@@ -179,6 +179,13 @@ def test_every_output_parses_and_validates_against_its_schema(engine, temperatur
         c = out.outputs[0]
         assert c.finish_reason == FinishReason.STOP, (schema, c.text)
         jsonschema.validate(json.loads(c.text), schema)
+        assert _fixed_whitespace(c.text), c.text  # json_whitespace="fixed", the default
+
+
+def _fixed_whitespace(text: str) -> bool:
+    """Outside string literals, the only whitespace is one space after each ',' and ':'."""
+    rest = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+    return not re.search(r"\s", re.sub(r"[,:] ", "", rest)) and not re.search(r"[,:](?! )", rest)
 
 
 def test_streamed_deltas_concatenate_to_the_same_valid_json(engine) -> None:
@@ -438,8 +445,8 @@ def test_split_steps_equal_unsplit_steps(tiny_byte_model, overlap) -> None:
         so = p.structured_outputs
         if so is None or c.finish_reason != "stop":
             continue
-        if so.json is not None:
-            jsonschema.validate(json.loads(c.text), so.json)
+        if so.json is not None:  # the params hold the schema as JSON text
+            jsonschema.validate(json.loads(c.text), json.loads(so.json))
         elif so.regex is not None:
             assert re.fullmatch(so.regex, c.text), c.text
         else:
@@ -490,6 +497,32 @@ def test_a_failed_split_sampler_fails_its_step_and_the_engine_goes_on(
         ok = eng.generate(["ef"], params)[0]
         assert ok.error is None and re.fullmatch(r"[a-z]*", ok.outputs[0].text)
         assert eng.pages.num_free == eng.pages.num_usable
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["fixed", "flexible"])
+def test_json_whitespace_setting(tiny_byte_model, mode) -> None:
+    """``json_whitespace``: "fixed" allows no blank after '{' and exactly ", " between items;
+    "flexible" allows blanks (up to a cap) wherever JSON does."""
+    eng = Engine(str(tiny_byte_model), show_progress=False, max_model_len=128, json_whitespace=mode)
+    try:
+        so = eng.structured_outputs()
+        schema = {"type": "array", "items": {"type": "integer"}}
+        fut = so.start(StructuredOutputsParams(json=schema))
+        fut.result(timeout=30)
+        state = so.matcher_state(fut)
+        assert so.poll(state) is None
+
+        def allowed(ch: str) -> bool:
+            mask = np.empty((1, so.words), dtype=np.int32)
+            so.fill([state], mask)
+            return bool((mask[0, ord(ch) // 32] >> (ord(ch) % 32)) & 1)
+
+        assert so.accept([state], [ord("[")]) == [True]
+        assert allowed(" ") == (mode == "flexible") and allowed("1")
+        assert so.accept([state], [ord("1")]) == [True] and so.accept([state], [ord(",")]) == [True]
+        assert allowed(" ") and allowed("2") == (mode == "flexible")
     finally:
         eng.shutdown()
 
