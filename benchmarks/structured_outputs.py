@@ -16,7 +16,7 @@ Reports output tok/s of both (the unconstrained run is the ceiling), their ratio
 time the engine spent per constrained step advancing the grammars and filling the token masks
 (``Engine.stats``). ``--host-sweep`` first times that host work alone, for ``--batch-size``
 grammars walking random allowed tokens, at each of ``--grammar-threads-sweep`` thread counts:
-what ``grammar_threads`` should be on this host.
+what ``grammar_threads`` should be on this host (``--host-only``: that and nothing else).
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def host_sweep(
     out = {}
     for t in threads:
         eos = eng.tokenizer.eos_token_ids | set(eng.model_config.eos_token_ids)
-        svc = StructuredOutputs(eng.tokenizer.hf, vocab, eos, mask_threads=t)
+        svc = StructuredOutputs(
+            eng.tokenizer.hf, vocab, eos, mask_threads=t, json_whitespace=eng.config.json_whitespace
+        )
         fut = svc.start(so)
         fut.result()
         states = [svc.matcher_state(fut) for _ in range(rows)]
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--schema", choices=["ints", "records"], default="ints")
     p.add_argument("--host-sweep", action="store_true", help="time the host work alone first")
+    p.add_argument("--host-only", action="store_true", help="only the host sweep: no decoding")
     p.add_argument("--grammar-threads-sweep", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--json", type=Path)
     harness.add_engine_args(p)
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(temperature=args.temperature, seed=1, max_tokens=args.output_len)
     so = StructuredOutputsParams(json=schema_for(args.output_len, args.schema))
     sweep = None
-    if args.host_sweep:
+    if args.host_sweep or args.host_only:
         sweep = host_sweep(eng, so, args.batch_size, args.grammar_threads_sweep)
         for t, r in sweep.items():
             print(
@@ -150,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fmt_stat(r['fill_ms'], '.3f')} ms, accept {fmt_stat(r['accept_ms'], '.3f')} "
                 "ms per step"
             )
+        if args.host_only:
+            if args.json:
+                res = run_header("structured_outputs", str(eng.model_dir), eng, None)
+                res["settings"], res["host_sweep"] = vars(args) | {"json": None}, sweep
+                args.json.write_text(json.dumps(res, indent=1, default=str))
+            eng.shutdown()
+            return 0
     modes = {
         "unconstrained": SamplingParams(**base, ignore_eos=True),
         "constrained": SamplingParams(**base, structured_outputs=so),

@@ -655,3 +655,10 @@ def test_structured_outputs_benchmark_records_and_host_sweep(default_model_dir, 
     assert set(res["host_sweep"]) == {"1", "2"}
     for r in res["host_sweep"].values():
         assert r["fill_ms"]["median"] > 0 and r["accept_ms"]["median"] > 0
+    # --host-only: the sweep, then nothing else
+    args = ["--model", str(default_model_dir), "--batch-size", "2", "--host-only"]
+    args += ["--grammar-threads-sweep", "1", "--json-whitespace", "flexible", "--json", str(out)]
+    assert _load("structured_outputs").main(args) == 0
+    res = json.loads(out.read_text())
+    assert set(res["host_sweep"]) == {"1"} and "runs" not in res
+    assert res["settings"]["json_whitespace"] == "flexible"
