@@ -67,7 +67,8 @@ _HELP: dict[str, str] = {
     "pretty-print",
     "grammar_threads": "threads that advance structured-output rows' grammars and fill their "
     "token masks each step (xgrammar's batched calls; on a split step's critical path); 0: one "
-    "per core, up to 8; 1: on the step thread",
+    "thread up to 128 constrained rows, then half the cores up to 8 (as vLLM); N: N threads for "
+    "every batch; 1: all on the step thread",
     "text_thread": "run the text side (detokenization, stop strings, outputs) on a thread of its "
     "own, behind the step loop, instead of on the step thread after each step",
     "gc_freeze": "after start-up, move every live object out of the cyclic garbage collector's "

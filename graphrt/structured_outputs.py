@@ -33,10 +33,14 @@ from graphrt.sampling_params import StructuredOutputsParams
 COMPILE_THREADS = 2
 # Compiled grammars kept for reuse (a server sees many distinct schemas).
 MAX_CACHED_GRAMMARS = 256
-# Threads that advance a step's grammars and fill its masks (xgrammar's batched calls), when
-# EngineConfig.grammar_threads is 0: the host's cores, up to 8. Both are on a split step's
-# critical path.
-MASK_THREADS = max(1, min(8, os.cpu_count() or 1))
+# Threads that advance a step's grammars and fill its masks (xgrammar's batched calls) when
+# EngineConfig.grammar_threads is 0 ("auto"): one, up to PARALLEL_MIN_ROWS constrained rows,
+# then half the host's cores, up to 8. Both are on a split step's critical path. A mask row
+# costs a few us, so below a few hundred rows waking threads costs more than it saves (on the
+# 2-core VM, 64 rows on 2 threads took 2-3x as long as on one); vLLM fills serially up to 128
+# rows for the same reason.
+PARALLEL_MIN_ROWS = 128
+MASK_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
 COMPILE_TIMEOUT_S = 30.0
 # Whitespace characters allowed in a row between JSON tokens with json_whitespace="flexible":
 # enough for any indentation a model is taught, and a sampled (temperature > 0) output cannot
@@ -104,7 +108,9 @@ class StructuredOutputs:
         # one schema wait on one compilation. Called from the engine's thread only.
         self._futures: dict[StructuredOutputsParams, concurrent.futures.Future] = {}
         self._max_cached = max_cached
+        # grammar_threads N > 0: N threads for every batch (1: all on the caller's thread).
         self.mask_threads = mask_threads or MASK_THREADS
+        self._parallel_min_rows = PARALLEL_MIN_ROWS if mask_threads == 0 else 4
         # "fixed": one line, separators ", " and ": "; finite by construction, like flexible's
         # cap, so a sampled row cannot loop on whitespace either.
         self._json_args: dict[str, Any] = (
@@ -112,6 +118,7 @@ class StructuredOutputs:
             if json_whitespace == "fixed"
             else {"max_whitespace_cnt": MAX_JSON_WHITESPACE}
         )
+        self._batch1 = xgr.BatchGrammarMatcher(max_threads=1)
         self._batch = xgr.BatchGrammarMatcher(max_threads=self.mask_threads)
         self.compile_timeout_s = compile_timeout_s
 
@@ -187,11 +194,12 @@ class StructuredOutputs:
 
     # ---- masks ----------------------------------------------------------------------------
     def accept(self, states: Sequence[GrammarMatcherState], tokens: Sequence[int]) -> list[bool]:
-        """Advance each of ``states`` past its token (xgrammar's batched accept, on up to
-        ``mask_threads`` threads where there are several); False where a grammar refuses it."""
-        # One thread, or few rows: one at a time (xgrammar's batch on one thread was 25% slower
-        # than this loop for 64 rows on the VM).
-        if self.mask_threads == 1 or len(states) < 4:
+        """Advance each of ``states`` past its token (xgrammar's batched accept on
+        ``mask_threads`` threads where the batch is large enough, see ``PARALLEL_MIN_ROWS``);
+        False where a grammar refuses it."""
+        # On one thread, one at a time (xgrammar's batch on one thread was 25% slower than
+        # this loop for 64 rows on the VM).
+        if not self._parallel(len(states)):
             return [s.accept(t) for s, t in zip(states, tokens, strict=True)]
         ok = self._batch.batch_accept_token([s.matcher for s in states], list(tokens))
         return [bool(x) for x in ok]
@@ -207,10 +215,14 @@ class StructuredOutputs:
             out[free] = -1
         if not rows:
             return []
-        self._batch.batch_fill_next_token_bitmask([states[r].matcher for r in rows], out, rows)
+        batch = self._batch if self._parallel(len(rows)) else self._batch1
+        batch.batch_fill_next_token_bitmask([states[r].matcher for r in rows], out, rows)
         # One pass over the masks (a row per call was 3x slower at 64 rows); the rows set to
         # all ones above are never empty.
         return np.flatnonzero(~out.any(axis=1)).tolist()
+
+    def _parallel(self, rows: int) -> bool:
+        return self.mask_threads > 1 and rows >= self._parallel_min_rows
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

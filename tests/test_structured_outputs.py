@@ -527,6 +527,26 @@ def test_json_whitespace_setting(tiny_byte_model, mode) -> None:
         eng.shutdown()
 
 
+def test_grammar_threads_policy(tiny_byte_model, monkeypatch) -> None:
+    """Auto (0): one thread up to PARALLEL_MIN_ROWS rows, the host's threads above; N > 1:
+    N threads for any batch of a few rows; 1: never threaded."""
+    from graphrt import structured_outputs as so_mod
+
+    monkeypatch.setattr(so_mod, "MASK_THREADS", 4)
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(str(tiny_byte_model))
+    auto = so_mod.StructuredOutputs(tok, 258, [0], mask_threads=0)
+    two = so_mod.StructuredOutputs(tok, 258, [0], mask_threads=2)
+    one = so_mod.StructuredOutputs(tok, 258, [0], mask_threads=1)
+    try:
+        n = so_mod.PARALLEL_MIN_ROWS
+        assert auto.mask_threads == 4 and not auto._parallel(n - 1) and auto._parallel(n)
+        assert two._parallel(4) and not two._parallel(3)
+        assert not one._parallel(10_000)
+    finally:
+        for s in (auto, two, one):
+            s.close()
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_batched_accept_matches_one_by_one(tiny_byte_model, threads) -> None:
     """``StructuredOutputs.accept`` over several rows (xgrammar's threaded batch, or a loop on
