@@ -310,7 +310,11 @@ def test_gpu_fp8_gemv_real_shapes(m, n, k) -> None:
     out = F8.fp8_linear(x, q, s, b)
     assert torch.equal(out, F8.fp8_gemv(x, q, s, b, F8.fp8_gemv_config(m, n, k)))
     _check_linear(out, x, q, s, b, f"m={m} {n}x{k}")
-    for cfg in (F8.ONE_ROW_NARROW, F8.ONE_ROW_WIDE, F8.FEW_ROWS):  # whatever the table picks
+    # Every config the table may pick for m rows, whichever it picks here. The one-row configs
+    # are never picked for several rows: with tl.dot's 16-row tiles their block_k asks for more
+    # shared memory than the H100 has (288 KB against 227 KB, run X1).
+    cfgs = (F8.ONE_ROW_NARROW, F8.ONE_ROW_WIDE, F8.FEW_ROWS) if m == 1 else (F8.FEW_ROWS,)
+    for cfg in cfgs:
         _check_linear(F8.fp8_gemv(x, q, s, None, cfg), x, q, s, None, f"{cfg}")
     gu = torch.randn(m, 2 * k, device=DEV, dtype=BF16)
     fused = F8.silu_mul_linear(gu, q, s)
