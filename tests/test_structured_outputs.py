@@ -347,16 +347,16 @@ def test_a_grammar_that_allows_nothing_fails_only_its_request(engine, monkeypatc
 
 
 def test_a_token_the_grammar_rejects_fails_the_request(engine, monkeypatch) -> None:
-    from graphrt.structured_outputs import GrammarMatcherState
+    from graphrt.structured_outputs import StructuredOutputs
 
-    accept = GrammarMatcherState.accept
+    accept = StructuredOutputs.accept
     seen: list[int] = []
 
-    def reject_third(self, token):
-        seen.append(token)
-        return False if len(seen) == 3 else accept(self, token)
+    def reject_third(self, states, tokens):
+        seen.extend(tokens)  # one row: one token per call
+        return [False] if len(seen) == 3 else accept(self, states, tokens)
 
-    monkeypatch.setattr(GrammarMatcherState, "accept", reject_third)
+    monkeypatch.setattr(StructuredOutputs, "accept", reject_third)
     res = engine.generate([PROMPT], _params(SCHEMAS[0], 0.0))[0]
     assert res.outputs[0].finish_reason == FinishReason.ERROR
     assert "does not follow the request's grammar" in res.error
