@@ -100,7 +100,22 @@ class StructuredOutputs:
         self._xgr = xgr
         self.vocab_size = vocab_size
         self.words = bitmask_words(vocab_size)
-        self._tokenizer = (hf_tokenizer, sorted(stop_token_ids), threads)
+        # xgrammar sees only the ids the tokenizer has. A model's vocabulary is often padded
+        # past its tokenizer's (a 49,152-token tokenizer on a 128,256-row lm_head in our
+        # benchmark); xgrammar counts each padding id as a special token, and its
+        # accept_token grows with their number: 17 us against 2.7 us a token on the VM for
+        # 79,104 of them. Padding ids are never allowed: ``fill`` writes zeros there.
+        # Stop ids past the tokenizer (a model config's EOS that this tokenizer lacks) are
+        # left out, unless none is left: a finished grammar must have a stop it can take.
+        stop_token_ids = sorted(set(stop_token_ids))
+        n_tok = len(hf_tokenizer)
+        if stop_token_ids and not any(t < n_tok for t in stop_token_ids):
+            n_tok = stop_token_ids[-1] + 1
+        self._xgr_vocab = min(vocab_size, n_tok) if n_tok > 0 else vocab_size
+        self._xgr_words = bitmask_words(self._xgr_vocab)
+        self._scratch = np.empty((0, self._xgr_words), dtype=np.int32)
+        stops = [t for t in stop_token_ids if t < self._xgr_vocab]
+        self._tokenizer = (hf_tokenizer, stops, threads)
         self._compiler: Any = None  # made by the first compilation (``_compiler_for_pool``)
         self._compiler_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, "graphrt-grammar")
@@ -166,7 +181,7 @@ class StructuredOutputs:
             if self._compiler is None:
                 tok, stops, threads = self._tokenizer
                 info = self._xgr.TokenizerInfo.from_huggingface(
-                    tok, vocab_size=self.vocab_size, stop_token_ids=stops
+                    tok, vocab_size=self._xgr_vocab, stop_token_ids=stops
                 )
                 # Our futures are the cache; xgrammar's own would keep every grammar twice.
                 self._compiler = self._xgr.GrammarCompiler(
@@ -202,6 +217,17 @@ class StructuredOutputs:
         # interval, 5 ms. On the VM beside a spinning Python thread, 64 rows one by one took
         # 5 ms per row; one batched call 17 ms in all (1 ms alone).
         batch = self._batch if self._parallel(len(states)) else self._batch1
+        vocab = self._xgr_vocab
+        if any(t >= vocab for t in tokens):  # a padding id: no grammar allows it
+            keep = [i for i, t in enumerate(tokens) if t < vocab]
+            verdicts = [False] * len(tokens)
+            if keep:
+                ok = batch.batch_accept_token(
+                    [states[i].matcher for i in keep], [tokens[i] for i in keep]
+                )
+                for i, v in zip(keep, ok, strict=True):
+                    verdicts[i] = bool(v)
+            return verdicts
         ok = batch.batch_accept_token([s.matcher for s in states], list(tokens))
         return [bool(x) for x in ok]
 
@@ -217,7 +243,19 @@ class StructuredOutputs:
         if not rows:
             return []
         batch = self._batch if self._parallel(len(rows)) else self._batch1
-        batch.batch_fill_next_token_bitmask([states[r].matcher for r in rows], out, rows)
+        matchers = [states[r].matcher for r in rows]
+        wx = self._xgr_words
+        if wx == out.shape[1]:
+            batch.batch_fill_next_token_bitmask(matchers, out, rows)
+        else:  # a padded vocabulary: xgrammar writes contiguous rows of its own width
+            if self._scratch.shape[0] < len(states):
+                self._scratch = np.empty((len(states), wx), dtype=np.int32)
+            batch.batch_fill_next_token_bitmask(matchers, self._scratch, rows)
+            # Slices where every row is constrained (the usual batch): fancy indexing copies
+            # twice.
+            sel = slice(0, len(rows)) if len(rows) == len(states) else rows
+            out[sel, :wx] = self._scratch[sel]
+            out[sel, wx:] = 0
         # One pass over the masks (a row per call was 3x slower at 64 rows); the rows set to
         # all ones above are never empty.
         return np.flatnonzero(~out.any(axis=1)).tolist()

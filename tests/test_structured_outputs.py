@@ -547,6 +547,43 @@ def test_grammar_threads_policy(tiny_byte_model, monkeypatch) -> None:
             s.close()
 
 
+def test_padded_vocabulary_masks_equal_unpadded_ones(tiny_byte_model) -> None:
+    """A model vocabulary padded past its tokenizer's: xgrammar sees only the tokenizer's ids
+    (its accept slows with every padding id it must treat as special), the padding ids are
+    never allowed, and the allowed set is otherwise that of the unpadded vocabulary. A padding
+    id is refused without reaching xgrammar."""
+    from graphrt.structured_outputs import StructuredOutputs
+
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(str(tiny_byte_model))
+    n = len(tok)
+    plain = StructuredOutputs(tok, n, [0])
+    padded = StructuredOutputs(tok, n + 100, [0])
+    try:
+        assert padded._xgr_vocab == n and padded.words > plain.words
+        so = StructuredOutputsParams(json={"type": "array", "items": {"type": "integer"}})
+        states = []
+        for svc in (plain, padded):
+            fut = svc.start(so)
+            fut.result(timeout=30)
+            st = [svc.matcher_state(fut) for _ in range(3)]
+            for x in st:
+                assert svc.poll(x) is None
+            states.append(st)
+        for toks in ([ord("[")] * 3, [ord("1"), ord("2"), ord("]")], [ord(","), 0, 0]):
+            a = np.full((3, plain.words), 7, dtype=np.int32)
+            b = np.full((3, padded.words), 7, dtype=np.int32)
+            plain.fill(states[0], a)
+            padded.fill(states[1], b)
+            bits_a = np.unpackbits(a.view(np.uint8), axis=1, bitorder="little")[:, :n]
+            bits_b = np.unpackbits(b.view(np.uint8), axis=1, bitorder="little")
+            assert np.array_equal(bits_a, bits_b[:, :n]) and not bits_b[:, n:].any()
+            assert plain.accept(states[0], toks) == padded.accept(states[1], toks)
+        assert padded.accept(states[1][:1], [n + 5]) == [False]
+    finally:
+        plain.close()
+        padded.close()
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_batched_accept_matches_one_by_one(tiny_byte_model, threads) -> None:
     """``StructuredOutputs.accept`` over several rows (xgrammar's threaded batch, or a loop on
