@@ -584,6 +584,34 @@ def test_padded_vocabulary_masks_equal_unpadded_ones(tiny_byte_model) -> None:
         padded.close()
 
 
+def test_padded_model_vocabulary_end_to_end(tiny_model_factory) -> None:
+    """A model whose vocabulary (320) is padded past its tokenizer's (258), on the split path:
+    constrained outputs never take a padding id, and parse and validate."""
+    from conftest import save_byte_tokenizer
+
+    d = tiny_model_factory("LlamaForCausalLM", vocab_size=320, initializer_range=0.3)
+    if not (d / "tokenizer.json").is_file():
+        save_byte_tokenizer(d)
+    eng = Engine(str(d), show_progress=False, max_model_len=256, cuda_graph_batch_sizes=(4, 8))
+    try:
+        schema = {"type": "array", "items": {"enum": ["ab", "cd"]}, "maxItems": 3}
+        params = SamplingParams(
+            temperature=1.0,
+            seed=3,
+            max_tokens=40,
+            structured_outputs=StructuredOutputsParams(json=schema),
+        )
+        outs = eng.generate(["x", "y", "z", "w"], params)
+        for o in outs:
+            c = o.outputs[0]
+            assert o.error is None and max(c.token_ids) < 258, c.token_ids
+            if c.finish_reason == "stop":
+                jsonschema.validate(json.loads(c.text), schema)
+        assert any(o.outputs[0].finish_reason == "stop" for o in outs)
+    finally:
+        eng.shutdown()
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_batched_accept_matches_one_by_one(tiny_byte_model, threads) -> None:
     """``StructuredOutputs.accept`` over several rows (xgrammar's threaded batch, or a loop on
