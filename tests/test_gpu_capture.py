@@ -103,21 +103,19 @@ def test_pdl_changes_no_token(tiny_model_factory) -> None:
     off.shutdown()
 
 
-def test_sampled_graph_replay_equals_eager(tiny_model_factory) -> None:
+EVERYTHING_PARAMS = dict(top_k=20, top_p=0.9, min_p=0.05, logprobs=3)
+
+
+@pytest.mark.parametrize("extra", [EVERYTHING_PARAMS, {}], ids=["everything", "sampled"])
+def test_sampled_graph_replay_equals_eager(tiny_model_factory, extra) -> None:
+    """Graph replay equals eager for the full sampler (filters, logprobs) and for the
+    temperature-only ``SAMPLED`` variant (penalties and bans, no sort, no log-softmax)."""
     d = tiny_model_factory("LlamaForCausalLM", initializer_range=0.3)
     common = dict(show_progress=False, dtype="bfloat16", max_model_len=256, overlap="thread")
     graph = Engine(str(d), cuda_graph_batch_sizes=(4, 8), **common)
     eager = Engine(str(d), cuda_graph_max_bs=0, **common)
     params = SamplingParams(
-        temperature=0.8,
-        top_k=20,
-        top_p=0.9,
-        min_p=0.05,
-        seed=3,
-        repetition_penalty=1.2,
-        max_tokens=10,
-        ignore_eos=True,
-        logprobs=3,
+        temperature=0.8, seed=3, repetition_penalty=1.2, max_tokens=10, ignore_eos=True, **extra
     )
     prompts = _prompts(5)
     g = graph.generate(prompts, params)
