@@ -218,7 +218,8 @@ class StructuredOutputs:
         # 5 ms per row; one batched call 17 ms in all (1 ms alone).
         batch = self._batch if self._parallel(len(states)) else self._batch1
         vocab = self._xgr_vocab
-        if any(t >= vocab for t in tokens):  # a padding id: no grammar allows it
+        # A padding id (the masks never allow one): refused here, as xgrammar would raise.
+        if vocab < self.vocab_size and any(t >= vocab for t in tokens):
             keep = [i for i, t in enumerate(tokens) if t < vocab]
             verdicts = [False] * len(tokens)
             if keep:
