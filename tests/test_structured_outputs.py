@@ -454,6 +454,78 @@ def test_split_steps_equal_unsplit_steps(tiny_byte_model, overlap) -> None:
     assert any(c.finish_reason == "stop" for c in got[True])
 
 
+class _RecordingLauncher:
+    """A launcher that logs what the engine submits, in order, and passes it on."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.log = inner, []
+
+    mode = property(lambda self: self.inner.mode)
+    overlapped = property(lambda self: self.inner.overlapped)
+    profiler = property(
+        lambda self: self.inner.profiler, lambda self, p: setattr(self.inner, "profiler", p)
+    )
+
+    def submit(self, plan, masked=False):
+        self.log.append(("forward" if masked else "step", plan.step_id))
+        return self.inner.submit(plan, masked=masked)
+
+    def submit_masks(self, handle) -> None:
+        self.log.append(("sampler", handle.step_id))
+        self.inner.submit_masks(handle)
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+
+@pytest.mark.parametrize("overlap", ["thread", "inline"])
+def test_a_split_steps_sampler_goes_out_with_the_next_forward(tiny_byte_model, overlap) -> None:
+    """The overlapped loop launches a split step's sampler just before the next step, not
+    alone right after its masks: queued alone it would drain the GPU while the host plans."""
+    from graphrt.overlap import Launcher, StepProfiler
+
+    eng = Engine(
+        str(tiny_byte_model),
+        show_progress=False,
+        max_model_len=256,
+        cuda_graph_batch_sizes=(4, 8),
+        overlap=overlap,
+    )
+    try:
+        rec = _RecordingLauncher(Launcher(eng.runner, overlap, max_rows=eng.config.max_num_seqs))
+        eng.use_launcher(rec)
+
+        class Planned(StepProfiler):
+            def scheduled(self, plan, seconds) -> None:
+                rec.log.append(("planned", plan.step_id))
+                super().scheduled(plan, seconds)
+
+        eng.set_profiler(Planned(eng.runner.device))
+        params = _split_params()[:4]
+        outs = eng.generate(["json: ", "id: ", "pick: ", "x"], params)
+        assert eng.stats["split_steps"] > 1
+    finally:
+        eng.shutdown()
+    log = rec.log
+    samplers = [i for i, (kind, _) in enumerate(log) if kind == "sampler"]
+    assert len(samplers) == eng.stats["split_steps"]
+    for i in samplers:
+        assert ("forward", log[i][1]) in log[:i], log
+    # A sampler goes out once the next step is planned, just before that step; or, when
+    # there was nothing to plan (the last step, requests waiting for their grammars), alone.
+    deferred = 0
+    for i in samplers:
+        before = log[i - 1]
+        if before[0] == "planned":
+            assert before[1] > log[i][1] and log[i + 1][1] == before[1], log
+            assert log[i + 1][0] in ("forward", "step"), log
+            deferred += 1
+        else:
+            assert before == ("forward", log[i][1]), log
+    assert deferred > len(samplers) // 2, log
+    assert all(o.outputs[0].finish_reason in ("stop", "length") for o in outs)
+
+
 @pytest.mark.parametrize("overlap", ["thread", "off"])
 @pytest.mark.parametrize("where", ["sampler", "launcher"])
 def test_a_failed_split_sampler_fails_its_step_and_the_engine_goes_on(
