@@ -22,8 +22,10 @@ what ``grammar_threads`` should be on this host (``--host-only``: that and nothi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,9 +34,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # benchmarks/ is not a package; harness puts the checkout on sys.path too
 import numpy as np
+import torch
 
 from graphrt import Engine, SamplingParams, StructuredOutputsParams
 from graphrt.measure import fmt_stat, run_header, summarize
+from graphrt.overlap import StepProfiler
 from graphrt.structured_outputs import StructuredOutputs
 
 RECORD = {
@@ -93,12 +97,43 @@ def host_sweep(
     return out
 
 
-def run(eng: Engine, prompts: list[list[int]], params: SamplingParams) -> dict[str, float]:
-    """One batch to the end: output tok/s over the wall time, and the mask work it caused."""
+def step_profile(prof: StepProfiler, batch_size: int) -> dict[str, float]:
+    """Medians over the full-batch decode steps of one run: the scheduler thread's CPU per
+    step (planning, taking the ids with the grammars' accept, the masks are apart), its wait
+    for the ids, the GPU period between step ends, and how often the GPU waited for a launch."""
+    recs = [r for _, r in sorted(prof.records.items()) if r.is_decode]
+    recs = [r for r in recs if r.batch_size == batch_size]
+    if len(recs) < 3:
+        return {}
+    out = {
+        "schedule_ms": statistics.median(r.schedule_s for r in recs) * 1e3,
+        "process_ms": statistics.median(r.process_s for r in recs) * 1e3,
+        "wait_ms": statistics.median(r.wait_s for r in recs) * 1e3,
+        "text_ms": statistics.median(r.text_s for r in recs) * 1e3,
+        "late_steps": sum(r.late for r in recs[1:]) / (len(recs) - 1),
+    }
+    if recs[0].end is not None:
+        torch.cuda.synchronize()
+        periods = [a.end.elapsed_time(b.end) for a, b in itertools.pairwise(recs)]
+        out["gpu_period_ms"] = statistics.median(periods)
+    return out
+
+
+def run(
+    eng: Engine, prompts: list[list[int]], params: SamplingParams, profile: bool = False
+) -> dict[str, float]:
+    """One batch to the end: output tok/s over the wall time, and the mask work it caused;
+    with ``profile``, the per-step timings of :func:`step_profile` too (a separate run: the
+    profiler's events cost a little)."""
     steps0, mask0 = eng.stats["grammar_mask_steps"], eng.stats["grammar_mask_s"]
     split0, accept0 = eng.stats["split_steps"], eng.stats["grammar_accept_s"]
+    prof = StepProfiler(eng.runner.device) if profile else None
+    eng.set_profiler(prof)
     t0 = time.perf_counter()
-    outs = eng.generate(prompts, params)
+    try:
+        outs = eng.generate(prompts, params)
+    finally:
+        eng.set_profiler(None)
     wall = time.perf_counter() - t0
     errors = [o.error for o in outs if o.error]
     if errors:
@@ -107,7 +142,8 @@ def run(eng: Engine, prompts: list[list[int]], params: SamplingParams) -> dict[s
     steps = eng.stats["grammar_mask_steps"] - steps0
     mask_s = eng.stats["grammar_mask_s"] - mask0
     accept_s = eng.stats["grammar_accept_s"] - accept0
-    return {
+    extra = step_profile(prof, len(prompts)) if prof is not None else {}
+    return extra | {
         "output_tok_s": tokens / wall,
         "wall_s": wall,
         "output_tokens": tokens,
@@ -131,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host-sweep", action="store_true", help="time the host work alone first")
     p.add_argument("--host-only", action="store_true", help="only the host sweep: no decoding")
     p.add_argument("--grammar-threads-sweep", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument(
+        "--profile", action="store_true", help="one more profiled run per mode: per-step times"
+    )
     p.add_argument("--json", type=Path)
     harness.add_engine_args(p)
     args = p.parse_args(argv)
@@ -195,6 +234,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['mask_steps']['median']:.0f} steps ({s['split_steps']['median']:.0f} split)"
         )
     print(f"constrained / unconstrained (the ceiling): {fmt_stat(ratio, '.3f')}")
+    if args.profile:
+        res["profile"] = {m: run(eng, prompts, modes[m], profile=True) for m in modes}
+        for m, r in res["profile"].items():
+            cols = ("schedule", "process", "wait", "text", "gpu_period")
+            line = ", ".join(f"{c} {r[c + '_ms']:.3f}" for c in cols if c + "_ms" in r)
+            print(
+                f"profiled {m:<14} per step (median, ms): {line}; mask fill "
+                f"{r['mask_ms_per_step']:.3f}, accept {r['accept_ms_per_step']:.3f}; GPU waited "
+                f"for the launch in {r.get('late_steps', 0.0) * 100:.0f}% of steps"
+            )
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     eng.shutdown()

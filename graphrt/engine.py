@@ -128,9 +128,6 @@ class Engine:
         # A step taken early, before the next one launched, because that one's rows need
         # their grammars' masks (``_launch_next``); the loop returns its tokens.
         self._taken_early: StepTokens | None = None
-        # _masks_due: the split step whose masks are written and whose sampler is not launched
-        # yet; it goes to the launcher just before the next step (``_launch_due_sampler``).
-        self._masks_due: StepHandle | None = None
         # structured_outputs: the grammar service (built on first use) and the completions
         # waiting, outside the scheduler, for their grammars to compile.
         self._structured: StructuredOutputs | None = None
@@ -331,7 +328,6 @@ class Engine:
             self._admit_compiled()
         plan = self.scheduler.schedule()
         if plan is None:
-            self._launch_due_sampler()
             return None
         split = False
         if self._num_constrained and any(r.grammar is not None for r in plan.requests):
@@ -344,7 +340,6 @@ class Engine:
                 plan.token_masks = self._grammar_masks(plan)
         self.profiler.scheduled(plan, time.perf_counter() - t0)
         self.stats["steps"] += 1
-        self._launch_due_sampler()
         return self._launch_split(plan) if split else self.launcher.submit(plan)
 
     def _take_inflight(self, nxt: StepHandle | None = None) -> None:
@@ -363,24 +358,13 @@ class Engine:
         try:
             self._take_inflight(handle)
             self._grammar_masks(plan, handle.masks(self.structured_outputs().words))
-        except BaseException:
-            # The launcher runs nothing after this step's forward until it has its sampler.
+        finally:
+            # Always: the launcher runs nothing after this step's forward until it has it.
+            # Now, not with the next step: while the host is late (its work per step outlasts
+            # the forward) the sampler must have finished by the time the host waits for the
+            # step's ids; while it is early, the next step is queued before this forward ends.
             self.launcher.submit_masks(handle)
-            raise
-        # The sampler is launched with the next step's forward (``_launch_due_sampler``),
-        # not now: alone on the GPU it would finish in tens of microseconds and leave the GPU
-        # idle while the host plans that step. Queued together, the GPU goes from this step's
-        # forward to its sampler to the next forward without a gap, as long as the host's
-        # work (taking the step before, the masks, planning) fits under the forward.
-        self._masks_due = handle
         return handle
-
-    def _launch_due_sampler(self) -> None:
-        """Launch the sampler of the split step whose masks are ready (``_masks_due``). Called
-        before anything else is submitted, and before that step's ids are waited for."""
-        if self._masks_due is not None:
-            handle, self._masks_due = self._masks_due, None
-            self.launcher.submit_masks(handle)
 
     def _check_stalled(self) -> StepTokens:
         if self._grammar_waiting:
@@ -520,8 +504,6 @@ class Engine:
     def _consume(self, handle: StepHandle, nxt: StepHandle | None = None) -> StepTokens:
         """Wait for ``handle``'s ids and take them (``_take``); ``nxt``: the step launched
         after it, whose launch may have to go first. Timed for the profiler hook."""
-        if handle is self._masks_due:
-            self._launch_due_sampler()
         t0 = time.perf_counter()
         tokens, yielded = self._take(handle, nxt)
         cpu = time.perf_counter() - t0 - handle.wait_s
@@ -791,7 +773,6 @@ class Engine:
         for rid in list(self._groups):
             self.abort(rid)
         if self._inflight is not None:
-            self._launch_due_sampler()
             with contextlib.suppress(Exception):
                 self._inflight.result()
             self._inflight.release()

@@ -630,9 +630,15 @@ def test_structured_outputs_benchmark_constrains_every_step(default_model_dir, t
     out = tmp_path / "so.json"
     args = ["--model", str(default_model_dir), "--batch-size", "3", "--prompt-len", "8"]
     args += ["--output-len", "6", "--repeats", "5", "--max-model-len", "64", "--json", str(out)]
-    assert _load("structured_outputs").main(args) == 0
+    assert _load("structured_outputs").main([*args, "--profile"]) == 0
     res = json.loads(out.read_text())
     c, u = res["runs"]["constrained"], res["runs"]["unconstrained"]
+    # --profile: one more run per mode, with the scheduler thread's time per decode step
+    for m in ("constrained", "unconstrained"):
+        prof = res["profile"][m]
+        assert prof["output_tokens"] == 18 and prof["process_ms"] > 0 and prof["schedule_ms"] > 0
+        assert 0 <= prof["late_steps"] <= 1
+    assert res["profile"]["constrained"]["mask_steps"] == 6
     assert len(c) == len(u) == 5
     # Every step of every constrained run filled masks; no unconstrained one did.
     assert all(r["mask_steps"] == 6 and r["output_tokens"] == 18 for r in c)

@@ -479,9 +479,12 @@ class _RecordingLauncher:
 
 
 @pytest.mark.parametrize("overlap", ["thread", "inline"])
-def test_a_split_steps_sampler_goes_out_with_the_next_forward(tiny_byte_model, overlap) -> None:
-    """The overlapped loop launches a split step's sampler just before the next step, not
-    alone right after its masks: queued alone it would drain the GPU while the host plans."""
+def test_a_split_steps_sampler_goes_out_before_the_next_step_is_planned(
+    tiny_byte_model, overlap
+) -> None:
+    """A split step's sampler is launched as soon as its masks are filled, before the host
+    plans the next step: when the host is late, the sampler has then finished by the time
+    the host waits for the step's ids (ARCHITECTURE.md, "Structured outputs")."""
     from graphrt.overlap import Launcher, StepProfiler
 
     eng = Engine(
@@ -509,20 +512,8 @@ def test_a_split_steps_sampler_goes_out_with_the_next_forward(tiny_byte_model, o
     log = rec.log
     samplers = [i for i, (kind, _) in enumerate(log) if kind == "sampler"]
     assert len(samplers) == eng.stats["split_steps"]
-    for i in samplers:
-        assert ("forward", log[i][1]) in log[:i], log
-    # A sampler goes out once the next step is planned, just before that step; or, when
-    # there was nothing to plan (the last step, requests waiting for their grammars), alone.
-    deferred = 0
-    for i in samplers:
-        before = log[i - 1]
-        if before[0] == "planned":
-            assert before[1] > log[i][1] and log[i + 1][1] == before[1], log
-            assert log[i + 1][0] in ("forward", "step"), log
-            deferred += 1
-        else:
-            assert before == ("forward", log[i][1]), log
-    assert deferred > len(samplers) // 2, log
+    for i in samplers:  # straight after its own forward: nothing planned in between
+        assert log[i - 1] == ("forward", log[i][1]), log
     assert all(o.outputs[0].finish_reason in ("stop", "length") for o in outs)
 
 
