@@ -136,6 +136,26 @@ def test_fp8_gemv_silu_mul(m, k, dtype) -> None:
         F8.fp8_gemv(gu[:, :k], q, s, None, cfg, silu_mul=True)
 
 
+@pytest.mark.parametrize("m", [1, 2, 16])
+def test_silu_mul_linear_fuses_only_one_row(m, monkeypatch) -> None:
+    """The SiLU-fused GEMV runs for one row only; 2-16 rows take the SiLU kernel, then the
+    plain GEMV (the fused one recomputes SiLU in every program: 5x slower on the H100)."""
+    _skip_interpreted_bf16_dot(m, torch.float32)
+    calls = []
+    real = F8.fp8_gemv
+
+    def spy(x, w, s, b, cfg, *, silu_mul=False, pdl=False):
+        calls.append(silu_mul)
+        return real(x, w, s, b, cfg, silu_mul=silu_mul, pdl=pdl)
+
+    monkeypatch.setattr(F8, "fp8_gemv", spy)
+    q, s = _weight(48, 64)
+    gu = torch.randn(m, 128, device=DEV)
+    out = F8.silu_mul_linear(gu, q, s)
+    assert calls == [m == 1]
+    _check_linear(out, T.silu_and_mul(gu), q, s, None, f"silu_mul m={m}")
+
+
 def test_fp8_gemv_decodes_every_e4m3_value() -> None:
     """Every finite e4m3 code (subnormals and -0 included) times its row scale, read through a
     one-hot input: exactly on the one-row path (fp32), and rounded once on the dot path (fp16,
