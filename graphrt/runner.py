@@ -696,6 +696,7 @@ class ModelRunner:
             out,
             self.ops.argmax,
             token_masks,
+            self.ops.apply_token_bitmask,
         )
 
     def decode_kv_bound(self, max_seq_len: int) -> int:

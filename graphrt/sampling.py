@@ -22,7 +22,6 @@ from graphrt.host_copy import to_device
 from graphrt.kernels import reference
 from graphrt.sampling_params import MIN_TEMPERATURE
 from graphrt.step_plan import GREEDY_NEEDS, MAX_BANNED_IDS, SamplerNeeds, SlotInit, needs_of
-from graphrt.structured_outputs import apply_token_bitmask
 
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 multipliers, as signed int64
 _M2 = 0x94D049BB133111EB - (1 << 64)
@@ -218,8 +217,11 @@ def sample(
     token_buf: torch.Tensor,
     flags: SamplerFlags,
     out: SampleOutputs,
-    argmax: Callable[[torch.Tensor], torch.Tensor] = reference.argmax,
+    argmax: Callable[..., torch.Tensor] = reference.argmax,
     token_masks: torch.Tensor | None = None,
+    mask_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
+        reference.apply_token_bitmask
+    ),
 ) -> None:
     """Sample one token per row and write it to ``out`` and to ``token_buf[out_slots]``.
 
@@ -228,22 +230,22 @@ def sample(
     where each row's token goes (the dummy slot for rows that must not record one);
     ``positions``: the position the sampled token will occupy; ``argmax``: the greedy kernel
     (``Ops.argmax``); ``token_masks``: int32 ``[B, words]`` allowed-token bitmasks
-    (``structured_outputs``), applied after penalties and bans and before temperature (or
-    before the greedy argmax), so every row picks only allowed tokens while logprobs stay those
-    of the model's raw distribution. No host synchronisation, no allocation that depends on
-    values: safe to capture.
+    (``structured_outputs``), applied after penalties and bans and before temperature (by
+    ``mask_logits``, ``Ops.apply_token_bitmask``), or inside the greedy argmax, so every row
+    picks only allowed tokens while logprobs stay those of the model's raw distribution. No host
+    synchronisation, no allocation that depends on values: safe to capture.
     """
     # One fp32 copy, shared by logprobs and the full sampler; greedy alone needs none.
     lf = logits.float() if flags.logprobs or flags.full else logits
     if flags.logprobs:
         logp = lf.log_softmax(dim=-1)
     if not flags.full:
-        ids = argmax(logits if token_masks is None else apply_token_bitmask(logits, token_masks))
+        ids = argmax(logits) if token_masks is None else argmax(logits, token_masks)
     else:
         work = apply_penalties(lf, slots, state)
         work = ban_stop_ids(work, slots, positions, state)
         if token_masks is not None:
-            work = apply_token_bitmask(work, token_masks)
+            work = mask_logits(work, token_masks)
         greedy_ids = work.argmax(dim=-1)
         temp = state.temperature.index_select(0, slots)
         sampled = temp >= MIN_TEMPERATURE

@@ -268,17 +268,6 @@ class StructuredOutputs:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def apply_token_bitmask(logits: Any, masks: Any) -> Any:
-    """``logits`` ``[B, V]`` with the tokens that ``masks`` (int32 ``[B, words]``) forbids set
-    to -inf. Pure torch, graph-safe: no host synchronisation, no value-dependent shapes."""
-    import torch
-
-    b, v = logits.shape
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((masks[:, :, None] >> shifts) & 1).to(torch.bool).reshape(b, -1)[:, :v]
-    return logits.masked_fill(~allowed, float("-inf"))
-
-
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:94: ": where, not what.
 _CPP_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 

@@ -4,9 +4,9 @@ Models receive an :class:`Ops` explicitly; nothing here is global. ``"torch"`` i
 (and the CPU path); ``"triton"`` uses the fused Triton kernels in :mod:`graphrt.kernels.triton_ops`,
 the few-row GEMV of :mod:`graphrt.kernels.triton_gemv` (cuBLAS above it), the FP8-weight
 linear layers of :mod:`graphrt.kernels.triton_fp8` (FP8 GEMV, W8A8 above it), the two-pass argmax
-of :mod:`graphrt.kernels.triton_argmax` and the decode steps' zero-copy input load (with
-their page-table writes) and ids store of :mod:`graphrt.kernels.triton_step_io`, optionally
-launched with PDL (:mod:`graphrt.kernels.pdl`).
+of :mod:`graphrt.kernels.triton_argmax` (and structured outputs' token masks) and the decode
+steps' zero-copy input load (with their page-table writes) and ids store of
+:mod:`graphrt.kernels.triton_step_io`, optionally launched with PDL (:mod:`graphrt.kernels.pdl`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ class Ops:
     # runs an FP8 GEMV for a few rows and W8A8 (_scaled_mm) for more (kernels.triton_fp8).
     fp8_linear: Callable
     fp8_silu_mul_linear: Callable
+    # ``argmax(logits, masks=None)``: greedy ids, over the allowed tokens where structured
+    # outputs' int32 bitmasks are given; ``apply_token_bitmask(logits, masks)``: the logits with
+    # the forbidden tokens at -inf (the full sampler's mask).
     argmax: Callable
+    apply_token_bitmask: Callable
     # Not model ops: a decode step's first and last nodes, which read its inputs (and apply its
     # page-table writes) from and write its sampled ids to a pinned ring slot
     # (kernels.triton_step_io).
@@ -65,6 +69,7 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
             fp8_linear=reference.fp8_linear,
             fp8_silu_mul_linear=reference.fp8_silu_mul_linear,
             argmax=reference.argmax,
+            apply_token_bitmask=reference.apply_token_bitmask,
             load_step_inputs=reference.load_step_inputs,
             store_step_ids=reference.store_step_ids,
         )
@@ -90,6 +95,7 @@ def make_ops(impl: str, pdl: bool = False) -> Ops:
             fp8_linear=bind(fp8.fp8_linear),
             fp8_silu_mul_linear=bind(fp8.silu_mul_linear),
             argmax=bind(amax.argmax),
+            apply_token_bitmask=bind(amax.apply_token_bitmask),
             load_step_inputs=step_io.load_step_inputs,
             store_step_ids=step_io.store_step_ids,
             pdl=pdl,

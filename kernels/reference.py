@@ -100,9 +100,22 @@ def fp8_w8a8_linear(
     return out.to(x.dtype)
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Greedy sampling: the index of each row's largest logit (the lowest one on ties)."""
+def argmax(logits: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy sampling: the index of each row's largest logit (the lowest one on ties); with
+    ``masks``, the largest allowed one (:func:`apply_token_bitmask`)."""
+    if masks is not None:
+        logits = apply_token_bitmask(logits, masks)
     return logits.argmax(dim=-1)
+
+
+def apply_token_bitmask(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``logits`` ``[B, V]`` with the tokens that ``masks`` forbids set to -inf: row ``b``
+    allows token ``t`` where bit ``t % 32`` of ``masks[b, t // 32]`` (int32 ``[B, >= V/32]``,
+    xgrammar's layout) is set. Graph-safe: no host synchronisation, no value-dependent shapes."""
+    b, v = logits.shape
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((masks[:, :, None] >> shifts) & 1).to(torch.bool).reshape(b, -1)[:, :v]
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def scatter_page_updates(page_table: torch.Tensor, updates: torch.Tensor) -> None:

@@ -860,12 +860,68 @@ def test_gpu_pdl_chain_in_graph_is_exact(rows) -> None:
     assert torch.equal(ref_ids, ref_logits.float().argmax(dim=-1))
 
 
+def _bitmasks(rows: int, vocab: int, words: int, p: float, seed: int = 0) -> torch.Tensor:
+    """Random int32 bitmasks ``[rows, words]`` allowing each token with probability ``p``."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.rand(rows, words * 32, generator=g) < p
+    weights = torch.tensor([1 << i for i in range(32)], dtype=torch.int64)
+    packed = (bits.view(rows, words, 32).to(torch.int64) * weights).sum(-1)
+    # As int32: bit 31 set is a negative word.
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_argmax_and_apply_token_bitmask(dtype) -> None:
+    """Structured outputs' bitmasks inside the argmax, and applied to a copy of the logits, equal
+    the torch reference: bit 31 (a negative word) and bit 0 read right, words past the
+    vocabulary ignored, a row that allows nothing gives index 0 (as torch on -inf does)."""
+    rows, vocab = 6, 9000  # three chunks, the last partial; 282 words, the last one partial
+    words = (vocab + 31) // 32 + 2  # wider than needed: a padded mask row
+    logits = torch.randn(rows, vocab, device=DEV).to(dtype)
+    masks = _bitmasks(rows, vocab, words, 0.02)
+    masks[1] = 0  # allows nothing
+    masks[2] = -1  # allows everything
+    masks[3] = 0
+    masks[3, 0] = 1  # token 0 only
+    masks[4] = 0
+    masks[4, 280] = -(2**31)  # bit 31 of word 280: token 8,991 only
+    masks[4, 281] = -(2**31)  # token 9,023: past the vocabulary
+    masks[5, 3] = -(2**31)
+    logits[5, 127] = logits[5].max() + 1  # allowed by that bit, and the best
+    ref = reference.argmax(logits, masks)
+    out = AMAX.argmax(logits, masks)
+    assert torch.equal(out, ref)
+    assert out[1:6].tolist() == [0, int(logits[2].float().argmax()), 0, 8991, 127]
+    # Every allowed id is one the mask allows.
+    allowed = reference.apply_token_bitmask(torch.zeros(rows, vocab, device=DEV), masks) == 0
+    assert all(allowed[r, out[r]] for r in (0, 2, 3, 4, 5))
+    masked = AMAX.apply_token_bitmask(logits, masks)
+    assert masked.dtype == dtype and torch.equal(
+        masked, reference.apply_token_bitmask(logits, masks)
+    )
+    # A row-strided view of the logits; masks that are not int32 or too narrow are refused.
+    wide = torch.randn(rows, vocab + 5, device=DEV).to(dtype)
+    view = wide[:, :vocab]
+    assert torch.equal(AMAX.argmax(view, masks), reference.argmax(view, masks))
+    assert torch.equal(
+        AMAX.apply_token_bitmask(view, masks), reference.apply_token_bitmask(view, masks)
+    )
+    with pytest.raises(ValueError, match="int32"):
+        AMAX.argmax(logits, masks.to(torch.int64))
+    with pytest.raises(ValueError, match="cover fewer"):
+        AMAX.apply_token_bitmask(logits, masks[:, :100])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 7, 256])
 def test_gpu_argmax_vocab(rows) -> None:
     logits = torch.randn(rows, 128256, device=DEV, dtype=BF16) * 4
     out = AMAX.argmax(logits)
     assert torch.equal(out, logits.float().argmax(dim=-1))
+    masks = _bitmasks(rows, 128256, 4008, 0.001, seed=rows)
+    assert torch.equal(AMAX.argmax(logits, masks), reference.argmax(logits, masks))
+    masked = AMAX.apply_token_bitmask(logits.float(), masks)
+    assert torch.equal(masked, reference.apply_token_bitmask(logits.float(), masks))
 
 
 LONG = [1, 300, 4000, 17, 2049, 1000, 64, 3333]
