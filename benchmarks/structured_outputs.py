@@ -109,6 +109,7 @@ def step_profile(prof: StepProfiler, batch_size: int) -> dict[str, float]:
         "schedule_ms": statistics.median(r.schedule_s for r in recs) * 1e3,
         "process_ms": statistics.median(r.process_s for r in recs) * 1e3,
         "wait_ms": statistics.median(r.wait_s for r in recs) * 1e3,
+        "launch_ms": statistics.median(r.launch_s for r in recs) * 1e3,
         "text_ms": statistics.median(r.text_s for r in recs) * 1e3,
         "late_steps": sum(r.late for r in recs[1:]) / (len(recs) - 1),
     }
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         res["profile"] = {m: run(eng, prompts, modes[m], profile=True) for m in modes}
         for m, r in res["profile"].items():
-            cols = ("schedule", "process", "wait", "text", "gpu_period")
+            cols = ("schedule", "process", "wait", "launch", "text", "gpu_period")
             line = ", ".join(f"{c} {r[c + '_ms']:.3f}" for c in cols if c + "_ms" in r)
             print(
                 f"profiled {m:<14} per step (median, ms): {line}; mask fill "
