@@ -356,11 +356,7 @@ class Engine:
         self.stats["split_steps"] += 1
         handle = self.launcher.submit(plan, masked=True)
         try:
-            # Not ``_take_inflight(handle)``: no waiting here for the launcher to have launched
-            # this forward (``_take`` lets a launch go first when the GPU has run dry). The
-            # grammars' accept, a few Python lines on, gives up the GIL for its C++ work, and
-            # the launch goes then, under it, instead of before it.
-            self._take_inflight()
+            self._take_inflight(handle)
             self._grammar_masks(plan, handle.masks(self.structured_outputs().words))
         finally:
             # Always: the launcher runs nothing after this step's forward until it has it.
