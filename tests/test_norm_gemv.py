@@ -209,7 +209,10 @@ def test_ops_bundles_have_add_rms_norm_linear() -> None:
     from graphrt.kernels.ops import make_ops
 
     assert make_ops("torch").add_rms_norm_linear is reference.add_rms_norm_linear
-    ops = make_ops("triton")
+    # The engine's default: the norm kernel, then linear (the fused kernel measured slower).
+    assert make_ops("triton").add_rms_norm_linear is GEMV.composed_add_rms_norm_linear
+    ops = make_ops("triton", fuse_norms=True)
+    assert ops.add_rms_norm_linear is GEMV.add_rms_norm_linear
     x, r, nw, w, b = _case(1, 512, 64, torch.float32, True)
     y, s = ops.add_rms_norm_linear(x, r, nw, EPS, w, b)
     ref_y, ref_s = reference.add_rms_norm_linear(x, r, nw, EPS, w, b)
@@ -269,7 +272,11 @@ def test_model_decode_through_fused_op_matches_torch_on_cpu(tiny_model_factory, 
     mp.setattr(GEMV, "norm_gemv", spy)
     try:
         for impl in ("torch", "triton"):
-            mp.setattr(graphrt.runner, "make_ops", lambda _, pdl=False, i=impl: ops_mod.make_ops(i))
+            mp.setattr(
+                graphrt.runner,
+                "make_ops",
+                lambda _, pdl=False, i=impl: ops_mod.make_ops(i, fuse_norms=True),
+            )
             eng = Engine(
                 str(d), show_progress=False, device="cpu", max_model_len=64, max_num_seqs=1
             )
@@ -389,6 +396,15 @@ def test_gpu_model_fused_equals_unfused(tiny_model_factory, monkeypatch, arch) -
         return real_fused(*a, **kw)
 
     monkeypatch.setattr(gemv, "norm_gemv", spy)
+    import graphrt.runner
+    from graphrt.kernels import ops as ops_mod
+
+    # The engine leaves the norms unfused by default (make_ops); this test runs them fused.
+    monkeypatch.setattr(
+        graphrt.runner,
+        "make_ops",
+        lambda impl, pdl=False: ops_mod.make_ops(impl, pdl=pdl, fuse_norms=True),
+    )
     common = dict(show_progress=False, dtype="bfloat16", max_model_len=256, max_num_seqs=4)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     prompts = [[5, 17, 99, 3, 200, 45, 7], list(range(40, 100)), [1, 2, 3]]

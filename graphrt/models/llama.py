@@ -4,7 +4,8 @@ Q, K and V projections are fused into one matrix and gate/up into another at loa
 layer runs four GEMMs. Linear layers, norms, rotary+KV write and SiLU-and-mul come from the
 ``Ops`` bundle (linear layers through :mod:`graphrt.models.fp8`, which sends FP8 weights to
 ``ops.fp8_linear``); attention from the backend in the ``ForwardBatch``. Each pre-norm and the
-projection reading it (qkv, gate/up) are one op, ``ops.add_rms_norm_linear``, for plain weights.
+projection reading it (qkv, gate/up) are one op, ``ops.add_rms_norm_linear``, for plain weights
+(one fused kernel only where the bundle was made with ``fuse_norms``).
 """
 
 from __future__ import annotations
