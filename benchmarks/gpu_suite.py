@@ -49,9 +49,9 @@ MODELS = {
 }
 KINDS = (
     "install", "tests", "roofline", "offline", "overlap", "capture", "profile", "kernels", "prefix",
-    "prefill",
+    "prefill", "fp8",
 )  # fmt: skip
-OPT_IN = ("prefix", "prefill")  # kinds that run only when --only names them
+OPT_IN = ("prefix", "prefill", "fp8")  # kinds that run only when --only names them
 MIN_PHASE_S = 10.0  # a phase that would get less than this is skipped, not started
 
 # What each phase needs on an H100 (model start-up included), from the wall times of runs L
@@ -82,10 +82,14 @@ BUDGETS: dict[str, float] = {
     # on the 1B model (run U1), start-ups included; the 8B model's are estimated, not yet run.
     "prefill:llama-3.2-1b": 60,
     "prefill:llama-3.1-8b": 90,
+    # The roofline at batch 1, 8, 16 and 64 with FP8 weights: 42 s on the 8B model (run s24d);
+    # the bf16 figures beside them come from the roofline phase, so run both.
+    "fp8:llama-3.2-1b": 40,
+    "fp8:llama-3.1-8b": 60,
 }
 DEFAULT_BUDGET = {
     "roofline": 40, "offline": 90, "overlap": 40, "capture": 25, "profile": 30, "prefix": 150,
-    "prefill": 60,
+    "prefill": 60, "fp8": 60,
 }  # fmt: skip
 
 
@@ -131,13 +135,16 @@ def phase_args(kind: str, model: str, model_dir: str, profile: str) -> tuple[lis
     """Benchmark arguments (after the script) for one model, and a note for the table."""
     big = "8b" in model
     m = ["--model", model_dir, "--load-format", "dummy"]
-    if kind == "roofline":
+    if kind in ("roofline", "fp8"):
         if profile == "smoke":
             sizes = ["1", "2"]
             extra = ["--context-len", "24", "--steps", "2", "--warmup-steps", "1"]
         else:
-            sizes = _sizes([1, 64, 256] if profile == "quick" else [1, 8, 64, 256])
+            full = [1, 8, 64, 256] if kind == "roofline" else [1, 8, 16, 64]
+            sizes = _sizes([1, 64, 256] if profile == "quick" else full)
             extra = ["--context-len", "256", "--steps", "8" if profile == "quick" else "16"]
+        if kind == "fp8":
+            extra += ["--quantization", "fp8"]
         return [*m, "--batch-sizes", *sizes, "--repeats", "5", *extra], f"bs {','.join(sizes)}"
     if kind == "offline":
         if profile == "smoke":
@@ -269,6 +276,7 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
         "profile": "benchmarks/step_profile.py",
         "prefix": "benchmarks/prefix_cache.py",
         "prefill": "benchmarks/prefill_latency.py",
+        "fp8": "benchmarks/decode_roofline.py",
     }
     for kind in ("roofline", "offline", "overlap", "capture", "profile"):
         for model, model_dir in models.items():
@@ -1000,6 +1008,42 @@ def section_prefill(suite: dict[str, Any]) -> list[str]:
     return out or ["No prefill-latency results in this run."]
 
 
+def section_fp8(suite: dict[str, Any]) -> list[str]:
+    """The roofline with FP8 weights beside the bf16 one of the same run (issue #21): step time,
+    tok/s ratio and MBU by batch size."""
+    out: list[str] = []
+    bf16 = {p["model"]: p["result"] for p in _phases_of(suite, "roofline")}
+    for p in _phases_of(suite, "fp8"):
+        r, base = p["result"], bf16.get(p["model"], {})
+        by_bs = {row.get("bs"): row for row in base.get("rows", [])}
+        gb = [x.get("header", {}).get("weight_bytes", 0) / 1e9 for x in (r, base)]
+        out += [
+            f"**{p['model']}**: weights {gb[0]:.2f} GB in FP8"
+            + (f" against {gb[1]:.2f} GB in bf16" if base else " (no bf16 roofline in this run)"),
+            "",
+        ]
+        rows = []
+        for row in r.get("rows", []):
+            e = row.get("engine") or {}
+            b = (by_bs.get(row.get("bs")) or {}).get("engine") or {}
+            ratio = None
+            if (e.get("tok_s") or {}).get("median") and (b.get("tok_s") or {}).get("median"):
+                ratio = e["tok_s"]["median"] / b["tok_s"]["median"]
+            rows.append(
+                [
+                    str(row.get("bs")),
+                    _stat(e.get("step_ms")),
+                    _stat(b.get("step_ms")) if b else "-",
+                    _num(ratio, ".2f") + ("×" if ratio else ""),
+                    _pct(e.get("mbu")),
+                    _num(row.get("roofline_ms"), ".3f"),
+                ]
+            )
+        head = ["bs", "FP8 engine ms", "bf16 engine ms", "FP8 / bf16 tok/s", "FP8 MBU"]
+        out += [*_table([*head, "FP8 roofline ms"], rows), ""]
+    return out or ["No FP8 results in this run."]
+
+
 SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("Phases", section_phases),
     ("Headline", section_headline),
@@ -1011,6 +1055,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("Kernels", section_kernels),
     ("Prefix cache", section_prefix),
     ("Prefill latency", section_prefill),
+    ("FP8 weights", section_fp8),
 ]
 
 

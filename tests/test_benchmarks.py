@@ -288,6 +288,38 @@ def test_decode_roofline_runs_and_reports(llama, tmp_path) -> None:
         assert r["engine"]["mbu"] is None and r["replay"] is None and r["roofline_ms"] is None
 
 
+def test_suite_fp8_phase_runs_the_roofline_quantized_and_reports_it_beside_bf16(
+    llama, tmp_path
+) -> None:
+    """The suite's opt-in FP8 phase (issue #21) is the roofline with ``--quantization fp8``; on
+    CPU the quantized roofline runs, and the suite's table puts it beside the bf16 one."""
+    mod, suite = _load("decode_roofline"), _load("gpu_suite")
+    res = {}
+    for q in ("fp8", None):
+        out = tmp_path / f"roofline-{q}.json"
+        argv = ["--model", str(llama), "--load-format", "dummy", "--device", "cpu"]
+        argv += ["--batch-sizes", "1", "2", "--context-len", "24", "--steps", "2"]
+        argv += ["--warmup-steps", "1", "--json", str(out)]
+        assert mod.main([*argv, "--quantization", "fp8"] if q else argv) == 0
+        res[q] = json.loads(out.read_text())
+    assert res["fp8"]["header"]["weight_bytes"] < res[None]["header"]["weight_bytes"]
+    phases = [
+        {"kind": "fp8", "model": "m", "result": res["fp8"]},
+        {"kind": "roofline", "model": "m", "result": res[None]},
+    ]
+    table = suite.section_fp8({"phases": phases})
+    assert "in FP8 against" in table[0]
+    rows = [line for line in table if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 2 and all("×" in r for r in rows)
+    plan = suite.plan(suite.parse_args(["--only", "fp8"]), Path("/tmp/w"), Path("/tmp/o"))
+    assert [p.name for p in plan] == ["fp8:llama-3.2-1b", "fp8:llama-3.1-8b"]
+    argv = plan[1].argv
+    assert argv[1] == "benchmarks/decode_roofline.py" and "--quantization" in argv
+    assert argv[argv.index("--batch-sizes") + 1 : argv.index("--repeats")] == ["1", "8", "16", "64"]
+    default = suite.plan(suite.parse_args([]), Path("/tmp/w"), Path("/tmp/o"))
+    assert not any(p.kind == "fp8" for p in default)  # opt-in
+
+
 # ---- API capacity (mock engine) -------------------------------------------------------------
 
 
