@@ -29,6 +29,7 @@ from graphrt.errors import EngineOverloaded, RequestRejected
 from graphrt.memory.page_allocator import PageAllocator, SlotAllocator
 from graphrt.models.model_config import ModelConfig
 from graphrt.output_processor import (
+    TEXT_THREAD_YIELD_ROWS,
     CoreFinish,
     OutputProcessor,
     SequenceText,
@@ -122,7 +123,9 @@ class Engine:
         # text side (detokenization, stop strings, outputs) is ``outputs``.
         self._groups: dict[str, list[Request]] = {}
         self._seqs: dict[str, Request] = {}
-        self.outputs = OutputProcessor(self.tokenizer)
+        self.outputs = OutputProcessor(
+            self.tokenizer, yield_rows=TEXT_THREAD_YIELD_ROWS if config.text_thread else 0
+        )
         self.text = TextSide(self.outputs, threaded=config.text_thread)
         self._inflight: StepHandle | None = None
         # A step taken early, before the next one launched, because that one's rows need

@@ -320,6 +320,41 @@ def test_text_side_behind_the_core_trims_after_a_stop_string(smol) -> None:
     assert smol.pages.num_free == smol.pages.num_usable
 
 
+def test_the_text_thread_gives_up_the_gil_every_few_rows(smol, monkeypatch) -> None:
+    """On its own thread the text side sleeps(0) every ``TEXT_THREAD_YIELD_ROWS`` rows of a
+    step, so threads waking from GIL-free waits (the step thread on ``copy_done``, the launcher)
+    run without waiting for the whole step's text work; the outputs are the same."""
+    from graphrt import output_processor as op
+
+    assert smol.outputs.yield_rows == (op.TEXT_THREAD_YIELD_ROWS if smol.config.text_thread else 0)
+    with pytest.raises(ValueError, match="yield_rows"):
+        op.OutputProcessor(smol.tokenizer, yield_rows=-1)
+    sleeps: list[None] = []
+    monkeypatch.setattr(op, "_yield_gil", lambda: sleeps.append(None))
+    prompt = "Once upon a time"
+    ids = smol.tokenizer.encode(prompt)
+    params = SamplingParams(temperature=0.8, seed=7, n=5, max_tokens=6, ignore_eos=True)
+    plain, yielding = op.OutputProcessor(smol.tokenizer), op.OutputProcessor(smol.tokenizer, 2)
+    seq_ids = smol.add_core_request("r", ids, params)
+    for proc in (plain, yielding):
+        proc.register(proc.new_group("r", seq_ids, prompt, ids, params, stream=True))
+    texts: dict[int, list[str]] = {0: [], 2: []}
+    rows = 0
+    while smol.has_unfinished() or smol.inflight_plan is not None:
+        step = smol.core_step()
+        rows += len(step.seq_ids)
+        for proc in (plain, yielding):
+            outs, _ = proc.process(step)
+            texts[proc.yield_rows] += [c.text for o in outs for c in o.outputs]
+    assert texts[0] == texts[2] and texts[0]
+    assert rows >= 25 and len(sleeps) == sum(n // 2 for n in _rows_per_step(rows, 5))
+
+
+def _rows_per_step(total: int, width: int) -> list[int]:
+    """``total`` rows in steps of ``width`` (the last one shorter)."""
+    return [width] * (total // width) + ([total % width] if total % width else [])
+
+
 def test_gc_freeze_until_shutdown(tiny_model_factory) -> None:
     """Start-up's objects leave the cyclic collector's reach while the engine runs (a full
     collection over them stalls the step loop), and come back at shutdown, so the engine's
