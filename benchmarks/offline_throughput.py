@@ -290,62 +290,7 @@ def profile_kernels(eng: Engine, wl: Workload, first: int, steps: int) -> dict[s
     }
 
 
-def profile_cpu(eng: Engine, wl: Workload, max_steps: int, top: int = 25) -> dict[str, Any]:
-    """One more run of the workload with ``cProfile`` on inside the runner's ``execute`` for the
-    first ``max_steps`` eager steps (those carrying prefill chunks): the host cost of launching
-    an eager step, by function (own time and cumulative time per step). cProfile slows Python
-    code, so the absolute times are inflated; the ranking and the call counts are what to read.
-    """
-    import cProfile
-    import pstats
-
-    runner = eng.runner
-    inner = runner.execute
-    pr = cProfile.Profile()
-    walls: list[float] = []
-
-    def execute(plan):  # runs on whichever thread launches
-        if plan.is_decode or len(walls) >= max_steps:
-            return inner(plan)
-        t0 = time.perf_counter()
-        pr.enable()
-        try:
-            return inner(plan)
-        finally:
-            pr.disable()
-            walls.append(time.perf_counter() - t0)
-
-    runner.execute = execute
-    try:
-        _run_steps(eng, wl)
-    finally:
-        del runner.execute  # back to the class's method
-    if not walls:
-        return {}
-    n = len(walls)
-    rows = [
-        {
-            "function": f"{Path(file).name}:{line}({fn})",
-            "calls": nc / n,
-            "own_ms": tt / n * 1e3,
-            "cum_ms": ct / n * 1e3,
-        }
-        for (file, line, fn), (_, nc, tt, ct, _) in pstats.Stats(pr).stats.items()
-    ]
-    return {
-        "eager_steps": n,
-        "execute_ms_median": statistics.median(walls) * 1e3,
-        "by_own": sorted(rows, key=lambda r: -r["own_ms"])[:top],
-        "by_cum": sorted(rows, key=lambda r: -r["cum_ms"])[:top],
-    }
-
-
-def print_profile(
-    p: dict[str, Any] | None,
-    k: dict[str, Any] | None,
-    c: dict[str, Any] | None = None,
-    top: int = 14,
-) -> None:
+def print_profile(p: dict[str, Any] | None, k: dict[str, Any] | None, top: int = 14) -> None:
     if p and p.get("cuda"):
         print(
             f"\nwhere the time goes (one more run with per-step CUDA events, {p['steps']} steps, "
@@ -375,18 +320,6 @@ def print_profile(
                 f"  {row['kernel'][:64]:<64} {row['calls']:>7.1f} calls {row['us']:>9.1f} us "
                 f"{row['share']:>6.1%}"
             )
-    if c:
-        print(
-            f"\nhost cost of an eager step (cProfile inside runner.execute, {c['eager_steps']} "
-            f"eager steps, median {c['execute_ms_median']:.2f} ms each under cProfile), per step:"
-        )
-        for key, label in (("by_own", "own time"), ("by_cum", "cumulative")):
-            print(f"  by {label}:")
-            for row in c[key][:top]:
-                print(
-                    f"    {row['function'][:70]:<70} {row['calls']:>7.1f} calls "
-                    f"own {row['own_ms']:>7.3f} ms  cum {row['cum_ms']:>7.3f} ms"
-                )
 
 
 def decode_ceiling(
@@ -671,13 +604,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(or --profile-first): kernels grouped by name",
     )
     b.add_argument("--profile-first", type=int, default=None, help="first profiled step")
-    b.add_argument(
-        "--profile-cpu",
-        type=int,
-        default=0,
-        metavar="N",
-        help="one more run with cProfile on while the first N eager steps are launched",
-    )
     b.add_argument("--json", type=Path, default=None, help="write results as JSON (rewritten as "
                    "each part finishes, so a killed run keeps what it measured)")  # fmt: skip
     h = p.add_argument_group("HF transformers peer")
@@ -875,9 +801,6 @@ def main(argv: list[str] | None = None) -> int:
             first = max(0, int(res["graphrt"]["runs"][0]["steps"]) // 2 - args.profile_kernels // 2)
         res["profile_kernels"] = profile_kernels(eng, wl, first, args.profile_kernels)
         save()
-    if args.profile_cpu:
-        res["profile_cpu"] = profile_cpu(eng, wl, args.profile_cpu)
-        save()
     sub = None
     if args.peer == "hf":
         sub = wl.subsample(args.hf_max_requests or None, args.hf_max_output_len)
@@ -902,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     res["ratios"] = compute_ratios(res)
     save()
     print_summary(res)
-    print_profile(res.get("profile"), res.get("profile_kernels"), res.get("profile_cpu"))
+    print_profile(res.get("profile"), res.get("profile_kernels"))
     return 0
 
 

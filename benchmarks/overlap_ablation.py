@@ -127,128 +127,6 @@ def run_once(
     return out
 
 
-def trace_steps(eng: Engine, mode: str, bs: int, prompt_len: int, warm: int, steps: int) -> dict:
-    """Where an engine step's GPU time goes beyond a bare replay: ``steps`` steady decode steps
-    under ``torch.profiler``, every GPU op grouped by name per step, against the bucket's graph
-    replayed alone under the same profiler. Ops that only the engine step has (copies, page
-    updates) and kernels that run longer there show as the difference."""
-    from step_profile import busy_us, gap_table, gpu_events, group_events, profile_events, span_us
-    from torch.profiler import ProfilerActivity, profile
-
-    eng.set_overlap(mode)
-    g = torch.Generator().manual_seed(123)
-    vocab = eng.model_config.vocab_size
-    params = SamplingParams(temperature=0, max_tokens=warm + steps + 8, ignore_eos=True)
-    rids = [
-        eng.add_request(None, torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), params)
-        for _ in range(bs)
-    ]
-    sched = eng.scheduler
-    while sched.waiting or not all(q.prefill_done for q in sched.running):  # the prefill
-        eng.step()
-    for _ in range(warm):  # then steady decode steps
-        eng.step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            eng.step()
-        torch.cuda.synchronize()
-    # The graph alone, replayed on the inputs of the engine's last launched step, so both sides
-    # read the same pages at the same lengths. The requests end first (so no step in flight
-    # holds a ring slot); their page-table rows stay as they were.
-    last = eng.inflight_plan
-    for rid in rids:
-        eng.abort(rid)
-    run_until_idle(eng, {})
-    torch.cuda.synchronize()
-    graphs = eng.runner.graphs
-    bucket = graphs.bucket_for(bs)
-    if last is None or not last.is_decode:
-        return {}
-    graphs.io.stage_all(last.slots, last.seq_lens, bucket)
-    replay_events = profile_events(graphs.graphs[(bucket, GREEDY)].replay, steps)
-    replay = group_events(replay_events, steps)
-    events = gpu_events(prof)
-    if not events or not replay_events:
-        return {}
-    wall = span_us(events)
-    engine = group_events(events, steps)
-    engine_ops = {r["kernel"]: r for r in engine["kernels"]}
-    replay_ops = {r["kernel"]: r for r in replay["kernels"]}
-    diff = []
-    for name, e in engine_ops.items():
-        r = replay_ops.get(name, {"calls": 0.0, "us": 0.0})
-        if abs(e["us"] - r["us"]) >= 0.5 or abs(e["calls"] - r["calls"]) >= 0.5:
-            diff.append({"op": name, "engine": e, "replay": {"calls": r["calls"], "us": r["us"]}})
-    for name, r in replay_ops.items():
-        if name not in engine_ops:
-            diff.append({"op": name, "engine": {"calls": 0.0, "us": 0.0}, "replay": r})
-    diff.sort(key=lambda d: -abs(d["engine"]["us"] - d["replay"]["us"]))
-    return {
-        "mode": mode,
-        "bs": bs,
-        "steps": steps,
-        "engine_wall_us": wall / steps,
-        "engine_busy_us": busy_us(events) / steps,
-        "engine_op_us": engine["kernel_us"],
-        "replay_op_us": replay["kernel_us"],
-        "replay_wall_us": span_us(replay_events) / steps,
-        "replay_busy_us": busy_us(replay_events) / steps,
-        "diff": diff,
-        "engine_gaps": gap_table(events, steps),
-        "replay_gaps": gap_table(replay_events, steps),
-    }
-
-
-def print_cprofile(eng: Engine, bs: int, args: argparse.Namespace, top: int) -> None:
-    """One ``inline`` run of ``bs`` requests under cProfile; prints the top functions by own
-    time, per decode step (the run's prefill is included; at batch >= 64 it is a few steps)."""
-    import cProfile
-    import io
-    import pstats
-
-    prof = cProfile.Profile()
-    prof.enable()
-    run_once(eng, "inline", bs, args.prompt_len, args.warmup_steps, args.steps, seed=99)
-    prof.disable()
-    steps = args.warmup_steps + args.steps + 2
-    stats = pstats.Stats(prof, stream=io.StringIO())
-    print(f"\ncProfile, bs={bs} inline, {steps} decode steps (own time / steps, us):")
-    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
-    for (file, line, fn), (_, calls, tottime, cumtime, _) in rows:
-        where = f"{Path(file).name}:{line}({fn})"
-        print(
-            f"  {where[:70]:<70} {calls / steps:>7.1f} calls {tottime / steps * 1e6:>8.1f} us own"
-            f" {cumtime / steps * 1e6:>8.1f} us cum"
-        )
-
-
-def print_trace(t: dict, top: int = 12) -> None:
-    print(
-        f"\ntrace bs={t['bs']} {t['mode']}: per step, GPU span {t['engine_wall_us']:.1f} us, busy "
-        f"{t['engine_busy_us']:.1f} us, op time {t['engine_op_us']:.1f} us; the graph replayed "
-        f"alone: op time {t['replay_op_us']:.1f} us. Ops that differ (engine vs replay alone):"
-    )
-    for d in t["diff"][:top]:
-        e, r = d["engine"], d["replay"]
-        print(
-            f"  {d['op'][:60]:<60} {e['calls']:>6.1f} calls {e['us']:>8.1f} us | "
-            f"{r['calls']:>6.1f} calls {r['us']:>8.1f} us"
-        )
-    eg, rg = t["engine_gaps"], t["replay_gaps"]
-    print(
-        f"GPU without work, per step: engine {eg['gap_us']:.1f} us (span "
-        f"{t['engine_wall_us']:.1f}), the graph alone {rg['gap_us']:.1f} us (span "
-        f"{t['replay_wall_us']:.1f}). Largest gaps by the ops around them:"
-    )
-    for label, g in (("engine", eg), ("alone", rg)):
-        for row in g["pairs"][:top]:
-            print(
-                f"  {label:<6} {row['before'][:40]:>40} -> {row['after'][:40]:<40} "
-                f"{row['count']:>5.2f}/step {row['us']:>7.2f} us"
-            )
-
-
 def handoff_ceilings_ms(eng: Engine, bs: int, ctx: int, iters: int) -> dict[str, float]:
     """Far ahead of the GPU (the host out of the loop), at context ``ctx``:
 
@@ -415,23 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         help="requests report only when done, as Engine.generate's (default: every request "
         "streams, an output per row per step, as the server's)",
     )
-    p.add_argument(
-        "--cprofile",
-        type=int,
-        default=0,
-        metavar="N",
-        help="after the table, one more run per batch size in 'inline' mode (launch and "
-        "processing on one thread) under cProfile, printing the N functions with the most "
-        "own time: where the scheduler thread's CPU goes",
-    )
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument(
-        "--trace-steps",
-        type=int,
-        default=0,
-        help="also profile this many steady steps per batch size (first mode) against a bare "
-        "replay, to show what the engine's step adds on the GPU (CUDA only)",
-    )
     args = p.parse_args(argv)
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
@@ -446,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     r = eng.runner
     dev = torch.cuda.get_device_name() if r.device.type == "cuda" else "cpu"
     bw = measure_hbm_bandwidth(r.device) if r.device.type == "cuda" else None
-    results, traces, contexts = [], [], {}
+    results, contexts = [], {}
     for bs in args.batch_sizes:
         ceiling = state_ceiling = None
         handoff: dict[str, float] = {}
@@ -546,15 +408,6 @@ def main(argv: list[str] | None = None) -> int:
             row["graph_bs"] = runs[mode][0]["graph_bs"]
             results.append(row)
             print_row(row)
-        if args.cprofile:
-            print_cprofile(eng, bs, args, top=args.cprofile)
-        if args.trace_steps and r.device.type == "cuda":
-            t = trace_steps(
-                eng, args.modes[0], bs, args.prompt_len, args.warmup_steps, args.trace_steps
-            )
-            if t:
-                traces.append(t)
-                print_trace(t)
     seed = seed_question(results)
     header = {
         "model": str(eng.model_dir),
@@ -591,7 +444,6 @@ def main(argv: list[str] | None = None) -> int:
                     "header": header,
                     "rows": results,
                     "seed_question": seed["rows"],
-                    "traces": traces,
                 },
                 indent=2,
             )

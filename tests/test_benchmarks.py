@@ -615,7 +615,7 @@ def test_cpu_step_cost_smoke(default_model_dir, tmp_path) -> None:
 
 
 def test_profiler_events_grouped_and_overlap_union() -> None:
-    """step_profile's event reading (shared by overlap_ablation --trace-steps): CUDA events only,
+    """step_profile's event reading (also the offline benchmark's kernel profile): CUDA events only,
     copies named by kind, per-step grouping; the busy time of overlapping (PDL) kernels is the
     union of their intervals, not the sum."""
     from types import SimpleNamespace
