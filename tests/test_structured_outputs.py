@@ -454,6 +454,17 @@ def test_split_steps_equal_unsplit_steps(tiny_byte_model, overlap) -> None:
     assert any(c.finish_reason == "stop" for c in got[True])
 
 
+def _split_engine(model, overlap: str) -> Engine:
+    """An engine whose decode steps with constrained rows run split, in buckets of 4 and 8."""
+    return Engine(
+        str(model),
+        show_progress=False,
+        max_model_len=256,
+        cuda_graph_batch_sizes=(4, 8),
+        overlap=overlap,
+    )
+
+
 class _RecordingLauncher:
     """A launcher that logs what the engine submits, in order, and passes it on."""
 
@@ -487,13 +498,7 @@ def test_a_split_steps_sampler_goes_out_before_the_next_step_is_planned(
     the host waits for the step's ids (ARCHITECTURE.md, "Structured outputs")."""
     from graphrt.overlap import Launcher, StepProfiler
 
-    eng = Engine(
-        str(tiny_byte_model),
-        show_progress=False,
-        max_model_len=256,
-        cuda_graph_batch_sizes=(4, 8),
-        overlap=overlap,
-    )
+    eng = _split_engine(tiny_byte_model, overlap)
     try:
         rec = _RecordingLauncher(Launcher(eng.runner, overlap, max_rows=eng.config.max_num_seqs))
         eng.use_launcher(rec)
@@ -525,13 +530,7 @@ def test_a_failed_split_sampler_fails_its_step_and_the_engine_goes_on(
     """The sampler half of a split step fails (in the runner, or in the launcher around it):
     the step's requests end with the error instead of hanging, their pages are freed, and the
     next requests are served."""
-    eng = Engine(
-        str(tiny_byte_model),
-        show_progress=False,
-        max_model_len=256,
-        cuda_graph_batch_sizes=(4, 8),
-        overlap=overlap,
-    )
+    eng = _split_engine(tiny_byte_model, overlap)
     so = StructuredOutputsParams(regex=r"[a-z]{20,30}")
     params = SamplingParams(temperature=0, max_tokens=24, structured_outputs=so)
     calls = {"n": 0}
