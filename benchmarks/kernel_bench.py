@@ -816,7 +816,9 @@ def _fp8_sweep_configs(m: int, smoke: bool = False):
     from graphrt.kernels.triton_gemv import GemvConfig
 
     if smoke:
-        return [GemvConfig(2, 32, 2, 4), GemvConfig(16, 64, 4, 4)][: 2 if m == 1 else 1]
+        if m == 1:
+            return [GemvConfig(2, 32, 2, 4), GemvConfig(16, 64, 4, 4)]
+        return [GemvConfig(2, 32, 2, 4), GemvConfig(16, 32, 4, 2, split_k=2)]
     if m == 1:
         return [
             GemvConfig(bn, bk, w, 4)
@@ -824,8 +826,13 @@ def _fp8_sweep_configs(m: int, smoke: bool = False):
             for bk in (512, 1024, 2048)
             for w in (4, 8)
         ]
-    if m > 16:  # short K blocks: a [m, block_k] activation tile per stage must fit
-        return [GemvConfig(bn, bk, w, 3) for bn in (16, 32, 64) for bk in (64, 128) for w in (4, 8)]
+    if m > 16:  # short K blocks (an [m, block_k] tile per stage must fit), wide N, split K
+        return [
+            GemvConfig(bn, bk, 4, 3, split_k=sk)
+            for bn in (32, 64, 128)
+            for bk in (64, 128)
+            for sk in (1, 2, 4)
+        ]
     return [
         GemvConfig(bn, bk, w, st)
         for bn in (16, 32)

@@ -12,7 +12,12 @@ Two paths, chosen from shapes alone (so the choice is fixed per captured graph):
   end (``sum_k x q s = s sum_k x q``: the scale belongs to the output channel). One row reduces
   on the CUDA cores; 2-16 rows run one tensor-core ``tl.dot`` per K block in the activation
   dtype. A ``silu_mul`` variant reads the gate/up output ``[M, 2K]`` and applies SiLU-and-mul
-  as it loads (the down projection, as in the bf16 GEMV).
+  as it loads (the down projection, as in the bf16 GEMV). With ``GemvConfig.split_k`` the
+  multi-row path also splits K over programs, each writing an fp32 partial sum that a second
+  kernel adds in a fixed order (still deterministic): a candidate for 17-64 rows, where one
+  program per column block over the whole K leaves the H100's SMs short of work (20-47% of
+  HBM at 64 rows, run s24c). The dispatch does not pick it until a sweep shows it ahead
+  (``kernel_bench.py --only fp8 --sweep --gemv-rows 32 64``).
 - **More rows: W8A8.** One Triton kernel quantizes each activation row to e4m3 on the device
   (``scale = amax(|row|) / 448``, the weights' recipe; no host sync, nothing sized by values),
   then ``torch._scaled_mm`` multiplies on the fp8 tensor cores with row-wise scales. Per-token
@@ -135,6 +140,8 @@ def _fp8_gemv_kernel(
     stride_xm,
     stride_wn,
     stride_om,
+    part_ptr,
+    K_SPLIT,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -142,6 +149,7 @@ def _fp8_gemv_kernel(
     EVEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SILU_MUL: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -176,19 +184,52 @@ def _fp8_gemv_kernel(
         pdl_enter(USE_PDL)
         rm = tl.arange(0, BLOCK_M)
         m_mask = rm < M
-        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+        # With SPLIT_K, program (pid, s) sums K from s * K_SPLIT (a multiple of BLOCK_K) on.
+        if SPLIT_K > 1:
+            k_lo = tl.program_id(1) * K_SPLIT
+            k_hi = tl.minimum(k_lo + K_SPLIT, K)
+        else:
+            k_lo = 0
+            k_hi = K
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
+        w_ptrs += k_lo
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             w = _load_w(w_ptrs, k0, rk, n_mask, K, EVEN)
             x = _load_x_rows(x_ptrs, k0, rk, m_mask, K, SILU_MUL, EVEN)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        acc = acc * scale[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        mn_mask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT_K > 1:  # the partial sum, unscaled: _splitk_sum_kernel finishes it
+            p_ptrs = part_ptr + (tl.program_id(1) * M + rm)[:, None] * N + rn[None, :]
+            tl.store(p_ptrs, acc, mask=mn_mask)
+        else:
+            acc = acc * scale[None, :]
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
+
+
+@triton.jit
+def _splitk_sum_kernel(
+    part_ptr, s_ptr, b_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    # out[m, n] = (sum over s of part[s, m, n], in order s = 0, 1, ...) * scale[n] + bias[n]
+    row = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    n_mask = rn < N
+    scale = tl.load(s_ptr + rn, mask=n_mask, other=0.0)
+    pdl_enter(USE_PDL)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + (s * M + row) * N + rn, mask=n_mask, other=0.0)
+    acc = acc * scale
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, silu_mul: bool) -> None:
@@ -232,14 +273,29 @@ def fp8_gemv(
     block_n = cfg.block_n if m == 1 else max(16, cfg.block_n)
     block_k = cfg.block_k if m == 1 else max(16, cfg.block_k)
     even = n % block_n == 0 and k % block_k == 0
-    _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, scale, bias if bias is not None else scale, out, m, n, k,
-        x.stride(0), weight.stride(0), out.stride(0),
+    if cfg.split_k < 1 or (cfg.split_k > 1 and m == 1):
+        raise ValueError(f"fp8 GEMV: split_k={cfg.split_k} (>= 1, and 1 for one row)")
+    # Each split covers whole K blocks; the last may be shorter, and none is empty.
+    k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), block_k) * block_k
+    splits = triton.cdiv(k, k_split)
+    part = out
+    if splits > 1:
+        part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    b = bias if bias is not None else scale
+    _fp8_gemv_kernel[(triton.cdiv(n, block_n), splits)](
+        x, weight, scale, b, out, m, n, k,
+        x.stride(0), weight.stride(0), out.stride(0), part, k_split,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN=even, DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
-        SILU_MUL=silu_mul, USE_PDL=pdl,
+        SILU_MUL=silu_mul, SPLIT_K=splits, USE_PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl),
     )  # fmt: skip
+    if splits > 1:
+        block = min(1024, triton.next_power_of_2(n))
+        _splitk_sum_kernel[(m, triton.cdiv(n, block))](
+            part, scale, b, out, m, n, out.stride(0), HAS_BIAS=bias is not None,
+            SPLIT_K=splits, BLOCK=block, USE_PDL=pdl, num_warps=4, **launch_options(pdl),
+        )  # fmt: skip
     return out
 
 

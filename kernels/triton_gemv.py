@@ -40,6 +40,9 @@ class GemvConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    # The FP8 GEMV's multi-row path only (``triton_fp8.fp8_gemv``): programs per column block
+    # along K, whose fp32 partial sums a second kernel adds in a fixed order.
+    split_k: int = 1
 
 
 @triton.jit

@@ -376,6 +376,7 @@ def test_kernels_smoke_fp8() -> None:
         ["silu+down", "tiny", "m17"],
     ]
     assert "past the row bound" in r.stdout  # m17: the GEMV timed beyond fp8_linear's bound
+    assert "split_k=2" in r.stdout  # the sweep past the bound includes split-K configs
 
 
 def test_step_profile_without_cuda_says_so() -> None:

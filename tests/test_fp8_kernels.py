@@ -136,6 +136,37 @@ def test_fp8_gemv_silu_mul(m, k, dtype) -> None:
         F8.fp8_gemv(gu[:, :k], q, s, None, cfg, silu_mul=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "split_k"),
+    [(3, 48, 256, 2), (5, 40, 200, 3), (17, 48, 256, 8)],  # even; ragged N and K; 8 splits
+)
+def test_fp8_gemv_split_k(m, n, k, split_k, dtype) -> None:
+    """Programs along K (``GemvConfig.split_k``) write fp32 partial sums that a second kernel
+    adds in a fixed order, then scales: within the GEMV's tolerance of the reference, the same
+    at every run, and equal to one split where the sums are exact (integer-valued inputs). With
+    SiLU-and-mul on load too. One row refuses a split."""
+    q, s = _weight(n, k)
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    b = torch.randn(n, device=DEV).to(dtype)
+    one = GemvConfig(16, 32, 4, 2)
+    cfg = GemvConfig(16, 32, 4, 2, split_k=split_k)
+    for bias in (None, b):
+        out = F8.fp8_gemv(x, q, s, bias, cfg)
+        _check_linear(out, x, q, s, bias, f"split_k={split_k} bias={bias is not None}")
+        assert torch.equal(out, F8.fp8_gemv(x, q, s, bias, cfg))
+    # Small integers and unit scales: every partial sum is exact, so the order cannot show.
+    xi = torch.randint(-3, 4, (m, k), device=DEV).to(dtype)
+    qi = torch.randint(-4, 5, (n, k), device=DEV).to(torch.float32).to(F8.FP8_DTYPE)
+    ones = torch.ones(n, device=DEV)
+    assert torch.equal(F8.fp8_gemv(xi, qi, ones, None, cfg), F8.fp8_gemv(xi, qi, ones, None, one))
+    gu = torch.randn(m, 2 * k, device=DEV).to(dtype)
+    fused = F8.fp8_gemv(gu, q, s, None, cfg, silu_mul=True)
+    _check_linear(fused, T.silu_and_mul(gu), q, s, None, "split_k silu_mul")
+    with pytest.raises(ValueError, match="split_k"):
+        F8.fp8_gemv(x[:1], q, s, None, cfg)
+
+
 @pytest.mark.parametrize("m", [1, 2, 16])
 def test_silu_mul_linear_fuses_only_one_row(m, monkeypatch) -> None:
     """The SiLU-fused GEMV runs for one row only; 2-16 rows take the SiLU kernel, then the
@@ -340,6 +371,23 @@ def test_gpu_fp8_gemv_real_shapes(m, n, k) -> None:
     fused = F8.silu_mul_linear(gu, q, s)
     assert torch.equal(fused, F8.fp8_gemv(T.silu_and_mul(gu), q, s, None,
                                           F8.fp8_gemv_config(m, n, k, silu_mul=True)))  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [17, 64])
+@pytest.mark.parametrize(("n", "k"), REAL)
+def test_gpu_fp8_gemv_split_k_real_shapes(m, n, k) -> None:
+    """The GEMV past its row bound with split K (the sweep's candidates for 17-64 rows): within
+    tolerance of the reference, the same bits at every run, also launched with PDL."""
+    from graphrt.kernels.pdl import pdl_supported
+
+    q, s = _weight(n, k, spread=1.0)
+    x = torch.randn(m, k, device=DEV, dtype=BF16)
+    for cfg in (GemvConfig(64, 128, 4, 3, split_k=4), GemvConfig(128, 64, 4, 3, split_k=2)):
+        out = F8.fp8_gemv(x, q, s, None, cfg)
+        _check_linear(out, x, q, s, None, f"m={m} {n}x{k} {cfg}")
+        pdl = F8.fp8_gemv(x, q, s, None, cfg, pdl=pdl_supported(DEV))
+        assert torch.equal(out, pdl) and torch.equal(out, F8.fp8_gemv(x, q, s, None, cfg))
 
 
 @pytest.mark.gpu
