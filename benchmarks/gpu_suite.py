@@ -1056,7 +1056,7 @@ def section_structured(suite: dict[str, Any]) -> list[str]:
                     _stat(x.get("output_tok_s"), ",.0f"),
                     _stat(x.get("accept_ms_per_step")),
                     _stat(x.get("mask_ms_per_step")),
-                    _num(pr.get("gpu_period_ms"), ".3f"),
+                    _num(pr.get("step_p50_ms"), ".3f"),
                     "-" if late is None else f"{late:.0%}",
                 ]
             )

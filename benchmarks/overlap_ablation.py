@@ -39,6 +39,7 @@ from graphrt.measure import (
     fmt_stat,
     measure_hbm_bandwidth,
     run_until_idle,
+    step_window,
     summarize,
     time_ms,
 )
@@ -78,32 +79,19 @@ def run_once(
     window = recs[warm : warm + steps]
     if len(window) < 3:
         raise RuntimeError(f"only {len(window)} steady decode steps at bs={bs}")
-    out = {
-        "schedule_ms": statistics.median(r.schedule_s for r in window) * 1e3,
-        "process_ms": statistics.median(r.process_s for r in window) * 1e3,
-        "text_ms": statistics.median(r.text_s for r in window) * 1e3,
-        # Collections during the whole run (prefill included): a full one over a large heap
-        # stalls the step loop for tens of ms, a repetition's mean step with it.
-        "gc_ms": gcp.total_ms,
-        "gc_max_ms": gcp.max_ms,
-        "gc_full": gcp.full,
-        "wait_ms": statistics.median(r.wait_s for r in window) * 1e3,
-        "launch_ms": statistics.median(r.launch_s for r in window) * 1e3,
-        "graph_bs": window[0].graph_bs,
-    }
-    # Launches that finished after the step before had ended on the GPU (it then waited for the
-    # host), which ``gpu_idle`` below cannot see: its start event is recorded before the
-    # launch's own CPU work.
-    out["late_steps"] = sum(r.late for r in window[1:]) / (len(window) - 1)
-    # ``thread``: steps whose launch the scheduler waited for because the GPU had run dry.
-    out["yielded_steps"] = sum(r.yielded for r in window) / len(window)
+    # Late launches (the GPU waited for the host) are what ``gpu_idle`` below cannot see: a
+    # step's start event is recorded before the launch's own CPU work. ``step_p50_ms`` is the
+    # typical period beside the mean: a mean well above it is a few long steps (the host
+    # stalled), one close to it is every step slower.
+    out = step_window(window)
+    # Collections during the whole run (prefill included): a full one over a large heap stalls
+    # the step loop for tens of ms, a repetition's mean step with it.
+    out |= {"gc_ms": gcp.total_ms, "gc_max_ms": gcp.max_ms, "gc_full": gcp.full}
+    out["graph_bs"] = window[0].graph_bs
     if window[0].end is not None:
         span = window[0].end.elapsed_time(window[-1].end)
         out["step_ms"] = span / (len(window) - 1)
-        # The typical step period beside the mean: a mean well above it is a few long steps
-        # (the host stalled), one close to it is every step slower.
         periods = [a.end.elapsed_time(b.end) for a, b in itertools.pairwise(window)]
-        out["step_p50_ms"] = statistics.median(periods)
         # Steps that also update the page table (every page_size steps here, for all rows at
         # once, as every prompt has the same length) against the others.
         paged = [p for p, r in zip(periods, window[1:]) if r.page_updates]

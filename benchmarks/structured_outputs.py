@@ -22,10 +22,8 @@ what ``grammar_threads`` should be on this host (``--host-only``: that and nothi
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,10 +32,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # benchmarks/ is not a package; harness puts the checkout on sys.path too
 import numpy as np
-import torch
 
 from graphrt import Engine, SamplingParams, StructuredOutputsParams
-from graphrt.measure import fmt_stat, run_header, summarize
+from graphrt.measure import fmt_stat, run_header, step_window, summarize
 from graphrt.overlap import StepProfiler
 from graphrt.structured_outputs import StructuredOutputs
 
@@ -97,27 +94,12 @@ def host_sweep(
     return out
 
 
-def step_profile(prof: StepProfiler, batch_size: int) -> dict[str, float]:
-    """Medians over the full-batch decode steps of one run: the scheduler thread's CPU per
-    step (planning, taking the ids with the grammars' accept, the masks are apart), its wait
-    for the ids, the GPU period between step ends, and how often the GPU waited for a launch."""
+def step_profile(prof: StepProfiler, batch_size: int) -> dict[str, float | None]:
+    """``step_window`` over one run's full-batch decode steps (the grammars' accept is in
+    ``process_ms``; the mask fill is apart, in ``mask_ms_per_step``)."""
     recs = [r for _, r in sorted(prof.records.items()) if r.is_decode]
     recs = [r for r in recs if r.batch_size == batch_size]
-    if len(recs) < 3:
-        return {}
-    out = {
-        "schedule_ms": statistics.median(r.schedule_s for r in recs) * 1e3,
-        "process_ms": statistics.median(r.process_s for r in recs) * 1e3,
-        "wait_ms": statistics.median(r.wait_s for r in recs) * 1e3,
-        "launch_ms": statistics.median(r.launch_s for r in recs) * 1e3,
-        "text_ms": statistics.median(r.text_s for r in recs) * 1e3,
-        "late_steps": sum(r.late for r in recs[1:]) / (len(recs) - 1),
-    }
-    if recs[0].end is not None:
-        torch.cuda.synchronize()
-        periods = [a.end.elapsed_time(b.end) for a, b in itertools.pairwise(recs)]
-        out["gpu_period_ms"] = statistics.median(periods)
-    return out
+    return step_window(recs) if len(recs) >= 3 else {}
 
 
 def run(
@@ -238,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         res["profile"] = {m: run(eng, prompts, modes[m], profile=True) for m in modes}
         for m, r in res["profile"].items():
-            cols = ("schedule", "process", "wait", "launch", "text", "gpu_period")
-            line = ", ".join(f"{c} {r[c + '_ms']:.3f}" for c in cols if c + "_ms" in r)
+            cols = ("schedule", "process", "wait", "launch", "text", "step_p50")
+            shown = [c for c in cols if r.get(c + "_ms") is not None]
+            line = ", ".join(f"{c} {r[c + '_ms']:.3f}" for c in shown)
             print(
                 f"profiled {m:<14} per step (median, ms): {line}; mask fill "
                 f"{r['mask_ms_per_step']:.3f}, accept {r['accept_ms_per_step']:.3f}; GPU waited "

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import datetime
 import gc
+import itertools
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,30 @@ import numpy as np
 import torch
 
 from graphrt.engine import Engine
+from graphrt.overlap import StepRecord
 from graphrt.sampling import GREEDY
+
+
+def step_window(window: Sequence[StepRecord]) -> dict[str, float | None]:
+    """Per-step medians over ``window``, consecutive profiled steps (``StepProfiler`` records
+    in step order, at least two): the scheduler thread's CPU planning (``schedule_ms``), taking
+    the ids (``process_ms``) and on the text side (``text_ms``), its wait for the ids, the
+    launcher's time; the share of steps launched after the step before had ended on the GPU
+    (``late_steps``: the GPU waited for the host) and of launches the scheduler waited for
+    (``yielded_steps``); with CUDA events, the median period between step ends
+    (``step_p50_ms``), else None."""
+    out: dict[str, float | None] = {
+        f"{k}_ms": statistics.median(getattr(r, f"{k}_s") for r in window) * 1e3
+        for k in ("schedule", "process", "text", "wait", "launch")
+    }
+    out["late_steps"] = sum(r.late for r in window[1:]) / (len(window) - 1)
+    out["yielded_steps"] = sum(r.yielded for r in window) / len(window)
+    out["step_p50_ms"] = None
+    if window[0].end is not None:
+        torch.cuda.synchronize()
+        periods = [a.end.elapsed_time(b.end) for a, b in itertools.pairwise(window)]
+        out["step_p50_ms"] = statistics.median(periods)
+    return out
 
 
 def summarize(values: Iterable[float | None]) -> dict[str, Any]:
