@@ -17,8 +17,10 @@ work; the in-process :class:`~graphrt.engine.Engine` runs it through a
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,16 +40,11 @@ from graphrt.sampling_params import SamplingParams
 TEXT_THREAD_YIELD_ROWS = 4
 
 
-def _yield_gil() -> None:
-    """Release the GIL and give up the CPU for a moment, so a thread waiting for the GIL can
-    take it (``os.sched_yield`` runs without the GIL; where it is missing, ``sleep(0)``)."""
-    if _SCHED_YIELD is not None:
-        _SCHED_YIELD()
-    else:
-        time.sleep(0)
-
-
-_SCHED_YIELD = getattr(os, "sched_yield", None)
+# Releases the GIL and gives up the CPU for a moment, so a thread waiting for the GIL can take
+# it: ``os.sched_yield`` runs without the GIL; where it is missing, ``sleep(0)``.
+_yield_gil: Callable[[], None] = getattr(os, "sched_yield", None) or functools.partial(
+    time.sleep, 0
+)
 
 
 if TYPE_CHECKING:
