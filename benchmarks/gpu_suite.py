@@ -374,6 +374,8 @@ def parse_models(spec: str) -> dict[str, str]:
 
 
 def selected(ph: Phase, only: list[str] | None) -> bool:
+    if ph.kind == "install":  # every other phase imports what it installs (xgrammar, fastapi, ...)
+        return True
     if only is None:
         return ph.kind not in OPT_IN
     return ph.kind in only or ph.name in only
