@@ -833,12 +833,15 @@ def _fp8_sweep_configs(m: int, smoke: bool = False):
             for bk in (64, 128)
             for sk in (1, 2, 4)
         ]
+    # 2-16 rows: each program also reads its rows of x for every K block, as many bytes as its
+    # weight tile at 16 columns; wider column blocks and split K are the candidates (s24c's
+    # FEW_ROWS reached about half of HBM).
     return [
-        GemvConfig(bn, bk, w, st)
-        for bn in (16, 32)
-        for bk in (128, 256, 512)
+        GemvConfig(bn, bk, w, 3, split_k=sk)
+        for bn in (16, 64, 128)
+        for bk in (128, 256)
         for w in (4, 8)
-        for st in (3, 4)
+        for sk in (1, 2)
     ]
 
 
