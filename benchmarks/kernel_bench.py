@@ -818,7 +818,7 @@ def _fp8_sweep_configs(m: int, smoke: bool = False):
     if smoke:
         if m == 1:
             return [GemvConfig(2, 32, 2, 4), GemvConfig(16, 64, 4, 4)]
-        return [GemvConfig(2, 32, 2, 4), GemvConfig(16, 32, 4, 2, split_k=2)]
+        return [GemvConfig(2, 32, 2, 4), GemvConfig(16, 32, 4, 2, split_k=2, swap_ab=True)]
     if m == 1:
         return [
             GemvConfig(bn, bk, w, 4)
@@ -828,20 +828,21 @@ def _fp8_sweep_configs(m: int, smoke: bool = False):
         ]
     if m > 16:  # short K blocks (an [m, block_k] tile per stage must fit), wide N, split K
         return [
-            GemvConfig(bn, bk, 4, 3, split_k=sk)
-            for bn in (32, 64, 128)
+            GemvConfig(bn, bk, 4, 3, split_k=sk, swap_ab=swap)
+            for bn in (64, 128)
             for bk in (64, 128)
             for sk in (1, 2, 4)
+            for swap in (False, True)
         ]
     # 2-16 rows: each program also reads its rows of x for every K block, as many bytes as its
-    # weight tile at 16 columns; wider column blocks and split K are the candidates (s24c's
-    # FEW_ROWS reached about half of HBM).
+    # weight tile at 16 columns; wider column blocks, split K and the weight as the dot's first
+    # operand are the candidates (s24c's FEW_ROWS reached about half of HBM).
     return [
-        GemvConfig(bn, bk, w, 3, split_k=sk)
+        GemvConfig(bn, bk, 4, 3, split_k=sk, swap_ab=swap)
         for bn in (16, 64, 128)
         for bk in (128, 256)
-        for w in (4, 8)
         for sk in (1, 2)
+        for swap in ((False, True) if bn >= 64 else (False,))
     ]
 
 

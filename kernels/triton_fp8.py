@@ -150,6 +150,7 @@ def _fp8_gemv_kernel(
     DOT_PRECISION: tl.constexpr,
     SILU_MUL: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -193,13 +194,27 @@ def _fp8_gemv_kernel(
             k_hi = K
         x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
         w_ptrs += k_lo
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            w = _load_w(w_ptrs, k0, rk, n_mask, K, EVEN)
-            x = _load_x_rows(x_ptrs, k0, rk, m_mask, K, SILU_MUL, EVEN)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
+        if SWAP_AB:
+            # The weight block as the dot's first operand ([BLOCK_N, BLOCK_K] x [BLOCK_K,
+            # BLOCK_M]): the wide side of the tile is then the one a Hopper warpgroup MMA
+            # needs at least 64 of, and the few rows are the narrow one (vLLM's CUTLASS FP8
+            # kernels swap A and B for small M the same way).
+            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                w = _load_w(w_ptrs, k0, rk, n_mask, K, EVEN)
+                x = _load_x_rows(x_ptrs, k0, rk, m_mask, K, SILU_MUL, EVEN)
+                acc_t = tl.dot(w.to(x.dtype), tl.trans(x), acc_t, input_precision=DOT_PRECISION)
+                w_ptrs += BLOCK_K
+                x_ptrs += BLOCK_K
+            acc = tl.trans(acc_t)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                w = _load_w(w_ptrs, k0, rk, n_mask, K, EVEN)
+                x = _load_x_rows(x_ptrs, k0, rk, m_mask, K, SILU_MUL, EVEN)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+                w_ptrs += BLOCK_K
+                x_ptrs += BLOCK_K
         mn_mask = m_mask[:, None] & n_mask[None, :]
         if SPLIT_K > 1:  # the partial sum, unscaled: _splitk_sum_kernel finishes it
             p_ptrs = part_ptr + (tl.program_id(1) * M + rm)[:, None] * N + rn[None, :]
@@ -287,7 +302,7 @@ def fp8_gemv(
         x.stride(0), weight.stride(0), out.stride(0), part, k_split,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN=even, DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
-        SILU_MUL=silu_mul, SPLIT_K=splits, USE_PDL=pdl,
+        SILU_MUL=silu_mul, SPLIT_K=splits, SWAP_AB=cfg.swap_ab and m > 1, USE_PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl),
     )  # fmt: skip
     if splits > 1:

@@ -43,6 +43,8 @@ class GemvConfig:
     # The FP8 GEMV's multi-row path only (``triton_fp8.fp8_gemv``): programs per column block
     # along K, whose fp32 partial sums a second kernel adds in a fixed order.
     split_k: int = 1
+    # The FP8 GEMV's multi-row path only: the weight block is the dot's first operand.
+    swap_ab: bool = False
 
 
 @triton.jit

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -137,20 +138,22 @@ def test_fp8_gemv_silu_mul(m, k, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize(
     ("m", "n", "k", "split_k"),
     [(3, 48, 256, 2), (5, 40, 200, 3), (17, 48, 256, 8)],  # even; ragged N and K; 8 splits
 )
-def test_fp8_gemv_split_k(m, n, k, split_k, dtype) -> None:
+def test_fp8_gemv_split_k(m, n, k, split_k, swap_ab, dtype) -> None:
     """Programs along K (``GemvConfig.split_k``) write fp32 partial sums that a second kernel
     adds in a fixed order, then scales: within the GEMV's tolerance of the reference, the same
     at every run, and equal to one split where the sums are exact (integer-valued inputs). With
-    SiLU-and-mul on load too. One row refuses a split."""
+    SiLU-and-mul on load too, and with the dot's operands swapped (``swap_ab``). One row refuses
+    a split."""
     q, s = _weight(n, k)
     x = torch.randn(m, k, device=DEV).to(dtype)
     b = torch.randn(n, device=DEV).to(dtype)
     one = GemvConfig(16, 32, 4, 2)
-    cfg = GemvConfig(16, 32, 4, 2, split_k=split_k)
+    cfg = GemvConfig(16, 32, 4, 2, split_k=split_k, swap_ab=swap_ab)
     for bias in (None, b):
         out = F8.fp8_gemv(x, q, s, bias, cfg)
         _check_linear(out, x, q, s, bias, f"split_k={split_k} bias={bias is not None}")
@@ -364,7 +367,8 @@ def test_gpu_fp8_gemv_real_shapes(m, n, k) -> None:
     # Every config the table may pick for m rows, whichever it picks here. The one-row configs
     # are never picked for several rows: with tl.dot's 16-row tiles their block_k asks for more
     # shared memory than the H100 has (288 KB against 227 KB, run X1).
-    cfgs = (F8.ONE_ROW_NARROW, F8.ONE_ROW_WIDE, F8.FEW_ROWS) if m == 1 else (F8.FEW_ROWS,)
+    swapped = replace(F8.FEW_ROWS, block_n=64, swap_ab=True)  # a sweep candidate
+    cfgs = (F8.ONE_ROW_NARROW, F8.ONE_ROW_WIDE, F8.FEW_ROWS) if m == 1 else (F8.FEW_ROWS, swapped)
     for cfg in cfgs:
         _check_linear(F8.fp8_gemv(x, q, s, None, cfg), x, q, s, None, f"{cfg}")
     gu = torch.randn(m, 2 * k, device=DEV, dtype=BF16)
@@ -383,7 +387,11 @@ def test_gpu_fp8_gemv_split_k_real_shapes(m, n, k) -> None:
 
     q, s = _weight(n, k, spread=1.0)
     x = torch.randn(m, k, device=DEV, dtype=BF16)
-    for cfg in (GemvConfig(64, 128, 4, 3, split_k=4), GemvConfig(128, 64, 4, 3, split_k=2)):
+    for cfg in (
+        GemvConfig(64, 128, 4, 3, split_k=4),
+        GemvConfig(128, 64, 4, 3, split_k=2),
+        GemvConfig(128, 64, 4, 3, split_k=2, swap_ab=True),
+    ):
         out = F8.fp8_gemv(x, q, s, None, cfg)
         _check_linear(out, x, q, s, None, f"m={m} {n}x{k} {cfg}")
         pdl = F8.fp8_gemv(x, q, s, None, cfg, pdl=pdl_supported(DEV))
