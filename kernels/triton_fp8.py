@@ -4,20 +4,19 @@
 
 Two paths, chosen from shapes alone (so the choice is fixed per captured graph):
 
-- **A few rows** (``M <= FP8_GEMV_MAX_ROWS``): a weight-only FP8 GEMV, laid out as the bf16 one
-  (:mod:`graphrt.kernels.triton_gemv`): each program owns ``BLOCK_N`` output columns over all
-  of ``K``, so every output is summed by one program in one order (no split-K, no atomics:
-  deterministic). It streams one byte per weight, upcasts in registers (exact: every e4m3 value
-  is a bf16, fp16 and fp32 value), accumulates in fp32 and applies the row scale once at the
-  end (``sum_k x q s = s sum_k x q``: the scale belongs to the output channel). One row reduces
-  on the CUDA cores; 2-16 rows run one tensor-core ``tl.dot`` per K block in the activation
-  dtype. A ``silu_mul`` variant reads the gate/up output ``[M, 2K]`` and applies SiLU-and-mul
-  as it loads (the down projection, as in the bf16 GEMV). With ``GemvConfig.split_k`` the
-  multi-row path also splits K over programs, each writing an fp32 partial sum that a second
-  kernel adds in a fixed order (still deterministic): a candidate for 17-64 rows, where one
-  program per column block over the whole K leaves the H100's SMs short of work (20-47% of
-  HBM at 64 rows, run s24c). The dispatch does not pick it until a sweep shows it ahead
-  (``kernel_bench.py --only fp8 --sweep --gemv-rows 32 64``).
+- **A few rows** (``M <= FP8_GEMV_MAX_ROWS``, 64): a weight-only FP8 GEMV, laid out as the bf16
+  one (:mod:`graphrt.kernels.triton_gemv`): each program owns ``BLOCK_N`` output columns. It
+  streams one byte per weight, upcasts in registers (exact: every e4m3 value is a bf16, fp16
+  and fp32 value), accumulates in fp32 and applies the row scale once at the end
+  (``sum_k x q s = s sum_k x q``: the scale belongs to the output channel). One row reduces on
+  the CUDA cores over all of ``K``; 2-64 rows run one tensor-core ``tl.dot`` per K block in the
+  activation dtype (past 16 rows with the weight block as the dot's first operand,
+  ``GemvConfig.swap_ab``). A ``silu_mul`` variant reads the gate/up output ``[M, 2K]`` and
+  applies SiLU-and-mul as it loads (the down projection, one row, as in the bf16 GEMV). With
+  ``GemvConfig.split_k`` (the narrower layers at 2-64 rows) programs also split K, each
+  writing an fp32 partial sum that a second kernel adds in a fixed order: no atomics, so the
+  result is the same at every run. Wide layers (``N >= WIDE_N``, the gate/up projection) past
+  16 rows take W8A8.
 - **More rows: W8A8.** One Triton kernel quantizes each activation row to e4m3 on the device
   (``scale = amax(|row|) / 448``, the weights' recipe; no host sync, nothing sized by values),
   then ``torch._scaled_mm`` multiplies on the fp8 tensor cores with row-wise scales. Per-token
@@ -59,21 +58,28 @@ MIN_AMAX = 1e-12
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
-# At or below this many rows the GEMV runs: its 16-row dot tile reads the weight once for up to
-# 16 rows, as _scaled_mm does, without quantizing the activations or a second kernel. Not yet
-# measured: benchmarks/kernel_bench.py --only fp8 times both at 1-64 rows.
-FP8_GEMV_MAX_ROWS = 16
+# At or below this many rows the GEMV runs (except wide N past 16 rows: FEW_ROWS_MAX). At 64
+# rows its split-K, swapped-operand config beat W8A8 on Llama-3.1-8B's qkv, o and down
+# projections (17.8, 13.7, 35.1 us against 18.8, 16.9, 46.9; H100, session 25, run s25b).
+FP8_GEMV_MAX_ROWS = 64
+FEW_ROWS_MAX = 16
+# Output width from which a layer counts as wide: enough column blocks to fill the SMs without
+# split K, and past 16 rows W8A8's _scaled_mm wins (8B gate_up at 64 rows: 53.9 us against the
+# GEMV's best 61.4).
+WIDE_N = 16384
 
-# Launch configs by shape; unmeasured starting points. Each keeps the bytes a program loads per
-# K block of the bf16 GEMV's measured best (a byte per weight here, so blocks twice as long) and
-# about 32 registers of upcast weight per thread. Re-tune with kernel_bench.py --only fp8 --sweep
-# (fp8_gemv_config picks among these four).
+# Launch configs by shape. The one-row ones are unmeasured starting points: each keeps the
+# bytes a program loads per K block of the bf16 GEMV's measured best (a byte per weight here,
+# so blocks twice as long) and about 32 registers of upcast weight per thread. The multi-row
+# ones are the fastest of kernel_bench.py --only fp8 --sweep at 16 and 64 rows (s25b; 8B
+# shapes, median us): at 16 rows qkv 15.5, o 11.5, down 32.0 (FEW_ROWS; 16-column blocks
+# without split K took 19.4, 13.5, 42.2) and gate_up 47.6 (FEW_ROWS_WIDE; 73.6).
 ONE_ROW_NARROW = GemvConfig(block_n=2, block_k=2048, num_warps=4, num_stages=4)  # N <= 3072
 ONE_ROW_NARROW_SILU = GemvConfig(block_n=4, block_k=2048, num_warps=8, num_stages=4)
 ONE_ROW_WIDE = GemvConfig(block_n=8, block_k=1024, num_warps=8, num_stages=4)
-# 2-16 rows: tl.dot. block_k 512 with 4 stages asked for 288 KB of shared memory on the H100
-# (232 KB there); 256 with 3 stages needs about 108 KB.
-FEW_ROWS = GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=3)
+FEW_ROWS = GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=3, split_k=2)
+FEW_ROWS_WIDE = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3)
+MANY_ROWS = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, swap_ab=True)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -93,8 +99,12 @@ def fp8_supported(device: torch.device) -> bool:
     return _INTERPRET and device.type == "cpu"
 
 
-def fp8_gemv_config(m: int, n: int, k: int, silu_mul: bool = False) -> GemvConfig | None:
-    """The GEMV's launch config for ``[m, k] x [n, k]^T``, or None above the row bound.
+def fp8_gemv_config(
+    m: int, n: int, k: int, silu_mul: bool = False, w8a8: bool = True
+) -> GemvConfig | None:
+    """The GEMV's launch config for ``[m, k] x [n, k]^T``, or None where W8A8 runs instead:
+    above the row bound, and for wide layers past 16 rows when ``w8a8`` (whether
+    :func:`w8a8_supported` takes the operands).
 
     Unlike the bf16 GEMV there is no cuBLAS to hand narrow or long-K shapes to (the fallback
     would dequantize the whole weight), so every shape up to the bound takes the kernel."""
@@ -102,8 +112,12 @@ def fp8_gemv_config(m: int, n: int, k: int, silu_mul: bool = False) -> GemvConfi
         return None
     if m == 1:
         cfg = ONE_ROW_WIDE if n > NARROW_N else ONE_ROW_NARROW_SILU if silu_mul else ONE_ROW_NARROW
+    elif m <= FEW_ROWS_MAX:
+        cfg = FEW_ROWS_WIDE if n >= WIDE_N else FEW_ROWS
+    elif n >= WIDE_N and w8a8:
+        return None
     else:
-        cfg = FEW_ROWS
+        cfg = MANY_ROWS
     return replace(cfg, block_k=min(cfg.block_k, _pow2_at_most(k)))
 
 
@@ -456,10 +470,11 @@ def fp8_linear(
         out = fp8_linear(x.reshape(-1, x.shape[-1]), weight, scale, bias, pdl=pdl)
         return out.view(*x.shape[:-1], weight.shape[0])
     if fp8_supported(x.device):
-        cfg = fp8_gemv_config(x.shape[0], *weight.shape)
+        w8a8 = w8a8_supported(x, weight, bias)
+        cfg = fp8_gemv_config(x.shape[0], *weight.shape, w8a8=w8a8)
         if cfg is not None:
             return fp8_gemv(x, weight, scale, bias, cfg, pdl=pdl)
-        if w8a8_supported(x, weight, bias):
+        if w8a8:
             return w8a8_linear(x, weight, scale, bias, pdl=pdl)
     return reference.fp8_linear(x, weight, scale, bias)
 
@@ -471,15 +486,16 @@ def silu_mul_linear(
     output, with SiLU-and-mul applied as the one-row GEMV or the activation quantizer loads
     ``x``.
 
-    At 2-16 rows the GEMV does not fuse it: each of its programs would recompute SiLU over
+    At 2-64 rows the GEMV does not fuse it: each of its programs would recompute SiLU over
     every row's whole K (the H100 took 202 us for Llama-3.1-8B's down projection at 16 rows,
     against 42 us for the SiLU kernel's output through the plain GEMV; session 23, run s24c).
     """
     if x.dim() == 2 and fp8_supported(x.device):
-        cfg = fp8_gemv_config(x.shape[0], *weight.shape, silu_mul=True)
+        w8a8 = w8a8_supported(x, weight, None)
+        cfg = fp8_gemv_config(x.shape[0], *weight.shape, silu_mul=True, w8a8=w8a8)
         if cfg is not None and x.shape[0] == 1:
             return fp8_gemv(x, weight, scale, None, cfg, silu_mul=True, pdl=pdl)
-        if cfg is None and w8a8_supported(x, weight, None):
+        if cfg is None and w8a8:
             return w8a8_linear(x, weight, scale, None, silu_mul=True, pdl=pdl)
     act = silu_and_mul(x, pdl=pdl) if x.is_cuda or _INTERPRET else reference.silu_and_mul(x)
     return fp8_linear(act, weight, scale, pdl=pdl)  # the reference where no kernel fits

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import replace
 
 import pytest
 import torch
@@ -219,7 +218,13 @@ def test_fp8_gemv_config_by_shape() -> None:
     assert cfg(1, 2048, 8192) == F8.ONE_ROW_NARROW  # narrow N: narrow programs
     assert cfg(1, 2048, 8192, silu_mul=True) == F8.ONE_ROW_NARROW_SILU
     assert cfg(1, 4096, 14336) == cfg(1, 4096, 14336, silu_mul=True) == F8.ONE_ROW_WIDE
-    assert cfg(2, 4096, 4096) == cfg(F8.FP8_GEMV_MAX_ROWS, 64, 4096) == F8.FEW_ROWS
+    assert cfg(2, 4096, 4096) == cfg(F8.FEW_ROWS_MAX, 64, 4096) == F8.FEW_ROWS
+    assert cfg(2, 28672, 4096) == F8.FEW_ROWS_WIDE  # wide N: enough column blocks, no split
+    assert cfg(F8.FEW_ROWS_MAX + 1, 4096, 4096) == F8.MANY_ROWS
+    assert cfg(F8.FP8_GEMV_MAX_ROWS, 4096, 14336) == F8.MANY_ROWS
+    # Wide N past 16 rows: W8A8, unless it cannot take the operands.
+    assert cfg(F8.FEW_ROWS_MAX + 1, 28672, 4096) is None
+    assert cfg(F8.FEW_ROWS_MAX + 1, 28672, 4096, w8a8=False) == F8.MANY_ROWS
     assert cfg(1, 576, 576).block_k == 512  # K not a power of two: a masked tail block
     assert cfg(3, 576, 40).block_k == 32
 
@@ -367,8 +372,8 @@ def test_gpu_fp8_gemv_real_shapes(m, n, k) -> None:
     # Every config the table may pick for m rows, whichever it picks here. The one-row configs
     # are never picked for several rows: with tl.dot's 16-row tiles their block_k asks for more
     # shared memory than the H100 has (288 KB against 227 KB, run X1).
-    swapped = replace(F8.FEW_ROWS, block_n=64, swap_ab=True)  # a sweep candidate
-    cfgs = (F8.ONE_ROW_NARROW, F8.ONE_ROW_WIDE, F8.FEW_ROWS) if m == 1 else (F8.FEW_ROWS, swapped)
+    multi = (F8.FEW_ROWS, F8.FEW_ROWS_WIDE, F8.MANY_ROWS)
+    cfgs = (F8.ONE_ROW_NARROW, F8.ONE_ROW_WIDE, F8.FEW_ROWS) if m == 1 else multi
     for cfg in cfgs:
         _check_linear(F8.fp8_gemv(x, q, s, None, cfg), x, q, s, None, f"{cfg}")
     gu = torch.randn(m, 2 * k, device=DEV, dtype=BF16)
