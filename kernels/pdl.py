@@ -20,10 +20,11 @@ Rules every kernel here follows when ``USE_PDL`` is set:
   once this one runs, never two kernels ahead: CTAs parked in a wait hold registers and
   warp slots, and a chain of early launches would fill the SMs with them.
 
-Kernels launched without the attribute (cuBLAS, torch) keep full stream ordering, and a PDL
-kernel after one of them simply starts when it completes. CUDA graphs keep the programmatic
-edges when a stream is captured (CUDA >= 12.3). The instructions need sm_90; :func:`pdl_supported`
-decides per device, and on CPU (``TRITON_INTERPRET=1``) PDL is always off.
+Kernels launched without the attribute (cuBLAS, torch, the FP8 GEMV at several rows) keep full
+stream ordering, and a PDL kernel after one of them simply starts when it completes. CUDA graphs
+keep the programmatic edges when a stream is captured (CUDA >= 12.3). The instructions need
+sm_90; :func:`pdl_supported` decides per device, and on CPU (``TRITON_INTERPRET=1``) PDL is
+always off.
 """
 
 from __future__ import annotations
