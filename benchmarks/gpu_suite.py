@@ -357,7 +357,9 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
         if ph.kind not in ("install", "tests"):
             ph.budget_s *= scale
         ph.budget_s = args.phase_budget.get(ph.name, ph.budget_s)
-    return [ph for ph in phases if selected(ph, args.only)]
+    # The install phase runs whenever there are wheels, whatever --only names: the other phases
+    # import what it installs (xgrammar, fastapi, ...).
+    return [ph for ph in phases if selected(ph, args.only) or (ph.kind == "install" and wheels)]
 
 
 def parse_models(spec: str) -> dict[str, str]:
@@ -374,8 +376,6 @@ def parse_models(spec: str) -> dict[str, str]:
 
 
 def selected(ph: Phase, only: list[str] | None) -> bool:
-    if ph.kind == "install":  # every other phase imports what it installs (xgrammar, fastapi, ...)
-        return True
     if only is None:
         return ph.kind not in OPT_IN
     return ph.kind in only or ph.name in only

@@ -870,8 +870,8 @@ def bench_fp8(
     row count whatever ``fp8_linear``'s row bound picks, so the bound can be set from the table.
     The down projection also runs from the gate/up output (SiLU fused) on both paths. Bytes = the
     weight (2 bytes a value in bf16; 1 plus a 4-byte scale per row in FP8) + bf16 input + output:
-    each op's unavoidable traffic. With ``--sweep``, every FP8 GEMV config at m = 1 and 16 and
-    past the GEMV's row bound (whether the bound should move)."""
+    each op's unavoidable traffic. With ``--sweep``, every FP8 GEMV candidate config at each
+    row count (``_fp8_sweep_configs``: one row, 2-16, more)."""
     from graphrt.kernels import triton_fp8 as tf
     from graphrt.kernels import triton_gemv as tg
     from graphrt.models.fp8 import quantize_fp8
@@ -880,7 +880,7 @@ def bench_fp8(
     shapes = [("tiny", "down", 128, 64)] if smoke else [s for s in GEMV_SHAPES if s[1] != "lm_head"]
     if only_shapes:
         shapes = [s for s in shapes if f"{s[0]}:{s[1]}" in only_shapes]
-    ms = tuple(rows) if rows else (1, 2, 17) if smoke else FP8_ROWS
+    ms = tuple(rows) if rows else (1, 2, 65) if smoke else FP8_ROWS
     iters = 2 if smoke else 20
     res = []
     for model, layer, n, k in shapes:
@@ -917,7 +917,7 @@ def bench_fp8(
                 fns = [lambda q=q, s=s, gu=gu: tf.silu_mul_linear(gu, q, s, pdl=pdl) for q, s in qs]
                 res.append(Result(label, "fp8", fp8_bytes + io, timer(fns, iters),
                                   "fp8_silu_mul_linear's dispatch"))  # fmt: skip
-            if sweep and (m in (1, 16) or m > tf.FP8_GEMV_MAX_ROWS):
+            if sweep:
                 label = f"fp8 {model} {layer} m{m} {n}x{k}"
                 for c in _fp8_sweep_configs(m, smoke):
                     fns = [

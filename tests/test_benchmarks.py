@@ -16,6 +16,9 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+# No wheels to install: the suite plans exactly the phases --only names (a checkout may have a
+# .wheels/ of its own, which would add the install phase).
+NO_WHEELS = ["--wheels", "/nonexistent-wheels"]
 
 
 def _load(name: str) -> ModuleType:
@@ -264,7 +267,8 @@ def test_prefill_latency_runs_and_the_suite_reports_it(llama, tmp_path, capsys) 
     suite = _load("gpu_suite")
     table = suite.section_prefill({"phases": [{"kind": "prefill", "model": "m", "result": res}]})
     assert any(line.startswith("| 16 |") for line in table)
-    phases = suite.plan(suite.parse_args(["--only", "prefill"]), Path("/tmp/w"), Path("/tmp/o"))
+    args = suite.parse_args(["--only", "prefill", *NO_WHEELS])
+    phases = suite.plan(args, Path("/tmp/w"), Path("/tmp/o"))
     assert [p.name for p in phases] == ["prefill:llama-3.2-1b", "prefill:llama-3.1-8b"]
     assert phases[0].argv[1] == "benchmarks/prefill_latency.py" and "1024" in phases[0].argv
 
@@ -311,7 +315,9 @@ def test_suite_fp8_phase_runs_the_roofline_quantized_and_reports_it_beside_bf16(
     assert "in FP8 against" in table[0]
     rows = [line for line in table if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2 and all("×" in r for r in rows)
-    plan = suite.plan(suite.parse_args(["--only", "fp8"]), Path("/tmp/w"), Path("/tmp/o"))
+    plan = suite.plan(
+        suite.parse_args(["--only", "fp8", *NO_WHEELS]), Path("/tmp/w"), Path("/tmp/o")
+    )
     assert [p.name for p in plan] == ["fp8:llama-3.2-1b", "fp8:llama-3.1-8b"]
     argv = plan[1].argv
     assert argv[1] == "benchmarks/decode_roofline.py" and "--quantization" in argv
@@ -362,7 +368,7 @@ def test_kernels_smoke_fp8() -> None:
     import subprocess
 
     cmd = [sys.executable, str(BENCH / "kernel_bench.py"), "--smoke", "--sweep", "--reps", "2"]
-    cmd += ["--only", "fp8", "--gemv-rows", "1", "17"]
+    cmd += ["--only", "fp8", "--gemv-rows", "1", "65"]
     env = {**os.environ, "PYTHONPATH": str(BENCH.parent)}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -372,10 +378,10 @@ def test_kernels_smoke_fp8() -> None:
     assert shapes == [
         ["tiny", "down", "m1"],
         ["silu+down", "tiny", "m1"],
-        ["tiny", "down", "m17"],
-        ["silu+down", "tiny", "m17"],
+        ["tiny", "down", "m65"],
+        ["silu+down", "tiny", "m65"],
     ]
-    assert "past the row bound" in r.stdout  # m17: the GEMV timed beyond fp8_linear's bound
+    assert "past the row bound" in r.stdout  # m65: the GEMV timed beyond fp8_linear's bound
     assert "split_k=2" in r.stdout  # the sweep past the bound includes split-K configs
 
 
@@ -446,17 +452,23 @@ def test_suite_schedule_gives_slack_forward_and_skips_when_out_of_time() -> None
     assert suite.schedule_timeout(30, later=0, deadline=5, now=0) is None
 
 
-def test_suite_plan_only_models_and_dry_run(capsys) -> None:
+def test_suite_plan_only_models_and_dry_run(capsys, tmp_path) -> None:
     suite = _load("gpu_suite")
-    args = suite.parse_args(["--only", "roofline,tests", "--models", "llama-3.2-1b"])
-    phases = suite.plan(args, Path("/tmp/w"), Path("/tmp/o"))
+    only = ["--only", "roofline,tests", "--models", "llama-3.2-1b"]
+    phases = suite.plan(suite.parse_args([*only, *NO_WHEELS]), Path("/tmp/w"), Path("/tmp/o"))
     assert [p.name for p in phases] == ["tests", "roofline:llama-3.2-1b"]
+    # With wheels to install, the install phase runs first whatever --only names.
+    (tmp_path / "x-1.0-py3-none-any.whl").write_bytes(b"")
+    args = suite.parse_args([*only, "--wheels", str(tmp_path)])
+    with_wheels = suite.plan(args, Path("/tmp/w"), Path("/tmp/o"))
+    assert [p.name for p in with_wheels] == ["install", "tests", "roofline:llama-3.2-1b"]
     assert "not flashinfer" in phases[0].argv and "tests/test_benchmarks.py" not in phases[0].argv
     assert phases[1].argv[1] == "benchmarks/decode_roofline.py" and "--json" in phases[1].argv
     full = suite.plan(suite.parse_args([]), Path("/tmp/w"), Path("/tmp/o"))
     assert sum(p.budget_s for p in full) <= 540
     assert {p.kind for p in full} == set(suite.KINDS) - set(suite.OPT_IN)
-    prefix = suite.plan(suite.parse_args(["--only", "prefix"]), Path("/tmp/w"), Path("/tmp/o"))
+    args = suite.parse_args(["--only", "prefix", *NO_WHEELS])
+    prefix = suite.plan(args, Path("/tmp/w"), Path("/tmp/o"))
     assert [p.name for p in prefix] == ["prefix:llama-3.2-1b", "prefix:llama-3.1-8b"]
     assert prefix[0].argv[1] == "benchmarks/prefix_cache.py"
     with pytest.raises(SystemExit):
