@@ -142,23 +142,13 @@ def phase_args(kind: str, model: str, model_dir: str, profile: str) -> tuple[lis
     big = "8b" in model
     m = ["--model", model_dir, "--load-format", "dummy"]
     if kind in ("roofline", "fp8"):
-        if profile == "smoke":
-            sizes = ["1", "2"]
-            extra = ["--context-len", "24", "--steps", "2", "--warmup-steps", "1"]
-        else:
-            # FP8 at the roofline's sizes, so the table sets each beside its bf16 figure.
-            sizes = _sizes([1, 64, 256] if profile == "quick" else [1, 8, 64, 256])
-            extra = ["--context-len", "256", "--steps", "8" if profile == "quick" else "16"]
+        # FP8 at the roofline's sizes, so the table sets each beside its bf16 figure.
+        sizes = _sizes([1, 64, 256] if profile == "quick" else [1, 8, 64, 256])
+        extra = ["--context-len", "256", "--steps", "8" if profile == "quick" else "16"]
         if kind == "fp8":
             extra += ["--quantization", "fp8"]
         return [*m, "--batch-sizes", *sizes, "--repeats", "5", *extra], f"bs {','.join(sizes)}"
     if kind == "offline":
-        if profile == "smoke":
-            args = ["--num-requests", "8", "--min-input-len", "4", "--max-input-len", "16"]
-            args += ["--min-output-len", "2", "--max-output-len", "6", "--max-num-seqs", "4"]
-            args += ["--peer", "hf", "--hf-max-requests", "4", "--hf-batch-size", "2"]
-            args += ["--hf-cb-num-blocks", "32", "--hf-cb-max-batch-tokens", "256"]
-            return m + args, "smoke workload"
         if profile == "quick":
             n, hf = ("64", None) if big else ("200", ("32", "32", "32"))
         else:
@@ -185,10 +175,6 @@ def phase_args(kind: str, model: str, model_dir: str, profile: str) -> tuple[lis
             note += f"; HF {modes}: first {req} requests, outputs <= {cap}, batch {bs}"
         return m + args, note
     if kind == "overlap":
-        if profile == "smoke":
-            args = ["--batch-sizes", "1", "2", "--repeats", "2", "--steps", "4"]
-            args += ["--warmup-steps", "1", "--prompt-len", "4", "--max-model-len", "128"]
-            return m + args + ["--device", "cpu"], "smoke"
         if profile == "quick":
             sizes = ["1", "64"]
         else:
@@ -198,50 +184,28 @@ def phase_args(kind: str, model: str, model_dir: str, profile: str) -> tuple[lis
             args += ["--modes", "thread", "two_events"]
         return m + args, f"bs {','.join(sizes)}"
     if kind == "capture":
-        if profile == "smoke":
-            sizes = ["1", "2"]
-            extra = ["--max-model-len", "128", "--context-len", "16", "--iters", "3"]
-        else:
-            sizes = ["1", "64"] if profile == "quick" else ["1", "8", "64", "256"]
-            extra = ["--max-model-len", "2048", "--context-len", "256", "--iters", "20"]
+        sizes = ["1", "64"] if profile == "quick" else ["1", "8", "64", "256"]
+        extra = ["--max-model-len", "2048", "--context-len", "256", "--iters", "20"]
         args = ["--max-num-seqs", sizes[-1], "--cuda-graph-batch-sizes", *sizes, *extra]
         return m + args, f"buckets {','.join(sizes)}"
     if kind == "profile":
         # The 8B model meets its targets: batch 1 only, to keep the suite inside 9 minutes.
-        sizes = ["1", "2"] if profile == "smoke" else ["1"] if big else ["1", "256"]
-        steps = "2" if profile == "smoke" else "10"
+        sizes = ["1"] if big else ["1", "256"]
+        steps = "10"
         # Without PDL, so each kernel's duration is its own (PDL kernels overlap); the capture
         # and roofline phases give the step times with it.
         args = [*m, "--batch-sizes", *sizes, "--steps", steps, "--no-pdl"]
         return args, f"bs {','.join(sizes)}, without PDL"
     if kind == "prefix":
-        if profile == "smoke":
-            args = ["--num-requests", "4", "--system-len", "40", "--question-len", "8"]
-            args += ["--output-len", "4", "--conversations", "2", "--turns", "2"]
-            args += ["--first-turn-len", "24", "--turn-len", "8", "--device", "cpu"]
-            return m + args + ["--max-model-len", "256"], "smoke"
         # Two engines share the card: at the model's own limit (131,072 for Llama-3.1-8B) one
         # full-length sequence needs more pages than half the card holds; the longest
         # workload prompt is ~2,200 tokens.
         args = [*m, "--repeats", "3", "--max-model-len", "4096"]
         return args, "issue #18's workloads, cache on and off, 3 repeats"
     if kind == "prefill":
-        if profile == "smoke":
-            args = ["--prompt-lens", "16", "--repeats", "3", "--device", "cpu"]
-            return m + args + ["--max-model-len", "256"], "smoke"
         args = [*m, "--prompt-lens", "128", "1024", "--repeats", "10"]
         return args, "one prompt of 128 and of 1,024 tokens, mixed graphs on and off, 10 repeats"
     if kind == "structured":
-        if profile == "smoke":
-            args = ["--batch-size", "2", "--prompt-len", "8", "--output-len", "4"]
-            return m + args + [
-                "--repeats",
-                "5",
-                "--max-model-len",
-                "64",
-                "--device",
-                "cpu",
-            ], "smoke"
         # Temperature 0: the shorter unconstrained step, where the host's grammar work must
         # hide under the forward (issue #20).
         args = ["--batch-size", "64", "--output-len", "256", "--repeats", "5", "--temperature", "0"]
@@ -318,12 +282,9 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
             phases.append(Phase(name, kind, cmd, budget, model, scripts[kind], js, note))
     kernels_json = str(work / "kernels.json")
     k_cmd = [py, "benchmarks/kernel_bench.py", "--json", kernels_json, "--reps", "5"]
-    if args.profile != "smoke":
-        # The extend section (the backend choice's prefill rows) and flashinfer's decode rows
-        # (its JIT alone is ~23 s; runs B and J have them) are left to standalone runs.
-        k_cmd += ["--only", "decode", "ops", "gemv", "argmax", "--no-flashinfer"]
-    if args.profile == "smoke":
-        k_cmd.append("--smoke")
+    # The extend section (the backend choice's prefill rows) and flashinfer's decode rows (its
+    # JIT alone is ~23 s; runs B and J have them) are left to standalone runs.
+    k_cmd += ["--only", "decode", "ops", "gemv", "argmax", "--no-flashinfer"]
     phases.append(
         Phase(
             "kernels",
@@ -339,7 +300,7 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
         for model, model_dir in models.items():
             rest, note = phase_args(kind, model, model_dir, args.profile)
             requires = scripts[kind]
-            if kind == "structured" and args.profile != "smoke":
+            if kind == "structured":
                 # Grammars need a tokenizer and the benchmark shapes have none: SmolLM2's,
                 # carried with the wheels (GPU.md); without it the phase is "missing".
                 tok = (wheel_dir or REPO / ".wheels") / "smollm2-tokenizer"
@@ -352,7 +313,7 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Phase]:
             name = f"{kind}:{model}"
             phases.append(Phase(name, kind, cmd, budget, model, requires, js, note))
     # Quick runs smaller benchmarks; installing and testing cost the same.
-    scale = {"full": 1.0, "quick": 0.6, "smoke": 1.0}[args.profile]
+    scale = {"full": 1.0, "quick": 0.6}[args.profile]
     for ph in phases:
         if ph.kind not in ("install", "tests"):
             ph.budget_s *= scale
@@ -1166,7 +1127,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help=f"comma list of phases or kinds: {KINDS}")
     p.add_argument("--models", default=",".join(MODELS), help="names, or name=dir, comma list")
     p.add_argument("--quick", action="store_true", help="smaller sizes everywhere")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, CPU: checks the plumbing")
     p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
     p.add_argument("--phase-budget", action="append", default=[], metavar="PHASE=SECONDS")
     p.add_argument("--wheels", default=".wheels", help="folder of wheels to install")
@@ -1176,7 +1136,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--commit", default=None, help="commit to record, if the copy has no .git")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = p.parse_args(argv)
-    args.profile = "smoke" if args.smoke else "quick" if args.quick else "full"
+    args.profile = "quick" if args.quick else "full"
     if args.only is not None:
         args.only = [x.strip() for x in args.only.split(",") if x.strip()]
         known = set(KINDS) | set(BUDGETS) | {f"{k}:{m}" for k in KINDS for m in parse_models(
