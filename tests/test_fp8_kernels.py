@@ -404,13 +404,13 @@ def test_gpu_fp8_gemv_split_k_real_shapes(m, n, k) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [17, 64, 333])
-@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (2048, 8192), (512, 256)])
+@pytest.mark.parametrize("m", [17, 64, 65, 333])
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (16384, 2048), (2048, 8192), (512, 256)])
 def test_gpu_w8a8(m, n, k) -> None:
-    """Above the GEMV bound: the quantizer gives the reference's bits; ``_scaled_mm`` matches
-    the fp32 emulation over the same quantized operands within bf16 rounding; the whole stays
-    within 3% (norm-wise) of the unquantized product (the activations' e4m3 rounding, about
-    2.6%); and ``fp8_linear`` takes this path."""
+    """W8A8: the quantizer gives the reference's bits; ``_scaled_mm`` matches the fp32
+    emulation over the same quantized operands within bf16 rounding; the whole stays within 3%
+    (norm-wise) of the unquantized product (the activations' e4m3 rounding, about 2.6%); and
+    ``fp8_linear`` takes this path wherever the GEMV does not (past 64 rows, wide N past 16)."""
     q, s = _weight(n, k, spread=0.0)
     x = torch.randn(m, k, device=DEV, dtype=BF16)
     b = torch.randn(n, device=DEV, dtype=BF16)
@@ -425,9 +425,13 @@ def test_gpu_w8a8(m, n, k) -> None:
         _within(out, emu, torch.finfo(BF16).eps * (mag + emu.double().abs()), "w8a8 vs emulation")
         ref = reference.fp8_linear(x.float(), q, s, None if bias is None else bias.float())
         assert (out.float() - ref).norm() / ref.norm() < 0.03
-        assert torch.equal(F8.fp8_linear(x, q, s, bias), out)
-    gu = torch.randn(m, 2 * k, device=DEV, dtype=BF16)
-    assert torch.equal(F8.silu_mul_linear(gu, q, s), F8.w8a8_linear(T.silu_and_mul(gu), q, s))
+        if F8.fp8_gemv_config(m, n, k) is None:
+            assert torch.equal(F8.fp8_linear(x, q, s, bias), out)
+    assert (F8.fp8_gemv_config(m, n, k) is None) == (m > 64 or (m > 16 and n >= F8.WIDE_N))
+    if F8.fp8_gemv_config(m, n, k, silu_mul=True) is None:
+        gu = torch.randn(m, 2 * k, device=DEV, dtype=BF16)
+        want = F8.w8a8_linear(T.silu_and_mul(gu), q, s)
+        assert torch.equal(F8.silu_mul_linear(gu, q, s), want)
 
 
 @pytest.mark.gpu
@@ -467,13 +471,14 @@ def test_gpu_fp8_chain_in_graph_is_exact(rows) -> None:
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
 def test_gpu_fp8_model_graphs_equal_eager(tiny_model_factory, arch) -> None:
     """An FP8 model (quantized at load) gives the same greedy ids from decode graphs as from
-    eager steps, at batch sizes on the GEMV (up to 16 rows, padded buckets included) and on
-    W8A8 (24, 32). Qwen2 adds the q/k/v bias."""
+    eager steps, at batch sizes on every path (padded buckets included): the one-row GEMV, the
+    few-row GEMV (3, 13, 16), and past 16 rows (21, 32) the split-K swapped GEMV beside W8A8
+    for the gate/up projection (2 x 8192 columns: wide). Qwen2 adds the q/k/v bias."""
     from graphrt import Engine, SamplingParams
     from graphrt.models.fp8 import Fp8Weight
 
     d = tiny_model_factory(
-        arch, initializer_range=0.3, hidden_size=256, intermediate_size=512,
+        arch, initializer_range=0.3, hidden_size=256, intermediate_size=8192,
         num_attention_heads=4, head_dim=64,
     )  # fmt: skip
     buckets = (1, 2, 4, 8, 16, 24, 32)
