@@ -43,7 +43,7 @@ from graphrt.sampling_params import SamplingParams
 from graphrt.scheduler import Scheduler
 from graphrt.step_plan import MAX_BANNED_IDS, SamplerNeeds, SlotInit, StepPlan, needs_of
 from graphrt.structured_outputs import StructuredOutputs
-from graphrt.text_thread import MAX_TEXT_BACKLOG, StepPriority, TextSide
+from graphrt.text_thread import TextSide
 from graphrt.validation import (
     RequestLimits,
     check_logprobs,
@@ -127,7 +127,6 @@ class Engine:
             self.tokenizer, yield_rows=TEXT_THREAD_YIELD_ROWS if config.text_thread else 0
         )
         self.text = TextSide(self.outputs, threaded=config.text_thread)
-        self._priority: StepPriority | None = None  # held while core_step works (StepPriority)
         self._inflight: StepHandle | None = None
         # A step taken early, before the next one launched, because that one's rows need
         # their grammars' masks (``_launch_next``); the loop returns its tokens.
@@ -302,16 +301,7 @@ class Engine:
         finished step's ids, end requests on EOS, stop ids and length, and free what they
         held. Returns what the text side (``OutputProcessor``) needs; empty when no step ended.
         One of two loops, by the launcher's overlap mode."""
-        prio = self.text.priority
-        if prio is not None and self.text.backlog <= MAX_TEXT_BACKLOG:
-            prio.hold()  # the text thread waits at its next yield point (StepPriority)
-            self._priority = prio
-        try:
-            tokens = self._overlapped_step() if self.launcher.overlapped else self._sync_step()
-        finally:
-            if self._priority is not None:
-                self._priority.release()
-                self._priority = None
+        tokens = self._overlapped_step() if self.launcher.overlapped else self._sync_step()
         if self._side_finished:
             side, self._side_finished = self._side_finished, StepTokens()
             tokens.finished.update(side.finished)
@@ -528,14 +518,7 @@ class Engine:
         tokens = StepTokens(step_id=plan.step_id)
         yielded = None
         try:
-            prio = self._priority
-            if prio is not None and not handle.done:
-                # Blocked on the GPU: the text thread's turn.
-                prio.release()
-                res = handle.result()
-                prio.hold()
-            else:
-                res = handle.result()
+            res = handle.result()
             if nxt is not None and not nxt.launched:
                 # This step has finished and the next one is not launched yet: the GPU has run
                 # dry, and the launcher thread needs the GIL, which this thread would hold for

@@ -28,7 +28,7 @@ from graphrt.request import CompletionOutput, FinishReason, RequestOutput, Token
 from graphrt.sampling_params import SamplingParams
 
 # Rows of a step the in-process engine's text thread works through before it offers the GIL
-# to another thread (``yield_gil``). A thread that wakes from a GIL-free wait (the step thread
+# to another thread (``_yield_gil``). A thread that wakes from a GIL-free wait (the step thread
 # on a step's ``copy_done``, the launcher on its queue) otherwise tends to wait until the text
 # thread has finished the whole step's Python work, 0.35 ms at batch 256 on the CPU VM and
 # 0.68 ms on the H100's host: CPython hands the GIL over at a blocking call or after its 5 ms
@@ -42,7 +42,9 @@ TEXT_THREAD_YIELD_ROWS = 4
 
 # Releases the GIL and gives up the CPU for a moment, so a thread waiting for the GIL can take
 # it: ``os.sched_yield`` runs without the GIL; where it is missing, ``sleep(0)``.
-yield_gil: Callable[[], None] = getattr(os, "sched_yield", None) or functools.partial(time.sleep, 0)
+_yield_gil: Callable[[], None] = getattr(os, "sched_yield", None) or functools.partial(
+    time.sleep, 0
+)
 
 
 if TYPE_CHECKING:
@@ -252,9 +254,6 @@ class OutputProcessor:
             raise ValueError(f"yield_rows must be >= 0, got {yield_rows}")
         self.tokenizer = tokenizer
         self.yield_rows = yield_rows
-        # Called every ``yield_rows`` rows: gives up the GIL for a moment; the threaded text
-        # side replaces it with its ``StepPriority.pause``.
-        self.pause: Callable[[], None] = yield_gil
         self._groups: dict[str, TextGroup] = {}
         self._seqs: dict[str, tuple[SequenceText, TextGroup]] = {}
 
@@ -348,7 +347,6 @@ class OutputProcessor:
         multi: dict[str, tuple[int, TextGroup]] = {}
         every = self.yield_rows
         countdown = every
-        pause = self.pause
         # Runs for every row of every step (at batch 256 most of the text side's time): the
         # common streaming row of a single completion builds its output inline.
         for r, sid in enumerate(step.seq_ids):
@@ -356,7 +354,7 @@ class OutputProcessor:
                 countdown -= 1
                 if not countdown:
                     countdown = every
-                    pause()
+                    _yield_gil()
             entry = seqs.get(sid)
             if entry is None:
                 continue  # dropped (aborted) while its step was in flight

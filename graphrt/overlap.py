@@ -147,14 +147,6 @@ class StepHandle:
         """Whether the launcher has enqueued this step (or failed to)."""
         return self._launched.is_set()
 
-    @property
-    def done(self) -> bool:
-        """Whether ``result()`` would return without blocking: the step is fully enqueued and
-        its ``copy_done`` has completed."""
-        if not self._done.is_set():
-            return False
-        return self._res.copy_done is None or self._res.copy_done.query()
-
     def masks(self, words: int) -> np.ndarray:
         """The pinned int32 ``[max rows, words]`` host array a split step's token masks go in
         (its first ``plan.batch_size`` rows), before ``Launcher.submit_masks``."""

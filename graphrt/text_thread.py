@@ -22,49 +22,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from graphrt.output_processor import (
-    OutputProcessor,
-    SequenceText,
-    StepTokens,
-    TextGroup,
-    yield_gil,
-)
+from graphrt.output_processor import OutputProcessor, SequenceText, StepTokens, TextGroup
 from graphrt.request import RequestOutput
-
-# Steps the text thread may trail the core by before the step thread stops claiming priority
-# (``StepPriority``): past it, both share the GIL as equals and the text side catches up.
-MAX_TEXT_BACKLOG = 2
-
-
-class StepPriority:
-    """The step thread's priority over the text thread for the GIL.
-
-    While the step thread plans a step or takes a step's ids (``hold``), the text thread stops
-    at its next yield point (every ``TEXT_THREAD_YIELD_ROWS`` rows) until the step thread
-    blocks on the GPU or returns from ``core_step`` (``release``). Without it the two threads
-    interleave every few rows: each of the step thread's GIL-free calls (xgrammar's batched
-    accept and fill, CUDA event waits) hands the GIL to the text thread, and the step thread
-    waits to get it back. The text side loses nothing: it works while the step thread waits
-    for the GPU, and ``Engine.core_step`` stops holding once it trails by more than
-    ``MAX_TEXT_BACKLOG`` steps."""
-
-    def __init__(self) -> None:
-        self._open = threading.Event()
-        self._open.set()
-
-    def hold(self) -> None:
-        """Step thread: the text thread stops at its next yield point."""
-        self._open.clear()
-
-    def release(self) -> None:
-        """Step thread: the text thread may go on."""
-        self._open.set()
-
-    def pause(self) -> None:
-        """Text thread, at a yield point: give up the GIL, and wait while the step thread holds."""
-        yield_gil()
-        if not self._open.is_set():
-            self._open.wait()
 
 
 @dataclass(slots=True)
@@ -96,11 +55,7 @@ class TextSide:
         # only): request id -> the last such step, counted as ``_sent``.
         self._dropped: dict[str, int] = {}
         self._thread: threading.Thread | None = None
-        # The step thread's priority over the text thread (None inline: one thread).
-        self.priority: StepPriority | None = None
         if threaded:
-            self.priority = StepPriority()
-            processor.pause = self.priority.pause
             self._inbox: queue.SimpleQueue = queue.SimpleQueue()
             self._outbox: queue.SimpleQueue = queue.SimpleQueue()
             self._thread = threading.Thread(target=self._loop, name="graphrt-text", daemon=True)
@@ -110,11 +65,6 @@ class TextSide:
     def busy(self) -> bool:
         """Whether a submitted step has not been taken back yet."""
         return self._sent > self._done
-
-    @property
-    def backlog(self) -> int:
-        """Steps submitted and not taken back yet."""
-        return self._sent - self._done
 
     def add(self, group: TextGroup) -> None:
         """Register a request's text state (``OutputProcessor.new_group``)."""
@@ -163,8 +113,6 @@ class TextSide:
 
     def close(self) -> None:
         """Stop the thread (pending steps are dropped with it)."""
-        if self.priority is not None:
-            self.priority.release()
         if self._thread is not None:
             self._inbox.put(None)
             self._thread.join(timeout=30)

@@ -330,7 +330,7 @@ def test_the_text_thread_gives_up_the_gil_every_few_rows(smol, monkeypatch) -> N
     with pytest.raises(ValueError, match="yield_rows"):
         op.OutputProcessor(smol.tokenizer, yield_rows=-1)
     sleeps: list[None] = []
-    monkeypatch.setattr(op, "yield_gil", lambda: sleeps.append(None))
+    monkeypatch.setattr(op, "_yield_gil", lambda: sleeps.append(None))
     prompt = "Once upon a time"
     ids = smol.tokenizer.encode(prompt)
     params = SamplingParams(temperature=0.8, seed=7, n=5, max_tokens=6, ignore_eos=True)
@@ -348,58 +348,6 @@ def test_the_text_thread_gives_up_the_gil_every_few_rows(smol, monkeypatch) -> N
             texts[proc.yield_rows] += [c.text for o in outs for c in o.outputs]
     assert texts[0] == texts[2] and texts[0]
     assert rows >= 25 and len(sleeps) == sum(n // 2 for n in _rows_per_step(rows, 5))
-
-
-def test_step_priority_stops_the_text_thread_while_held() -> None:
-    """``StepPriority.pause`` (the text thread's yield point) passes while the step thread does
-    not hold, waits while it holds, and goes on once it releases."""
-    import threading
-
-    from graphrt.text_thread import StepPriority
-
-    prio = StepPriority()
-    prio.pause()  # not held: returns at once
-    prio.hold()
-    passed = threading.Event()
-    t = threading.Thread(target=lambda: (prio.pause(), passed.set()), daemon=True)
-    t.start()
-    assert not passed.wait(0.3)  # held: still at its yield point
-    prio.release()
-    assert passed.wait(30)
-    t.join()
-
-
-def test_core_step_holds_priority_only_while_it_works(smol, monkeypatch) -> None:
-    """Each ``core_step`` holds the text thread off and releases it before it returns (also
-    around its wait for the GPU); once the text side trails by more than MAX_TEXT_BACKLOG
-    steps it does not hold at all. The outputs are the same either way."""
-    from graphrt.text_thread import MAX_TEXT_BACKLOG, TextSide
-
-    class Recorder:
-        def __init__(self) -> None:
-            self.calls: list[str] = []
-            self.held = False
-
-        def hold(self) -> None:
-            assert not self.held
-            self.held = True
-            self.calls.append("hold")
-
-        def release(self) -> None:
-            self.held = False
-            self.calls.append("release")
-
-    params = _greedy(8)
-    want = smol.generate(["The capital of France is"], params)[0].outputs[0].text
-    rec = Recorder()
-    monkeypatch.setattr(smol.text, "priority", rec)
-    assert smol.generate(["The capital of France is"], params)[0].outputs[0].text == want
-    assert rec.calls and rec.calls[0] == "hold" and rec.calls[-1] == "release"
-    assert not rec.held and smol._priority is None
-    rec.calls.clear()
-    monkeypatch.setattr(TextSide, "backlog", property(lambda self: MAX_TEXT_BACKLOG + 1))
-    assert smol.generate(["The capital of France is"], params)[0].outputs[0].text == want
-    assert rec.calls == []
 
 
 def _rows_per_step(total: int, width: int) -> list[int]:
