@@ -846,6 +846,23 @@ def _fp8_sweep_configs(m: int, smoke: bool = False):
     ]
 
 
+def _w8a8_sweep_configs(m: int, smoke: bool = False):
+    """Configs for the GEMV's W8A8 mode past 16 rows, where ``_scaled_mm`` runs the wide
+    layers (s25b: Llama-3.1-8B's gate/up at 64 rows in 53.9 us, 74% of HBM)."""
+    from graphrt.kernels.triton_gemv import GemvConfig
+
+    if m <= 16:
+        return []
+    if smoke:
+        return [GemvConfig(16, 32, 4, 2, split_k=2, swap_ab=True)]
+    return [
+        GemvConfig(bn, bk, 4, 3, split_k=sk, swap_ab=True)
+        for bn in (64, 128)
+        for bk in (128, 256)
+        for sk in (1, 2)
+    ]
+
+
 def _fp8_gemv_cfg(m: int, n: int, k: int):
     """The dispatch's config, or past its row bound one with a short K block (a 64-row tile of
     512 would overflow shared memory), so the table shows where the GEMV stops paying."""
@@ -932,6 +949,21 @@ def bench_fp8(
                         continue
                     r = Result(label, "triton-sweep", fp8_bytes + 2 * m * (n + k), us, str(c))
                     r.extra["config"] = asdict(c)
+                    res.append(r)
+                for c in _w8a8_sweep_configs(m, smoke):
+                    # The GEMV on e4m3 rows (its W8A8 mode): a candidate against _scaled_mm.
+                    fns = [
+                        lambda q=q, s=s, x=x, c=c: tf.fp8_w8a8_gemv(x, q, s, None, c, pdl=pdl)
+                        for q, s in qs
+                    ]
+                    try:
+                        us = timer(fns, iters)
+                    except Exception as e:
+                        if type(e).__name__ != "OutOfResources":
+                            raise
+                        continue
+                    r = Result(label, "triton-sweep", fp8_bytes + 2 * m * (n + k), us, f"w8a8 {c}")
+                    r.extra["config"] = asdict(c) | {"w8a8": True}
                     res.append(r)
         del ws, qs
         if dev.type == "cuda":

@@ -23,6 +23,10 @@ Two paths, chosen from shapes alone (so the choice is fixed per captured graph):
   scales keep rows independent: a graph bucket's padding rows cannot move a real row's scale,
   as a per-tensor scale would.
 
+The GEMV also has a W8A8 mode (:func:`fp8_w8a8_gemv`: the quantizer's e4m3 rows, the dot on
+e4m3 operands, both scales after the fp32 sum), a candidate against ``_scaled_mm`` for the wide
+layers past 16 rows that the dispatch does not use until a sweep shows it ahead.
+
 Anything else takes the torch reference (dequantize, then ``F.linear``): GPUs before sm_89
 (neither Triton nor cuBLAS has e4m3 there), and above the GEMV bound, fp16/fp32 activations
 (``_scaled_mm``'s row-wise path is bf16-only in some torch releases) or a K or N that is not a
@@ -156,6 +160,7 @@ def _fp8_gemv_kernel(
     stride_om,
     part_ptr,
     K_SPLIT,
+    xs_ptr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -165,6 +170,7 @@ def _fp8_gemv_kernel(
     SILU_MUL: tl.constexpr,
     SPLIT_K: tl.constexpr,
     SWAP_AB: tl.constexpr,
+    X_FP8: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -229,8 +235,10 @@ def _fp8_gemv_kernel(
                 acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
                 w_ptrs += BLOCK_K
                 x_ptrs += BLOCK_K
+        if X_FP8:  # e4m3 rows (W8A8): each row's sum times its quantization scale
+            acc = acc * tl.load(xs_ptr + rm, mask=m_mask, other=0.0)[:, None]
         mn_mask = m_mask[:, None] & n_mask[None, :]
-        if SPLIT_K > 1:  # the partial sum, unscaled: _splitk_sum_kernel finishes it
+        if SPLIT_K > 1:  # the partial sum, without the weight's scale: _splitk_sum_kernel
             p_ptrs = part_ptr + (tl.program_id(1) * M + rm)[:, None] * N + rn[None, :]
             tl.store(p_ptrs, acc, mask=mn_mask)
         else:
@@ -289,25 +297,64 @@ def fp8_gemv(
     ``silu_and_mul(x)``. ``pdl`` launches one row with programmatic dependent launch; several
     rows always launch without it."""
     _check(x, weight, scale, silu_mul)
-    m = x.shape[0]
     # The multi-row path has no weight prefetch before its wait to overlap, and with PDL the
     # Llama-3.1-8B batch-8 step took 6.84 ms against 5.73 without (H100, runs s25a and s25b,
     # 16-column configs): launched plainly, as cuBLAS is for bf16 at these rows.
-    pdl = pdl and m == 1
+    return _launch_gemv(
+        x, None, weight, scale, bias, cfg, silu_mul, pdl and x.shape[0] == 1, x.dtype
+    )
+
+
+def fp8_w8a8_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: GemvConfig,
+    *,
+    silu_mul: bool = False,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """W8A8 through the GEMV kernel: ``x`` quantized per row (:func:`quantize_rows_fp8`, with
+    SiLU-and-mul on load if ``silu_mul``), then the multi-row path's dot on e4m3 operands (the
+    FP8 tensor cores, no upcast) with fp32 sums scaled by both row scales; what
+    :func:`graphrt.kernels.reference.fp8_w8a8_linear` computes. A candidate against
+    ``_scaled_mm`` for the wide layers past 16 rows (``kernel_bench.py --only fp8 --sweep``),
+    not dispatched until measured. ``pdl`` applies to the quantizer."""
+    _check(x, weight, scale, silu_mul)
+    xq, xs = quantize_rows_fp8(x, silu_mul=silu_mul, pdl=pdl)
+    return _launch_gemv(xq, xs, weight, scale, bias, cfg, False, False, x.dtype)
+
+
+def _launch_gemv(
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: GemvConfig,
+    silu_mul: bool,
+    pdl: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The GEMV's launch (and split K's sum); ``x_scale``: ``x`` is e4m3 rows with these
+    ``[m, 1]`` scales, run on the dot path whatever ``m``."""
+    m = x.shape[0]
     n, k = weight.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0:
         return out
-    block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))
+    dot = m > 1 or x_scale is not None
+    block_m = max(16, triton.next_power_of_2(m)) if dot else 1
     # tl.dot needs every tile dimension >= 16.
-    block_n = cfg.block_n if m == 1 else max(16, cfg.block_n)
-    block_k = cfg.block_k if m == 1 else max(16, cfg.block_k)
+    block_n = max(16, cfg.block_n) if dot else cfg.block_n
+    block_k = max(16, cfg.block_k) if dot else cfg.block_k
     even = n % block_n == 0 and k % block_k == 0
-    if cfg.split_k < 1 or (cfg.split_k > 1 and m == 1):
+    if cfg.split_k < 1 or (cfg.split_k > 1 and not dot):
         raise ValueError(f"fp8 GEMV: split_k={cfg.split_k} (>= 1, and 1 for one row)")
     # Each split covers whole K blocks; the last may be shorter, and none is empty.
     k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), block_k) * block_k
@@ -319,9 +366,11 @@ def fp8_gemv(
     _fp8_gemv_kernel[(triton.cdiv(n, block_n), splits)](
         x, weight, scale, b, out, m, n, k,
         x.stride(0), weight.stride(0), out.stride(0), part, k_split,
+        x_scale if x_scale is not None else scale,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN=even, DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
-        SILU_MUL=silu_mul, SPLIT_K=splits, SWAP_AB=cfg.swap_ab and m > 1, USE_PDL=pdl,
+        SILU_MUL=silu_mul, SPLIT_K=splits, SWAP_AB=cfg.swap_ab and dot,
+        X_FP8=x_scale is not None, USE_PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl),
     )  # fmt: skip
     if splits > 1:

@@ -280,6 +280,34 @@ def _cpu_scaled_mm_rowwise() -> bool:
     return True
 
 
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "split_k"),
+    [(1, 48, 64, 1), (5, 40, 200, 1), (17, 48, 256, 4)],  # one row; ragged N and K; split K
+)
+def test_fp8_w8a8_gemv_equals_the_emulation(m, n, k, split_k, swap_ab) -> None:
+    """The GEMV's W8A8 mode (rows quantized per token, the dot on e4m3 operands, both scales
+    after the fp32 sum) computes what ``reference.fp8_w8a8_linear`` does: equal up to the order
+    of fp32 additions, one rounding of the output. With SiLU-and-mul in the quantizer too."""
+    dtype = torch.float16  # the interpreter's bf16 dot is not trusted (above); e4m3 is exact
+    q, s = _weight(n, k)
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    b = torch.randn(n, device=DEV).to(dtype)
+    cfg = GemvConfig(16, 32, 4, 2, split_k=split_k, swap_ab=swap_ab)
+    eps = torch.finfo(dtype).eps
+    for bias in (None, b):
+        out = F8.fp8_w8a8_gemv(x, q, s, bias, cfg)
+        assert out.dtype == dtype and out.shape == (m, n)
+        want = reference.fp8_w8a8_linear(x, q, s, bias)
+        xq, xs = reference.quantize_rows_fp8(x)
+        mag = _mag(xq.double() * xs.double(), _deq(q, s), bias)
+        tol = eps * (mag + want.double().abs()) + k * 2.0**-23 * mag
+        _within(out, want, tol, f"w8a8 gemv m={m} split_k={split_k} swap={swap_ab}")
+    gu = torch.randn(m, 2 * k, device=DEV).to(dtype)
+    fused = F8.fp8_w8a8_gemv(gu, q, s, None, cfg, silu_mul=True)
+    assert torch.equal(fused, F8.fp8_w8a8_gemv(T.silu_and_mul(gu), q, s, None, cfg))
+
+
 def test_w8a8_off_cuda_takes_the_reference() -> None:
     """Off CUDA there is no W8A8 path: above the GEMV bound ``fp8_linear`` is the reference bit
     for bit. At or below it, the GEMV; a 3-D input is flattened; no rows, no launch."""
@@ -401,6 +429,24 @@ def test_gpu_fp8_gemv_split_k_real_shapes(m, n, k) -> None:
         _check_linear(out, x, q, s, None, f"m={m} {n}x{k} {cfg}")
         pdl = F8.fp8_gemv(x, q, s, None, cfg, pdl=pdl_supported(DEV))
         assert torch.equal(out, pdl) and torch.equal(out, F8.fp8_gemv(x, q, s, None, cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [17, 64])
+@pytest.mark.parametrize(("n", "k"), [(28672, 4096), (16384, 2048), (4096, 14336)])
+def test_gpu_fp8_w8a8_gemv_real_shapes(m, n, k) -> None:
+    """The GEMV's W8A8 mode (a sweep candidate for the wide layers past 16 rows) on the FP8
+    tensor cores: within one output rounding of the emulation, the same bits at every run."""
+    q, s = _weight(n, k, spread=1.0)
+    x = torch.randn(m, k, device=DEV, dtype=BF16)
+    want = reference.fp8_w8a8_linear(x, q, s)
+    xq, xs = reference.quantize_rows_fp8(x)
+    mag = _mag(xq.double() * xs.double(), _deq(q, s), None)
+    tol = torch.finfo(BF16).eps * (mag + want.double().abs()) + k * 2.0**-23 * mag
+    for cfg in (GemvConfig(64, 128, 4, 3, swap_ab=True), GemvConfig(128, 256, 4, 3, 2, True)):
+        out = F8.fp8_w8a8_gemv(x, q, s, None, cfg)
+        _within(out, want, tol, f"w8a8 gemv m={m} {n}x{k} {cfg}")
+        assert torch.equal(out, F8.fp8_w8a8_gemv(x, q, s, None, cfg))
 
 
 @pytest.mark.gpu
