@@ -864,12 +864,14 @@ def _w8a8_sweep_configs(m: int, smoke: bool = False):
 
 
 def _fp8_gemv_cfg(m: int, n: int, k: int):
-    """The dispatch's config, or past its row bound one with a short K block (a 64-row tile of
-    512 would overflow shared memory), so the table shows where the GEMV stops paying."""
+    """The dispatch's config, or where it takes W8A8 the GEMV's many-row one (short K blocks:
+    a 64-row tile of 512 would overflow shared memory), so the table shows where the GEMV stops
+    paying."""
     from graphrt.kernels import triton_fp8 as tf
 
-    cfg = tf.fp8_gemv_config(m, n, k)
-    return cfg or replace(tf.FEW_ROWS, block_k=min(128, 1 << (k.bit_length() - 1)))
+    return tf.fp8_gemv_config(m, n, k, w8a8=False) or replace(
+        tf.MANY_ROWS, block_k=min(128, 1 << (k.bit_length() - 1))
+    )
 
 
 def bench_fp8(
@@ -920,7 +922,8 @@ def bench_fp8(
             fns = [
                 lambda q=q, s=s, x=x, c=cfg: tf.fp8_gemv(x, q, s, None, c, pdl=pdl) for q, s in qs
             ]
-            note = str(cfg) + ("" if m <= tf.FP8_GEMV_MAX_ROWS else "; past the row bound")
+            past = tf.fp8_gemv_config(m, n, k) is None  # the dispatch takes W8A8 here
+            note = str(cfg) + ("; past the row bound" if past else "")
             res.append(Result(label, "triton-fp8", fp8_bytes + io, timer(fns, iters), note))
             if tf.w8a8_supported(x, qs[0][0], None):
                 fns = [lambda q=q, s=s, x=x: tf.w8a8_linear(x, q, s, pdl=pdl) for q, s in qs]

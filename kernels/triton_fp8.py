@@ -64,7 +64,7 @@ _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
 # At or below this many rows the GEMV runs (except wide N past 16 rows: FEW_ROWS_MAX). At 64
 # rows its split-K, swapped-operand config beat W8A8 on Llama-3.1-8B's qkv, o and down
-# projections (17.8, 13.7, 35.1 us against 18.8, 16.9, 46.9; H100, session 25, run s25b).
+# projections (17.8, 13.7, 35.1 us against 18.8, 16.9, 46.9; H100, run s25b, session 24).
 FP8_GEMV_MAX_ROWS = 64
 FEW_ROWS_MAX = 16
 # Output width from which a layer counts as wide: enough column blocks to fill the SMs without
@@ -238,7 +238,7 @@ def _fp8_gemv_kernel(
         if X_FP8:  # e4m3 rows (W8A8): each row's sum times its quantization scale
             acc = acc * tl.load(xs_ptr + rm, mask=m_mask, other=0.0)[:, None]
         mn_mask = m_mask[:, None] & n_mask[None, :]
-        if SPLIT_K > 1:  # the partial sum, without the weight's scale: _splitk_sum_kernel
+        if SPLIT_K > 1:  # the partial sum; _splitk_sum_kernel applies the weight's scale
             p_ptrs = part_ptr + (tl.program_id(1) * M + rm)[:, None] * N + rn[None, :]
             tl.store(p_ptrs, acc, mask=mn_mask)
         else:
