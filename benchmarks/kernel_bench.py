@@ -939,9 +939,13 @@ def bench_fp8(
                                   "fp8_silu_mul_linear's dispatch"))  # fmt: skip
             if sweep:
                 label = f"fp8 {model} {layer} m{m} {n}x{k}"
-                for c in _fp8_sweep_configs(m, smoke):
+                # The GEMV's configs, then its W8A8 mode's (on e4m3 rows: a candidate against
+                # _scaled_mm past 16 rows).
+                cands = [(tf.fp8_gemv, c, False) for c in _fp8_sweep_configs(m, smoke)]
+                cands += [(tf.fp8_w8a8_gemv, c, True) for c in _w8a8_sweep_configs(m, smoke)]
+                for fn, c, w8a8 in cands:
                     fns = [
-                        lambda q=q, s=s, x=x, c=c: tf.fp8_gemv(x, q, s, None, c, pdl=pdl)
+                        lambda q=q, s=s, x=x, c=c, fn=fn: fn(x, q, s, None, c, pdl=pdl)
                         for q, s in qs
                     ]
                     try:
@@ -950,23 +954,9 @@ def bench_fp8(
                         if type(e).__name__ != "OutOfResources":
                             raise
                         continue
-                    r = Result(label, "triton-sweep", fp8_bytes + 2 * m * (n + k), us, str(c))
-                    r.extra["config"] = asdict(c)
-                    res.append(r)
-                for c in _w8a8_sweep_configs(m, smoke):
-                    # The GEMV on e4m3 rows (its W8A8 mode): a candidate against _scaled_mm.
-                    fns = [
-                        lambda q=q, s=s, x=x, c=c: tf.fp8_w8a8_gemv(x, q, s, None, c, pdl=pdl)
-                        for q, s in qs
-                    ]
-                    try:
-                        us = timer(fns, iters)
-                    except Exception as e:
-                        if type(e).__name__ != "OutOfResources":
-                            raise
-                        continue
-                    r = Result(label, "triton-sweep", fp8_bytes + 2 * m * (n + k), us, f"w8a8 {c}")
-                    r.extra["config"] = asdict(c) | {"w8a8": True}
+                    note = f"w8a8 {c}" if w8a8 else str(c)
+                    r = Result(label, "triton-sweep", fp8_bytes + 2 * m * (n + k), us, note)
+                    r.extra["config"] = asdict(c) | ({"w8a8": True} if w8a8 else {})
                     res.append(r)
         del ws, qs
         if dev.type == "cuda":

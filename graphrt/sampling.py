@@ -240,7 +240,7 @@ def sample(
     if flags.logprobs:
         logp = lf.log_softmax(dim=-1)
     if not flags.full:
-        ids = argmax(logits) if token_masks is None else argmax(logits, token_masks)
+        ids = argmax(logits, token_masks)
     else:
         work = apply_penalties(lf, slots, state)
         work = ban_stop_ids(work, slots, positions, state)
