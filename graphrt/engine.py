@@ -131,6 +131,10 @@ class Engine:
         # A step taken early, before the next one launched, because that one's rows need
         # their grammars' masks (``_launch_next``); the loop returns its tokens.
         self._taken_early: StepTokens | None = None
+        # The step after a split step, planned while the split step's forward ran and launched
+        # right behind its sampler (``_finish_split``); only planned when it must take the split
+        # step's tokens before it launches. The next ``_launch_next`` returns it.
+        self._ahead: StepHandle | StepPlan | None = None
         # structured_outputs: the grammar service (built on first use) and the completions
         # waiting, outside the scheduler, for their grammars to compile.
         self._structured: StructuredOutputs | None = None
@@ -145,7 +149,7 @@ class Engine:
         # graph_steps: decode graph replays; mixed_graph_steps: replays of steps with prefill.
         # grammar_mask_s / grammar_mask_steps: host time filling structured outputs' token
         # masks, and the steps that needed them; split_steps: those of them whose forward ran
-        # while the masks were filled (``_launch_split``); grammar_accept_s: host time
+        # while the masks were filled (``_finish_split``); grammar_accept_s: host time
         # advancing the grammars past each step's tokens (before the next step's masks).
         self.stats = {
             "steps": 0,
@@ -326,24 +330,39 @@ class Engine:
         return self._consume(prev, handle)
 
     def _launch_next(self) -> StepHandle | None:
+        ahead, self._ahead = self._ahead, None
+        if isinstance(ahead, StepHandle):  # planned and launched behind a split step's sampler
+            if ahead.masked:
+                self._finish_split(ahead)
+            return ahead
+        plan = ahead if ahead is not None else self._plan()
+        if plan is None:
+            return None
+        if self._constrained(plan):
+            # A row's mask follows from every token before it, and the step in flight holds
+            # one: take that step first. A decode step runs split, its forward while the host
+            # does this (``_finish_split``); any other step waits for it on the GPU.
+            if self.runner.defers_masks(plan):
+                handle = self.launcher.submit(plan, masked=True)
+                self._finish_split(handle)
+                return handle
+            self._take_inflight()
+            plan.token_masks = self._grammar_masks(plan)
+        return self.launcher.submit(plan)
+
+    def _plan(self) -> StepPlan | None:
+        """The scheduler's next step, or None; compiled grammars' requests join it first."""
         t0 = time.perf_counter()
         if self._grammar_waiting:
             self._admit_compiled()
         plan = self.scheduler.schedule()
-        if plan is None:
-            return None
-        split = False
-        if self._num_constrained and any(r.grammar is not None for r in plan.requests):
-            # A row's mask follows from every token before it, and the step in flight holds
-            # one: take that step first. A decode step runs split, its forward while the host
-            # does this (``_launch_split``); any other step waits for it on the GPU.
-            split = self.runner.defers_masks(plan)
-            if not split:
-                self._take_inflight()
-                plan.token_masks = self._grammar_masks(plan)
-        self.profiler.scheduled(plan, time.perf_counter() - t0)
-        self.stats["steps"] += 1
-        return self._launch_split(plan) if split else self.launcher.submit(plan)
+        if plan is not None:
+            self.profiler.scheduled(plan, time.perf_counter() - t0)
+            self.stats["steps"] += 1
+        return plan
+
+    def _constrained(self, plan: StepPlan) -> bool:
+        return bool(self._num_constrained) and any(r.grammar is not None for r in plan.requests)
 
     def _take_inflight(self, nxt: StepHandle | None = None) -> None:
         """Take the step in flight now, before the loop would (``_taken_early``); ``nxt``: the
@@ -352,22 +371,38 @@ class Engine:
             prev, self._inflight = self._inflight, None
             self._taken_early = self._consume(prev, nxt)
 
-    def _launch_split(self, plan: StepPlan) -> StepHandle:
-        """Launch a step with constrained rows in two parts (``ModelRunner.defers_masks``): its
-        forward first; then, while the GPU runs it, take the step in flight, which advances
-        the grammars past its tokens, fill this step's token masks, and launch its sampler."""
+    def _finish_split(self, handle: StepHandle) -> None:
+        """The rest of split step ``handle`` (``ModelRunner.defers_masks``), whose forward is
+        enqueued. While the GPU runs it: take the step in flight, which advances the grammars
+        past its tokens; fill this step's token masks; and, overlapped, plan the next step.
+        Then launch this step's sampler and, right behind it, the next step.
+
+        Why the next step is planned here and not by the next ``core_step``: a sampler is short
+        (an argmax at temperature 0), so whatever host work lies between launching it and
+        launching the next forward is GPU idle time. Planned here, that step sees what it would
+        have seen there (every step up to the one in flight processed); text-side stops and new
+        requests reach the step after it instead."""
         self.stats["split_steps"] += 1
-        handle = self.launcher.submit(plan, masked=True)
+        nxt: StepPlan | None = None
         try:
             self._take_inflight(handle)
-            self._grammar_masks(plan, handle.masks(self.structured_outputs().words))
+            self._grammar_masks(handle.plan, handle.masks(self.structured_outputs().words))
+            if self.launcher.overlapped:
+                nxt = self._plan()
+                if nxt is not None and self._constrained(nxt) and not self.runner.defers_masks(nxt):
+                    # Its masks need this step's tokens: the next call takes this step first.
+                    self._ahead, nxt = nxt, None
         finally:
             # Always: the launcher runs nothing after this step's forward until it has it.
             # Now, not with the next step: while the host is late (its work per step outlasts
             # the forward) the sampler must have finished by the time the host waits for the
             # step's ids; while it is early, the next step is queued before this forward ends.
-            self.launcher.submit_masks(handle)
-        return handle
+            self.launcher.submit_masks(handle, wait=nxt is None)
+        if nxt is not None:
+            ahead = self.launcher.submit(nxt, masked=self._constrained(nxt))
+            self._ahead = ahead
+            # As submit_masks would: hand the launcher the GIL until both are enqueued.
+            ahead.wait_launched()
 
     def _check_stalled(self) -> StepTokens:
         if self._grammar_waiting:
@@ -775,11 +810,18 @@ class Engine:
             return
         for rid in list(self._groups):
             self.abort(rid)
-        if self._inflight is not None:
+        ahead, self._ahead = self._ahead, None
+        for handle in (self._inflight, ahead):
+            if not isinstance(handle, StepHandle):
+                continue
+            if handle.masked and not handle.masks_submitted:
+                # Its rows are aborted: their masks allow everything, and its ids are dropped.
+                self._grammar_masks(handle.plan, handle.masks(self.structured_outputs().words))
+                self.launcher.submit_masks(handle)
             with contextlib.suppress(Exception):
-                self._inflight.result()
-            self._inflight.release()
-            self._inflight = None
+                handle.result()
+            handle.release()
+        self._inflight = None
         self.launcher.shutdown()
         self.text.close()
         self.runner.close()

@@ -132,6 +132,7 @@ class StepHandle:
         self._error: BaseException | None = None
         self._consumed = False
         self._released = False
+        self.masks_submitted = False  # a split step's sampler is handed to the launcher
         self.wait_s = 0.0  # time result() blocked on the launch and copy_done
 
     @property
@@ -364,19 +365,25 @@ class Launcher:
             handle.wait_launched()
         return handle
 
-    def submit_masks(self, handle: StepHandle) -> None:
+    def submit_masks(self, handle: StepHandle, wait: bool = True) -> None:
         """Launch the rest of split step ``handle`` (its sampler and copies), with the token
-        masks the caller wrote into ``handle.masks``."""
+        masks the caller wrote into ``handle.masks``. ``wait=False``: the caller submits the
+        next step at once and waits for that one's launch instead."""
         if not handle.masked:
             raise StepOwnershipError(f"step {handle.step_id} is not a split step")
+        if handle.masks_submitted:
+            raise StepOwnershipError(f"step {handle.step_id}: masks submitted twice")
+        handle.masks_submitted = True
         if self._thread is None:
             self._run(handle, True)
             return
         self._queue.put((handle, True))
-        # The GPU may already wait for this sampler. Block until the launcher has enqueued it:
-        # the wait hands the launcher the GIL now, where carrying on with the next step's
-        # planning would hold it until a blocking call or CPython's 5 ms switch interval.
-        handle._done.wait()
+        if wait:
+            # The GPU may already wait for this sampler. Block until the launcher has enqueued
+            # it: the wait hands the launcher the GIL now, where carrying on with the next
+            # step's planning would hold it until a blocking call or CPython's 5 ms switch
+            # interval.
+            handle._done.wait()
 
     def _run(self, handle: StepHandle, sampler: bool) -> None:
         try:
