@@ -925,6 +925,13 @@ def bench_fp8(
             past = tf.fp8_gemv_config(m, n, k) is None  # the dispatch takes W8A8 here
             note = str(cfg) + ("; past the row bound" if past else "")
             res.append(Result(label, "triton-fp8", fp8_bytes + io, timer(fns, iters), note))
+            if (wcfg := tf.fp8_w8a8_gemv_config(m, n, k)) is not None:
+                fns = [
+                    lambda q=q, s=s, x=x: tf.fp8_w8a8_gemv(x, q, s, None, wcfg, pdl=pdl)
+                    for q, s in qs
+                ]
+                note = f"quantizer + the GEMV's W8A8 mode (dispatched), {wcfg}"
+                res.append(Result(label, "w8a8-gemv", fp8_bytes + io, timer(fns, iters), note))
             if tf.w8a8_supported(x, qs[0][0], None):
                 fns = [lambda q=q, s=s, x=x: tf.w8a8_linear(x, q, s, pdl=pdl) for q, s in qs]
                 res.append(Result(label, "w8a8", fp8_bytes + io, timer(fns, iters),
@@ -971,7 +978,7 @@ def _fp8_table(results: list[Result], hbm_gbps: float) -> str:
     out = [
         f"fp8 vs bf16 (median us, GB/s, % of the {hbm_gbps:.0f} GB/s HBM ceiling; "
         "w8a8 only on sm_89+):",
-        f"  {'shape':<40} {'bf16':>21} {'fp8 gemv*':>21} {'w8a8':>21} {'speed-up':>9}",
+        f"  {'shape':<40} {'bf16':>21} {'fp8 gemv*':>21} {'w8a8**':>21} {'speed-up':>9}",
     ]
     for name in names:
         by = {r.impl: r for r in results if r.name == name and r.impl != "triton-sweep"}
@@ -983,14 +990,16 @@ def _fp8_table(results: list[Result], hbm_gbps: float) -> str:
             gb = r.gbps(r.median_us)
             return f"{r.median_us:>8.2f} {gb:>5.0f} {100 * gb / hbm_gbps:>5.1f}%"
 
-        fp8 = [by[i].median_us for i in ("triton-fp8", "w8a8", "fp8") if i in by]
+        fp8 = [by[i].median_us for i in ("triton-fp8", "w8a8", "w8a8-gemv", "fp8") if i in by]
         speed = by["bf16"].median_us / min(fp8) if fp8 else float("nan")
         gemv = "fp8" if "fp8" in by else "triton-fp8"
+        w8a8 = "w8a8-gemv" if "w8a8-gemv" in by else "w8a8"
         out.append(
-            f"  {name.removeprefix('fp8 '):<40} {cell('bf16')} {cell(gemv)} {cell('w8a8')} "
+            f"  {name.removeprefix('fp8 '):<40} {cell('bf16')} {cell(gemv)} {cell(w8a8)} "
             f"{speed:>8.2f}x"
         )
     out.append("  * silu+down rows: fp8_silu_mul_linear as dispatched (GEMV up to its row bound)")
+    out.append("  ** the GEMV's W8A8 mode where dispatched (wide, 17-64 rows), else _scaled_mm")
     return "\n".join(out)
 
 

@@ -17,15 +17,13 @@ Two paths, chosen from shapes alone (so the choice is fixed per captured graph):
   writing an fp32 partial sum that a second kernel adds in a fixed order: no atomics, so the
   result is the same at every run. Wide layers (``N >= WIDE_N``, the gate/up projection) past
   16 rows take W8A8.
-- **More rows: W8A8.** One Triton kernel quantizes each activation row to e4m3 on the device
-  (``scale = amax(|row|) / 448``, the weights' recipe; no host sync, nothing sized by values),
-  then ``torch._scaled_mm`` multiplies on the fp8 tensor cores with row-wise scales. Per-token
-  scales keep rows independent: a graph bucket's padding rows cannot move a real row's scale,
-  as a per-tensor scale would.
-
-The GEMV also has a W8A8 mode (:func:`fp8_w8a8_gemv`: the quantizer's e4m3 rows, the dot on
-e4m3 operands, both scales after the fp32 sum), a candidate against ``_scaled_mm`` for the wide
-layers past 16 rows that the dispatch does not use until a sweep shows it ahead.
+- **More rows, and wide layers past 16 rows: W8A8.** One Triton kernel quantizes each
+  activation row to e4m3 on the device (``scale = amax(|row|) / 448``, the weights' recipe; no
+  host sync, nothing sized by values), then the product runs on the fp8 tensor cores with
+  row-wise scales: up to 64 rows in the GEMV's W8A8 mode (:func:`fp8_w8a8_gemv`: the dot on
+  e4m3 operands, both scales after the fp32 sum; faster than cuBLAS at these rows, s26a),
+  above that ``torch._scaled_mm``. Per-token scales keep rows independent: a graph bucket's
+  padding rows cannot move a real row's scale, as a per-tensor scale would.
 
 Anything else takes the torch reference (dequantize, then ``F.linear``): GPUs before sm_89
 (neither Triton nor cuBLAS has e4m3 there), and above the GEMV bound, fp16/fp32 activations
@@ -72,18 +70,21 @@ FEW_ROWS_MAX = 16
 # GEMV's best 61.4).
 WIDE_N = 16384
 
-# Launch configs by shape. The one-row ones are unmeasured starting points: each keeps the
-# bytes a program loads per K block of the bf16 GEMV's measured best (a byte per weight here,
-# so blocks twice as long) and about 32 registers of upcast weight per thread. The multi-row
-# ones are the fastest of kernel_bench.py --only fp8 --sweep at 16 and 64 rows (s25b; 8B
-# shapes, median us): at 16 rows qkv 15.5, o 11.5, down 32.0 (FEW_ROWS; 16-column blocks
-# without split K took 19.4, 13.5, 42.2) and gate_up 47.6 (FEW_ROWS_WIDE; 73.6).
+# Launch configs by shape, the fastest of kernel_bench.py --only fp8 --sweep (8B shapes, median
+# us, H100). One row, wide N (s26a): qkv 10.0, o 6.8, gate_up 39.0, down 21.1, against 12.5,
+# 8.5, 42.0, 24.6 for 8-column, 1024-long blocks on 8 warps (the best for qkv, 9.8, is within
+# 3%). The narrow one-row configs (the 1B's shapes) are unmeasured starting points. Several
+# rows (s25b): at 16 rows qkv 15.5, o 11.5, down 32.0 (FEW_ROWS; 16-column blocks without
+# split K took 19.4, 13.5, 42.2) and gate_up 47.6 (FEW_ROWS_WIDE; 73.6). W8A8_WIDE (s26a):
+# the gate/up projection in 47.1 us at 32 rows and 49.0 at 64, against 54.5 and 52.1 for the
+# quantizer and _scaled_mm.
 ONE_ROW_NARROW = GemvConfig(block_n=2, block_k=2048, num_warps=4, num_stages=4)  # N <= 3072
 ONE_ROW_NARROW_SILU = GemvConfig(block_n=4, block_k=2048, num_warps=8, num_stages=4)
-ONE_ROW_WIDE = GemvConfig(block_n=8, block_k=1024, num_warps=8, num_stages=4)
+ONE_ROW_WIDE = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=4)
 FEW_ROWS = GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=3, split_k=2)
 FEW_ROWS_WIDE = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3)
 MANY_ROWS = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, swap_ab=True)
+W8A8_WIDE = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -123,6 +124,15 @@ def fp8_gemv_config(
     else:
         cfg = MANY_ROWS
     return replace(cfg, block_k=min(cfg.block_k, _pow2_at_most(k)))
+
+
+def fp8_w8a8_gemv_config(m: int, n: int, k: int) -> GemvConfig | None:
+    """The config of :func:`fp8_w8a8_gemv` where the dispatch runs it: wide layers at 17-64
+    rows, where the GEMV itself stops paying (``fp8_gemv_config`` gives None there); else
+    None."""
+    if FEW_ROWS_MAX < m <= FP8_GEMV_MAX_ROWS and n >= WIDE_N:
+        return replace(W8A8_WIDE, block_k=min(W8A8_WIDE.block_k, _pow2_at_most(k)))
+    return None
 
 
 # ---- the GEMV ---------------------------------------------------------------------------------
@@ -318,9 +328,10 @@ def fp8_w8a8_gemv(
     """W8A8 through the GEMV kernel: ``x`` quantized per row (:func:`quantize_rows_fp8`, with
     SiLU-and-mul on load if ``silu_mul``), then the multi-row path's dot on e4m3 operands (the
     FP8 tensor cores, no upcast) with fp32 sums scaled by both row scales; what
-    :func:`graphrt.kernels.reference.fp8_w8a8_linear` computes. A candidate against
-    ``_scaled_mm`` for the wide layers past 16 rows (``kernel_bench.py --only fp8 --sweep``),
-    not dispatched until measured. ``pdl`` applies to the quantizer."""
+    :func:`graphrt.kernels.reference.fp8_w8a8_linear` computes. Faster than ``_scaled_mm``
+    for the wide layers past 16 rows (``kernel_bench.py --only fp8 --sweep``, s26a), and
+    dispatched for wide layers at 17-64 rows (:func:`fp8_w8a8_gemv_config`). ``pdl`` applies
+    to the quantizer."""
     _check(x, weight, scale, silu_mul)
     xq, xs = quantize_rows_fp8(x, silu_mul=silu_mul, pdl=pdl)
     return _launch_gemv(xq, xs, weight, scale, bias, cfg, False, False, x.dtype)
@@ -529,6 +540,9 @@ def fp8_linear(
         if cfg is not None:
             return fp8_gemv(x, weight, scale, bias, cfg, pdl=pdl)
         if w8a8:
+            wcfg = fp8_w8a8_gemv_config(x.shape[0], *weight.shape)
+            if wcfg is not None:
+                return fp8_w8a8_gemv(x, weight, scale, bias, wcfg, pdl=pdl)
             return w8a8_linear(x, weight, scale, bias, pdl=pdl)
     return reference.fp8_linear(x, weight, scale, bias)
 
@@ -550,6 +564,9 @@ def silu_mul_linear(
         if cfg is not None and x.shape[0] == 1:
             return fp8_gemv(x, weight, scale, None, cfg, silu_mul=True, pdl=pdl)
         if cfg is None and w8a8:
+            wcfg = fp8_w8a8_gemv_config(x.shape[0], *weight.shape)
+            if wcfg is not None:
+                return fp8_w8a8_gemv(x, weight, scale, None, wcfg, silu_mul=True, pdl=pdl)
             return w8a8_linear(x, weight, scale, None, silu_mul=True, pdl=pdl)
     act = silu_and_mul(x, pdl=pdl) if x.is_cuda or _INTERPRET else reference.silu_and_mul(x)
     return fp8_linear(act, weight, scale, pdl=pdl)  # the reference where no kernel fits

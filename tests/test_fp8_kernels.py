@@ -225,6 +225,12 @@ def test_fp8_gemv_config_by_shape() -> None:
     # Wide N past 16 rows: W8A8, unless it cannot take the operands.
     assert cfg(F8.FEW_ROWS_MAX + 1, 28672, 4096) is None
     assert cfg(F8.FEW_ROWS_MAX + 1, 28672, 4096, w8a8=False) == F8.MANY_ROWS
+    # ... and at those rows (17-64) W8A8 is the GEMV's own mode, past them _scaled_mm.
+    wcfg = F8.fp8_w8a8_gemv_config
+    assert wcfg(F8.FEW_ROWS_MAX + 1, 28672, 4096) == wcfg(64, 16384, 2048) == F8.W8A8_WIDE
+    assert wcfg(F8.FEW_ROWS_MAX, 28672, 4096) is None and wcfg(65, 28672, 4096) is None
+    assert wcfg(64, 4096, 14336) is None  # not wide: the GEMV (MANY_ROWS)
+    assert wcfg(64, 16384, 96).block_k == 64
     assert cfg(1, 576, 576).block_k == 512  # K not a power of two: a masked tail block
     assert cfg(3, 576, 40).block_k == 32
 
@@ -401,7 +407,8 @@ def test_gpu_fp8_gemv_real_shapes(m, n, k) -> None:
     # are never picked for several rows: with tl.dot's 16-row tiles their block_k asks for more
     # shared memory than the H100 has (288 KB against 227 KB, run X1).
     multi = (F8.FEW_ROWS, F8.FEW_ROWS_WIDE, F8.MANY_ROWS)
-    cfgs = (F8.ONE_ROW_NARROW, F8.ONE_ROW_WIDE, F8.FEW_ROWS) if m == 1 else multi
+    one = (F8.ONE_ROW_NARROW, F8.ONE_ROW_NARROW_SILU, F8.ONE_ROW_WIDE)  # split K needs rows
+    cfgs = one if m == 1 else multi
     for cfg in cfgs:
         _check_linear(F8.fp8_gemv(x, q, s, None, cfg), x, q, s, None, f"{cfg}")
     gu = torch.randn(m, 2 * k, device=DEV, dtype=BF16)
@@ -435,7 +442,7 @@ def test_gpu_fp8_gemv_split_k_real_shapes(m, n, k) -> None:
 @pytest.mark.parametrize("m", [17, 64])
 @pytest.mark.parametrize(("n", "k"), [(28672, 4096), (16384, 2048), (4096, 14336)])
 def test_gpu_fp8_w8a8_gemv_real_shapes(m, n, k) -> None:
-    """The GEMV's W8A8 mode (a sweep candidate for the wide layers past 16 rows) on the FP8
+    """The GEMV's W8A8 mode (the dispatch's for the wide layers at 17-64 rows) on the FP8
     tensor cores: within one output rounding of the emulation, the same bits at every run."""
     q, s = _weight(n, k, spread=1.0)
     x = torch.randn(m, k, device=DEV, dtype=BF16)
@@ -443,7 +450,7 @@ def test_gpu_fp8_w8a8_gemv_real_shapes(m, n, k) -> None:
     xq, xs = reference.quantize_rows_fp8(x)
     mag = _mag(xq.double() * xs.double(), _deq(q, s), None)
     tol = torch.finfo(BF16).eps * (mag + want.double().abs()) + k * 2.0**-23 * mag
-    for cfg in (GemvConfig(64, 128, 4, 3, swap_ab=True), GemvConfig(128, 256, 4, 3, 2, True)):
+    for cfg in (F8.W8A8_WIDE, GemvConfig(128, 256, 4, 3, 2, True)):
         out = F8.fp8_w8a8_gemv(x, q, s, None, cfg)
         _within(out, want, tol, f"w8a8 gemv m={m} {n}x{k} {cfg}")
         assert torch.equal(out, F8.fp8_w8a8_gemv(x, q, s, None, cfg))
@@ -471,12 +478,19 @@ def test_gpu_w8a8(m, n, k) -> None:
         _within(out, emu, torch.finfo(BF16).eps * (mag + emu.double().abs()), "w8a8 vs emulation")
         ref = reference.fp8_linear(x.float(), q, s, None if bias is None else bias.float())
         assert (out.float() - ref).norm() / ref.norm() < 0.03
-        if F8.fp8_gemv_config(m, n, k) is None:
+        wcfg = F8.fp8_w8a8_gemv_config(m, n, k)
+        if wcfg is not None:  # wide, 17-64 rows: the GEMV's W8A8 mode
+            assert torch.equal(F8.fp8_linear(x, q, s, bias), F8.fp8_w8a8_gemv(x, q, s, bias, wcfg))
+        elif F8.fp8_gemv_config(m, n, k) is None:
             assert torch.equal(F8.fp8_linear(x, q, s, bias), out)
     assert (F8.fp8_gemv_config(m, n, k) is None) == (m > 64 or (m > 16 and n >= F8.WIDE_N))
     if F8.fp8_gemv_config(m, n, k, silu_mul=True) is None:
         gu = torch.randn(m, 2 * k, device=DEV, dtype=BF16)
-        want = F8.w8a8_linear(T.silu_and_mul(gu), q, s)
+        act = T.silu_and_mul(gu)
+        wcfg = F8.fp8_w8a8_gemv_config(m, n, k)
+        want = (
+            F8.w8a8_linear(act, q, s) if wcfg is None else F8.fp8_w8a8_gemv(act, q, s, None, wcfg)
+        )
         assert torch.equal(F8.silu_mul_linear(gu, q, s), want)
 
 
