@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         res["profile"] = {m: run(eng, prompts, modes[m], profile=True) for m in modes}
         for m, r in res["profile"].items():
-            cols = ("schedule", "process", "wait", "launch", "text", "step_p50")
+            cols = ("schedule", "process", "wait", "launch", "text", "step_p50", "step_mean")
+            cols += ("step_max",)  # a mean above the median: a few long steps (stalls)
             shown = [c for c in cols if r.get(c + "_ms") is not None]
             line = ", ".join(f"{c} {r[c + '_ms']:.3f}" for c in shown)
             print(

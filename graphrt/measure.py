@@ -27,19 +27,21 @@ def step_window(window: Sequence[StepRecord]) -> dict[str, float | None]:
     the ids (``process_ms``) and on the text side (``text_ms``), its wait for the ids, the
     launcher's time; the share of steps launched after the step before had ended on the GPU
     (``late_steps``: the GPU waited for the host) and of launches the scheduler waited for
-    (``yielded_steps``); with CUDA events, the median period between step ends
-    (``step_p50_ms``), else None."""
+    (``yielded_steps``); with CUDA events, the median, mean and longest period between step
+    ends (``step_p50_ms``, ``step_mean_ms``, ``step_max_ms``), else None."""
     out: dict[str, float | None] = {
         f"{k}_ms": statistics.median(getattr(r, f"{k}_s") for r in window) * 1e3
         for k in ("schedule", "process", "text", "wait", "launch")
     }
     out["late_steps"] = sum(r.late for r in window[1:]) / (len(window) - 1)
     out["yielded_steps"] = sum(r.yielded for r in window) / len(window)
-    out["step_p50_ms"] = None
+    out["step_p50_ms"] = out["step_mean_ms"] = out["step_max_ms"] = None
     if window[0].end is not None:
         torch.cuda.synchronize()
         periods = [a.end.elapsed_time(b.end) for a, b in itertools.pairwise(window)]
         out["step_p50_ms"] = statistics.median(periods)
+        out["step_mean_ms"] = statistics.fmean(periods)
+        out["step_max_ms"] = max(periods)
     return out
 
 

@@ -17,8 +17,9 @@ weight and applies the row scale after its fp32 sum (up to 64 rows, wide layers 
 down projection at one row with SiLU-and-mul fused), and beyond that W8A8, the activations
 quantized per token on the device and multiplied on the FP8 tensor cores (by the GEMV's W8A8
 mode up to 64 rows, by ``torch._scaled_mm`` above); before sm_89, or for shapes ``_scaled_mm``
-refuses, the reference. Any kernel must keep the step capturable: no host sync and no allocation whose
-size depends on values (W8A8's per-token activation scales are computed on the device).
+refuses, the reference. Any kernel must keep the step capturable: no host sync and no
+allocation whose size depends on values (W8A8's per-token activation scales are computed on the
+device).
 
 Only the decoder's linear layers are quantized; embeddings, the lm_head and norms stay in the
 model dtype.
