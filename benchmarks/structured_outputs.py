@@ -96,10 +96,18 @@ def host_sweep(
 
 def step_profile(prof: StepProfiler, batch_size: int) -> dict[str, float | None]:
     """``step_window`` over one run's full-batch decode steps (the grammars' accept is in
-    ``process_ms``; the mask fill is apart, in ``mask_ms_per_step``)."""
-    recs = [r for _, r in sorted(prof.records.items()) if r.is_decode]
-    recs = [r for r in recs if r.batch_size == batch_size]
-    return step_window(recs) if len(recs) >= 3 else {}
+    ``process_ms``; the mask fill is apart, in ``mask_ms_per_step``), and ``head_ms``: the GPU
+    time from the first step's start to the first full-batch decode step's end (the prompts'
+    chunks, eager where they carry constrained rows, and the partial batches between them)."""
+    every = [r for _, r in sorted(prof.records.items())]
+    recs = [r for r in every if r.is_decode and r.batch_size == batch_size]
+    if len(recs) < 3:
+        return {}
+    out = step_window(recs)
+    first = every[0]
+    out["head_ms"] = first.start.elapsed_time(recs[0].end) if first.start is not None else None
+    out["head_steps"] = every.index(recs[0]) + 1
+    return out
 
 
 def run(
@@ -223,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             cols = ("schedule", "process", "wait", "launch", "text", "step_p50", "step_mean")
             cols += ("step_max",)  # a mean above the median: a few long steps (stalls)
             shown = [c for c in cols if r.get(c + "_ms") is not None]
+            shown += [c for c in ("head",) if r.get(c + "_ms") is not None]
             line = ", ".join(f"{c} {r[c + '_ms']:.3f}" for c in shown)
+            line += f" ({r.get('head_steps', 0)} steps to a full batch)"
             print(
                 f"profiled {m:<14} per step (median, ms): {line}; mask fill "
                 f"{r['mask_ms_per_step']:.3f}, accept {r['accept_ms_per_step']:.3f}; GPU waited "
