@@ -569,6 +569,46 @@ def test_shutdown_mid_split_steps_finishes_the_step_launched_ahead(
     assert eng.launcher.pool._free.qsize() == free + 2  # the step ahead's and the one in flight
 
 
+@pytest.mark.parametrize("overlap", ["thread", "inline"])
+def test_a_constrained_prompt_arriving_mid_split_steps_is_held_then_launched(
+    tiny_byte_model, overlap
+) -> None:
+    """A constrained prompt that arrives while split steps run: the step that carries it is
+    planned during a split step's forward but needs that step's tokens first, so it is held
+    (``Engine._ahead``) and launched by the next call. A request aborted while it is held is
+    freed; the others follow their grammars to the end and every page comes back."""
+    from graphrt.step_plan import StepPlan
+
+    eng = _split_engine(tiny_byte_model, overlap)
+    so = StructuredOutputsParams(regex=r"[a-z]{20,30}")
+    params = SamplingParams(temperature=0, max_tokens=30, structured_outputs=so)
+    final: dict[str, object] = {}
+    held = aborted = False
+    try:
+        for i in range(2):
+            eng.add_request(f"r{i}", f"p{i}", params)
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    final[o.request_id] = o
+            if eng.stats["split_steps"] >= 3 and "late" not in final and not held:
+                if "late" not in eng._groups:
+                    eng.add_request("late", "q", params)
+                    eng.add_request("gone", "z", params)
+                elif isinstance(eng._ahead, StepPlan):
+                    held = True
+                    assert any(r.request_id == "gone" for r in eng._ahead.requests)
+                    aborted = eng.abort("gone")
+        assert held and aborted
+        assert set(final) == {"r0", "r1", "late"}  # an aborted request reports nothing more
+        for rid in ("r0", "r1", "late"):
+            c = final[rid].outputs[0]
+            assert final[rid].error is None and re.fullmatch(r"[a-z]{20,30}", c.text), c.text
+        assert eng.pages.num_free == eng.pages.num_usable
+    finally:
+        eng.shutdown()
+
+
 @pytest.mark.parametrize("overlap", ["thread", "off"])
 @pytest.mark.parametrize("where", ["sampler", "launcher"])
 def test_a_failed_split_sampler_fails_its_step_and_the_engine_goes_on(
