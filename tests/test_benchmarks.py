@@ -383,6 +383,7 @@ def test_kernels_smoke_fp8() -> None:
     ]
     assert "past the row bound" in r.stdout  # m65: the GEMV timed beyond fp8_linear's bound
     assert "split_k=2" in r.stdout  # the sweep past the bound includes split-K configs
+    assert "silu_mul GemvConfig" in r.stdout  # one row: the SiLU-fused load swept too
 
 
 def test_step_profile_without_cuda_says_so() -> None:
