@@ -388,19 +388,18 @@ class Engine:
             self._take_inflight(handle)
             self._grammar_masks(handle.plan, handle.masks(self.structured_outputs().words))
             if self.launcher.overlapped:
-                nxt = self._plan()
+                # Held from here: should anything below fail, the next call launches it.
+                self._ahead = nxt = self._plan()
                 if nxt is not None and self._constrained(nxt) and not self.runner.defers_masks(nxt):
-                    # Its masks need this step's tokens: the next call takes this step first.
-                    self._ahead, nxt = nxt, None
+                    nxt = None  # its masks need this step's tokens: the next call takes it first
         finally:
             # Always: the launcher runs nothing after this step's forward until it has it.
-            # Now, not with the next step: while the host is late (its work per step outlasts
-            # the forward) the sampler must have finished by the time the host waits for the
-            # step's ids; while it is early, the next step is queued before this forward ends.
+            # Now, not held back to go out with the next step's forward: while the host is late
+            # (its work per step outlasts the forward) the sampler must have finished by the
+            # time the host waits for the step's ids.
             self.launcher.submit_masks(handle, wait=nxt is None)
         if nxt is not None:
-            ahead = self.launcher.submit(nxt, masked=self._constrained(nxt))
-            self._ahead = ahead
+            self._ahead = ahead = self.launcher.submit(nxt, masked=self._constrained(nxt))
             # As submit_masks would: hand the launcher the GIL until both are enqueued.
             ahead.wait_launched()
 
