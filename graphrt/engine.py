@@ -384,13 +384,15 @@ class Engine:
         requests reach the step after it instead."""
         self.stats["split_steps"] += 1
         nxt: StepPlan | None = None
+        masked = False
         try:
             self._take_inflight(handle)
             self._grammar_masks(handle.plan, handle.masks(self.structured_outputs().words))
             if self.launcher.overlapped:
                 # Held from here: should anything below fail, the next call launches it.
                 self._ahead = nxt = self._plan()
-                if nxt is not None and self._constrained(nxt) and not self.runner.defers_masks(nxt):
+                masked = nxt is not None and self._constrained(nxt)
+                if masked and not self.runner.defers_masks(nxt):
                     nxt = None  # its masks need this step's tokens: the next call takes it first
         finally:
             # Always: the launcher runs nothing after this step's forward until it has it.
@@ -399,7 +401,7 @@ class Engine:
             # time the host waits for the step's ids.
             self.launcher.submit_masks(handle, wait=nxt is None)
         if nxt is not None:
-            self._ahead = ahead = self.launcher.submit(nxt, masked=self._constrained(nxt))
+            self._ahead = ahead = self.launcher.submit(nxt, masked=masked)
             # As submit_masks would: hand the launcher the GIL until both are enqueued.
             ahead.wait_launched()
 

@@ -127,10 +127,10 @@ def fp8_gemv_config(
 
 
 def fp8_w8a8_gemv_config(m: int, n: int, k: int) -> GemvConfig | None:
-    """The config of :func:`fp8_w8a8_gemv` where the dispatch runs it: wide layers at 17-64
-    rows, where the GEMV itself stops paying (``fp8_gemv_config`` gives None there); else
-    None."""
-    if FEW_ROWS_MAX < m <= FP8_GEMV_MAX_ROWS and n >= WIDE_N:
+    """The config of :func:`fp8_w8a8_gemv` where the dispatch runs it: within the GEMV's row
+    bound where ``fp8_gemv_config`` hands the layer to W8A8 (wide layers at 17-64 rows); else
+    None (``_scaled_mm`` past the bound)."""
+    if 1 <= m <= FP8_GEMV_MAX_ROWS and fp8_gemv_config(m, n, k) is None:
         return replace(W8A8_WIDE, block_k=min(W8A8_WIDE.block_k, _pow2_at_most(k)))
     return None
 
@@ -540,11 +540,23 @@ def fp8_linear(
         if cfg is not None:
             return fp8_gemv(x, weight, scale, bias, cfg, pdl=pdl)
         if w8a8:
-            wcfg = fp8_w8a8_gemv_config(x.shape[0], *weight.shape)
-            if wcfg is not None:
-                return fp8_w8a8_gemv(x, weight, scale, bias, wcfg, pdl=pdl)
-            return w8a8_linear(x, weight, scale, bias, pdl=pdl)
+            return _w8a8(x, weight, scale, bias, False, pdl)
     return reference.fp8_linear(x, weight, scale, bias)
+
+
+def _w8a8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    silu_mul: bool,
+    pdl: bool,
+) -> torch.Tensor:
+    """W8A8 as dispatched: the GEMV's W8A8 mode within its row bound, ``_scaled_mm`` past it."""
+    wcfg = fp8_w8a8_gemv_config(x.shape[0], *weight.shape)
+    if wcfg is not None:
+        return fp8_w8a8_gemv(x, weight, scale, bias, wcfg, silu_mul=silu_mul, pdl=pdl)
+    return w8a8_linear(x, weight, scale, bias, silu_mul=silu_mul, pdl=pdl)
 
 
 def silu_mul_linear(
@@ -564,9 +576,6 @@ def silu_mul_linear(
         if cfg is not None and x.shape[0] == 1:
             return fp8_gemv(x, weight, scale, None, cfg, silu_mul=True, pdl=pdl)
         if cfg is None and w8a8:
-            wcfg = fp8_w8a8_gemv_config(x.shape[0], *weight.shape)
-            if wcfg is not None:
-                return fp8_w8a8_gemv(x, weight, scale, None, wcfg, silu_mul=True, pdl=pdl)
-            return w8a8_linear(x, weight, scale, None, silu_mul=True, pdl=pdl)
+            return _w8a8(x, weight, scale, None, True, pdl)
     act = silu_and_mul(x, pdl=pdl) if x.is_cuda or _INTERPRET else reference.silu_and_mul(x)
     return fp8_linear(act, weight, scale, pdl=pdl)  # the reference where no kernel fits
