@@ -32,6 +32,7 @@ streaming cache hints: ``kernels/triton_ops.py``'s ``norm_config``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -946,39 +947,31 @@ def bench_fp8(
                                   "fp8_silu_mul_linear's dispatch"))  # fmt: skip
             if sweep:
                 label = f"fp8 {model} {layer} m{m} {n}x{k}"
-                # The GEMV's configs, then its W8A8 mode's (on e4m3 rows: a candidate against
-                # _scaled_mm past 16 rows).
-                cands = [(tf.fp8_gemv, c, False) for c in _fp8_sweep_configs(m, smoke)]
-                cands += [(tf.fp8_w8a8_gemv, c, True) for c in _w8a8_sweep_configs(m, smoke)]
-                for fn, c, w8a8 in cands:
+                # The GEMV's configs, then its W8A8 mode's (on e4m3 rows, past 16 rows), and at
+                # one row the down projection with SiLU-and-mul on load: each program recomputes
+                # SiLU over all of K, so its best config need not be the plain GEMV's (s26d:
+                # 24.8 us against 21.2 at the same config).
+                silu = f"fp8 silu+{layer} {model} m{m} {n}x{k}"
+                fused = functools.partial(tf.fp8_gemv, silu_mul=True)
+                cands = [(label, tf.fp8_gemv, x, c, "") for c in _fp8_sweep_configs(m, smoke)]
+                cands += [
+                    (label, tf.fp8_w8a8_gemv, x, c, "w8a8") for c in _w8a8_sweep_configs(m, smoke)
+                ]
+                if layer == "down" and m == 1:
+                    cands += [
+                        (silu, fused, gu, c, "silu_mul") for c in _fp8_sweep_configs(m, smoke)
+                    ]
+                for name, fn, inp, c, tag in cands:
                     fns = [
-                        lambda q=q, s=s, x=x, c=c, fn=fn: fn(x, q, s, None, c, pdl=pdl)
+                        lambda q=q, s=s, inp=inp, c=c, fn=fn: fn(inp, q, s, None, c, pdl=pdl)
                         for q, s in qs
                     ]
                     if (us := _time_if_it_fits(timer, fns, iters)) is None:
                         continue
-                    note = f"w8a8 {c}" if w8a8 else str(c)
-                    r = Result(label, "triton-sweep", fp8_bytes + 2 * m * (n + k), us, note)
-                    r.extra["config"] = asdict(c) | ({"w8a8": True} if w8a8 else {})
+                    nbytes = fp8_bytes + 2 * m * (n + inp.shape[1])
+                    r = Result(name, "triton-sweep", nbytes, us, f"{tag} {c}".lstrip())
+                    r.extra["config"] = asdict(c) | ({tag: True} if tag else {})
                     res.append(r)
-                if layer == "down" and m == 1:
-                    # SiLU-and-mul on load: each program recomputes SiLU over all of K, so its
-                    # best one-row config need not be the plain GEMV's (s26d: 24.8 us against
-                    # 21.2 at the same config).
-                    label = f"fp8 silu+{layer} {model} m{m} {n}x{k}"
-                    for c in _fp8_sweep_configs(m, smoke):
-                        fns = [
-                            lambda q=q, s=s, gu=gu, c=c: tf.fp8_gemv(
-                                gu, q, s, None, c, silu_mul=True, pdl=pdl
-                            )
-                            for q, s in qs
-                        ]
-                        if (us := _time_if_it_fits(timer, fns, iters)) is None:
-                            continue
-                        r = Result(label, "triton-sweep", fp8_bytes + 2 * m * (n + 2 * k), us,
-                                   f"silu_mul {c}")  # fmt: skip
-                        r.extra["config"] = asdict(c) | {"silu_mul": True}
-                        res.append(r)
         del ws, qs
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -228,12 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         res["profile"] = {m: run(eng, prompts, modes[m], profile=True) for m in modes}
         for m, r in res["profile"].items():
+            # A mean period above the median: a few long steps (stalls).
             cols = ("schedule", "process", "wait", "launch", "text", "step_p50", "step_mean")
-            cols += ("step_max",)  # a mean above the median: a few long steps (stalls)
+            cols += ("step_max", "head")
             shown = [c for c in cols if r.get(c + "_ms") is not None]
-            shown += [c for c in ("head",) if r.get(c + "_ms") is not None]
             line = ", ".join(f"{c} {r[c + '_ms']:.3f}" for c in shown)
-            line += f" ({r.get('head_steps', 0)} steps to a full batch)"
+            if r.get("head_ms") is not None:
+                line += f" ({r['head_steps']} steps to a full batch)"
             print(
                 f"profiled {m:<14} per step (median, ms): {line}; mask fill "
                 f"{r['mask_ms_per_step']:.3f}, accept {r['accept_ms_per_step']:.3f}; GPU waited "
