@@ -155,7 +155,7 @@ def replay_repeats(
 
 def measure(eng: Engine, args: argparse.Namespace, bw: float | None) -> list[dict[str, Any]]:
     r = eng.runner
-    w_bytes = r.weight_bytes
+    w_bytes = r.step_weight_bytes
     kv_tok = r.kv_spec.bytes_per_token
     rows = []
     for bs in args.batch_sizes:
@@ -201,9 +201,11 @@ def measure(eng: Engine, args: argparse.Namespace, bw: float | None) -> list[dic
 
 def print_header(header: dict[str, Any]) -> None:
     bw = header["hbm_bytes_per_s"]
+    read = header.get("step_weight_bytes", header["weight_bytes"])
     print(
         f"decode roofline: {header['model']} ({header['weight_bytes'] / 1e9:.2f} GB "
-        f"{header['dtype']}, KV {header['kv_bytes_per_token']} B/token), "
+        f"{header['dtype']}, {read / 1e9:.2f} GB of them read a step, KV "
+        f"{header['kv_bytes_per_token']} B/token), "
         f"attention={header['attention_backend']}, on {header['device']}"
     )
     ceiling = f"{bw / 1e12:.2f} TB/s" if bw else "not measured (no CUDA)"

@@ -779,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if bw:
         res["ceiling"] = decode_ceiling(
-            wl, r.weight_bytes, r.kv_spec.bytes_per_token, eng.config.max_num_seqs, bw
+            wl, r.step_weight_bytes, r.kv_spec.bytes_per_token, eng.config.max_num_seqs, bw
         )
         rate = measure_gemm_flops(device)
         res["header"]["gemm_flops_per_s"] = rate

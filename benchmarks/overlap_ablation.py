@@ -407,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": dev,
         "hbm_bytes_per_s": bw,
         "weight_bytes": r.weight_bytes,
+        "step_weight_bytes": r.step_weight_bytes,
         "attention_backend": r.settings.attention_backend,
         "dtype": str(r.settings.dtype),
         "prompt_len": args.prompt_len,

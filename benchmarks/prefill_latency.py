@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = graphs.runner.device
     rate = measure_gemm_flops(dev) if dev.type == "cuda" else None
     hbm = measure_hbm_bandwidth(dev) if dev.type == "cuda" else None
-    read_ms = graphs.runner.weight_bytes / hbm * 1e3 if hbm else None
+    read_ms = graphs.runner.step_weight_bytes / hbm * 1e3 if hbm else None
     res: dict[str, Any] = run_header("prefill_latency", str(graphs.model_dir), graphs, hbm)
     res.update(gemm_flops_per_s=rate, settings=vars(args) | {"json": str(args.json)})
     rng = random.Random(0)
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if rate and hbm:
         print(
             f"dense bf16 GEMM rate measured: {rate / 1e12:,.0f} TFLOP/s; HBM {hbm / 1e12:.2f} "
-            f"TB/s: the weights ({graphs.runner.weight_bytes / 1e9:.2f} GB) read in {read_ms:.2f} "
-            "ms",
+            f"TB/s: the weights ({graphs.runner.step_weight_bytes / 1e9:.2f} GB) read in "
+            f"{read_ms:.2f} ms",
             flush=True,
         )
     for n in args.prompt_lens:

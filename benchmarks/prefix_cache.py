@@ -130,7 +130,7 @@ def decode_bound(eng: Engine, workload: str, args: argparse.Namespace, bw: float
     tokens = n * args.output_len
     steps = -(-tokens // min(n, eng.config.max_num_seqs))
     kv = tokens * (mean_prompt + args.output_len / 2) * r.kv_spec.bytes_per_token
-    return tokens / ((steps * r.weight_bytes + kv) / bw)
+    return tokens / ((steps * r.step_weight_bytes + kv) / bw)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             "context_len": args.context_len,
             "hbm_bytes_per_s": bw,
             "weight_bytes": eng.runner.weight_bytes,
+            "step_weight_bytes": eng.runner.step_weight_bytes,
             "results": [],
         }
         for bs in args.batch_sizes:

@@ -79,6 +79,7 @@ def run_header(benchmark: str, model: str, eng: Engine, hbm_bytes_per_s: float |
         "torch": torch.__version__,
         "hbm_bytes_per_s": hbm_bytes_per_s,
         "weight_bytes": r.weight_bytes,
+        "step_weight_bytes": r.step_weight_bytes,
         "kv_bytes_per_token": r.kv_spec.bytes_per_token,
         "dtype": str(r.settings.dtype).removeprefix("torch."),
         "attention_backend": r.settings.attention_backend,
@@ -211,7 +212,7 @@ class DecodeBench:
     def bytes_per_step(self, bs: int) -> int:
         spec = self.r.kv_spec
         kv = bs * self.ctx * spec.bytes_per_token
-        return self.r.weight_bytes + kv
+        return self.r.step_weight_bytes + kv
 
     def eager_ms(self, bs: int, iters: int) -> float:
         from graphrt.sampling import SampleOutputs

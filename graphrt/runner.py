@@ -155,8 +155,15 @@ class ModelRunner:
         else:
             load_safetensors(self.model, model_dir, show_progress=show_progress)
         # Every parameter once (a tied lm_head is the embedding): FP8 weights count one byte a
-        # value plus their fp32 row scales, so MBU figures read the bytes a step really streams.
+        # value plus their fp32 row scales. This is the weights' memory.
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        # What a step streams, the bytes of every MBU figure and roofline: the same, less an
+        # untied input embedding, of which a step gathers one row per token (8 KB for the 8B)
+        # rather than the table (1.05 GB). A tied table is read whole, by the lm_head.
+        embed = self.model.embed_tokens
+        self.step_weight_bytes = self.weight_bytes - (
+            0 if self.model.lm_head is embed else embed.numel() * embed.element_size()
+        )
         logger.info(
             "model %s loaded: %.2f GB of %s%s weights on %s in %.1fs",
             model_cfg.architecture,

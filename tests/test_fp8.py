@@ -147,6 +147,24 @@ def test_weight_bytes_count_fp8_values_and_scales(tiny_model_factory) -> None:
         eng.shutdown()
 
 
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_step_weight_bytes_leave_out_an_untied_embedding(tiny_model_factory, arch) -> None:
+    # The roofline's bytes: a step gathers rows of an untied input embedding (the tiny Llama's)
+    # but reads a tied one whole, as its lm_head (the tiny Qwen2's).
+    src = tiny_model_factory(arch)
+    tensors = load_file(src / "model.safetensors")
+    for quantization in (None, "fp8"):
+        eng = _engine(src, quantization=quantization)
+        try:
+            r = eng.runner
+            embed = 4 * tensors["model.embed_tokens.weight"].numel()  # fp32
+            tied = r.model_cfg.tie_word_embeddings
+            assert tied == (arch == "Qwen2ForCausalLM")
+            assert r.step_weight_bytes == r.weight_bytes - (0 if tied else embed)
+        finally:
+            eng.shutdown()
+
+
 def test_dummy_weights_quantized(tiny_model_factory) -> None:
     eng = _engine(tiny_model_factory(), quantization="fp8", load_format="dummy")
     try:
