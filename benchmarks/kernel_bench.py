@@ -771,6 +771,9 @@ def _bench_norm_linear(timer, ws, model, layer, m, iters, pdl, sweep, smoke) -> 
     def fused(w, c, on):
         return tg.norm_gemv(x, resid, nw, 1e-5, w, None, c, pdl=on)
 
+    def one_pass(w, c, on):
+        return tg.norm_gemv_one_pass(x, resid, nw, 1e-5, w, None, None, c, pdl=on)
+
     res = []
     for on in (False, True) if pdl else (False,):
         sfx = "-pdl" if on else ""
@@ -778,12 +781,61 @@ def _bench_norm_linear(timer, ws, model, layer, m, iters, pdl, sweep, smoke) -> 
         res.append(Result(label, "norm+triton" + sfx, nbytes, timer(fns, iters), "two kernels"))
         fns = [lambda w=w, on=on: fused(w, cfg, on) for w in ws]
         res.append(Result(label, "triton-norm" + sfx, nbytes, timer(fns, iters), str(cfg)))
+        if m == 1:  # the one-pass kernel (the norm's factor after the sum; not bit-equal)
+            fns = [lambda w=w, on=on: one_pass(w, cfg, on) for w in ws]
+            res.append(Result(label, "one-pass" + sfx, nbytes, timer(fns, iters), str(cfg)))
     if sweep:
         # Interpreted (--smoke), narrow programs take seconds a call: one wide config checks it.
         for c in _gemv_sweep_configs(m, smoke)[-1 if smoke else 0 :]:
-            fns = [lambda w=w, c=c: fused(w, c, pdl) for w in ws]
-            r = Result(label, "triton-sweep", nbytes, timer(fns, iters), str(c))
-            r.extra["config"] = asdict(c)
+            kinds = [("", fused)] + ([("one pass ", one_pass)] if m == 1 else [])
+            for tag, fn in kinds:
+                fns = [lambda w=w, c=c, fn=fn: fn(w, c, pdl) for w in ws]
+                r = Result(label, "triton-sweep", nbytes, timer(fns, iters), f"{tag}{c}")
+                r.extra["config"] = asdict(c) | ({"one_pass": True} if tag else {})
+                res.append(r)
+    return res
+
+
+def _bench_fp8_norm_linear(timer, qs, model, layer, x, iters, pdl, sweep, smoke) -> list[Result]:
+    """The pre-norm (residual add included) and the FP8 projection reading it, one row: the
+    norm kernel then the FP8 GEMV (a step's default), against the one-pass kernel a step runs
+    with ``fuse_norms`` (``triton_fp8.add_rms_norm_linear``). Bytes, the same for both rows:
+    FP8 weight and row scales + x, residual and norm weight read + output and new residual
+    written. With ``--sweep``, the one-pass kernel at every one-row config: each program also
+    reads the residual and the norm weight, which may favour wider column blocks."""
+    from graphrt.kernels import triton_fp8 as tf
+    from graphrt.kernels import triton_gemv as tg
+    from graphrt.kernels import triton_ops
+
+    n, k = qs[0][0].shape
+    resid = torch.randn_like(x)
+    nw = (1 + 0.1 * torch.randn(k, device=x.device)).to(x.dtype)
+    nbytes = n * k + 4 * n + x.element_size() * (4 * k + n)
+    label = f"fp8 norm+{layer} {model} m1 {n}x{k}"
+
+    def unfused(q, s):
+        h, _ = triton_ops.fused_add_rms_norm(x, resid, nw, 1e-5, pdl=pdl)  # in place, as a step
+        return tf.fp8_linear(h, q, s, pdl=pdl)
+
+    fns = [lambda q=q, s=s: unfused(q, s) for q, s in qs]
+    res = [Result(label, "norm+fp8", nbytes, timer(fns, iters), "two kernels")]
+    fns = [
+        lambda q=q, s=s: tf.add_rms_norm_linear(x, resid, nw, 1e-5, q, s, pdl=pdl) for q, s in qs
+    ]
+    cfg = tf.fp8_norm_gemv_config(1, n, k)
+    res.append(Result(label, "fp8-norm", nbytes, timer(fns, iters), f"one pass {cfg}"))
+    if sweep:
+        for c in _fp8_sweep_configs(1, smoke):
+            fns = [
+                lambda q=q, s=s, c=c: tg.norm_gemv_one_pass(
+                    x, resid, nw, 1e-5, q, s, None, c, pdl=pdl
+                )
+                for q, s in qs
+            ]
+            if (us := _time_if_it_fits(timer, fns, iters)) is None:
+                continue
+            r = Result(label, "triton-sweep", nbytes, us, f"one pass {c}")
+            r.extra["config"] = asdict(c) | {"one_pass": True}
             res.append(r)
     return res
 
@@ -937,6 +989,8 @@ def bench_fp8(
                 fns = [lambda q=q, s=s, x=x: tf.w8a8_linear(x, q, s, pdl=pdl) for q, s in qs]
                 res.append(Result(label, "w8a8", fp8_bytes + io, timer(fns, iters),
                                   "quantizer + _scaled_mm"))  # fmt: skip
+            if (layer in ("qkv", "gate_up") or smoke) and m == 1:
+                res += _bench_fp8_norm_linear(timer, qs, model, layer, x, iters, pdl, sweep, smoke)
             if layer == "down":
                 label = f"fp8 silu+{layer} {model} m{m} {n}x{k}"
                 io = 2 * m * (n + 2 * k)

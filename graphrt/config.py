@@ -57,6 +57,8 @@ _HELP: dict[str, str] = {
     "logits, then the sampler with token masks), for decode steps with structured-output rows: "
     "their forward runs while the host fills the masks; off, such steps run eagerly (saves "
     "capture time and a [cuda_graph_max_bs, vocab] logits buffer)",
+    "fuse_norms": "fold each pre-norm (residual add included) into the one-row GEMV that reads "
+    "it (qkv, gate/up; bf16 and FP8 weights): one kernel fewer each, for batch-1 steps",
     "pdl": "launch the Triton kernels with programmatic dependent launch where the GPU supports "
     "it (sm_90+): each kernel's launch overlaps the end of the one before",
     "overlap": "'thread': launcher thread, scheduler one step ahead; 'inline': one step ahead "
@@ -110,6 +112,7 @@ class EngineConfig:
     cuda_graph_structured: bool = True
     grammar_threads: int = 0
     json_whitespace: JsonWhitespace = "fixed"
+    fuse_norms: bool = False
     pdl: bool = True
     overlap: OverlapMode = "thread"
     text_thread: bool = True

@@ -60,6 +60,7 @@ class ResolvedSettings:
     attention_backend: str
     ops: str
     pdl: bool  # launch the Triton kernels with programmatic dependent launch
+    fuse_norms: bool  # pre-norms folded into the one-row GEMVs (Triton ops only)
     max_model_len: int
     max_pages_per_seq: int
     num_slots: int
@@ -98,6 +99,7 @@ def resolve_settings(config: EngineConfig, model_cfg: ModelConfig) -> ResolvedSe
         attention_backend=backend,
         ops=ops,
         pdl=config.pdl and ops == "triton" and pdl_supported(device),
+        fuse_norms=config.fuse_norms and ops == "triton",
         max_model_len=max_len,
         max_pages_per_seq=pages,
         num_slots=config.max_num_seqs + 1,  # + the dummy slot
@@ -145,7 +147,7 @@ class ModelRunner:
         s = self.settings = resolve_settings(config, model_cfg)
         self.device = s.device
         t0 = time.perf_counter()
-        self.ops = make_ops(s.ops, pdl=s.pdl)
+        self.ops = make_ops(s.ops, pdl=s.pdl, fuse_norms=s.fuse_norms)
         self.model = build_model(
             model_cfg, self.ops, s.dtype, s.device, s.max_model_len + 1, config.quantization
         )

@@ -39,6 +39,10 @@ class Ops:
     # runs an FP8 GEMV for a few rows and W8A8 (_scaled_mm) for more (kernels.triton_fp8).
     fp8_linear: Callable
     fp8_silu_mul_linear: Callable
+    # ``fp8_add_rms_norm_linear(x, residual, norm_w, eps, weight_fp8, scale, bias)``: as
+    # ``add_rms_norm_linear`` for an FP8 weight; "triton" with ``fuse_norms`` runs one kernel
+    # for one row (triton_gemv.norm_gemv_one_pass).
+    fp8_add_rms_norm_linear: Callable
     # ``argmax(logits, masks=None)``: greedy ids, over the allowed tokens where structured
     # outputs' int32 bitmasks are given; ``apply_token_bitmask(logits, masks)``: the logits with
     # the forbidden tokens at -inf (the full sampler's mask).
@@ -56,10 +60,12 @@ def make_ops(impl: str, pdl: bool = False, fuse_norms: bool = False) -> Ops:
     """The ops of ``impl``. ``pdl`` launches the Triton kernels with programmatic dependent
     launch (:mod:`graphrt.kernels.pdl`); the caller checks the device supports it.
 
-    ``fuse_norms`` folds each pre-norm into the one-row GEMV that reads it
-    (``triton_gemv.norm_gemv``). Off by default: on the H100, Llama-3.2-1B's batch-1 step
-    replayed in 1.094 ms with it and 1.062 ms without, same machine, one after the other
-    (session 23, run s24b; spreads under 0.1%). The fused kernel's programs each normalise the
+    ``fuse_norms`` folds each pre-norm into the one-row GEMV that reads it: plain weights
+    through ``triton_gemv.norm_gemv`` (two passes, the standalone norm's rounding), FP8
+    weights through ``triton_gemv.norm_gemv_one_pass`` (one pass, the norm's factor after the
+    sum). Off by default (``EngineConfig.fuse_norms``): on the H100, Llama-3.2-1B's batch-1
+    step replayed in 1.094 ms with the two-pass kernel and 1.062 ms without, same machine, one
+    after the other (session 23, run s24b; spreads under 0.1%). Its programs each normalise the
     whole row before their columns, work the separate norm kernel does once."""
     if impl == "torch":
         if pdl:
@@ -75,6 +81,7 @@ def make_ops(impl: str, pdl: bool = False, fuse_norms: bool = False) -> Ops:
             silu_mul_linear=reference.silu_mul_linear,
             fp8_linear=reference.fp8_linear,
             fp8_silu_mul_linear=reference.fp8_silu_mul_linear,
+            fp8_add_rms_norm_linear=reference.fp8_add_rms_norm_linear,
             argmax=reference.argmax,
             apply_token_bitmask=reference.apply_token_bitmask,
             load_step_inputs=reference.load_step_inputs,
@@ -103,6 +110,9 @@ def make_ops(impl: str, pdl: bool = False, fuse_norms: bool = False) -> Ops:
             silu_mul_linear=bind(gemv.silu_mul_linear),
             fp8_linear=bind(fp8.fp8_linear),
             fp8_silu_mul_linear=bind(fp8.silu_mul_linear),
+            fp8_add_rms_norm_linear=bind(
+                fp8.add_rms_norm_linear if fuse_norms else fp8.composed_add_rms_norm_linear
+            ),
             argmax=bind(amax.argmax),
             apply_token_bitmask=bind(amax.apply_token_bitmask),
             load_step_inputs=step_io.load_step_inputs,

@@ -62,6 +62,22 @@ def fp8_linear(
     return torch.nn.functional.linear(x, w, bias)
 
 
+def fp8_add_rms_norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_rms_norm_linear` over an fp8 weight and its row scales (:func:`fp8_linear`)."""
+    if residual is None:
+        return fp8_linear(rms_norm(x, norm_weight, eps), weight, scale, bias), x
+    h, summed = fused_add_rms_norm(x, residual, norm_weight, eps)
+    return fp8_linear(h, weight, scale, bias), summed
+
+
 def fp8_silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The down projection over fp8 weights on the gate/up output:
     ``fp8_linear(silu_and_mul(x), weight, scale)``."""

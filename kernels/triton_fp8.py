@@ -49,8 +49,15 @@ import triton.language as tl
 
 from graphrt.kernels import reference
 from graphrt.kernels.pdl import launch_options, pdl_enter, pdl_launch, pdl_wait
-from graphrt.kernels.triton_gemv import NARROW_N, GemvConfig, _load_w, _load_x, _pow2_at_most
-from graphrt.kernels.triton_ops import silu_and_mul
+from graphrt.kernels.triton_gemv import (
+    NARROW_N,
+    GemvConfig,
+    _load_w,
+    _load_x,
+    _pow2_at_most,
+    norm_gemv_one_pass,
+)
+from graphrt.kernels.triton_ops import fused_add_rms_norm, rms_norm, silu_and_mul
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -81,10 +88,20 @@ WIDE_N = 16384
 ONE_ROW_NARROW = GemvConfig(block_n=2, block_k=2048, num_warps=4, num_stages=4)  # N <= 3072
 ONE_ROW_NARROW_SILU = GemvConfig(block_n=4, block_k=2048, num_warps=8, num_stages=4)
 ONE_ROW_WIDE = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=4)
+# The down projection with SiLU-and-mul on load, wide N (s27a, session 26): 21.6 us against
+# 24.4 us on ONE_ROW_WIDE. Each program computes SiLU over the whole gate/up row, so wider
+# column blocks (fewer programs) pay it fewer times.
+ONE_ROW_WIDE_SILU = GemvConfig(block_n=16, block_k=2048, num_warps=8, num_stages=4)
 FEW_ROWS = GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=3, split_k=2)
 FEW_ROWS_WIDE = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3)
 MANY_ROWS = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, swap_ab=True)
 W8A8_WIDE = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)
+# The pre-norm folded into the one-row GEMV (``add_rms_norm_linear``): each program also reads
+# K values of the residual and of the norm weight, so its column blocks are wider than the
+# plain GEMV's, to keep those L2 reads a smaller share of its traffic. Starting points, not yet
+# swept (kernel_bench.py --only fp8 --sweep times them).
+NORM_ONE_ROW_WIDE = GemvConfig(block_n=8, block_k=2048, num_warps=4, num_stages=4)
+NORM_ONE_ROW_NARROW = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=4)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -116,7 +133,10 @@ def fp8_gemv_config(
     if m < 1 or m > FP8_GEMV_MAX_ROWS:
         return None
     if m == 1:
-        cfg = ONE_ROW_WIDE if n > NARROW_N else ONE_ROW_NARROW_SILU if silu_mul else ONE_ROW_NARROW
+        if n > NARROW_N:
+            cfg = ONE_ROW_WIDE_SILU if silu_mul else ONE_ROW_WIDE
+        else:
+            cfg = ONE_ROW_NARROW_SILU if silu_mul else ONE_ROW_NARROW
     elif m <= FEW_ROWS_MAX:
         cfg = FEW_ROWS_WIDE if n >= WIDE_N else FEW_ROWS
     elif n >= WIDE_N and w8a8:
@@ -133,6 +153,15 @@ def fp8_w8a8_gemv_config(m: int, n: int, k: int) -> GemvConfig | None:
     if 1 <= m <= FP8_GEMV_MAX_ROWS and fp8_gemv_config(m, n, k) is None:
         return replace(W8A8_WIDE, block_k=min(W8A8_WIDE.block_k, _pow2_at_most(k)))
     return None
+
+
+def fp8_norm_gemv_config(m: int, n: int, k: int) -> GemvConfig | None:
+    """The config of the pre-norm folded into the GEMV (:func:`add_rms_norm_linear`): one row
+    only; None elsewhere (the norm kernel, then :func:`fp8_linear`)."""
+    if m != 1:
+        return None
+    cfg = NORM_ONE_ROW_WIDE if n > NARROW_N else NORM_ONE_ROW_NARROW
+    return replace(cfg, block_k=min(cfg.block_k, _pow2_at_most(k)))
 
 
 # ---- the GEMV ---------------------------------------------------------------------------------
@@ -579,3 +608,65 @@ def silu_mul_linear(
             return _w8a8(x, weight, scale, None, True, pdl)
     act = silu_and_mul(x, pdl=pdl) if x.is_cuda or _INTERPRET else reference.silu_and_mul(x)
     return fp8_linear(act, weight, scale, pdl=pdl)  # the reference where no kernel fits
+
+
+def composed_add_rms_norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm, then :func:`fp8_linear` on its output: ``(y, x + residual)`` (``rms_norm``
+    and ``x`` itself when ``residual`` is None), the norm on its own kernel."""
+    if not (x.is_cuda or _INTERPRET):
+        return reference.fp8_add_rms_norm_linear(x, residual, norm_weight, eps, weight, scale, bias)
+    if residual is None:
+        h = rms_norm(x, norm_weight, eps, pdl=pdl)
+    else:
+        h, x = fused_add_rms_norm(x, residual, norm_weight, eps, pdl=pdl)
+    return fp8_linear(h, weight, scale, bias, pdl=pdl), x
+
+
+def add_rms_norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`composed_add_rms_norm_linear` in one kernel where one row runs on the FP8 GEMV
+    (:func:`graphrt.kernels.triton_gemv.norm_gemv_one_pass`: the residual add, the norm and
+    the GEMV in one pass over the inputs, the norm's factor applied after the fp32 sum); the
+    norm kernel and the GEMV elsewhere."""
+    one_row = x.dim() == 2 and x.shape[0] == 1
+    if one_row and fp8_supported(x.device) and _norm_operands_fit(x, residual, norm_weight, bias):
+        _check(x, weight, scale, False)
+        cfg = fp8_norm_gemv_config(1, *weight.shape)
+        if cfg is not None:
+            return norm_gemv_one_pass(
+                x, residual, norm_weight, eps, weight, scale, bias, cfg, pdl=pdl
+            )
+    return composed_add_rms_norm_linear(x, residual, norm_weight, eps, weight, scale, bias, pdl=pdl)
+
+
+def _norm_operands_fit(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> bool:
+    # The fused kernel reads every activation-side tensor in x's dtype and shape.
+    if residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape):
+        return False
+    if bias is not None and bias.dtype != x.dtype:
+        return False
+    return norm_weight.dtype == x.dtype and norm_weight.shape == (x.shape[1],)

@@ -477,6 +477,123 @@ def norm_gemv_config(
     return gemv_config(x.shape[0], weight.shape[0], weight.shape[1])
 
 
+@triton.jit
+def _norm_gemv_one_pass_kernel(
+    x_ptr,
+    r_ptr,
+    nw_ptr,
+    w_ptr,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    res_out_ptr,
+    N,
+    K,
+    eps,
+    stride_wn,
+    HAS_RES: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    # One row in one pass: y = (W (s * g)) * rsqrt(mean(s^2) + eps) (* row scale) + b, with
+    # s = x + residual. The norm's factor is one scalar per row, so it can come out of the
+    # dot: each program sums s^2 over the very loads its product uses, and the weight streams
+    # from the first block on. (_norm_gemv_kernel keeps the standalone norm's rounding points
+    # and so needs the factor first: it reads the activations twice, the weight only after.)
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    # Weights, row scales and the norm weight are constant data: loaded before the PDL wait,
+    # while the kernel that writes x finishes.
+    if HAS_SCALE:
+        scale = tl.load(s_ptr + rn, mask=n_mask, other=0.0)
+    w = _load_w(w_ptrs, 0, rk, n_mask, K, EVEN)
+    g = _load_act(nw_ptr + rk, rk < K, EVEN)
+    pdl_wait(USE_PDL)
+    pdl_launch(USE_PDL)
+    s = _residual_sum(x_ptr + rk, r_ptr + rk, rk < K, HAS_RES, EVEN)
+    _store_residual(res_out_ptr + rk, s, rk < K, pid, HAS_RES)
+    sf = s.to(tl.float32)
+    sq = tl.sum(sf * sf, axis=0)
+    acc = tl.sum(w.to(tl.float32) * (sf * g.to(tl.float32))[None, :], axis=1)
+    w_ptrs += BLOCK_K
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        kk = k0 + rk
+        w = _load_w(w_ptrs, k0, rk, n_mask, K, EVEN)
+        g = _load_act(nw_ptr + kk, kk < K, EVEN)
+        s = _residual_sum(x_ptr + kk, r_ptr + kk, kk < K, HAS_RES, EVEN)
+        _store_residual(res_out_ptr + kk, s, kk < K, pid, HAS_RES)
+        sf = s.to(tl.float32)
+        sq += tl.sum(sf * sf, axis=0)
+        acc += tl.sum(w.to(tl.float32) * (sf * g.to(tl.float32))[None, :], axis=1)
+        w_ptrs += BLOCK_K
+    acc = acc * tl.rsqrt(sq / K + eps)
+    if HAS_SCALE:
+        acc = acc * scale
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def norm_gemv_one_pass(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    cfg: GemvConfig,
+    *,
+    pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``add_rms_norm_linear`` for one row in one pass over its inputs, with an explicit
+    config: ``(y, x + residual)`` with ``y = rms_norm(x + residual) @ w.T + bias``, where ``w``
+    is ``weight`` (bf16/fp16/fp32, ``scale`` None) or an e4m3 ``weight`` times its fp32 row
+    ``scale`` (:mod:`graphrt.kernels.triton_fp8`'s layout, upcast in registers).
+
+    The norm's factor is applied after the fp32 sum, so the normed row is never rounded to
+    the activation dtype: the result is within a rounding or so of the composed path, not bit
+    equal to it (:func:`norm_gemv` is). The new residual is rounded where
+    ``fused_add_rms_norm`` rounds it, and is a new tensor (``x`` itself without a residual).
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    if m != 1:
+        raise ValueError(f"norm_gemv_one_pass: one row only, got {m}")
+    if weight.shape[1] != k or norm_weight.shape != (k,):
+        raise ValueError(
+            f"norm_gemv_one_pass: input width {k} does not match weight "
+            f"{tuple(weight.shape)} or norm weight {tuple(norm_weight.shape)}"
+        )
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"norm_gemv_one_pass: residual {tuple(residual.shape)} is not {(m, k)}")
+    if scale is not None and (scale.dtype != torch.float32 or scale.shape != (n,)):
+        raise ValueError(f"norm_gemv_one_pass: want fp32 [{n}] row scales, got {scale.dtype} "
+                         f"{tuple(scale.shape)}")  # fmt: skip
+    x = x if x.stride(1) == 1 else x.contiguous()
+    r = x if residual is None else residual
+    r = r if r.stride(1) == 1 else r.contiguous()
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    res_out = x if residual is None else torch.empty_like(x)
+    even = n % cfg.block_n == 0 and k % cfg.block_k == 0
+    _norm_gemv_one_pass_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, r, norm_weight.contiguous(), weight, scale if scale is not None else x,
+        bias if bias is not None else x, out, res_out, n, k, eps, weight.stride(0),
+        HAS_RES=residual is not None, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN=even, USE_PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl),
+    )  # fmt: skip
+    return out, res_out
+
+
 def composed_add_rms_norm_linear(
     x: torch.Tensor,
     residual: torch.Tensor | None,

@@ -217,7 +217,8 @@ def test_fp8_gemv_config_by_shape() -> None:
     assert cfg(F8.FP8_GEMV_MAX_ROWS + 1, 4096, 4096) is None
     assert cfg(1, 2048, 8192) == F8.ONE_ROW_NARROW  # narrow N: narrow programs
     assert cfg(1, 2048, 8192, silu_mul=True) == F8.ONE_ROW_NARROW_SILU
-    assert cfg(1, 4096, 14336) == cfg(1, 4096, 14336, silu_mul=True) == F8.ONE_ROW_WIDE
+    assert cfg(1, 4096, 14336) == F8.ONE_ROW_WIDE
+    assert cfg(1, 4096, 14336, silu_mul=True) == F8.ONE_ROW_WIDE_SILU
     assert cfg(2, 4096, 4096) == cfg(F8.FEW_ROWS_MAX, 64, 4096) == F8.FEW_ROWS
     assert cfg(2, 28672, 4096) == F8.FEW_ROWS_WIDE  # wide N: enough column blocks, no split
     assert cfg(F8.FEW_ROWS_MAX + 1, 4096, 4096) == F8.MANY_ROWS
@@ -387,6 +388,70 @@ def test_ops_bundles_bind_the_fp8_kernels() -> None:
     assert torch.equal(silu_mul_linear(ref, gu, w), want)
 
 
+def test_add_rms_norm_linear_fuses_one_row() -> None:
+    """One row runs the one-pass kernel at ``fp8_norm_gemv_config``; two rows, or operands of
+    another dtype, the norm kernel then ``fp8_linear``. Both stay within the composed
+    reference's rounding, and the new residual is the reference's."""
+    from graphrt.kernels import triton_gemv as G
+
+    n, k = 48, 64
+    q, s = _weight(n, k, spread=0.5)
+    nw = 1 + 0.1 * torch.randn(k, device=DEV)
+    calls: list[int] = []
+    real = F8.norm_gemv_one_pass
+
+    def spy(*a, **kw):
+        calls.append(a[0].shape[0])
+        return real(*a, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(F8, "norm_gemv_one_pass", spy)
+    try:
+        for m in (1, 2):
+            for res in (True, False):
+                x = torch.randn(m, k, device=DEV)
+                r = torch.randn(m, k, device=DEV) if res else None
+                # The composed path's norm works in place (as in a layer): copies.
+                y, new = F8.add_rms_norm_linear(
+                    x.clone(), None if r is None else r.clone(), nw, 1e-6, q, s
+                )
+                ref_y, ref_new = reference.fp8_add_rms_norm_linear(x, r, nw, 1e-6, q, s)
+                assert torch.equal(new, ref_new)
+                torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
+        # Another dtype for the norm weight: composed, whatever the rows.
+        x = torch.randn(1, k, device=DEV)
+        F8.add_rms_norm_linear(x, None, nw.to(BF16), 1e-6, q, s)
+    finally:
+        mp.undo()
+    assert calls == [1, 1]
+    assert F8.fp8_norm_gemv_config(1, 4096, 4096) == F8.NORM_ONE_ROW_WIDE
+    assert F8.fp8_norm_gemv_config(1, 2048, 2048) == F8.NORM_ONE_ROW_NARROW
+    assert F8.fp8_norm_gemv_config(1, 64, 64).block_k == 64
+    assert F8.fp8_norm_gemv_config(2, 4096, 4096) is None
+    assert F8.norm_gemv_one_pass is G.norm_gemv_one_pass
+
+
+def test_ops_bundles_bind_the_fp8_norm_linear() -> None:
+    from graphrt.kernels.ops import make_ops
+    from graphrt.models.fp8 import Fp8Weight, add_rms_norm_linear
+
+    assert make_ops("torch").fp8_add_rms_norm_linear is reference.fp8_add_rms_norm_linear
+    assert make_ops("triton").fp8_add_rms_norm_linear is F8.composed_add_rms_norm_linear
+    fused = make_ops("triton", fuse_norms=True)
+    assert fused.fp8_add_rms_norm_linear is F8.add_rms_norm_linear
+    # The model-side entry sends an Fp8Weight to the FP8 op, a plain weight to the plain one.
+    w = Fp8Weight(48, 64, DEV)
+    w.load_rows(None, *_weight(48, 64, spread=0.0))
+    x, r, nw = torch.randn(1, 64, device=DEV), torch.randn(1, 64, device=DEV), torch.ones(64)
+    y, _ = add_rms_norm_linear(fused, x, r, nw, 1e-6, w)
+    want, _ = reference.fp8_add_rms_norm_linear(x, r, nw, 1e-6, w.weight, w.weight_scale)
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+    plain = torch.randn(48, 64, device=DEV)
+    y, _ = add_rms_norm_linear(fused, x, r, nw, 1e-6, plain)
+    torch.testing.assert_close(y, reference.add_rms_norm_linear(x, r, nw, 1e-6, plain)[0],
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
 # ---- GPU: real shapes, W8A8, PDL in a graph, a model's graphs against eager --------------------
 
 # (N, K) of Llama-3.1-8B's qkv, o and down, Llama-3.2-1B's qkv and down.
@@ -407,7 +472,7 @@ def test_gpu_fp8_gemv_real_shapes(m, n, k) -> None:
     # are never picked for several rows: with tl.dot's 16-row tiles their block_k asks for more
     # shared memory than the H100 has (288 KB against 227 KB, run X1).
     multi = (F8.FEW_ROWS, F8.FEW_ROWS_WIDE, F8.MANY_ROWS)
-    one = (F8.ONE_ROW_NARROW, F8.ONE_ROW_NARROW_SILU, F8.ONE_ROW_WIDE)  # split K needs rows
+    one = (F8.ONE_ROW_NARROW, F8.ONE_ROW_NARROW_SILU, F8.ONE_ROW_WIDE, F8.ONE_ROW_WIDE_SILU)
     cfgs = one if m == 1 else multi
     for cfg in cfgs:
         _check_linear(F8.fp8_gemv(x, q, s, None, cfg), x, q, s, None, f"{cfg}")
@@ -528,8 +593,51 @@ def test_gpu_fp8_chain_in_graph_is_exact(rows) -> None:
 
 
 @pytest.mark.gpu
+def test_gpu_fp8_norm_chain_in_graph_is_exact() -> None:
+    """A layer's one-row chain with the pre-norms folded into the FP8 GEMV (program 0 writes
+    the new residual; the next fused kernel reads it, one launch later and two), with PDL in a
+    captured graph: bit-identical to the chain launched plainly, on new inputs each replay."""
+    from graphrt.kernels.pdl import pdl_supported
+
+    pdl = pdl_supported(DEV)
+    h, q, inter = 4096, 6144, 14336
+    wqkv, wo = _weight(q, h, 0.5), _weight(h, h, 0.5)
+    wgu, wdn = _weight(2 * inter, h, 0.5), _weight(h, inter, 0.5)
+    nw = (1 + 0.1 * torch.randn(h, device=DEV)).to(BF16)
+    x, r = torch.randn(1, h, device=DEV, dtype=BF16), torch.randn(1, h, device=DEV, dtype=BF16)
+
+    def chain(on: bool) -> list[torch.Tensor]:
+        qkv, s1 = F8.add_rms_norm_linear(x, r, nw, 1e-5, *wqkv, pdl=on)
+        o = F8.fp8_linear(qkv[:, :h], *wo, pdl=on)
+        gu, s2 = F8.add_rms_norm_linear(o, s1, nw, 1e-5, *wgu, pdl=on)
+        d = F8.silu_mul_linear(gu, *wdn, pdl=on)
+        nxt, s3 = F8.add_rms_norm_linear(d, s2, nw, 1e-5, *wqkv, pdl=on)
+        return [qkv, gu, nxt, s3]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(pdl)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain(pdl)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        r.copy_(torch.randn_like(r))
+        want = chain(False)
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for o, w in zip(outs, want):
+            assert torch.equal(o, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse_norms", [False, True])
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
-def test_gpu_fp8_model_graphs_equal_eager(tiny_model_factory, arch) -> None:
+def test_gpu_fp8_model_graphs_equal_eager(tiny_model_factory, arch, fuse_norms) -> None:
     """An FP8 model (quantized at load) gives the same greedy ids from decode graphs as from
     eager steps, at batch sizes on every path (padded buckets included): the one-row GEMV, the
     few-row GEMV (3, 13, 16), and past 16 rows (21, 32) the split-K swapped GEMV beside W8A8
@@ -543,7 +651,7 @@ def test_gpu_fp8_model_graphs_equal_eager(tiny_model_factory, arch) -> None:
     )  # fmt: skip
     buckets = (1, 2, 4, 8, 16, 24, 32)
     common = dict(show_progress=False, dtype="bfloat16", quantization="fp8", max_model_len=256,
-                  overlap="off")  # fmt: skip
+                  overlap="off", fuse_norms=fuse_norms)  # fmt: skip
     graph = Engine(str(d), cuda_graph_batch_sizes=buckets, **common)
     eager = Engine(str(d), cuda_graph_max_bs=0, **common)
     try:

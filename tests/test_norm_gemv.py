@@ -162,6 +162,69 @@ def test_norm_gemv_rejects_mismatched_shapes() -> None:
         GEMV.norm_gemv(x, r.expand(2, 64), nw, EPS, w, None, cfg)
 
 
+# ---- one pass: the norm's factor after the sum, bf16 or FP8 weights -----------------------------
+
+
+def _one_pass_weight(w: torch.Tensor, kind: str):
+    """(weight, row scales or None, the float64 weight the kernel multiplies by)."""
+    if kind == "fp8":
+        from graphrt.models.fp8 import quantize_fp8
+
+        q, sc = quantize_fp8(w.float())
+        return q, sc, q.double() * sc.double()[:, None]
+    return w, None, w.double()
+
+
+def _one_pass_exact(s, nw, w64, b):
+    """float64 of ``norm_gemv_one_pass`` from its rounded new residual ``s`` (the interpreter
+    truncates it, so it is taken from the kernel): the product over the exact normed row, and
+    the magnitudes that bound its fp32 sums' rounding."""
+    s64 = s.double()
+    h = s64 * torch.rsqrt(s64.pow(2).mean(dim=1, keepdim=True) + EPS) * nw.double()
+    bias = 0 if b is None else b.double()
+    return h @ w64.T + bias, h.abs() @ w64.abs().T + (0 if b is None else b.double().abs())
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "fp8"])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize(("n", "k", "block_n", "block_k"), [(64, 128, 8, 32), (40, 56, 16, 32)])
+def test_norm_gemv_one_pass(n, k, block_n, block_k, residual, kind) -> None:
+    """Against float64 over the rounded new residual: the output rounds once (one ulp: the
+    interpreter truncates), the fp32 sums and the fp32 factor add ``K 2^-22`` of the
+    magnitudes. The new residual is the standalone norm kernel's, bit for bit; the inputs are
+    left as they were."""
+    dtype = torch.float32 if kind == "fp32" else BF16
+    x, r, nw, w, b = _case(1, n, k, dtype, residual)
+    wt, scale, w64 = _one_pass_weight(w, kind)
+    cfg = GEMV.GemvConfig(block_n, block_k, 4, 2)
+    for bias in (None, b):
+        x0, r0 = x.clone(), (None if r is None else r.clone())
+        y, s = GEMV.norm_gemv_one_pass(x, r, nw, EPS, wt, scale, bias, cfg)
+        assert torch.equal(x, x0) and (r is None or torch.equal(r, r0))
+        assert y.dtype == dtype and y.shape == (1, n)
+        if r is None:
+            assert s is x
+        else:
+            assert torch.equal(s, T.fused_add_rms_norm(x.clone(), r.clone(), nw, EPS)[1])
+        exact, mag = _one_pass_exact(s, nw, w64, bias)
+        tol = torch.finfo(dtype).eps * exact.abs() + k * 2.0**-22 * mag
+        excess = (y.double() - exact).abs() - tol
+        assert not y.isnan().any() and (excess <= 0).all(), f"worst by {excess.max().item():.3g}"
+
+
+def test_norm_gemv_one_pass_rejects_what_it_cannot_run() -> None:
+    x, r, nw, w, _ = _case(2, 32, 64, torch.float32, True)
+    cfg = GEMV.GemvConfig(8, 32, 4, 2)
+    with pytest.raises(ValueError, match="one row"):
+        GEMV.norm_gemv_one_pass(x, r, nw, EPS, w, None, None, cfg)
+    with pytest.raises(ValueError, match="does not match"):
+        GEMV.norm_gemv_one_pass(x[:1], r[:1], nw[:32], EPS, w, None, None, cfg)
+    with pytest.raises(ValueError, match="residual"):
+        GEMV.norm_gemv_one_pass(x[:1], r, nw, EPS, w, None, None, cfg)
+    with pytest.raises(ValueError, match="row scales"):
+        GEMV.norm_gemv_one_pass(x[:1], r[:1], nw, EPS, w, torch.ones(31), None, cfg)
+
+
 # ---- the op and its dispatch --------------------------------------------------------------------
 
 
@@ -275,7 +338,7 @@ def test_model_decode_through_fused_op_matches_torch_on_cpu(tiny_model_factory, 
             mp.setattr(
                 graphrt.runner,
                 "make_ops",
-                lambda _, pdl=False, i=impl: ops_mod.make_ops(i, fuse_norms=True),
+                lambda _, pdl=False, fuse_norms=False, i=impl: ops_mod.make_ops(i, fuse_norms=True),
             )
             eng = Engine(
                 str(d), show_progress=False, device="cpu", max_model_len=64, max_num_seqs=1
@@ -396,15 +459,7 @@ def test_gpu_model_fused_equals_unfused(tiny_model_factory, monkeypatch, arch) -
         return real_fused(*a, **kw)
 
     monkeypatch.setattr(gemv, "norm_gemv", spy)
-    import graphrt.runner
-    from graphrt.kernels import ops as ops_mod
-
-    # The engine leaves the norms unfused by default (make_ops); this test runs them fused.
-    monkeypatch.setattr(
-        graphrt.runner,
-        "make_ops",
-        lambda impl, pdl=False: ops_mod.make_ops(impl, pdl=pdl, fuse_norms=True),
-    )
+    # The engine leaves the norms unfused by default; fuse_norms runs them fused.
     common = dict(show_progress=False, dtype="bfloat16", max_model_len=256, max_num_seqs=4)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     prompts = [[5, 17, 99, 3, 200, 45, 7], list(range(40, 100)), [1, 2, 3]]
@@ -417,10 +472,9 @@ def test_gpu_model_fused_equals_unfused(tiny_model_factory, monkeypatch, arch) -
         eng.shutdown()
         return outs
 
-    graph = run(cuda_graph_batch_sizes=(1, 2, 4))
-    eager = run(cuda_graph_max_bs=0)
+    graph = run(cuda_graph_batch_sizes=(1, 2, 4), fuse_norms=True)
+    eager = run(cuda_graph_max_bs=0, fuse_norms=True)
     assert rows and set(rows) == {1}
-    monkeypatch.setattr(gemv, "add_rms_norm_linear", gemv.composed_add_rms_norm_linear)
     rows.clear()
     unfused = run(cuda_graph_batch_sizes=(1, 2, 4))
     assert not rows

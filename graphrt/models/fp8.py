@@ -108,3 +108,22 @@ def silu_mul_linear(ops: Ops, x: torch.Tensor, w: torch.Tensor | Fp8Weight) -> t
     if isinstance(w, Fp8Weight):
         return ops.fp8_silu_mul_linear(x, w.weight, w.weight_scale)
     return ops.silu_mul_linear(x, w)
+
+
+def add_rms_norm_linear(
+    ops: Ops,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w: torch.Tensor | Fp8Weight,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear(rms_norm(x + residual)), x + residual)``; with ``residual`` None (the first
+    layer) ``x`` is normed alone and becomes the residual. One kernel for a decode step's row
+    where the bundle was made with ``fuse_norms``, for a plain or an fp8 weight."""
+    if isinstance(w, Fp8Weight):
+        return ops.fp8_add_rms_norm_linear(
+            x, residual, norm_weight, eps, w.weight, w.weight_scale, bias
+        )
+    return ops.add_rms_norm_linear(x, residual, norm_weight, eps, w, bias)

@@ -4,8 +4,9 @@ Q, K and V projections are fused into one matrix and gate/up into another at loa
 layer runs four GEMMs. Linear layers, norms, rotary+KV write and SiLU-and-mul come from the
 ``Ops`` bundle (linear layers through :mod:`graphrt.models.fp8`, which sends FP8 weights to
 ``ops.fp8_linear``); attention from the backend in the ``ForwardBatch``. Each pre-norm and the
-projection reading it (qkv, gate/up) are one op, ``ops.add_rms_norm_linear``, for plain weights
-(one fused kernel only where the bundle was made with ``fuse_norms``).
+projection reading it (qkv, gate/up) are one op, ``ops.add_rms_norm_linear`` or
+``ops.fp8_add_rms_norm_linear`` (one fused kernel only where the bundle was made with
+``fuse_norms``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 
 from graphrt.forward_batch import ForwardBatch
 from graphrt.kernels.ops import Ops
-from graphrt.models.fp8 import Fp8Weight, linear, silu_mul_linear
+from graphrt.models.fp8 import Fp8Weight, add_rms_norm_linear, linear, silu_mul_linear
 from graphrt.models.fp8_checkpoint import Fp8Plan
 from graphrt.models.model_config import ModelConfig, rope_cos_sin
 
@@ -47,27 +48,6 @@ def _linear_weight(
     if flags.pop():
         return Fp8Weight(out_features, in_features, device)
     return _param(out_features, in_features, dtype=dtype, device=device)
-
-
-def _norm_linear(
-    ops: Ops,
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    norm_w: torch.Tensor,
-    eps: float,
-    w: torch.Tensor | Fp8Weight,
-    bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(linear(rms_norm(x + residual)), x + residual)``; with ``residual`` None (the first
-    layer) ``x`` is normed alone and becomes the residual. A plain weight takes
-    ``ops.add_rms_norm_linear`` (one kernel for a decode step's few rows); an FP8 weight the
-    norm, then ``ops.fp8_linear``."""
-    if not isinstance(w, Fp8Weight):
-        return ops.add_rms_norm_linear(x, residual, norm_w, eps, w, bias)
-    if residual is None:
-        return linear(ops, ops.rms_norm(x, norm_w, eps), w, bias), x
-    x, residual = ops.fused_add_rms_norm(x, residual, norm_w, eps)
-    return linear(ops, x, w, bias), residual
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -108,7 +88,7 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         eps = cfg.rms_norm_eps
-        qkv, residual = _norm_linear(
+        qkv, residual = add_rms_norm_linear(
             ops, hidden, residual, self.input_norm, eps, self.qkv_proj, self.qkv_bias
         )
         t = qkv.shape[0]
@@ -132,7 +112,7 @@ class LlamaDecoderLayer(nn.Module):
         )
         attn = backend.forward(q, layer_idx, fb.attn_meta)
         hidden = linear(ops, attn.reshape(t, cfg.q_size), self.o_proj)
-        gate_up, residual = _norm_linear(
+        gate_up, residual = add_rms_norm_linear(
             ops, hidden, residual, self.post_attn_norm, eps, self.gate_up_proj
         )
         hidden = silu_mul_linear(ops, gate_up, self.down_proj)
