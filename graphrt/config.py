@@ -17,6 +17,7 @@ LoadFormat = Literal["auto", "safetensors", "dummy"]
 AttentionBackendName = Literal["auto", "torch", "triton", "flashinfer"]
 JsonWhitespace = Literal["fixed", "flexible"]
 OverlapMode = Literal["thread", "inline", "off", "two_events"]
+FuseNorms = Literal["auto", "on", "off"]
 # Values of ``quantization`` besides None (graphrt.models.fp8_checkpoint.QUANTIZATIONS, kept
 # here too so that reading the config imports no model code).
 QUANTIZATIONS = ("fp8",)
@@ -58,7 +59,8 @@ _HELP: dict[str, str] = {
     "their forward runs while the host fills the masks; off, such steps run eagerly (saves "
     "capture time and a [cuda_graph_max_bs, vocab] logits buffer)",
     "fuse_norms": "fold each pre-norm (residual add included) into the one-row GEMV that reads "
-    "it (qkv, gate/up; bf16 and FP8 weights): one kernel fewer each, for batch-1 steps",
+    "it (qkv, gate/up), one kernel fewer each in batch-1 steps: 'auto' where it measured faster "
+    "(FP8 weights), 'on' for bf16 weights too, 'off' nowhere",
     "pdl": "launch the Triton kernels with programmatic dependent launch where the GPU supports "
     "it (sm_90+): each kernel's launch overlaps the end of the one before",
     "overlap": "'thread': launcher thread, scheduler one step ahead; 'inline': one step ahead "
@@ -112,7 +114,7 @@ class EngineConfig:
     cuda_graph_structured: bool = True
     grammar_threads: int = 0
     json_whitespace: JsonWhitespace = "fixed"
-    fuse_norms: bool = False
+    fuse_norms: FuseNorms = "auto"
     pdl: bool = True
     overlap: OverlapMode = "thread"
     text_thread: bool = True

@@ -60,7 +60,7 @@ class ResolvedSettings:
     attention_backend: str
     ops: str
     pdl: bool  # launch the Triton kernels with programmatic dependent launch
-    fuse_norms: bool  # pre-norms folded into the one-row GEMVs (Triton ops only)
+    fuse_norms: str  # pre-norms folded into the one-row GEMVs: "auto", "on", "off" (Triton)
     max_model_len: int
     max_pages_per_seq: int
     num_slots: int
@@ -99,7 +99,7 @@ def resolve_settings(config: EngineConfig, model_cfg: ModelConfig) -> ResolvedSe
         attention_backend=backend,
         ops=ops,
         pdl=config.pdl and ops == "triton" and pdl_supported(device),
-        fuse_norms=config.fuse_norms and ops == "triton",
+        fuse_norms=config.fuse_norms if ops == "triton" else "off",
         max_model_len=max_len,
         max_pages_per_seq=pages,
         num_slots=config.max_num_seqs + 1,  # + the dummy slot

@@ -26,8 +26,8 @@ class Ops:
     fused_add_rms_norm: Callable
     # ``add_rms_norm_linear(x, residual, norm_w, eps, weight, bias) -> (y, new_residual)``: a
     # pre-norm (``rms_norm`` when ``residual`` is None) and the plain-weight projection reading
-    # it; "triton" with ``fuse_norms`` runs one kernel where ``linear`` would take the GEMV (few
-    # rows), else the norm kernel and then ``linear``.
+    # it; "triton" with ``fuse_norms="on"`` runs one kernel where ``linear`` would take the GEMV
+    # (few rows), else the norm kernel and then ``linear``.
     add_rms_norm_linear: Callable
     silu_and_mul: Callable
     rope_and_store_kv: Callable
@@ -40,8 +40,8 @@ class Ops:
     fp8_linear: Callable
     fp8_silu_mul_linear: Callable
     # ``fp8_add_rms_norm_linear(x, residual, norm_w, eps, weight_fp8, scale, bias)``: as
-    # ``add_rms_norm_linear`` for an FP8 weight; "triton" with ``fuse_norms`` runs one kernel
-    # for one row (triton_gemv.norm_gemv_one_pass).
+    # ``add_rms_norm_linear`` for an FP8 weight; "triton" runs one kernel for one row
+    # (triton_gemv.norm_gemv_one_pass) unless ``fuse_norms="off"``.
     fp8_add_rms_norm_linear: Callable
     # ``argmax(logits, masks=None)``: greedy ids, over the allowed tokens where structured
     # outputs' int32 bitmasks are given; ``apply_token_bitmask(logits, masks)``: the logits with
@@ -56,17 +56,20 @@ class Ops:
     pdl: bool = False
 
 
-def make_ops(impl: str, pdl: bool = False, fuse_norms: bool = False) -> Ops:
+def make_ops(impl: str, pdl: bool = False, fuse_norms: str = "auto") -> Ops:
     """The ops of ``impl``. ``pdl`` launches the Triton kernels with programmatic dependent
     launch (:mod:`graphrt.kernels.pdl`); the caller checks the device supports it.
 
-    ``fuse_norms`` folds each pre-norm into the one-row GEMV that reads it: plain weights
-    through ``triton_gemv.norm_gemv`` (two passes, the standalone norm's rounding), FP8
-    weights through ``triton_gemv.norm_gemv_one_pass`` (one pass, the norm's factor after the
-    sum). Off by default (``EngineConfig.fuse_norms``): on the H100, Llama-3.2-1B's batch-1
-    step replayed in 1.094 ms with the two-pass kernel and 1.062 ms without, same machine, one
-    after the other (session 23, run s24b; spreads under 0.1%). Its programs each normalise the
-    whole row before their columns, work the separate norm kernel does once."""
+    ``fuse_norms`` (``EngineConfig.fuse_norms``) folds each pre-norm into the one-row GEMV that
+    reads it: FP8 weights through ``triton_gemv.norm_gemv_one_pass`` (one pass, the norm's
+    factor after the sum) unless "off"; plain weights through ``triton_gemv.norm_gemv`` (two
+    passes, the standalone norm's rounding) only when "on". Measured on the H100 (same machine,
+    one after the other): Llama-3.1-8B FP8 at batch 1, 3.150 ms a step fused against 3.225
+    unfused (run s27c); Llama-3.2-1B bf16 at batch 1, 1.119 ms with the two-pass kernel against
+    1.077 without (s27b; session 23's s24b: 1.094 against 1.062), whose programs each normalise
+    the whole row before their columns, work the separate norm kernel does once."""
+    if fuse_norms not in ("auto", "on", "off"):
+        raise ValueError(f"fuse_norms must be 'auto', 'on' or 'off', got {fuse_norms!r}")
     if impl == "torch":
         if pdl:
             raise ValueError("pdl needs the 'triton' ops")
@@ -102,7 +105,9 @@ def make_ops(impl: str, pdl: bool = False, fuse_norms: bool = False) -> Ops:
             rms_norm=bind(mod.rms_norm),
             fused_add_rms_norm=bind(mod.fused_add_rms_norm),
             add_rms_norm_linear=bind(
-                gemv.add_rms_norm_linear if fuse_norms else gemv.composed_add_rms_norm_linear
+                gemv.add_rms_norm_linear
+                if fuse_norms == "on"
+                else gemv.composed_add_rms_norm_linear
             ),
             silu_and_mul=bind(mod.silu_and_mul),
             rope_and_store_kv=bind(mod.rope_and_store_kv),
@@ -111,7 +116,7 @@ def make_ops(impl: str, pdl: bool = False, fuse_norms: bool = False) -> Ops:
             fp8_linear=bind(fp8.fp8_linear),
             fp8_silu_mul_linear=bind(fp8.silu_mul_linear),
             fp8_add_rms_norm_linear=bind(
-                fp8.add_rms_norm_linear if fuse_norms else fp8.composed_add_rms_norm_linear
+                fp8.add_rms_norm_linear if fuse_norms != "off" else fp8.composed_add_rms_norm_linear
             ),
             argmax=bind(amax.argmax),
             apply_token_bitmask=bind(amax.apply_token_bitmask),

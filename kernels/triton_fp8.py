@@ -98,10 +98,14 @@ MANY_ROWS = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split
 W8A8_WIDE = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)
 # The pre-norm folded into the one-row GEMV (``add_rms_norm_linear``): each program also reads
 # K values of the residual and of the norm weight, so its column blocks are wider than the
-# plain GEMV's, to keep those L2 reads a smaller share of its traffic. Starting points, not yet
-# swept (kernel_bench.py --only fp8 --sweep times them).
+# plain GEMV's, to keep those L2 reads a smaller share of its traffic. The fastest of s27b's
+# sweep (kernel_bench.py --only fp8 --sweep --gemv-rows 1, median us, norm + GEMV against the
+# norm kernel then the GEMV): Llama-3.1-8B qkv 10.87 against 11.83 (NORM_ONE_ROW), gate/up
+# 40.26 against 40.90 (NORM_ONE_ROW_WIDE, N >= WIDE_N); Llama-3.2-1B qkv 3.28 against 5.24
+# (NORM_ONE_ROW_NARROW), gate/up 12.75 against 14.46 (WIDE; 12.65 for 16 x 1024 blocks).
+NORM_ONE_ROW_NARROW = GemvConfig(block_n=8, block_k=2048, num_warps=4, num_stages=4)
+NORM_ONE_ROW = GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=4)
 NORM_ONE_ROW_WIDE = GemvConfig(block_n=8, block_k=2048, num_warps=4, num_stages=4)
-NORM_ONE_ROW_NARROW = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=4)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -160,7 +164,10 @@ def fp8_norm_gemv_config(m: int, n: int, k: int) -> GemvConfig | None:
     only; None elsewhere (the norm kernel, then :func:`fp8_linear`)."""
     if m != 1:
         return None
-    cfg = NORM_ONE_ROW_WIDE if n > NARROW_N else NORM_ONE_ROW_NARROW
+    if n >= WIDE_N:
+        cfg = NORM_ONE_ROW_WIDE
+    else:
+        cfg = NORM_ONE_ROW if n > NARROW_N else NORM_ONE_ROW_NARROW
     return replace(cfg, block_k=min(cfg.block_k, _pow2_at_most(k)))
 
 

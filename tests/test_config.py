@@ -174,7 +174,7 @@ def test_cli_round_trip_of_non_default_config() -> None:
         cuda_graph_structured=False,
         grammar_threads=3,
         json_whitespace="flexible",
-        fuse_norms=True,
+        fuse_norms="on",
         pdl=False,
         overlap="two_events",
         text_thread=False,

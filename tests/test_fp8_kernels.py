@@ -424,7 +424,8 @@ def test_add_rms_norm_linear_fuses_one_row() -> None:
     finally:
         mp.undo()
     assert calls == [1, 1]
-    assert F8.fp8_norm_gemv_config(1, 4096, 4096) == F8.NORM_ONE_ROW_WIDE
+    assert F8.fp8_norm_gemv_config(1, 28672, 4096) == F8.NORM_ONE_ROW_WIDE
+    assert F8.fp8_norm_gemv_config(1, 6144, 4096) == F8.NORM_ONE_ROW
     assert F8.fp8_norm_gemv_config(1, 2048, 2048) == F8.NORM_ONE_ROW_NARROW
     assert F8.fp8_norm_gemv_config(1, 64, 64).block_k == 64
     assert F8.fp8_norm_gemv_config(2, 4096, 4096) is None
@@ -436,9 +437,15 @@ def test_ops_bundles_bind_the_fp8_norm_linear() -> None:
     from graphrt.models.fp8 import Fp8Weight, add_rms_norm_linear
 
     assert make_ops("torch").fp8_add_rms_norm_linear is reference.fp8_add_rms_norm_linear
-    assert make_ops("triton").fp8_add_rms_norm_linear is F8.composed_add_rms_norm_linear
-    fused = make_ops("triton", fuse_norms=True)
+    # Fused by default ("auto": it measured faster over FP8 weights); "off" composes.
+    assert make_ops("triton", fuse_norms="off").fp8_add_rms_norm_linear is (
+        F8.composed_add_rms_norm_linear
+    )
+    fused = make_ops("triton")
     assert fused.fp8_add_rms_norm_linear is F8.add_rms_norm_linear
+    assert make_ops("triton", fuse_norms="on").fp8_add_rms_norm_linear is F8.add_rms_norm_linear
+    with pytest.raises(ValueError, match="fuse_norms"):
+        make_ops("triton", fuse_norms=True)
     # The model-side entry sends an Fp8Weight to the FP8 op, a plain weight to the plain one.
     w = Fp8Weight(48, 64, DEV)
     w.load_rows(None, *_weight(48, 64, spread=0.0))
@@ -635,7 +642,7 @@ def test_gpu_fp8_norm_chain_in_graph_is_exact() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fuse_norms", [False, True])
+@pytest.mark.parametrize("fuse_norms", ["off", "auto"])
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
 def test_gpu_fp8_model_graphs_equal_eager(tiny_model_factory, arch, fuse_norms) -> None:
     """An FP8 model (quantized at load) gives the same greedy ids from decode graphs as from

@@ -274,7 +274,10 @@ def test_ops_bundles_have_add_rms_norm_linear() -> None:
     assert make_ops("torch").add_rms_norm_linear is reference.add_rms_norm_linear
     # The engine's default: the norm kernel, then linear (the fused kernel measured slower).
     assert make_ops("triton").add_rms_norm_linear is GEMV.composed_add_rms_norm_linear
-    ops = make_ops("triton", fuse_norms=True)
+    assert make_ops("triton", fuse_norms="off").add_rms_norm_linear is (
+        GEMV.composed_add_rms_norm_linear
+    )
+    ops = make_ops("triton", fuse_norms="on")
     assert ops.add_rms_norm_linear is GEMV.add_rms_norm_linear
     x, r, nw, w, b = _case(1, 512, 64, torch.float32, True)
     y, s = ops.add_rms_norm_linear(x, r, nw, EPS, w, b)
@@ -338,7 +341,9 @@ def test_model_decode_through_fused_op_matches_torch_on_cpu(tiny_model_factory, 
             mp.setattr(
                 graphrt.runner,
                 "make_ops",
-                lambda _, pdl=False, fuse_norms=False, i=impl: ops_mod.make_ops(i, fuse_norms=True),
+                lambda _, pdl=False, fuse_norms="auto", i=impl: ops_mod.make_ops(
+                    i, fuse_norms="on"
+                ),
             )
             eng = Engine(
                 str(d), show_progress=False, device="cpu", max_model_len=64, max_num_seqs=1
@@ -387,6 +392,36 @@ def test_gpu_norm_gemv_real_shapes(m, n, k, cfg) -> None:
         y_unfused, _ = _unfused_triton(x, res, nw, w, b, cfg)
         same = (y == y_unfused).float().mean().item()
         assert same >= 0.9, f"only {same:.1%} of outputs equal the unfused kernels'"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+@pytest.mark.parametrize(("n", "k"), [(3072, 2048), (16384, 2048), (6144, 4096), (28672, 4096)])
+def test_gpu_norm_gemv_one_pass_real_shapes(n, k, kind) -> None:
+    """The one-pass kernel at Llama-3.2-1B's and Llama-3.1-8B's qkv and gate/up shapes, at its
+    dispatched FP8 config and the other one-row configs, against float64 over its rounded new
+    residual (which equals the reference's bit for bit: compiled bf16 rounds as torch does).
+    The output rounds once to nearest (half an ulp; one allowed) and the fp32 sums add
+    ``K 2^-22`` of the magnitudes."""
+    from graphrt.kernels import triton_fp8 as F8
+
+    x, r, nw, w, b = _case(1, n, k, BF16, True)
+    wt, scale, w64 = _one_pass_weight(w, kind)
+    cfgs = {F8.fp8_norm_gemv_config(1, n, k), F8.NORM_ONE_ROW_NARROW, F8.NORM_ONE_ROW,
+            F8.NORM_ONE_ROW_WIDE}  # fmt: skip
+    for cfg in cfgs:
+        for res, bias in ((r, None), (None, b)):
+            y, s = GEMV.norm_gemv_one_pass(x, res, nw, EPS, wt, scale, bias, cfg, pdl=True)
+            if res is not None:
+                assert torch.equal(s, reference.fused_add_rms_norm(x, res, nw, EPS)[1])
+            exact, mag = _one_pass_exact(s, nw, w64, bias)
+            tol = torch.finfo(BF16).eps * exact.abs() + k * 2.0**-22 * mag
+            excess = (y.double() - exact).abs() - tol
+            assert not y.isnan().any() and (excess <= 0).all(), f"{cfg}: {excess.max().item():.3g}"
+    if kind == "fp8":  # the dispatch runs the same kernel at its config
+        y, _ = F8.add_rms_norm_linear(x, r, nw, EPS, wt, scale)
+        cfg = F8.fp8_norm_gemv_config(1, n, k)
+        assert torch.equal(y, GEMV.norm_gemv_one_pass(x, r, nw, EPS, wt, scale, None, cfg)[0])
 
 
 @pytest.mark.gpu
@@ -459,7 +494,7 @@ def test_gpu_model_fused_equals_unfused(tiny_model_factory, monkeypatch, arch) -
         return real_fused(*a, **kw)
 
     monkeypatch.setattr(gemv, "norm_gemv", spy)
-    # The engine leaves the norms unfused by default; fuse_norms runs them fused.
+    # The engine leaves bf16 norms unfused by default ("auto"); "on" runs them fused.
     common = dict(show_progress=False, dtype="bfloat16", max_model_len=256, max_num_seqs=4)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     prompts = [[5, 17, 99, 3, 200, 45, 7], list(range(40, 100)), [1, 2, 3]]
@@ -472,8 +507,8 @@ def test_gpu_model_fused_equals_unfused(tiny_model_factory, monkeypatch, arch) -
         eng.shutdown()
         return outs
 
-    graph = run(cuda_graph_batch_sizes=(1, 2, 4), fuse_norms=True)
-    eager = run(cuda_graph_max_bs=0, fuse_norms=True)
+    graph = run(cuda_graph_batch_sizes=(1, 2, 4), fuse_norms="on")
+    eager = run(cuda_graph_max_bs=0, fuse_norms="on")
     assert rows and set(rows) == {1}
     rows.clear()
     unfused = run(cuda_graph_batch_sizes=(1, 2, 4))
