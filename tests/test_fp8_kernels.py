@@ -579,24 +579,34 @@ def test_gpu_fp8_chain_in_graph_is_exact(rows) -> None:
     wgu, wdn = _weight(2 * inter, h, 0.5), _weight(h, inter, 0.5)
     x = torch.randn(rows, h, device=DEV, dtype=BF16)
 
-    def chain(on: bool) -> torch.Tensor:
-        return F8.silu_mul_linear(F8.fp8_linear(x, *wgu, pdl=on), *wdn, pdl=on)
+    def chain(on: bool) -> list[torch.Tensor]:
+        return [F8.silu_mul_linear(F8.fp8_linear(x, *wgu, pdl=on), *wdn, pdl=on)]
 
+    _check_replays_exactly(chain, [x], pdl)
+
+
+def _check_replays_exactly(chain, inputs: list[torch.Tensor], pdl: bool) -> None:
+    """Capture ``chain(pdl)`` in a graph (compiled first, outside the capture); then, three
+    times on new random ``inputs``, its replay equals ``chain(False)`` launched plainly, bit
+    for bit."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        chain(pdl)  # compile outside the capture
+        chain(pdl)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = chain(pdl)
+        outs = chain(pdl)
     for _ in range(3):
-        x.copy_(torch.randn_like(x))
+        for t in inputs:
+            t.copy_(torch.randn_like(t))
         want = chain(False)
-        out.fill_(float("nan"))
+        for o in outs:
+            o.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, want)
+        for o, w in zip(outs, want, strict=True):
+            assert torch.equal(o, w)
 
 
 @pytest.mark.gpu
@@ -621,24 +631,7 @@ def test_gpu_fp8_norm_chain_in_graph_is_exact() -> None:
         nxt, s3 = F8.add_rms_norm_linear(d, s2, nw, 1e-5, *wqkv, pdl=on)
         return [qkv, gu, nxt, s3]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        chain(pdl)  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = chain(pdl)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        r.copy_(torch.randn_like(r))
-        want = chain(False)
-        for o in outs:
-            o.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        for o, w in zip(outs, want):
-            assert torch.equal(o, w)
+    _check_replays_exactly(chain, [x, r], pdl)
 
 
 @pytest.mark.gpu
