@@ -16,12 +16,13 @@ class ForwardBatch:
 
     ``kv_locs[t]`` is the flat KV-cache row (``page * page_size + offset``) where token ``t``'s
     K and V are written. ``logits_rows[b]`` is the index in ``[0, T)`` of the token whose next-token
-    distribution sequence ``b`` samples from (its last new token).
+    distribution sequence ``b`` samples from (its last new token); None when every token is
+    sampled, in order (a decode step: one token per sequence), so the forward gathers nothing.
     """
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     kv_locs: torch.Tensor
-    logits_rows: torch.Tensor
+    logits_rows: torch.Tensor | None
     attn_backend: AttentionBackend
     attn_meta: Any

@@ -520,7 +520,7 @@ class ModelRunner:
             input_ids=input_ids,
             positions=positions,
             kv_locs=kv_locs,
-            logits_rows=torch.arange(slots.shape[0], device=slots.device),
+            logits_rows=None,  # one token a row: every row's logits, no gather
             attn_backend=self.attn,
             attn_meta=attn_meta,
         )

@@ -163,9 +163,11 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(i, hidden, residual, fb, self.cos_sin, self.ops)
-        # Only the sampled rows need the final norm and the lm_head.
-        hidden = hidden.index_select(0, fb.logits_rows)
-        residual = residual.index_select(0, fb.logits_rows)
+        # Only the sampled rows need the final norm and the lm_head (a decode step samples every
+        # row: no gather, two kernels fewer in its graph).
+        if fb.logits_rows is not None:
+            hidden = hidden.index_select(0, fb.logits_rows)
+            residual = residual.index_select(0, fb.logits_rows)
         hidden, _ = self.ops.fused_add_rms_norm(hidden, residual, self.norm, self.cfg.rms_norm_eps)
         return hidden
 
