@@ -239,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"profiled {m:<14} per step (median, ms): {line}; mask fill "
                 f"{r['mask_ms_per_step']:.3f}, accept {r['accept_ms_per_step']:.3f}; GPU waited "
                 f"for the launch in {r.get('late_steps', 0.0) * 100:.0f}% of steps"
+                + (
+                    f", for the masks in {r['masks_late_steps'] * 100:.0f}% of split steps"
+                    if r.get("masks_late_steps") is not None
+                    else ""
+                )
             )
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

@@ -26,7 +26,9 @@ def step_window(window: Sequence[StepRecord]) -> dict[str, float | None]:
     in step order, at least two): the scheduler thread's CPU planning (``schedule_ms``), taking
     the ids (``process_ms``) and on the text side (``text_ms``), its wait for the ids, the
     launcher's time; the share of steps launched after the step before had ended on the GPU
-    (``late_steps``: the GPU waited for the host) and of launches the scheduler waited for
+    (``late_steps``: the GPU waited for the host), of split steps whose sampler was launched
+    after their forward had ended (``masks_late_steps``: the GPU waited for the masks; None
+    without split steps or CUDA events) and of launches the scheduler waited for
     (``yielded_steps``); with CUDA events, the median, mean and longest period between step
     ends (``step_p50_ms``, ``step_mean_ms``, ``step_max_ms``), else None."""
     out: dict[str, float | None] = {
@@ -35,6 +37,8 @@ def step_window(window: Sequence[StepRecord]) -> dict[str, float | None]:
     }
     out["late_steps"] = sum(r.late for r in window[1:]) / (len(window) - 1)
     out["yielded_steps"] = sum(r.yielded for r in window) / len(window)
+    split = [r for r in window if r.mid is not None]
+    out["masks_late_steps"] = sum(r.masks_late for r in split) / len(split) if split else None
     out["step_p50_ms"] = out["step_mean_ms"] = out["step_max_ms"] = None
     if window[0].end is not None:
         torch.cuda.synchronize()

@@ -263,6 +263,11 @@ class StepRecord:
     # waited for the host (the ``end`` - ``start`` gap cannot show it: ``start`` is recorded
     # before the launch's own CPU work).
     late: bool = False
+    # A split step (structured outputs): its forward had ended on the GPU when its sampler was
+    # enqueued, so the GPU waited for the host's masks (``late`` cannot show it: it is set at
+    # the forward's launch). ``mid`` is recorded after the forward.
+    masks_late: bool = False
+    mid: torch.cuda.Event | None = None
     # ``thread`` mode: the step before had finished when the scheduler got its ids and this one
     # was not launched yet, so the scheduler let the launch go first (``Engine._consume``).
     yielded: bool = False
@@ -405,7 +410,12 @@ class Launcher:
         t0 = time.perf_counter()
         if rec.start is not None and not sampler:
             rec.start.record()
+        if sampler and rec.mid is not None:
+            rec.masks_late = rec.mid.query()
         launch(self.runner)
+        if rec.start is not None and not sampler and handle.masked:
+            rec.mid = torch.cuda.Event()
+            rec.mid.record()
         last = sampler or not handle.masked  # this call enqueued the step's end
         if rec.end is not None and last:
             rec.end.record()

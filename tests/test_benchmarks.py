@@ -687,6 +687,7 @@ def test_structured_outputs_benchmark_constrains_every_step(default_model_dir, t
         prof = res["profile"][m]
         assert prof["output_tokens"] == 18 and prof["process_ms"] > 0 and prof["schedule_ms"] > 0
         assert 0 <= prof["late_steps"] <= 1
+        assert prof["masks_late_steps"] is None  # CUDA events only: nothing made up on the CPU
     assert res["profile"]["constrained"]["mask_steps"] == 6
     # The suite's opt-in phase runs this benchmark and tables it.
     suite = _load("gpu_suite")

@@ -539,6 +539,43 @@ def test_a_split_steps_sampler_and_the_next_step_go_out_back_to_back(
     assert behind >= (len(samplers) - 1 if overlap != "off" else 0)
 
 
+@pytest.mark.parametrize("forward_done", [True, False])
+def test_profiler_marks_split_steps_whose_forward_ended_before_the_masks(
+    tiny_byte_model, monkeypatch, forward_done
+) -> None:
+    """``StepRecord.masks_late``: a split step's forward had ended on the GPU when its sampler
+    was launched (the GPU waited for the host's masks). On the CPU, with stand-in CUDA events
+    whose ``query`` says whether the forward is done, every split step is marked, or none."""
+    import torch
+
+    from graphrt.overlap import StepProfiler
+
+    class Event:
+        def __init__(self, *a, **kw) -> None:
+            pass
+
+        def record(self) -> None:
+            pass
+
+        def query(self) -> bool:
+            return forward_done
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    eng = _split_engine(tiny_byte_model, "inline")
+    try:
+        prof = StepProfiler(eng.runner.device)
+        prof.cuda = True  # events, as on a GPU
+        eng.set_profiler(prof)
+        eng.generate(["json: ", "id: ", "pick: ", "x"], _split_params()[:4])
+        eng.set_profiler(None)
+    finally:
+        eng.shutdown()
+    split = [r for r in prof.records.values() if r.mid is not None]
+    assert len(split) > 1
+    assert all(r.masks_late == forward_done for r in split)
+    assert not any(r.masks_late for r in prof.records.values() if r.mid is None)
+
+
 @pytest.mark.parametrize("overlap", ["thread", "inline"])
 def test_shutdown_mid_split_steps_finishes_the_step_launched_ahead(
     tiny_byte_model, overlap
