@@ -2,9 +2,12 @@
 
 Prints top-1 agreement and both perplexities (issue #21's bars: agreement >= 95%, FP8
 perplexity within +3%) and the weight bytes of each. CPU by default (fp32 reference); on a GPU
-pass ``--device cuda`` (bf16 reference).
+pass ``--device cuda`` (bf16 reference); ``--dtype bfloat16`` runs both models in bf16 on the
+CPU too (the issue's reference). ``--floor float32`` also scores the unquantized model against
+itself in that dtype: how far the reference dtype alone moves the tokens.
 
-    python benchmarks/fp8_accuracy.py [--model DIR] [--device cpu|cuda] [--text FILE]
+    python benchmarks/fp8_accuracy.py [--model DIR] [--device cpu|cuda] [--dtype DTYPE]
+        [--floor DTYPE] [--text FILE]
 """
 
 from __future__ import annotations
@@ -27,23 +30,40 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model directory (default: the default model)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument(
+        "--floor",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="also score the unquantized model in --dtype against this dtype",
+    )
     ap.add_argument("--text", type=Path, default=TEXT)
     args = ap.parse_args()
+    runs = [(args.dtype, None), (args.dtype, "fp8")] + ([(args.floor, None)] if args.floor else [])
     results, ids = {}, None
-    for quant in (None, "fp8"):
-        eng = Engine(model=args.model, device=args.device, quantization=quant, max_num_seqs=1)
+    for dt, quant in runs:
+        eng = Engine(
+            model=args.model, device=args.device, dtype=dt, quantization=quant, max_num_seqs=1
+        )
         if ids is None:
             ids = eng.tokenizer.encode(read_text(args.text))
-        results[quant] = (teacher_forced(eng, ids), eng.runner.weight_bytes)
-        dtype = eng.runner.settings.dtype
+        results[dt, quant] = (teacher_forced(eng, ids), eng.runner.weight_bytes)
+        if quant is None and dt == args.dtype:
+            dtype = eng.runner.settings.dtype
         eng.shutdown()
-    (ref, ref_bytes), (fp8, fp8_bytes) = results[None], results["fp8"]
+    (ref, ref_bytes), (fp8, fp8_bytes) = results[args.dtype, None], results[args.dtype, "fp8"]
     print(
         f"fp8 accuracy: {args.text.name}, {len(ref.nll)} positions, reference {dtype}: "
         f"top-1 agreement {fp8.agreement(ref):.2%}, perplexity {ref.perplexity:.4f} -> "
         f"{fp8.perplexity:.4f} ({fp8.perplexity / ref.perplexity - 1:+.2%}); weights "
         f"{ref_bytes / 1e6:.1f} MB -> {fp8_bytes / 1e6:.1f} MB"
     )
+    if args.floor:
+        base = results[args.floor, None][0]
+        print(
+            f"floor: the unquantized model in {dtype} against {args.floor}: top-1 agreement "
+            f"{ref.agreement(base):.2%}, perplexity {ref.perplexity / base.perplexity - 1:+.2%}"
+        )
 
 
 if __name__ == "__main__":
