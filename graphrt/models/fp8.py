@@ -121,7 +121,8 @@ def add_rms_norm_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(linear(rms_norm(x + residual)), x + residual)``; with ``residual`` None (the first
     layer) ``x`` is normed alone and becomes the residual. One kernel for a decode step's row
-    where the bundle was made with ``fuse_norms``, for a plain or an fp8 weight."""
+    where the bundle folds norms (``make_ops``' ``fuse_norms``: FP8 weights by default, plain
+    ones with "on")."""
     if isinstance(w, Fp8Weight):
         return ops.fp8_add_rms_norm_linear(
             x, residual, norm_weight, eps, w.weight, w.weight_scale, bias

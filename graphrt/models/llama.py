@@ -5,8 +5,8 @@ layer runs four GEMMs. Linear layers, norms, rotary+KV write and SiLU-and-mul co
 ``Ops`` bundle (linear layers through :mod:`graphrt.models.fp8`, which sends FP8 weights to
 ``ops.fp8_linear``); attention from the backend in the ``ForwardBatch``. Each pre-norm and the
 projection reading it (qkv, gate/up) are one op, ``ops.add_rms_norm_linear`` or
-``ops.fp8_add_rms_norm_linear`` (one fused kernel only where the bundle was made with
-``fuse_norms``).
+``ops.fp8_add_rms_norm_linear`` (one fused kernel for a decode row where the bundle folds norms:
+``make_ops``' ``fuse_norms``).
 """
 
 from __future__ import annotations
