@@ -42,10 +42,17 @@ def add_rms_norm_linear(
     """A pre-norm and the projection that reads it: ``(linear(h, weight, bias), s)`` with
     ``h, s = fused_add_rms_norm(x, residual, norm_weight, eps)``. With ``residual`` None (a
     model's first layer) ``h = rms_norm(x)`` and ``s`` is ``x``."""
-    if residual is None:
-        return linear(rms_norm(x, norm_weight, eps), weight, bias), x
-    h, summed = fused_add_rms_norm(x, residual, norm_weight, eps)
+    h, summed = _pre_norm(x, residual, norm_weight, eps)
     return linear(h, weight, bias), summed
+
+
+def _pre_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # (normed, new residual): fused_add_rms_norm, or rms_norm with x itself as the residual.
+    if residual is None:
+        return rms_norm(x, norm_weight, eps), x
+    return fused_add_rms_norm(x, residual, norm_weight, eps)
 
 
 def fp8_linear(
@@ -72,9 +79,7 @@ def fp8_add_rms_norm_linear(
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`add_rms_norm_linear` over an fp8 weight and its row scales (:func:`fp8_linear`)."""
-    if residual is None:
-        return fp8_linear(rms_norm(x, norm_weight, eps), weight, scale, bias), x
-    h, summed = fused_add_rms_norm(x, residual, norm_weight, eps)
+    h, summed = _pre_norm(x, residual, norm_weight, eps)
     return fp8_linear(h, weight, scale, bias), summed
 
 

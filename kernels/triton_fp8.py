@@ -56,8 +56,10 @@ from graphrt.kernels.triton_gemv import (
     _load_x,
     _pow2_at_most,
     norm_gemv_one_pass,
+    norm_operands_fit,
+    pre_norm,
 )
-from graphrt.kernels.triton_ops import fused_add_rms_norm, rms_norm, silu_and_mul
+from graphrt.kernels.triton_ops import silu_and_mul
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -632,11 +634,8 @@ def composed_add_rms_norm_linear(
     and ``x`` itself when ``residual`` is None), the norm on its own kernel."""
     if not (x.is_cuda or _INTERPRET):
         return reference.fp8_add_rms_norm_linear(x, residual, norm_weight, eps, weight, scale, bias)
-    if residual is None:
-        h = rms_norm(x, norm_weight, eps, pdl=pdl)
-    else:
-        h, x = fused_add_rms_norm(x, residual, norm_weight, eps, pdl=pdl)
-    return fp8_linear(h, weight, scale, bias, pdl=pdl), x
+    h, residual = pre_norm(x, residual, norm_weight, eps, pdl=pdl)
+    return fp8_linear(h, weight, scale, bias, pdl=pdl), residual
 
 
 def add_rms_norm_linear(
@@ -654,26 +653,11 @@ def add_rms_norm_linear(
     (:func:`graphrt.kernels.triton_gemv.norm_gemv_one_pass`: the residual add, the norm and
     the GEMV in one pass over the inputs, the norm's factor applied after the fp32 sum); the
     norm kernel and the GEMV elsewhere."""
-    one_row = x.dim() == 2 and x.shape[0] == 1
-    if one_row and fp8_supported(x.device) and _norm_operands_fit(x, residual, norm_weight, bias):
-        _check(x, weight, scale, False)
-        cfg = fp8_norm_gemv_config(1, *weight.shape)
+    if fp8_supported(x.device) and norm_operands_fit(x, residual, norm_weight, bias):
+        cfg = fp8_norm_gemv_config(x.shape[0], *weight.shape)
         if cfg is not None:
+            _check(x, weight, scale, False)
             return norm_gemv_one_pass(
                 x, residual, norm_weight, eps, weight, scale, bias, cfg, pdl=pdl
             )
     return composed_add_rms_norm_linear(x, residual, norm_weight, eps, weight, scale, bias, pdl=pdl)
-
-
-def _norm_operands_fit(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    norm_weight: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> bool:
-    # The fused kernel reads every activation-side tensor in x's dtype and shape.
-    if residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape):
-        return False
-    if bias is not None and bias.dtype != x.dtype:
-        return False
-    return norm_weight.dtype == x.dtype and norm_weight.shape == (x.shape[1],)

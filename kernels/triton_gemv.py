@@ -466,15 +466,27 @@ def norm_gemv_config(
     norm and ``linear`` apart: ``linear``'s own choice (:func:`gemv_config`) for the shape, so
     the two paths run the same GEMV, where every tensor is 2-D (the norm weight 1-D) of one
     dtype. Shapes and dtypes only, so the choice is fixed per captured graph."""
-    if any(t is not None and t.dtype != x.dtype for t in (residual, norm_weight, weight, bias)):
+    if not norm_operands_fit(x, residual, norm_weight, bias):
         return None
-    if x.dim() != 2 or weight.dim() != 2:
-        return None
-    if residual is not None and residual.shape != x.shape:
-        return None
-    if norm_weight.shape != (x.shape[1],) or weight.shape[1] != x.shape[1]:
+    if weight.dtype != x.dtype or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         return None
     return gemv_config(x.shape[0], weight.shape[0], weight.shape[1])
+
+
+def norm_operands_fit(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> bool:
+    """Whether the fused norm + GEMV kernels take these activation-side operands: ``x`` 2-D,
+    the residual (if any) of its shape, the norm weight ``[K]``, all of ``x``'s dtype, as is
+    the bias (the weight is the caller's to check: plain or e4m3)."""
+    if x.dim() != 2 or norm_weight.shape != (x.shape[1],):
+        return False
+    if residual is not None and residual.shape != x.shape:
+        return False
+    return all(t is None or t.dtype == x.dtype for t in (residual, norm_weight, bias))
 
 
 @triton.jit
@@ -604,12 +616,25 @@ def composed_add_rms_norm_linear(
     *,
     pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unfused path of :func:`add_rms_norm_linear`: the norm kernel (``fused_add_rms_norm``,
-    in place where it can be, or ``rms_norm``), then ``linear``."""
-    if residual is None:
-        return linear(rms_norm(x, norm_weight, eps, pdl=pdl), weight, bias, pdl=pdl), x
-    h, residual = fused_add_rms_norm(x, residual, norm_weight, eps, pdl=pdl)
+    """The unfused path of :func:`add_rms_norm_linear`: :func:`pre_norm`, then ``linear``."""
+    h, residual = pre_norm(x, residual, norm_weight, eps, pdl=pdl)
     return linear(h, weight, bias, pdl=pdl), residual
+
+
+def pre_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    *,
+    pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's pre-norm on its own kernel: ``(normed, new residual)``, by
+    ``fused_add_rms_norm`` (in place where it can be) or, with ``residual`` None, ``rms_norm``
+    with ``x`` as the new residual. The unfused half of every norm + projection op."""
+    if residual is None:
+        return rms_norm(x, norm_weight, eps, pdl=pdl), x
+    return fused_add_rms_norm(x, residual, norm_weight, eps, pdl=pdl)
 
 
 def add_rms_norm_linear(
