@@ -451,8 +451,6 @@ def bench_decode(
     res.append(triton_result(base, "triton"))
     if case.batch < 32:
         res.append(triton_result(replace(base, num_splits=1), "triton-1split"))
-        # The split-K merge as a second kernel, as before the merge moved into the kernel.
-        res.append(triton_result(replace(base, fused_merge=False), "triton-merge-kernel"))
     if sweep:
         best = res[0]
         for bn in (32, 64, 128):
