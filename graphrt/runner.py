@@ -499,13 +499,15 @@ class ModelRunner:
         table. ``capture_bs`` marks graph capture (backends then build static metadata).
         ``seq_lens_host`` is given on eager steps, for backends that plan on the host.
         """
-        input_ids, page_rows, kv_locs, lens = self.ops.decode_gather(
-            self.token_buf, self.page_table, slots, positions, seq_lens, self.config.page_size
-        )
+        ps = self.config.page_size
+        input_ids = self.token_buf.index_select(0, slots)
+        page_rows = self.page_table.index_select(0, slots)
+        page = page_rows.gather(1, (positions // ps)[:, None])[:, 0].to(torch.int64)
+        kv_locs = page * ps + positions % ps
         if attn_meta is None:
             inputs = AttnInputs(
                 is_decode=True,
-                seq_lens=lens,
+                seq_lens=seq_lens.to(torch.int32),
                 page_rows=page_rows,
                 kv_len_bound=kv_len_bound,
                 seq_lens_host=seq_lens_host,

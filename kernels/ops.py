@@ -53,10 +53,6 @@ class Ops:
     # (kernels.triton_step_io).
     load_step_inputs: Callable
     store_step_ids: Callable
-    # ``decode_gather(token_buf, page_table, slots, positions, seq_lens, page_size) ->
-    # (input_ids, page_rows, kv_locs, seq_lens_i32)``: a decode step's per-row inputs, gathered
-    # by slot (reference.decode_gather; "triton": one kernel).
-    decode_gather: Callable
     pdl: bool = False
 
 
@@ -93,7 +89,6 @@ def make_ops(impl: str, pdl: bool = False, fuse_norms: str = "auto") -> Ops:
             apply_token_bitmask=reference.apply_token_bitmask,
             load_step_inputs=reference.load_step_inputs,
             store_step_ids=reference.store_step_ids,
-            decode_gather=reference.decode_gather,
         )
     if impl == "triton":
         mod = importlib.import_module("graphrt.kernels.triton_ops")
@@ -127,7 +122,6 @@ def make_ops(impl: str, pdl: bool = False, fuse_norms: str = "auto") -> Ops:
             apply_token_bitmask=bind(amax.apply_token_bitmask),
             load_step_inputs=step_io.load_step_inputs,
             store_step_ids=step_io.store_step_ids,
-            decode_gather=bind(step_io.decode_gather),
             pdl=pdl,
         )
     raise ValueError(f"unknown op implementation {impl!r}; choose 'torch' or 'triton'")

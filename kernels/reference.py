@@ -154,25 +154,6 @@ def scatter_page_updates(page_table: torch.Tensor, updates: torch.Tensor) -> Non
     flat.index_put_((idx,), val)
 
 
-def decode_gather(
-    token_buf: torch.Tensor,
-    page_table: torch.Tensor,
-    slots: torch.Tensor,
-    positions: torch.Tensor,
-    seq_lens: torch.Tensor,
-    page_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decode step's per-row inputs, gathered by slot: ``(input_ids, page_rows, kv_locs,
-    seq_lens)`` = each row's last token (``token_buf[slot]``), its page-table row, the flat
-    cache row its new token goes to (``page_rows[pos // page_size] * page_size + pos %
-    page_size``, int64) and its KV length as int32."""
-    input_ids = token_buf.index_select(0, slots)
-    page_rows = page_table.index_select(0, slots)
-    page = page_rows.gather(1, (positions // page_size)[:, None])[:, 0].to(torch.int64)
-    kv_locs = page * page_size + positions % page_size
-    return input_ids, page_rows, kv_locs, seq_lens.to(torch.int32)
-
-
 def load_step_inputs(
     ring: torch.Tensor,
     pos: torch.Tensor,

@@ -26,8 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from graphrt.kernels.pdl import launch_options, pdl_enter
-
 _BLOCK = 256
 # Columns per program of the load: four programs at batch 256, each reading 1.5 KB of host
 # memory, so the PCIe reads of a step are in flight together.
@@ -142,73 +140,3 @@ def store_step_ids(ids: torch.Tensor, ring_ids: torch.Tensor, pos: torch.Tensor)
         ring_ids.shape[1] - 1,
         BLOCK=_BLOCK,
     )
-
-
-@triton.jit
-def _decode_gather_kernel(
-    token_buf_ptr,
-    table_ptr,
-    slots_ptr,
-    pos_ptr,
-    seq_lens_ptr,
-    ids_ptr,
-    page_rows_ptr,
-    locs_ptr,
-    lens_ptr,
-    width,
-    stride_table,
-    stride_rows,
-    PAGE_SIZE: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    pdl_enter(USE_PDL)
-    b = tl.program_id(0)
-    slot = tl.load(slots_ptr + b).to(tl.int64)
-    pos = tl.load(pos_ptr + b).to(tl.int64)
-    table_row = table_ptr + slot * stride_table
-    tl.store(ids_ptr + b, tl.load(token_buf_ptr + slot))
-    page = tl.load(table_row + pos // PAGE_SIZE).to(tl.int64)
-    tl.store(locs_ptr + b, page * PAGE_SIZE + pos % PAGE_SIZE)
-    tl.store(lens_ptr + b, tl.load(seq_lens_ptr + b).to(tl.int32))
-    w = tl.arange(0, BLOCK_W)
-    for w0 in range(0, width, BLOCK_W):
-        m = w0 + w < width
-        row = tl.load(table_row + w0 + w, mask=m)
-        tl.store(page_rows_ptr + b.to(tl.int64) * stride_rows + w0 + w, row, mask=m)
-
-
-def decode_gather(
-    token_buf: torch.Tensor,
-    page_table: torch.Tensor,
-    slots: torch.Tensor,
-    positions: torch.Tensor,
-    seq_lens: torch.Tensor,
-    page_size: int,
-    *,
-    pdl: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`graphrt.kernels.reference.decode_gather` in one kernel (one program per row),
-    where torch takes nine: a decode graph's prologue was ~13 us of small kernels at batch 1 on
-    an H100. Capturable."""
-    bsz = slots.shape[0]
-    width = page_table.shape[1]
-    dev = slots.device
-    input_ids = torch.empty(bsz, dtype=token_buf.dtype, device=dev)
-    page_rows = torch.empty(bsz, width, dtype=page_table.dtype, device=dev)
-    kv_locs = torch.empty(bsz, dtype=torch.int64, device=dev)
-    lens = torch.empty(bsz, dtype=torch.int32, device=dev)
-    if bsz == 0:
-        return input_ids, page_rows, kv_locs, lens
-    for name, x in (("slots", slots), ("positions", positions), ("seq_lens", seq_lens)):
-        if x.dim() != 1 or x.stride(0) != 1:
-            raise ValueError(f"decode_gather needs a unit-stride 1-D {name}")
-    if page_table.stride(1) != 1 or token_buf.dim() != 1:
-        raise ValueError("decode_gather needs unit-stride page-table rows and a 1-D token buffer")
-    _decode_gather_kernel[(bsz,)](
-        token_buf, page_table, slots, positions, seq_lens, input_ids, page_rows, kv_locs, lens,
-        width, page_table.stride(0), page_rows.stride(0),
-        PAGE_SIZE=page_size, BLOCK_W=min(1024, triton.next_power_of_2(width)), USE_PDL=pdl,
-        num_warps=1, **launch_options(pdl),
-    )  # fmt: skip
-    return input_ids, page_rows, kv_locs, lens

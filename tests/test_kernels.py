@@ -258,25 +258,6 @@ def _host_ring(t: torch.Tensor) -> torch.Tensor:
     return device_view(t.pin_memory(), DEV)
 
 
-@pytest.mark.parametrize(("rows", "width", "page_size"), [(1, 5, 16), (7, 1500, 1), (33, 64, 16)])
-def test_decode_gather(rows: int, width: int, page_size: int) -> None:
-    """A decode step's gathers by slot in one kernel, against the torch ops it replaces; rows
-    share slots (padding rows all point at slot 0), page-table rows wider than one block."""
-    slots = 50
-    token_buf = torch.randint(0, 100000, (slots,), dtype=torch.int64, device=DEV)
-    table = torch.randint(0, 2**20, (slots, width), dtype=torch.int32, device=DEV)
-    inputs = torch.zeros(3, rows + 4, dtype=torch.int64, device=DEV)  # rows of a [ROWS, W] slab
-    inputs[0, :rows] = torch.randint(0, slots, (rows,))
-    inputs[0, rows - 1] = 0
-    inputs[1, :rows] = torch.randint(0, width * page_size, (rows,))
-    inputs[2, :rows] = inputs[1, :rows] + 1
-    args = (token_buf, table, inputs[0, :rows], inputs[1, :rows], inputs[2, :rows], page_size)
-    got = STEP_IO.decode_gather(*args)
-    want = reference.decode_gather(*args)
-    for g, w in zip(got, want, strict=True):
-        assert g.dtype == w.dtype and torch.equal(g, w)
-
-
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize(("n", "pos"), [(1, 0), (5, 6), (300, 3), (320, 9)])
 def test_step_io_ring(impl: str, n: int, pos: int) -> None:
