@@ -3,17 +3,10 @@
 Decode reads each KV head once for all the query heads that share it: one program owns a
 ``(row, kv head, split)`` triple and multiplies a ``[group, D]`` query tile against ``[BLOCK_N,
 D]`` K/V tiles gathered page by page. Long contexts are split over several programs (split-K):
-each split writes its normalised partial output and its log-sum-exp, and the last split of a
-``(row, KV head)`` to finish (an atomic count per pair, left at zero) merges them, or with
-``fused_merge=False`` a second kernel does. The split count is a launch constant, fixed per
-decode bucket when graphs are captured, and the split *length* is derived on the device from
-each row's length, so a graph captured once serves any context. Partial results live in
-buffers sized in ``init_capture_graph``.
-
-On decode steps the kernel also takes the step's unrotated q/k/v (``rope_store_attend``): each
-program rotates its query heads, and the program whose split holds the new token rotates its
-K and writes K and V into the cache before reading them. A decode layer's attention is then one
-kernel where there were three (rotary and K/V write, attention, merge).
+stage 1 writes each split's normalised partial output and its log-sum-exp, stage 2 merges them.
+The split count is a launch constant, fixed per decode bucket when graphs are captured, and
+the split *length* is derived on the device from each row's length, so a graph captured once
+serves any context. Partial results live in buffers sized in ``init_capture_graph``.
 
 Extend (prefill, chunked prefill, mixed steps) runs a flash-attention loop per ``(query block,
 sequence, kv head)``; the rows of a query block are ``(token, q head)`` pairs of one KV head so
@@ -265,12 +258,12 @@ def _decode_kernel(
         tl.store(lse_row + split, lse, mask=gmask)
         if FUSED_MERGE:
             n_valid = tl.maximum(tl.cdiv(seq_len, per), 1)
-            count_ptr = sem_ptr + b.to(tl.int64) * stride_sb + kvh
+            sem = sem_ptr + b.to(tl.int64) * stride_sb + kvh
             # Every thread's partial is written before one thread releases the count (the
             # semaphore pattern: CTA barrier, then a gpu-scope release); the program that
             # takes the last count acquires all the others' partials.
             tl.debug_barrier()
-            done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+            done = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
             if done == n_valid - 1:
                 tl.debug_barrier()
                 _merge_group(
@@ -280,7 +273,7 @@ def _decode_kernel(
                 )  # fmt: skip
                 # Reset for the next layer's launch (or the graph's next replay): every split
                 # of this row has counted by now.
-                tl.store(count_ptr, 0)
+                tl.store(sem, 0)
 
 
 @triton.jit
