@@ -1,11 +1,8 @@
 """The attention backend interface and its registry.
 
-A backend computes paged attention for one layer. ``forward`` writes nothing but its output:
-the K/V of the step's new tokens are already in the cache (see ``rope_and_store_kv``). A layer
-calls ``rope_store_attend``, which by default runs the rotary and the K/V write, then
-``forward``; a backend may fold them into its kernel (the Triton backend does on decode steps).
-Backends differ in how they prepare per-step metadata, so the interface has explicit capture
-hooks:
+A backend computes paged attention for one layer and writes nothing but its output: the K/V of
+the step's new tokens are already in the cache (see ``rope_and_store_kv``). Backends differ in
+how they prepare per-step metadata, so the interface has explicit capture hooks:
 
 - ``prepare_metadata``: eager steps (prefill, mixed, batches above the largest graph);
 - ``init_capture_graph``: allocate static metadata buffers once, for the largest bucket;
@@ -20,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,34 +104,6 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, q: torch.Tensor, layer: int, meta: Any) -> torch.Tensor:
         """``q``: ``[T, Hq, D]`` (rotated). Returns ``[T, Hq, D]``."""
-
-    def rope_store_attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin: torch.Tensor,
-        kv_locs: torch.Tensor,
-        layer: int,
-        meta: Any,
-        rope_and_store_kv: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-    ) -> torch.Tensor:
-        """A layer's attention from its unrotated ``q``/``k``/``v`` (``[T, H, D]``): the rotary,
-        the new K/V written at ``kv_locs``, then :meth:`forward`. Here ``rope_and_store_kv``
-        (the model's op) does the first two; a backend may do all three in fewer kernels."""
-        hkv, dim = k.shape[1], k.shape[2]
-        q, _ = rope_and_store_kv(
-            q,
-            k,
-            v,
-            positions,
-            cos_sin,
-            self.k_caches[layer].view(-1, hkv, dim),
-            self.v_caches[layer].view(-1, hkv, dim),
-            kv_locs,
-        )
-        return self.forward(q, layer, meta)
 
 
 _BACKENDS = {

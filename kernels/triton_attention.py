@@ -15,7 +15,6 @@ K/V tiles are shared by the group here too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +24,6 @@ import triton.language as tl
 
 from graphrt.kernels.attention_backend import AttentionBackend, AttentionSpec, AttnInputs
 from graphrt.kernels.pdl import launch_options, pdl_enter
-from graphrt.kernels.triton_ops import rope_cos_sin, rope_halves
 
 _LOG2E = 1.4426950408889634
 
@@ -47,14 +45,6 @@ class TritonAttentionConfig:
     ctas_per_sm: int = 4
     max_splits: int = 32
     num_splits: int | None = None
-    # Split-K decode merges in the kernel: the last split of a (row, KV head) to finish, told by
-    # an atomic counter, combines the partials. False launches the separate merge kernel, one
-    # more launch per layer (about 2 us each at batch 1 on an H100, where a decode step is a
-    # chain of ~200 short kernels).
-    fused_merge: bool = True
-    # Decode steps rotate q and k and write the new K/V inside the attention kernel
-    # (``rope_store_attend``) instead of a rotary kernel before it: one launch fewer per layer.
-    fused_rope: bool = True
     extend_block_m: int = 128
     extend_block_n: int = 32
     extend_warps: int = 4
@@ -106,12 +96,6 @@ def _decode_kernel(
     out_ptr,
     mid_o_ptr,
     mid_lse_ptr,
-    sem_ptr,
-    k_new_ptr,
-    v_new_ptr,
-    pos_ptr,
-    cos_sin_ptr,
-    locs_ptr,
     stride_qb,
     stride_qh,
     stride_kt,
@@ -124,12 +108,6 @@ def _decode_kernel(
     stride_ms,
     stride_lb,
     stride_lh,
-    stride_sb,
-    stride_knb,
-    stride_knh,
-    stride_vnb,
-    stride_vnh,
-    stride_cs,
     scale_log2,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -142,10 +120,6 @@ def _decode_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
     VARLEN: tl.constexpr,
-    FUSED_MERGE: tl.constexpr,
-    ROPE: tl.constexpr,
-    HALF: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
 ):
     # Before the early return below: a PDL kernel must not complete before the one it follows.
     pdl_enter(USE_PDL)
@@ -162,69 +136,25 @@ def _decode_kernel(
     start = split * per
     end = tl.minimum(start + per, seq_len)
     if NUM_SPLITS > 1:  # noqa: SIM102 - a constexpr test; the inner one is a runtime branch
-        # The merge reads only splits that hold tokens. With the merge fused (or the new K/V
-        # written here), split 0 of an empty row still runs, so that some program writes the
-        # row's zeros (and its K/V).
-        if start >= end and (not (FUSED_MERGE or ROPE) or split > 0):
-            return
+        if start >= end:
+            return  # the merge reads only splits that hold tokens
 
     g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
     gmask = g < GROUP
+    dmask = d < HEAD_DIM
     heads = kvh * GROUP + g
-    head_off = kvh * stride_kh
-    if ROPE:
-        # Unrotated q, k, v of this step. The tile's columns hold the two rotary halves, each
-        # padded to BLOCK_HALF: column c is dim (c // BLOCK_HALF) * HALF + c % BLOCK_HALF.
-        c = tl.arange(0, BLOCK_D)
-        d = (c // BLOCK_HALF) * HALF + c % BLOCK_HALF
-        dmask = (c % BLOCK_HALF) < HALF
-        i = tl.arange(0, BLOCK_HALF)
-        imask = i < HALF
-        cos, sin = rope_cos_sin(
-            cos_sin_ptr, tl.load(pos_ptr + b).to(tl.int64), stride_cs, i, imask, q_ptr, HALF
-        )
-        q_row = q_ptr + tok.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + i[None, :]
-        qmask = gmask[:, None] & imask[None, :]
-        q1, q2 = rope_halves(
-            tl.load(q_row, mask=qmask, other=0.0),
-            tl.load(q_row + HALF, mask=qmask, other=0.0),
-            cos[None, :],
-            sin[None, :],
-        )
-        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_G, BLOCK_D))
-        # The new token (position seq_len - 1) is in the last split that holds tokens; only
-        # that program reads it, so it writes it, and a CTA barrier makes the write visible to
-        # its own loads below.
-        if split == tl.maximum(tl.cdiv(seq_len, per), 1) - 1:
-            loc = tl.load(locs_ptr + b).to(tl.int64)
-            k_row = k_new_ptr + b.to(tl.int64) * stride_knb + kvh * stride_knh + i
-            k1, k2 = rope_halves(
-                tl.load(k_row, mask=imask, other=0.0),
-                tl.load(k_row + HALF, mask=imask, other=0.0),
-                cos,
-                sin,
-            )
-            k_dst = k_ptr + loc * stride_kt + head_off + i
-            tl.store(k_dst, k1.to(k_ptr.dtype.element_ty), mask=imask)
-            tl.store(k_dst + HALF, k2.to(k_ptr.dtype.element_ty), mask=imask)
-            v_src = v_new_ptr + b.to(tl.int64) * stride_vnb + kvh * stride_vnh + d
-            v_new = tl.load(v_src, mask=dmask, other=0.0)
-            tl.store(v_ptr + loc * stride_kt + head_off + d, v_new.to(v_ptr.dtype.element_ty),
-                     mask=dmask)  # fmt: skip
-            tl.debug_barrier()
-    else:
-        d = tl.arange(0, BLOCK_D)
-        dmask = d < HEAD_DIM
-        q = tl.load(
-            q_ptr + tok.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
-            mask=gmask[:, None] & dmask[None, :],
-            other=0.0,
-        )
+    q = tl.load(
+        q_ptr + tok.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        mask=gmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     offs = tl.arange(0, BLOCK_N)
     row_pages = page_rows_ptr + b.to(tl.int64) * stride_pr
+    head_off = kvh * stride_kh
     for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         pos = n0 + offs
         pmask = pos < end
@@ -254,69 +184,8 @@ def _decode_kernel(
         mid = mid_o_ptr + b.to(tl.int64) * stride_mb + split * stride_ms
         tl.store(mid + heads[:, None] * stride_mh + d[None, :], o, mask=omask)
         lse = m_i + tl.log2(safe_l)
-        lse_row = mid_lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh
-        tl.store(lse_row + split, lse, mask=gmask)
-        if FUSED_MERGE:
-            n_valid = tl.maximum(tl.cdiv(seq_len, per), 1)
-            sem = sem_ptr + b.to(tl.int64) * stride_sb + kvh
-            # Every thread's partial is written before one thread releases the count (the
-            # semaphore pattern: CTA barrier, then a gpu-scope release); the program that
-            # takes the last count acquires all the others' partials.
-            tl.debug_barrier()
-            done = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
-            if done == n_valid - 1:
-                tl.debug_barrier()
-                _merge_group(
-                    mid_o_ptr + b.to(tl.int64) * stride_mb, lse_row,
-                    out_ptr + tok.to(tl.int64) * stride_ob, heads, g, d, gmask, dmask, n_valid,
-                    stride_mh, stride_ms, stride_oh, BLOCK_G, BLOCK_D,
-                )  # fmt: skip
-                # Reset for the next layer's launch (or the graph's next replay): every split
-                # of this row has counted by now.
-                tl.store(sem, 0)
-
-
-@triton.jit
-def _merge_group(
-    mid_row,
-    lse_row,
-    out_row,
-    heads,
-    g,
-    d,
-    gmask,
-    dmask,
-    n_valid,
-    stride_mh,
-    stride_ms,
-    stride_oh,
-    BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # Combine one KV head's query heads over the row's splits, by their log-sum-exps (base 2).
-    # Loads bypass L1 (.cg): the partials were written by other programs.
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    den = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    omask = gmask[:, None] & dmask[None, :]
-    for s in range(0, n_valid):
-        lse = tl.load(lse_row + s, mask=gmask, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(
-            mid_row + s * stride_ms + heads[:, None] * stride_mh + d[None, :],
-            mask=omask,
-            other=0.0,
-            cache_modifier=".cg",
-        )
-        m_new = tl.maximum(m, lse)
-        base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - base)
-        w = tl.exp2(lse - base)
-        den = den * alpha + w
-        acc = acc * alpha[:, None] + o * w[:, None]
-        m = m_new
-    res = acc / tl.where(den > 0, den, 1.0)[:, None]
-    dst = out_row + heads[:, None] * stride_oh + d[None, :]
-    tl.store(dst, res.to(out_row.dtype.element_ty), mask=omask)
+        lse_dst = mid_lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + split
+        tl.store(lse_dst, lse, mask=gmask)
 
 
 @triton.jit
@@ -379,19 +248,6 @@ def _decode_merge_kernel(
     )
 
 
-@dataclass(frozen=True)
-class DecodeRope:
-    """What the decode kernel needs to rotate ``q`` itself and write the step's K/V: the
-    unrotated ``k``/``v`` (``[B, Hkv, D]``, unit stride in D), each row's position, the fp32
-    ``[positions, D]`` cos|sin table and each row's flat cache row (``kv_locs``)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    positions: torch.Tensor
-    cos_sin: torch.Tensor
-    kv_locs: torch.Tensor
-
-
 def _dot_precision(dtype: torch.dtype) -> str | None:
     # fp32 models (CPU parity runs) need exact fp32 products; tf32 would cost ~1e-3.
     return "ieee" if dtype == torch.float32 else None
@@ -411,20 +267,12 @@ def paged_decode_attention(
     config: TritonAttentionConfig | None = None,
     pdl: bool = False,
     cu_q: torch.Tensor | None = None,
-    sem: torch.Tensor | None = None,
-    rope: DecodeRope | None = None,
 ) -> torch.Tensor:
     """One query token per row. ``q``: ``[B, Hq, D]``; caches ``[pages, page_size, Hkv, D]``;
     ``page_rows``: ``[B, W]`` int32; ``seq_lens``: ``[B]`` (KV length including this token).
 
     With ``num_splits > 1``, ``mid_o`` (``[B, Hq, S, D]`` fp32) and ``mid_lse`` (``[B, Hq, S]``
-    fp32) hold the partial results; they are allocated here when not given. With
-    ``config.fused_merge`` the kernel merges them itself, counting finished splits in ``sem``
-    (``[B, Hkv]`` int32, zero on entry and left zero on exit, so one buffer serves every layer
-    and every replay of a graph; allocated zeroed when not given).
-
-    With ``rope``, ``q`` is unrotated: the kernel applies the Neox rotary to ``q`` and the new
-    ``k`` and writes the new K/V into the caches before reading them (no ``cu_q``).
+    fp32) hold the partial results; they are allocated here when not given.
 
     With ``cu_q`` (``[B + 1]`` token offsets of a mixed step), ``q`` and ``out`` are ``[T, Hq,
     D]`` over the step's tokens and only rows that feed exactly one token are computed, each
@@ -449,48 +297,26 @@ def paged_decode_attention(
             mid_o = torch.empty((bsz, hq, num_splits, dim), dtype=torch.float32, device=q.device)
         if mid_lse is None:
             mid_lse = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
-    fused = num_splits > 1 and cfg.fused_merge
-    if fused and sem is None:
-        sem = torch.zeros((bsz, hkv), dtype=torch.int32, device=q.device)
-    if num_splits == 1:
-        mid_o = mid_lse = out  # unused by the kernel; any tensor will do
-    if not fused:
-        sem = seq_lens  # likewise
-    if rope is not None:
-        if varlen:
-            raise ValueError("decode attention: rope is for decode steps, not mixed ones")
-        if rope.k.stride(-1) != 1 or rope.v.stride(-1) != 1 or dim % 2:
-            raise ValueError("decode attention: rope needs unit-stride k/v and an even head dim")
-        if k_cache.stride() != v_cache.stride():
-            raise ValueError("decode attention: k and v caches must share a layout")
-        k_new, v_new, pos, cos_sin, locs = (
-            rope.k, rope.v, rope.positions, rope.cos_sin, rope.kv_locs
-        )  # fmt: skip
     else:
-        k_new = v_new = q  # unused by the kernel
-        pos = locs = cos_sin = seq_lens
+        mid_o = mid_lse = out  # unused by the kernel; any tensor will do
     kf = k_cache.view(-1, hkv, dim)
     vf = v_cache.view(-1, hkv, dim)
     block_d = triton.next_power_of_2(dim)
     _decode_kernel[(bsz, hkv, num_splits)](
-        q, kf, vf, page_rows, seq_lens, cu_q if varlen else seq_lens, out, mid_o, mid_lse, sem,
-        k_new, v_new, pos, cos_sin, locs,
+        q, kf, vf, page_rows, seq_lens, cu_q if varlen else seq_lens, out, mid_o, mid_lse,
         q.stride(0), q.stride(1), kf.stride(0), kf.stride(1), page_rows.stride(0),
         out.stride(0), out.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2) if num_splits > 1 else 0,
-        mid_lse.stride(0), mid_lse.stride(1), sem.stride(0) if fused else 0,
-        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        cos_sin.stride(0) if rope is not None else 0,
+        mid_lse.stride(0), mid_lse.stride(1),
         scale * _LOG2E,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=cfg.decode_block_n,
         NUM_SPLITS=num_splits, NUM_STAGES=cfg.decode_stages,
-        DOT_PRECISION=_dot_precision(q.dtype), USE_PDL=pdl, VARLEN=varlen, FUSED_MERGE=fused,
-        ROPE=rope is not None, HALF=dim // 2, BLOCK_HALF=block_d // 2,
+        DOT_PRECISION=_dot_precision(q.dtype), USE_PDL=pdl, VARLEN=varlen,
         num_warps=cfg.decode_warps,
         **launch_options(pdl),
     )  # fmt: skip
-    if num_splits > 1 and not fused:
+    if num_splits > 1:
         _decode_merge_kernel[(bsz, hq)](
             mid_o, mid_lse, seq_lens, cu_q if varlen else seq_lens, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
@@ -754,14 +580,12 @@ def paged_extend_attention(
 
 @dataclass
 class TritonDecodeMeta:
-    """Decode metadata: the step's inputs, its split count, the partial-result buffers and the
-    split counters of the fused merge (``[B, Hkv]`` int32, zero between launches)."""
+    """Decode metadata: the step's inputs, its split count and the partial-result buffers."""
 
     inputs: AttnInputs
     num_splits: int
     mid_o: torch.Tensor | None
     mid_lse: torch.Tensor | None
-    sem: torch.Tensor | None = None
 
 
 @dataclass
@@ -774,7 +598,6 @@ class TritonVarlenMeta:
     num_splits: int
     mid_o: torch.Tensor | None
     mid_lse: torch.Tensor | None
-    sem: torch.Tensor | None = None
 
 
 @dataclass
@@ -818,7 +641,6 @@ class TritonAttentionBackend(AttentionBackend):
         self.sm_count = _sm_count(spec.device)
         self._mid_o: torch.Tensor | None = None
         self._mid_lse: torch.Tensor | None = None
-        self._sem: torch.Tensor | None = None
 
     def num_splits(self, bsz: int, kv_len_bound: int) -> int:
         return choose_num_splits(
@@ -842,10 +664,7 @@ class TritonAttentionBackend(AttentionBackend):
         dev = inputs.seq_lens.device
         mid_o = torch.empty(bsz, s.num_q_heads, splits, s.head_dim, dtype=torch.float32, device=dev)
         mid_lse = torch.empty(bsz, s.num_q_heads, splits, dtype=torch.float32, device=dev)
-        sem = None
-        if self.config.fused_merge:
-            sem = torch.zeros(bsz, s.num_kv_heads, dtype=torch.int32, device=dev)
-        return TritonDecodeMeta(inputs, splits, mid_o, mid_lse, sem)
+        return TritonDecodeMeta(inputs, splits, mid_o, mid_lse)
 
     def _split_mixed(self, inputs: AttnInputs) -> TritonMixedMeta | None:
         """Metadata that sends the step's leading one-token rows to the decode kernel, or None
@@ -894,7 +713,7 @@ class TritonAttentionBackend(AttentionBackend):
             d = self.prepare_metadata(
                 AttnInputs(True, inputs.seq_lens, inputs.page_rows, inputs.kv_len_bound)
             )
-        return TritonVarlenMeta(inputs, d.num_splits, d.mid_o, d.mid_lse, d.sem)
+        return TritonVarlenMeta(inputs, d.num_splits, d.mid_o, d.mid_lse)
 
     def init_capture_graph(self, max_bs: int) -> None:
         s = self.spec
@@ -905,21 +724,18 @@ class TritonAttentionBackend(AttentionBackend):
             rows * s.num_q_heads * s.head_dim, dtype=torch.float32, device=dev
         )
         self._mid_lse = torch.empty(rows * s.num_q_heads, dtype=torch.float32, device=dev)
-        # Zeroed once: the kernel leaves every counter it takes back at zero.
-        self._sem = torch.zeros(max_bs * s.num_kv_heads, dtype=torch.int32, device=dev)
 
     def prepare_for_capture(self, bs: int, inputs: AttnInputs) -> TritonDecodeMeta:
-        if self._mid_o is None or self._mid_lse is None or self._sem is None:
+        if self._mid_o is None or self._mid_lse is None:
             raise RuntimeError("init_capture_graph must run before prepare_for_capture")
         s = self.spec
         splits = self.num_splits(bs, inputs.kv_len_bound)
         n = bs * s.num_q_heads * splits
-        if n > self._mid_lse.numel() or bs * s.num_kv_heads > self._sem.numel():
+        if n > self._mid_lse.numel():
             raise RuntimeError(f"decode bucket {bs} exceeds the max_bs given to init_capture_graph")
         mid_o = self._mid_o[: n * s.head_dim].view(bs, s.num_q_heads, splits, s.head_dim)
         mid_lse = self._mid_lse[:n].view(bs, s.num_q_heads, splits)
-        sem = self._sem[: bs * s.num_kv_heads].view(bs, s.num_kv_heads)
-        return TritonDecodeMeta(inputs, splits, mid_o, mid_lse, sem)
+        return TritonDecodeMeta(inputs, splits, mid_o, mid_lse)
 
     def forward(
         self, q: torch.Tensor, layer: int, meta: AttnInputs | TritonDecodeMeta | TritonMixedMeta
@@ -937,27 +753,6 @@ class TritonAttentionBackend(AttentionBackend):
             return out
         return self._extend(q, layer, meta)
 
-    def rope_store_attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin: torch.Tensor,
-        kv_locs: torch.Tensor,
-        layer: int,
-        meta: object,
-        rope_and_store_kv: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-    ) -> torch.Tensor:
-        """Decode steps (``TritonDecodeMeta``, with ``config.fused_rope``) rotate and write the
-        new K/V inside the decode kernel; every other step as the base class does."""
-        if isinstance(meta, TritonDecodeMeta) and self.config.fused_rope and q.shape[-1] % 2 == 0:
-            rope = DecodeRope(k, v, positions, cos_sin, kv_locs)
-            return self._decode(q, layer, meta, rope=rope)
-        return super().rope_store_attend(
-            q, k, v, positions, cos_sin, kv_locs, layer, meta, rope_and_store_kv
-        )
-
     def _varlen(self, q: torch.Tensor, layer: int, meta: TritonVarlenMeta) -> torch.Tensor:
         inp = meta.inputs
         k, v = self.k_caches[layer], self.v_caches[layer]
@@ -967,7 +762,7 @@ class TritonAttentionBackend(AttentionBackend):
         paged_decode_attention(
             q, k, v, inp.page_rows, inp.seq_lens, self.spec.scale, meta.num_splits,
             meta.mid_o, meta.mid_lse, out=out, config=self.config, pdl=self.spec.pdl,
-            cu_q=inp.cu_q, sem=meta.sem,
+            cu_q=inp.cu_q,
         )  # fmt: skip
         paged_extend_attention(
             q, k, v, inp.page_rows, inp.seq_lens, inp.cu_q, None, self.spec.scale,
@@ -976,12 +771,7 @@ class TritonAttentionBackend(AttentionBackend):
         return out
 
     def _decode(
-        self,
-        q: torch.Tensor,
-        layer: int,
-        meta: TritonDecodeMeta,
-        out: torch.Tensor | None = None,
-        rope: DecodeRope | None = None,
+        self, q: torch.Tensor, layer: int, meta: TritonDecodeMeta, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         inp = meta.inputs
         return paged_decode_attention(
@@ -997,8 +787,6 @@ class TritonAttentionBackend(AttentionBackend):
             out=out,
             config=self.config,
             pdl=self.spec.pdl,
-            sem=meta.sem,
-            rope=rope,
         )
 
     def _extend(

@@ -295,31 +295,6 @@ def silu_and_mul(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
 
 
 @triton.jit
-def rope_halves(x1, x2, cos, sin):
-    """Neox rotary of a vector's two halves ``x1``, ``x2`` (``[..., HALF]``) by fp32 ``cos`` and
-    ``sin`` already rounded to the activation dtype; returns the rotated halves in ``x1``'s
-    dtype. HF rounds each product and the sum to the activation dtype; so does this."""
-    dt = x1.dtype
-    a1 = (x1.to(tl.float32) * cos).to(dt).to(tl.float32)
-    b1 = (x2.to(tl.float32) * sin).to(dt).to(tl.float32)
-    a2 = (x2.to(tl.float32) * cos).to(dt).to(tl.float32)
-    b2 = (x1.to(tl.float32) * sin).to(dt).to(tl.float32)
-    return (a1 - b1).to(dt), (a2 + b2).to(dt)
-
-
-@triton.jit
-def rope_cos_sin(cos_sin_ptr, pos, stride_cs, d, dmask, act_ptr, HALF: tl.constexpr):
-    """Position ``pos``'s cos and sin from the fp32 ``[positions, 2 * HALF]`` table, rounded to
-    the dtype ``act_ptr`` points to (HF casts the table to the activation dtype before
-    multiplying)."""
-    dt = act_ptr.dtype.element_ty
-    row = cos_sin_ptr + pos * stride_cs
-    cos = tl.load(row + d, mask=dmask, other=0.0).to(dt).to(tl.float32)
-    sin = tl.load(row + HALF + d, mask=dmask, other=0.0).to(dt).to(tl.float32)
-    return cos, sin
-
-
-@triton.jit
 def _rotate_heads(
     src_ptr,
     dst_ptr,
@@ -344,7 +319,14 @@ def _rotate_heads(
     src = src_ptr + t.to(tl.int64) * stride_st + h[:, None] * stride_sh + d[None, :]
     x1 = tl.load(src, mask=mask, other=0.0)
     x2 = tl.load(src + HALF, mask=mask, other=0.0)
-    o1, o2 = rope_halves(x1, x2, cos[None, :], sin[None, :])
+    dt = x1.dtype
+    # HF rounds each product and the sum to the activation dtype; do the same.
+    a1 = (x1.to(tl.float32) * cos[None, :]).to(dt).to(tl.float32)
+    b1 = (x2.to(tl.float32) * sin[None, :]).to(dt).to(tl.float32)
+    a2 = (x2.to(tl.float32) * cos[None, :]).to(dt).to(tl.float32)
+    b2 = (x1.to(tl.float32) * sin[None, :]).to(dt).to(tl.float32)
+    o1 = (a1 - b1).to(dt)
+    o2 = (a2 + b2).to(dt)
     n_dim = 2 * HALF
     dst = dst_ptr + t.to(tl.int64) * n_heads * n_dim + h[:, None] * n_dim + d[None, :]
     tl.store(dst, o1, mask=mask)
@@ -389,7 +371,12 @@ def _rope_and_store_kv_kernel(
     pos = tl.load(pos_ptr + t).to(tl.int64)
     loc = tl.load(locs_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
-    cos, sin = rope_cos_sin(cos_sin_ptr, pos, stride_cs, d, d < HALF, q_ptr, HALF)
+    dmask = d < HALF
+    # HF casts the fp32 table to the activation dtype before multiplying.
+    dt = q_ptr.dtype.element_ty
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + d, mask=dmask, other=0.0).to(dt).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d, mask=dmask, other=0.0)
+    sin = sin.to(dt).to(tl.float32)
     _rotate_heads(
         q_ptr, q_out_ptr, q_out_ptr, stride_qt, stride_qh, 0, 0, t, loc, cos, sin, n_q_heads,
         HALF, BLOCK_HQ, BLOCK_HALF, False,

@@ -462,90 +462,6 @@ def test_decode_attention(hq, hkv, page_size, splits) -> None:
     _close(out, ref, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize(("hq", "hkv"), GQA)
-def test_decode_attention_fused_merge(hq, hkv) -> None:
-    """The in-kernel merge: rows whose splits hold 1 to 4 blocks, an empty row (its split 0
-    writes zeros), one counter buffer reused by consecutive launches (as by a graph's layers),
-    left at zero; the same result as the merge kernel's."""
-    paged, q, ref = _decode_case(hq, hkv, 16, [0, 1, 37, 70, 200])
-    ref[0] = 0.0  # the reference's softmax over no positions is 0/0
-    b, dim = q.shape[0], q.shape[2]
-    sem = torch.zeros(b, hkv, dtype=torch.int32, device=DEV)
-    outs = []
-    for fused in (True, True, False):
-        cfg = dataclasses.replace(SMALL_CFG, fused_merge=fused)
-        out = torch.full_like(q, float("nan"))
-        A.paged_decode_attention(
-            q, paged.k, paged.v, paged.page_rows, paged.seq_lens, dim**-0.5, 4,
-            out=out, config=cfg, sem=sem,
-        )  # fmt: skip
-        assert not sem.any(), "a split counter was left set"
-        _close(out, ref, 1e-5, 1e-5)
-        outs.append(out)
-    assert torch.equal(outs[0][0], torch.zeros_like(outs[0][0]))
-    assert torch.equal(outs[0], outs[1])
-    _close(outs[0], outs[2], 1e-6, 1e-6)
-
-
-def _rope_decode_case(
-    hq, hkv, dim, page_size, seq_lens, dtype, rope_op=reference.rope_and_store_kv
-):
-    """A decode step from unrotated q/k/v: each row's new token at position ``len - 1``, its
-    cache slot poisoned (NaN), so only a written K/V passes. Returns the paged cache, the
-    step's inputs and a reference built by ``rope_op`` on copies, then torch attention."""
-    paged = Paged(seq_lens, hkv, dim, page_size, dtype)
-    b = len(seq_lens)
-    q, k, v, _, cos_sin, _ = _rope_case(b, hq, hkv, dim, dtype)
-    positions = paged.seq_lens.to(torch.int64) - 1
-    page = paged.page_rows.gather(1, (positions // page_size)[:, None])[:, 0].to(torch.int64)
-    locs = page * page_size + positions % page_size
-    for cache in (paged.k, paged.v):
-        cache.view(-1, hkv, dim)[locs] = float("nan")
-    k_ref, v_ref = paged.k.clone(), paged.v.clone()
-    q_rot, _ = rope_op(
-        q, k, v, positions, cos_sin, k_ref.view(-1, hkv, dim), v_ref.view(-1, hkv, dim), locs
-    )
-    bound = paged.width * page_size
-    ref = ta.paged_decode_attention(
-        q_rot, k_ref, v_ref, paged.page_rows, paged.seq_lens, bound, dim**-0.5
-    )
-    return paged, (q, k, v, positions, cos_sin, locs), (ref, k_ref, v_ref)
-
-
-@pytest.mark.parametrize(("splits", "fused_merge"), [(1, True), (4, True), (4, False)])
-@pytest.mark.parametrize(("hq", "hkv", "dim"), [(2, 2, 16), (8, 2, 32), (7, 1, 24)])
-def test_decode_attention_fused_rope(hq, hkv, dim, splits, fused_merge) -> None:
-    """``rope_store_attend`` on a decode step: the kernel rotates q and k and writes the new
-    K/V itself. New tokens at the first position, at the last slot of a split (32 over 4
-    splits of 16-token blocks) and mid-split; odd rotary halves (24 = 2 x 12). With
-    ``fused_rope`` off, the model's rotary op runs, then ``forward``: the same result."""
-    lens = [1, 32, 37, 70, 200]
-    paged, (q, k, v, pos, cos_sin, locs), (ref, k_ref, v_ref) = _rope_decode_case(
-        hq, hkv, dim, 16, lens, torch.float32
-    )
-    spec = _spec(hq, hkv, dim, 16, paged.width, torch.float32)
-    inputs = AttnInputs(True, paged.seq_lens, paged.page_rows, 0)
-    cfg = dataclasses.replace(SMALL_CFG, num_splits=splits, fused_merge=fused_merge)
-    for fused_rope in (True, False):
-        k_cache, v_cache = paged.k.clone(), paged.v.clone()
-        be = A.TritonAttentionBackend(
-            spec, [k_cache], [v_cache], config=dataclasses.replace(cfg, fused_rope=fused_rope)
-        )
-        meta = be.prepare_metadata(inputs)
-        assert meta.num_splits == splits
-        calls = []
-
-        def rope_op(*args, calls=calls):
-            calls.append(1)
-            return reference.rope_and_store_kv(*args)
-
-        out = be.rope_store_attend(q, k, v, pos, cos_sin, locs, 0, meta, rope_op)
-        assert len(calls) == (0 if fused_rope else 1)
-        _close(out, ref, 1e-5, 1e-5)
-        torch.testing.assert_close(k_cache, k_ref, atol=1e-6, rtol=1e-6, equal_nan=True)
-        torch.testing.assert_close(v_cache, v_ref, atol=0, rtol=0, equal_nan=True)
-
-
 @needs_compiled_bf16_dot
 def test_decode_attention_bf16() -> None:
     paged, q, ref = _decode_case(8, 2, 16, [5, 50], torch.bfloat16)
@@ -1012,38 +928,17 @@ LONG = [1, 300, 4000, 17, 2049, 1000, 64, 3333]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused_merge", [True, False])
 @pytest.mark.parametrize("splits", [None, 1, 7])
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize(("hq", "hkv"), [(32, 8), (28, 4), (8, 8)])
-def test_gpu_decode_real_shapes(hq, hkv, page_size, splits, fused_merge) -> None:
+def test_gpu_decode_real_shapes(hq, hkv, page_size, splits) -> None:
     paged, q, ref = _decode_case(hq, hkv, page_size, LONG, BF16, dim=128)
-    cfg = A.TritonAttentionConfig(num_splits=splits, fused_merge=fused_merge)
+    cfg = A.TritonAttentionConfig(num_splits=splits)
     n = splits or A.choose_num_splits(len(LONG), hkv, paged.width * page_size, 132, cfg)
     out = A.paged_decode_attention(
         q, paged.k, paged.v, paged.page_rows, paged.seq_lens, 128**-0.5, n, config=cfg
     )
     _close(out, ref, 1e-2, 2e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(("splits", "fused_merge"), [(None, True), (1, True), (7, False)])
-@pytest.mark.parametrize(("hq", "hkv", "dim"), [(32, 8, 128), (28, 4, 128), (32, 8, 64)])
-def test_gpu_decode_fused_rope_real_shapes(hq, hkv, dim, splits, fused_merge) -> None:
-    """The rotary and K/V write inside the compiled decode kernel, bf16, long rows."""
-    paged, (q, k, v, pos, cos_sin, locs), (ref, k_ref, v_ref) = _rope_decode_case(
-        hq, hkv, dim, 16, LONG, BF16, T.rope_and_store_kv
-    )
-    spec = _spec(hq, hkv, dim, 16, paged.width, BF16)
-    cfg = A.TritonAttentionConfig(num_splits=splits, fused_merge=fused_merge)
-    be = A.TritonAttentionBackend(spec, [paged.k], [paged.v], config=cfg)
-    meta = be.prepare_metadata(AttnInputs(True, paged.seq_lens, paged.page_rows, 0))
-    out = be.rope_store_attend(q, k, v, pos, cos_sin, locs, 0, meta, None)
-    _close(out, ref, 1e-2, 2e-2)
-    # The same rounding as the rotary kernel's (the reference here): K bit-equal in bf16.
-    assert torch.equal(paged.k.isnan(), k_ref.isnan())
-    torch.testing.assert_close(paged.k, k_ref, atol=0, rtol=0, equal_nan=True)
-    torch.testing.assert_close(paged.v, v_ref, atol=0, rtol=0, equal_nan=True)
 
 
 @pytest.mark.gpu

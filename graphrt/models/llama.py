@@ -99,10 +99,18 @@ class LlamaDecoderLayer(nn.Module):
         if self.q_norm is not None:
             q = ops.rms_norm(q, self.q_norm, eps)
             k = ops.rms_norm(k, self.k_norm, eps)
-        attn = fb.attn_backend.rope_store_attend(
-            q, k, v, fb.positions, cos_sin, fb.kv_locs, layer_idx, fb.attn_meta,
-            ops.rope_and_store_kv,
-        )  # fmt: skip
+        backend = fb.attn_backend
+        q, _ = ops.rope_and_store_kv(
+            q,
+            k,
+            v,
+            fb.positions,
+            cos_sin,
+            backend.k_caches[layer_idx].view(-1, cfg.num_kv_heads, cfg.head_dim),
+            backend.v_caches[layer_idx].view(-1, cfg.num_kv_heads, cfg.head_dim),
+            fb.kv_locs,
+        )
+        attn = backend.forward(q, layer_idx, fb.attn_meta)
         hidden = linear(ops, attn.reshape(t, cfg.q_size), self.o_proj)
         gate_up, residual = add_rms_norm_linear(
             ops, hidden, residual, self.post_attn_norm, eps, self.gate_up_proj
