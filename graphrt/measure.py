@@ -393,7 +393,7 @@ def teacher_forced(eng: Engine, ids: list[int], chunk: int = 256) -> TeacherForc
         input_ids=tokens,
         positions=positions,
         kv_locs=positions + page,  # page p holds positions (p - 1) * page ...
-        logits_rows=positions,
+        logits_rows=None,  # every position's logits, in order
         attn_backend=backend,
         attn_meta=backend.prepare_metadata(inputs),
     )

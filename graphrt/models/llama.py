@@ -158,7 +158,8 @@ class LlamaForCausalLM(nn.Module):
         """Refuse configs this implementation would run wrongly."""
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """Hidden states after the final norm, for the ``logits_rows`` tokens only: ``[B, H]``."""
+        """Hidden states after the final norm, for the ``logits_rows`` tokens only (every token
+        where it is None): ``[B, H]``."""
         hidden = F.embedding(fb.input_ids, self.embed_tokens)
         residual = None
         for i, layer in enumerate(self.layers):
