@@ -98,6 +98,17 @@ FEW_ROWS = GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=3, split_
 FEW_ROWS_WIDE = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3)
 MANY_ROWS = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, swap_ab=True)
 W8A8_WIDE = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)
+# The narrower layers at 17-64 rows in the GEMV's W8A8 mode (session 28). Without split K an
+# 8B qkv (N 6144) or o (N 4096) projection has 48-96 column blocks for 132 SMs, and each
+# program's tile of x is as large as its weight tile at 64 columns: wider column blocks, K split
+# so that every SM has work. Starting points, to be set by kernel_bench.py's W8A8 sweep.
+W8A8_NARROW = GemvConfig(
+    block_n=128, block_k=128, num_warps=4, num_stages=3, split_k=4, swap_ab=True
+)
+# K at least twice N (the down projection): more splits along the long K.
+W8A8_LONG_K = GemvConfig(
+    block_n=128, block_k=128, num_warps=4, num_stages=3, split_k=8, swap_ab=True
+)
 # The pre-norm folded into the one-row GEMV (``add_rms_norm_linear``): each program also reads
 # K values of the residual and of the norm weight, so its column blocks are wider than the
 # plain GEMV's, to keep those L2 reads a smaller share of its traffic. The fastest of s27b's
@@ -131,8 +142,8 @@ def fp8_gemv_config(
     m: int, n: int, k: int, silu_mul: bool = False, w8a8: bool = True
 ) -> GemvConfig | None:
     """The GEMV's launch config for ``[m, k] x [n, k]^T``, or None where W8A8 runs instead:
-    above the row bound, and for wide layers past 16 rows when ``w8a8`` (whether
-    :func:`w8a8_supported` takes the operands).
+    above the row bound, and past 16 rows when ``w8a8`` (whether :func:`w8a8_supported` takes
+    the operands).
 
     Unlike the bf16 GEMV there is no cuBLAS to hand narrow or long-K shapes to (the fallback
     would dequantize the whole weight), so every shape up to the bound takes the kernel."""
@@ -145,7 +156,7 @@ def fp8_gemv_config(
             cfg = ONE_ROW_NARROW_SILU if silu_mul else ONE_ROW_NARROW
     elif m <= FEW_ROWS_MAX:
         cfg = FEW_ROWS_WIDE if n >= WIDE_N else FEW_ROWS
-    elif n >= WIDE_N and w8a8:
+    elif w8a8:
         return None
     else:
         cfg = MANY_ROWS
@@ -154,10 +165,14 @@ def fp8_gemv_config(
 
 def fp8_w8a8_gemv_config(m: int, n: int, k: int) -> GemvConfig | None:
     """The config of :func:`fp8_w8a8_gemv` where the dispatch runs it: within the GEMV's row
-    bound where ``fp8_gemv_config`` hands the layer to W8A8 (wide layers at 17-64 rows); else
-    None (``_scaled_mm`` past the bound)."""
+    bound where ``fp8_gemv_config`` hands the layer to W8A8 (17-64 rows), by the layer's
+    shape: wide N, K at least twice N, the rest; else None (``_scaled_mm`` past the bound)."""
     if 1 <= m <= FP8_GEMV_MAX_ROWS and fp8_gemv_config(m, n, k) is None:
-        return replace(W8A8_WIDE, block_k=min(W8A8_WIDE.block_k, _pow2_at_most(k)))
+        if n >= WIDE_N:
+            cfg = W8A8_WIDE
+        else:
+            cfg = W8A8_LONG_K if k >= 2 * n else W8A8_NARROW
+        return replace(cfg, block_k=min(cfg.block_k, _pow2_at_most(k)))
     return None
 
 
@@ -375,6 +390,16 @@ def fp8_w8a8_gemv(
     return _launch_gemv(xq, xs, weight, scale, bias, cfg, False, False, x.dtype)
 
 
+def warm_up_w8a8_gemv(m: int, weight: torch.Tensor, cfg: GemvConfig) -> None:
+    """Compiles :func:`fp8_w8a8_gemv`'s kernels for ``m`` rows at ``cfg`` without launching
+    them (a benchmark's sweep compiles its configs on a thread pool this way)."""
+    n, k = weight.shape
+    xq = torch.zeros((m, k), dtype=FP8_DTYPE, device=weight.device)
+    xs = torch.ones((m, 1), dtype=torch.float32, device=weight.device)
+    scale = torch.ones(n, dtype=torch.float32, device=weight.device)
+    _launch_gemv(xq, xs, weight, scale, None, cfg, False, False, torch.bfloat16, warmup=True)
+
+
 def _launch_gemv(
     x: torch.Tensor,
     x_scale: torch.Tensor | None,
@@ -385,9 +410,12 @@ def _launch_gemv(
     silu_mul: bool,
     pdl: bool,
     out_dtype: torch.dtype,
+    *,
+    warmup: bool = False,
 ) -> torch.Tensor:
     """The GEMV's launch (and split K's sum); ``x_scale``: ``x`` is e4m3 rows with these
-    ``[m, 1]`` scales, run on the dot path whatever ``m``."""
+    ``[m, 1]`` scales, run on the dot path whatever ``m``. ``warmup`` compiles the kernels
+    without launching them."""
     m = x.shape[0]
     n, k = weight.shape
     if x.stride(1) != 1:
@@ -412,22 +440,35 @@ def _launch_gemv(
     if splits > 1:
         part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     b = bias if bias is not None else scale
-    _fp8_gemv_kernel[(triton.cdiv(n, block_n), splits)](
+    grid = (triton.cdiv(n, block_n), splits)
+    args = (
         x, weight, scale, b, out, m, n, k,
         x.stride(0), weight.stride(0), out.stride(0), part, k_split,
         x_scale if x_scale is not None else scale,
+    )  # fmt: skip
+    kwargs = dict(
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN=even, DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
         SILU_MUL=silu_mul, SPLIT_K=splits, SWAP_AB=cfg.swap_ab and dot,
         X_FP8=x_scale is not None, USE_PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl),
     )  # fmt: skip
+    if warmup:
+        _fp8_gemv_kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        _fp8_gemv_kernel[grid](*args, **kwargs)
     if splits > 1:
         block = min(1024, triton.next_power_of_2(n))
-        _splitk_sum_kernel[(m, triton.cdiv(n, block))](
-            part, scale, b, out, m, n, out.stride(0), HAS_BIAS=bias is not None,
-            SPLIT_K=splits, BLOCK=block, USE_PDL=pdl, num_warps=4, **launch_options(pdl),
+        grid = (m, triton.cdiv(n, block))
+        args = (part, scale, b, out, m, n, out.stride(0))
+        kwargs = dict(
+            HAS_BIAS=bias is not None, SPLIT_K=splits, BLOCK=block, USE_PDL=pdl, num_warps=4,
+            **launch_options(pdl),
         )  # fmt: skip
+        if warmup:
+            _splitk_sum_kernel.warmup(*args, grid=grid, **kwargs)
+        else:
+            _splitk_sum_kernel[grid](*args, **kwargs)
     return out
 
 
@@ -513,6 +554,81 @@ def quantize_rows_fp8(
     return q, scale
 
 
+@triton.jit
+def _norm_quantize_rows_kernel(
+    x_ptr,
+    r_ptr,
+    nw_ptr,
+    q_ptr,
+    s_ptr,
+    res_out_ptr,
+    n_cols,
+    eps,
+    HAS_RES: tl.constexpr,
+    BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    # One row per program, held in registers: the residual add and the norm as the norm kernels
+    # compute them (the sum rounded to the activation dtype, the normed row rounded before and
+    # after the weight), then the quantizer's amax, division and rounding on the normed row.
+    pdl_enter(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_ptr + row * n_cols + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    xn = (xf * inv).to(x.dtype)
+    w = tl.load(nw_ptr + cols, mask=mask, other=0.0)
+    h = (xn.to(tl.float32) * w.to(tl.float32)).to(x.dtype).to(tl.float32)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(h), axis=0), _MIN_AMAX), _FP8_MAX)
+    y = tl.math.div_rn(h, scale)
+    q = _round_to_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX))
+    tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+def norm_quantize_rows_fp8(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    *,
+    pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's pre-norm and the per-token quantizer in one kernel: ``(q, scale, s)`` with
+    ``h, s = fused_add_rms_norm(x, residual, norm_weight, eps)`` (``rms_norm(x)`` and ``x``
+    itself when ``residual`` is None) and ``q, scale = quantize_rows_fp8(h)``, the bits of the
+    two kernels (the same fp32 arithmetic), without ``h``'s round trip through memory or the
+    quantizer's launch. The caller checks :func:`graphrt.kernels.triton_gemv.norm_operands_fit`
+    (``x`` 2-D, the residual of its shape, one dtype). As ``fused_add_rms_norm``, the new
+    residual overwrites ``residual`` where it is contiguous and distinct from ``x``."""
+    m, k = x.shape
+    x = x.contiguous()
+    if residual is None:
+        res_out = x
+    elif residual.is_contiguous() and residual.data_ptr() != x.data_ptr():
+        res_out = residual
+    else:
+        residual = residual.contiguous()
+        res_out = torch.empty_like(x)
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale, res_out
+    block = triton.next_power_of_2(k)
+    _norm_quantize_rows_kernel[(m,)](
+        x, residual if residual is not None else x, norm_weight, q, scale, res_out, k, eps,
+        HAS_RES=residual is not None, BLOCK=block, USE_PDL=pdl,
+        num_warps=max(1, min(16, block // 256)), **launch_options(pdl),
+    )  # fmt: skip
+    return q, scale, res_out
+
+
 def w8a8_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :func:`w8a8_linear` can take these operands: CUDA sm_89+, bf16 activations (and
     bias), K and N multiples of 16, and a row-major weight (its transpose is then the
@@ -545,13 +661,24 @@ def w8a8_linear(
     :func:`w8a8_supported`. ``pdl`` applies to the quantizer; cuBLAS launches plainly."""
     _check(x, weight, scale, silu_mul)
     xq, xs = quantize_rows_fp8(x, silu_mul=silu_mul, pdl=pdl)
+    return _scaled_mm(xq, xs, weight, scale, bias, x.dtype)
+
+
+def _scaled_mm(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     return torch._scaled_mm(
         xq,
         weight.t(),
         scale_a=xs,
         scale_b=scale.reshape(1, -1).contiguous(),
         bias=bias,
-        out_dtype=x.dtype,
+        out_dtype=out_dtype,
         use_fast_accum=False,  # fp32 accumulation throughout, as the GEMV
     )
 
@@ -591,10 +718,32 @@ def _w8a8(
     pdl: bool,
 ) -> torch.Tensor:
     """W8A8 as dispatched: the GEMV's W8A8 mode within its row bound, ``_scaled_mm`` past it."""
-    wcfg = fp8_w8a8_gemv_config(x.shape[0], *weight.shape)
+    xq, xs = quantize_rows_fp8(x, silu_mul=silu_mul, pdl=pdl)
+    return _w8a8_quantized(xq, xs, weight, scale, bias, x.dtype)
+
+
+def _w8a8_quantized(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`_w8a8` after its quantizer: on rows already in e4m3 with their scales."""
+    wcfg = fp8_w8a8_gemv_config(xq.shape[0], *weight.shape)
     if wcfg is not None:
-        return fp8_w8a8_gemv(x, weight, scale, bias, wcfg, silu_mul=silu_mul, pdl=pdl)
-    return w8a8_linear(x, weight, scale, bias, silu_mul=silu_mul, pdl=pdl)
+        return _launch_gemv(xq, xs, weight, scale, bias, wcfg, False, False, out_dtype)
+    return _scaled_mm(xq, xs, weight, scale, bias, out_dtype)
+
+
+def _takes_w8a8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether :func:`fp8_linear` would run ``x`` through W8A8 (:func:`_w8a8`)."""
+    return (
+        x.dim() == 2
+        and w8a8_supported(x, weight, bias)
+        and fp8_gemv_config(x.shape[0], *weight.shape) is None
+    )
 
 
 def silu_mul_linear(
@@ -631,9 +780,14 @@ def composed_add_rms_norm_linear(
     pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A pre-norm, then :func:`fp8_linear` on its output: ``(y, x + residual)`` (``rms_norm``
-    and ``x`` itself when ``residual`` is None), the norm on its own kernel."""
+    and ``x`` itself when ``residual`` is None), the norm on its own kernel; where the product
+    runs W8A8, the norm kernel also quantizes the rows (:func:`norm_quantize_rows_fp8`)."""
     if not (x.is_cuda or _INTERPRET):
         return reference.fp8_add_rms_norm_linear(x, residual, norm_weight, eps, weight, scale, bias)
+    if _takes_w8a8(x, weight, bias) and norm_operands_fit(x, residual, norm_weight, bias):
+        _check(x, weight, scale, False)
+        xq, xs, residual = norm_quantize_rows_fp8(x, residual, norm_weight, eps, pdl=pdl)
+        return _w8a8_quantized(xq, xs, weight, scale, bias, x.dtype), residual
     h, residual = pre_norm(x, residual, norm_weight, eps, pdl=pdl)
     return fp8_linear(h, weight, scale, bias, pdl=pdl), residual
 

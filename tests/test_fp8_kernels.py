@@ -221,16 +221,17 @@ def test_fp8_gemv_config_by_shape() -> None:
     assert cfg(1, 4096, 14336, silu_mul=True) == F8.ONE_ROW_WIDE_SILU
     assert cfg(2, 4096, 4096) == cfg(F8.FEW_ROWS_MAX, 64, 4096) == F8.FEW_ROWS
     assert cfg(2, 28672, 4096) == F8.FEW_ROWS_WIDE  # wide N: enough column blocks, no split
-    assert cfg(F8.FEW_ROWS_MAX + 1, 4096, 4096) == F8.MANY_ROWS
-    assert cfg(F8.FP8_GEMV_MAX_ROWS, 4096, 14336) == F8.MANY_ROWS
-    # Wide N past 16 rows: W8A8, unless it cannot take the operands.
-    assert cfg(F8.FEW_ROWS_MAX + 1, 28672, 4096) is None
-    assert cfg(F8.FEW_ROWS_MAX + 1, 28672, 4096, w8a8=False) == F8.MANY_ROWS
-    # ... and at those rows (17-64) W8A8 is the GEMV's own mode, past them _scaled_mm.
+    # Past 16 rows: W8A8, unless it cannot take the operands (then the GEMV's many-row mode).
+    for n, k in [(4096, 4096), (4096, 14336), (28672, 4096)]:
+        assert cfg(F8.FEW_ROWS_MAX + 1, n, k) is None and cfg(F8.FP8_GEMV_MAX_ROWS, n, k) is None
+        assert cfg(F8.FEW_ROWS_MAX + 1, n, k, w8a8=False) == F8.MANY_ROWS
+    # ... and at those rows (17-64) W8A8 is the GEMV's own mode, by the layer's shape; past
+    # them _scaled_mm.
     wcfg = F8.fp8_w8a8_gemv_config
     assert wcfg(F8.FEW_ROWS_MAX + 1, 28672, 4096) == wcfg(64, 16384, 2048) == F8.W8A8_WIDE
     assert wcfg(F8.FEW_ROWS_MAX, 28672, 4096) is None and wcfg(65, 28672, 4096) is None
-    assert wcfg(64, 4096, 14336) is None  # not wide: the GEMV (MANY_ROWS)
+    assert wcfg(64, 6144, 4096) == wcfg(17, 4096, 4096) == wcfg(64, 3072, 2048) == F8.W8A8_NARROW
+    assert wcfg(64, 4096, 14336) == wcfg(32, 2048, 8192) == F8.W8A8_LONG_K
     assert wcfg(64, 16384, 96).block_k == 64
     assert cfg(1, 576, 576).block_k == 512  # K not a power of two: a masked tail block
     assert cfg(3, 576, 40).block_k == 32
@@ -276,6 +277,58 @@ def test_quantize_rows_fp8(k, dtype) -> None:
     q, s = F8.quantize_rows_fp8(gu, silu_mul=True)
     rq, rs = reference.quantize_rows_fp8(T.silu_and_mul(gu))
     assert torch.equal(s, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize(("m", "k", "dtype"), [(3, 256, torch.float32), (2, 300, BF16)])
+def test_norm_quantize_rows_fp8(m, k, dtype, residual) -> None:
+    """The pre-norm and the quantizer in one kernel give the bits of the norm kernel, then the
+    quantizer: scales, e4m3 values and the new residual (written over ``residual``), with and
+    without a residual, for a K that is not a power of two."""
+    x = (torch.randn(m, k, device=DEV) * torch.logspace(-2, 2, m, device=DEV)[:, None]).to(dtype)
+    r = torch.randn(m, k, device=DEV).to(dtype) if residual else None
+    nw = (1 + 0.3 * torch.randn(k, device=DEV)).to(dtype)
+    if r is None:
+        h, want_res = T.rms_norm(x, nw, 1e-5), x
+    else:
+        h, want_res = T.fused_add_rms_norm(x.clone(), r.clone(), nw, 1e-5)
+    want_q, want_s = F8.quantize_rows_fp8(h)
+    r_in = None if r is None else r.clone()
+    q, sc, res = F8.norm_quantize_rows_fp8(x, r_in, nw, 1e-5)
+    assert torch.equal(sc, want_s) and torch.equal(res, want_res)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    if r is not None:
+        assert res.data_ptr() == r_in.data_ptr()  # in place, as fused_add_rms_norm
+    # Against the torch references, within an ulp (the interpreter truncates to bf16).
+    ref_h, ref_res = reference._pre_norm(x, r, nw, 1e-5)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(res, ref_res, rtol=eps, atol=0)
+    torch.testing.assert_close(sc, reference.quantize_rows_fp8(ref_h)[1], rtol=2 * eps, atol=0)
+    empty = F8.norm_quantize_rows_fp8(x[:0], None if r is None else r[:0], nw, 1e-5)
+    assert empty[0].shape == (0, k) and empty[1].shape == (0, 1)
+
+
+def test_norm_is_quantized_where_w8a8_runs(monkeypatch) -> None:
+    """Where the product runs W8A8, the composed norm + linear quantizes in the norm's kernel
+    and hands the e4m3 rows to the W8A8 product: the result and residual equal the norm kernel,
+    then ``fp8_linear`` (whose W8A8 quantizes ``h`` itself). W8A8 is taken on CUDA only, so
+    here the glue runs with the dispatch's predicate and the product patched to the GEMV's
+    W8A8 mode (the interpreter has the kernel, not cuBLAS)."""
+    m, n, k = 17, 48, 64
+    q, s = _weight(n, k, spread=0.5)
+    x = torch.randn(m, k, device=DEV).half()
+    r = torch.randn(m, k, device=DEV).half()
+    nw = (1 + 0.1 * torch.randn(k, device=DEV)).half()
+    cfg = GemvConfig(16, 32, 4, 2, split_k=2, swap_ab=True)
+    monkeypatch.setattr(F8, "_takes_w8a8", lambda x, w, b: x.shape[0] > F8.FEW_ROWS_MAX)
+    monkeypatch.setattr(F8, "fp8_w8a8_gemv_config", lambda m, n, k: cfg)
+    y, res = F8.composed_add_rms_norm_linear(x, r.clone(), nw, 1e-5, q, s)
+    h, want_res = T.fused_add_rms_norm(x.clone(), r.clone(), nw, 1e-5)
+    assert torch.equal(res, want_res)
+    assert torch.equal(y, F8.fp8_w8a8_gemv(h, q, s, None, cfg))
+    y1, _ = F8.composed_add_rms_norm_linear(x[:2].clone(), r[:2].clone(), nw, 1e-5, q, s)
+    want1 = F8.fp8_linear(T.fused_add_rms_norm(x[:2].clone(), r[:2].clone(), nw, 1e-5)[0], q, s)
+    assert torch.equal(y1, want1)  # two rows: the GEMV, the norm on its own
 
 
 def _cpu_scaled_mm_rowwise() -> bool:
@@ -512,17 +565,21 @@ def test_gpu_fp8_gemv_split_k_real_shapes(m, n, k) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [17, 64])
-@pytest.mark.parametrize(("n", "k"), [(28672, 4096), (16384, 2048), (4096, 14336)])
+@pytest.mark.parametrize(
+    ("n", "k"), [(28672, 4096), (16384, 2048), (4096, 14336), (6144, 4096), (2048, 8192)]
+)
 def test_gpu_fp8_w8a8_gemv_real_shapes(m, n, k) -> None:
-    """The GEMV's W8A8 mode (the dispatch's for the wide layers at 17-64 rows) on the FP8
-    tensor cores: within one output rounding of the emulation, the same bits at every run."""
+    """The GEMV's W8A8 mode (the dispatch's for every layer at 17-64 rows) on the FP8 tensor
+    cores, at the dispatched config and others: within one output rounding of the emulation,
+    the same bits at every run."""
     q, s = _weight(n, k, spread=1.0)
     x = torch.randn(m, k, device=DEV, dtype=BF16)
     want = reference.fp8_w8a8_linear(x, q, s)
     xq, xs = reference.quantize_rows_fp8(x)
     mag = _mag(xq.double() * xs.double(), _deq(q, s), None)
     tol = torch.finfo(BF16).eps * (mag + want.double().abs()) + k * 2.0**-23 * mag
-    for cfg in (F8.W8A8_WIDE, GemvConfig(128, 256, 4, 3, 2, True)):
+    for cfg in (F8.fp8_w8a8_gemv_config(m, n, k), F8.W8A8_WIDE, GemvConfig(128, 256, 4, 3, 2, True),
+                GemvConfig(256, 128, 8, 3, 8, True)):  # fmt: skip
         out = F8.fp8_w8a8_gemv(x, q, s, None, cfg)
         _within(out, want, tol, f"w8a8 gemv m={m} {n}x{k} {cfg}")
         assert torch.equal(out, F8.fp8_w8a8_gemv(x, q, s, None, cfg))
@@ -551,11 +608,11 @@ def test_gpu_w8a8(m, n, k) -> None:
         ref = reference.fp8_linear(x.float(), q, s, None if bias is None else bias.float())
         assert (out.float() - ref).norm() / ref.norm() < 0.03
         wcfg = F8.fp8_w8a8_gemv_config(m, n, k)
-        if wcfg is not None:  # wide, 17-64 rows: the GEMV's W8A8 mode
+        if wcfg is not None:  # 17-64 rows: the GEMV's W8A8 mode
             assert torch.equal(F8.fp8_linear(x, q, s, bias), F8.fp8_w8a8_gemv(x, q, s, bias, wcfg))
         elif F8.fp8_gemv_config(m, n, k) is None:
             assert torch.equal(F8.fp8_linear(x, q, s, bias), out)
-    assert (F8.fp8_gemv_config(m, n, k) is None) == (m > 64 or (m > 16 and n >= F8.WIDE_N))
+    assert (F8.fp8_gemv_config(m, n, k) is None) == (m > 16)
     if F8.fp8_gemv_config(m, n, k, silu_mul=True) is None:
         gu = torch.randn(m, 2 * k, device=DEV, dtype=BF16)
         act = T.silu_and_mul(gu)
@@ -632,6 +689,38 @@ def test_gpu_fp8_norm_chain_in_graph_is_exact() -> None:
         return [qkv, gu, nxt, s3]
 
     _check_replays_exactly(chain, [x, r], pdl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [17, 64, 100])
+def test_gpu_fp8_norm_w8a8_chain_in_graph_is_exact(rows) -> None:
+    """A layer's chain at W8A8 rows (the GEMV's W8A8 mode to 64, ``_scaled_mm`` past), the
+    pre-norms quantizing in their kernels: captured with PDL and replayed on new inputs, bit for
+    bit the chain launched plainly; and each norm + linear equals the norm kernel then
+    ``fp8_linear``."""
+    from graphrt.kernels.pdl import pdl_supported
+
+    pdl = pdl_supported(DEV)
+    h, q, inter = 4096, 6144, 14336
+    wqkv, wo = _weight(q, h, 0.5), _weight(h, h, 0.5)
+    wgu, wdn = _weight(2 * inter, h, 0.5), _weight(h, inter, 0.5)
+    nw = (1 + 0.1 * torch.randn(h, device=DEV)).to(BF16)
+    x = torch.randn(rows, h, device=DEV, dtype=BF16)
+    r = torch.randn(rows, h, device=DEV, dtype=BF16)
+
+    def chain(on: bool) -> list[torch.Tensor]:
+        qkv, s1 = F8.add_rms_norm_linear(x, r.clone(), nw, 1e-5, *wqkv, pdl=on)
+        o = F8.fp8_linear(qkv[:, :h], *wo, pdl=on)
+        gu, s2 = F8.add_rms_norm_linear(o, s1, nw, 1e-5, *wgu, pdl=on)
+        d = F8.silu_mul_linear(gu, *wdn, pdl=on)
+        nxt, s3 = F8.add_rms_norm_linear(d, s2, nw, 1e-5, *wqkv, pdl=on)
+        return [qkv, gu, nxt, s3]
+
+    _check_replays_exactly(chain, [x, r], pdl)
+    for w in (wqkv, wgu):
+        y, res = F8.add_rms_norm_linear(x, r.clone(), nw, 1e-5, *w)
+        hn, want_res = T.fused_add_rms_norm(x.clone(), r.clone(), nw, 1e-5)
+        assert torch.equal(res, want_res) and torch.equal(y, F8.fp8_linear(hn, *w))
 
 
 @pytest.mark.gpu
