@@ -84,9 +84,7 @@ WIDE_N = 16384
 # 8.5, 42.0, 24.6 for 8-column, 1024-long blocks on 8 warps (the best for qkv, 9.8, is within
 # 3%). The narrow one-row configs (the 1B's shapes) are unmeasured starting points. Several
 # rows (s25b): at 16 rows qkv 15.5, o 11.5, down 32.0 (FEW_ROWS; 16-column blocks without
-# split K took 19.4, 13.5, 42.2) and gate_up 47.6 (FEW_ROWS_WIDE; 73.6). W8A8_WIDE (s26a):
-# the gate/up projection in 47.1 us at 32 rows and 49.0 at 64, against 54.5 and 52.1 for the
-# quantizer and _scaled_mm.
+# split K took 19.4, 13.5, 42.2) and gate_up 47.6 (FEW_ROWS_WIDE; 73.6).
 ONE_ROW_NARROW = GemvConfig(block_n=2, block_k=2048, num_warps=4, num_stages=4)  # N <= 3072
 ONE_ROW_NARROW_SILU = GemvConfig(block_n=4, block_k=2048, num_warps=8, num_stages=4)
 ONE_ROW_WIDE = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=4)
@@ -97,17 +95,17 @@ ONE_ROW_WIDE_SILU = GemvConfig(block_n=16, block_k=2048, num_warps=8, num_stages
 FEW_ROWS = GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=3, split_k=2)
 FEW_ROWS_WIDE = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3)
 MANY_ROWS = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, swap_ab=True)
-W8A8_WIDE = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)
-# The narrower layers at 17-64 rows in the GEMV's W8A8 mode (session 28). Without split K an
-# 8B qkv (N 6144) or o (N 4096) projection has 48-96 column blocks for 132 SMs, and each
-# program's tile of x is as large as its weight tile at 64 columns: wider column blocks, K split
-# so that every SM has work. Starting points, to be set by kernel_bench.py's W8A8 sweep.
-W8A8_NARROW = GemvConfig(
-    block_n=128, block_k=128, num_warps=4, num_stages=3, split_k=4, swap_ab=True
-)
-# K at least twice N (the down projection): more splits along the long K.
+# W8A8 at 17-64 rows, the GEMV's W8A8 mode for every layer (s29a, session 28, the fastest of
+# kernel_bench.py --only fp8 --sweep at 32 and 64 rows; median us at 64 rows): wide N, 8B
+# gate/up 48.0 (48.6 on the 64-column config before); the rest on 64-column blocks, 256-long K
+# blocks, four stages, 8B qkv 14.8 and o 12.5 against the bf16-dot GEMV's 18.6 and 14.5; K at
+# least twice N (the down projection) split in two, 33.0 against 36.4. More splits or wider
+# blocks were slower: the split-K sum costs a launch, and each program's tile of x is as large
+# as its weight tile at 64 columns.
+W8A8_WIDE = GemvConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, swap_ab=True)
+W8A8_NARROW = GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=4, swap_ab=True)
 W8A8_LONG_K = GemvConfig(
-    block_n=128, block_k=128, num_warps=4, num_stages=3, split_k=8, swap_ab=True
+    block_n=64, block_k=256, num_warps=4, num_stages=4, split_k=2, swap_ab=True
 )
 # The pre-norm folded into the one-row GEMV (``add_rms_norm_linear``): each program also reads
 # K values of the residual and of the norm weight, so its column blocks are wider than the
