@@ -95,18 +95,16 @@ ONE_ROW_WIDE_SILU = GemvConfig(block_n=16, block_k=2048, num_warps=8, num_stages
 FEW_ROWS = GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=3, split_k=2)
 FEW_ROWS_WIDE = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3)
 MANY_ROWS = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, swap_ab=True)
-# W8A8 at 17-64 rows, the GEMV's W8A8 mode for every layer (s29a, session 28, the fastest of
-# kernel_bench.py --only fp8 --sweep at 32 and 64 rows; median us at 64 rows): wide N, 8B
-# gate/up 48.0 (48.6 on the 64-column config before); the rest on 64-column blocks, 256-long K
-# blocks, four stages, 8B qkv 14.8 and o 12.5 against the bf16-dot GEMV's 18.6 and 14.5; K at
-# least twice N (the down projection) split in two, 33.0 against 36.4. More splits or wider
-# blocks were slower: the split-K sum costs a launch, and each program's tile of x is as large
-# as its weight tile at 64 columns.
+# W8A8 at 17-64 rows, the GEMV's W8A8 mode for every layer (session 28, the fastest of
+# kernel_bench.py --only fp8 --sweep at 32 and 64 rows, runs s29a and s29b; median us at 64
+# rows): wide N on 128-column blocks, 8 warps, 8B gate/up 48.0 (48.6 on the 64-column blocks
+# before); the rest on 64-column blocks, 256-long K blocks and five stages, 8B qkv 14.3, o
+# 12.0, down 31.6, against the bf16-dot GEMV's (MANY_ROWS) 18.6, 14.5, 36.4. Of 166 configs
+# this one is within 3% of the fastest for each of those layers at 32 and at 64 rows. Wider
+# column blocks were slower (each program's tile of x is as large as its weight tile at 64
+# columns), and so was split K (its sum costs a launch).
 W8A8_WIDE = GemvConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, swap_ab=True)
-W8A8_NARROW = GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=4, swap_ab=True)
-W8A8_LONG_K = GemvConfig(
-    block_n=64, block_k=256, num_warps=4, num_stages=4, split_k=2, swap_ab=True
-)
+W8A8_NARROW = GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=5, swap_ab=True)
 # The pre-norm folded into the one-row GEMV (``add_rms_norm_linear``): each program also reads
 # K values of the residual and of the norm weight, so its column blocks are wider than the
 # plain GEMV's, to keep those L2 reads a smaller share of its traffic. The fastest of s27b's
@@ -163,13 +161,10 @@ def fp8_gemv_config(
 
 def fp8_w8a8_gemv_config(m: int, n: int, k: int) -> GemvConfig | None:
     """The config of :func:`fp8_w8a8_gemv` where the dispatch runs it: within the GEMV's row
-    bound where ``fp8_gemv_config`` hands the layer to W8A8 (17-64 rows), by the layer's
-    shape: wide N, K at least twice N, the rest; else None (``_scaled_mm`` past the bound)."""
+    bound where ``fp8_gemv_config`` hands the layer to W8A8 (17-64 rows), wide N or not; else
+    None (``_scaled_mm`` past the bound)."""
     if 1 <= m <= FP8_GEMV_MAX_ROWS and fp8_gemv_config(m, n, k) is None:
-        if n >= WIDE_N:
-            cfg = W8A8_WIDE
-        else:
-            cfg = W8A8_LONG_K if k >= 2 * n else W8A8_NARROW
+        cfg = W8A8_WIDE if n >= WIDE_N else W8A8_NARROW
         return replace(cfg, block_k=min(cfg.block_k, _pow2_at_most(k)))
     return None
 
@@ -502,11 +497,23 @@ def _quantize_rows_kernel(
     SILU_MUL: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    # One program per row: its amax, then the row again (from L1/L2), divided and rounded.
+    # One program per row: its amax, then the row again (from L1/L2), divided and rounded; a
+    # row that fits one block stays in registers, one pass over memory.
     row = tl.program_id(0).to(tl.int64)
     pdl_enter(USE_PDL)
     x_row = x_ptr + row * stride_xm
     rk = tl.arange(0, BLOCK_K)
+    if BLOCK_K >= K:
+        xf = _load_x(x_row, 0, rk, K, SILU_MUL, EVEN).to(tl.float32)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xf), axis=0), _MIN_AMAX), _FP8_MAX)
+        y = tl.math.div_rn(xf, scale)
+        q = _round_to_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX))
+        if EVEN:
+            tl.store(q_ptr + row * stride_qm + rk, q.to(q_ptr.dtype.element_ty))
+        else:
+            tl.store(q_ptr + row * stride_qm + rk, q.to(q_ptr.dtype.element_ty), mask=rk < K)
+        tl.store(s_ptr + row, scale)
+        return
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = _load_x(x_row, k0, rk, K, SILU_MUL, EVEN)
@@ -523,6 +530,9 @@ def _quantize_rows_kernel(
         else:
             tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=(k0 + rk) < K)
     tl.store(s_ptr + row, scale)
+
+
+QUANT_ONE_PASS_MAX = 16384
 
 
 def quantize_rows_fp8(
@@ -543,11 +553,17 @@ def quantize_rows_fp8(
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return q, scale.fill_(MIN_AMAX / FP8_MAX)
-    block_k = min(2048, triton.next_power_of_2(k))
+    # The whole row in one block up to 16K values (an 8B down projection's 14,336): one pass,
+    # all its loads in flight at once. A graph's 64 rows are only 64 programs, so the two-pass
+    # loop over 2K blocks was latency-bound: 5.6 us a call, 356 us of an 8B FP8 step at batch
+    # 64 for the o and down projections' inputs (s29b, step_profile).
+    block_k = (
+        triton.next_power_of_2(k) if k <= QUANT_ONE_PASS_MAX else min(2048, QUANT_ONE_PASS_MAX)
+    )
     _quantize_rows_kernel[(m,)](
         x, q, scale, k, x.stride(0), q.stride(0),
         BLOCK_K=block_k, EVEN=k % block_k == 0, SILU_MUL=silu_mul, USE_PDL=pdl,
-        num_warps=4 if block_k <= 1024 else 8, **launch_options(pdl),
+        num_warps=max(4, min(16, block_k // 512)), **launch_options(pdl),
     )  # fmt: skip
     return q, scale
 

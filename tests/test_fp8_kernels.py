@@ -231,7 +231,7 @@ def test_fp8_gemv_config_by_shape() -> None:
     assert wcfg(F8.FEW_ROWS_MAX + 1, 28672, 4096) == wcfg(64, 16384, 2048) == F8.W8A8_WIDE
     assert wcfg(F8.FEW_ROWS_MAX, 28672, 4096) is None and wcfg(65, 28672, 4096) is None
     assert wcfg(64, 6144, 4096) == wcfg(17, 4096, 4096) == wcfg(64, 3072, 2048) == F8.W8A8_NARROW
-    assert wcfg(64, 4096, 14336) == wcfg(32, 2048, 8192) == F8.W8A8_LONG_K
+    assert wcfg(64, 4096, 14336) == wcfg(32, 2048, 8192) == F8.W8A8_NARROW
     assert wcfg(64, 16384, 96).block_k == 64
     assert cfg(1, 576, 576).block_k == 512  # K not a power of two: a masked tail block
     assert cfg(3, 576, 40).block_k == 32
@@ -257,11 +257,16 @@ def _activation_rows(k: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([rows, zero, every[None], edge[None]]).to(DEV, dtype)
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("k", [256, 300])
-def test_quantize_rows_fp8(k, dtype) -> None:
+def test_quantize_rows_fp8(k, dtype, one_pass, monkeypatch) -> None:
     """The per-token quantizer gives the reference's bits: scales and values, ties to even,
-    subnormals, signed zeros; the reference is the weights' recipe applied to rows."""
+    subnormals, signed zeros; the reference is the weights' recipe applied to rows. Rows that
+    fit one block (held in registers) and longer ones (two passes over 2K blocks; here the
+    bound is lowered so that these short rows take that path too)."""
+    if not one_pass:
+        monkeypatch.setattr(F8, "QUANT_ONE_PASS_MAX", 64)
     x = _activation_rows(k, dtype)
     q, s = F8.quantize_rows_fp8(x)
     rq, rs = reference.quantize_rows_fp8(x)
@@ -689,6 +694,21 @@ def test_gpu_fp8_norm_chain_in_graph_is_exact() -> None:
         return [qkv, gu, nxt, s3]
 
     _check_replays_exactly(chain, [x, r], pdl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [4096, 14336, 20480])
+def test_gpu_quantize_rows_real_widths(k) -> None:
+    """The quantizer at model widths, one pass (to 16K values) and two: the reference's bits,
+    plain and with SiLU-and-mul on load."""
+    x = torch.randn(64, k, device=DEV, dtype=BF16) * 4
+    q, s = F8.quantize_rows_fp8(x)
+    rq, rs = reference.quantize_rows_fp8(x)
+    assert torch.equal(s, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+    gu = torch.randn(64, 2 * k, device=DEV, dtype=BF16) * 4
+    q, s = F8.quantize_rows_fp8(gu, silu_mul=True)
+    rq, rs = reference.quantize_rows_fp8(T.silu_and_mul(gu))
+    assert torch.equal(s, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
 
 
 @pytest.mark.gpu
