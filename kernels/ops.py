@@ -36,7 +36,7 @@ class Ops:
     # ``fp8_linear(x, weight_fp8, scale, bias)`` and ``fp8_silu_mul_linear(x, weight_fp8,
     # scale)`` (the down projection on the gate/up output): the seam for FP8 weights
     # (graphrt.models.fp8). "torch" dequantizes, then multiplies (kernels.reference); "triton"
-    # runs an FP8 GEMV for a few rows and W8A8 (_scaled_mm) for more (kernels.triton_fp8).
+    # runs an FP8 GEMV for a few rows and W8A8 for more (kernels.triton_fp8).
     fp8_linear: Callable
     fp8_silu_mul_linear: Callable
     # ``fp8_add_rms_norm_linear(x, residual, norm_w, eps, weight_fp8, scale, bias)``: as

@@ -4,31 +4,31 @@
 
 Two paths, chosen from shapes alone (so the choice is fixed per captured graph):
 
-- **A few rows** (``M <= FP8_GEMV_MAX_ROWS``, 64): a weight-only FP8 GEMV, laid out as the bf16
-  one (:mod:`graphrt.kernels.triton_gemv`): each program owns ``BLOCK_N`` output columns. It
-  streams one byte per weight, upcasts in registers (exact: every e4m3 value is a bf16, fp16
-  and fp32 value), accumulates in fp32 and applies the row scale once at the end
-  (``sum_k x q s = s sum_k x q``: the scale belongs to the output channel). One row reduces on
-  the CUDA cores over all of ``K``; 2-64 rows run one tensor-core ``tl.dot`` per K block in the
-  activation dtype (past 16 rows with the weight block as the dot's first operand,
-  ``GemvConfig.swap_ab``). A ``silu_mul`` variant reads the gate/up output ``[M, 2K]`` and
-  applies SiLU-and-mul as it loads (the down projection, one row, as in the bf16 GEMV). With
-  ``GemvConfig.split_k`` (the narrower layers at 2-64 rows) programs also split K, each
-  writing an fp32 partial sum that a second kernel adds in a fixed order: no atomics, so the
-  result is the same at every run. Wide layers (``N >= WIDE_N``, the gate/up projection) past
-  16 rows take W8A8.
-- **More rows, and wide layers past 16 rows: W8A8.** One Triton kernel quantizes each
-  activation row to e4m3 on the device (``scale = amax(|row|) / 448``, the weights' recipe; no
-  host sync, nothing sized by values), then the product runs on the fp8 tensor cores with
-  row-wise scales: up to 64 rows in the GEMV's W8A8 mode (:func:`fp8_w8a8_gemv`: the dot on
-  e4m3 operands, both scales after the fp32 sum; faster than cuBLAS at these rows, s26a),
-  above that ``torch._scaled_mm``. Per-token scales keep rows independent: a graph bucket's
+- **A few rows** (one to 16; one to 64 where W8A8 cannot take the operands): a weight-only
+  FP8 GEMV, laid out as the bf16 one (:mod:`graphrt.kernels.triton_gemv`): each program owns
+  ``BLOCK_N`` output columns. It streams one byte per weight, upcasts in registers (exact:
+  every e4m3 value is a bf16, fp16 and fp32 value), accumulates in fp32 and applies the row
+  scale once at the end (``sum_k x q s = s sum_k x q``: the scale belongs to the output
+  channel). One row reduces on the CUDA cores over all of ``K``; 2-16 rows run one tensor-core
+  ``tl.dot`` per K block in the activation dtype. A ``silu_mul`` variant reads the gate/up
+  output ``[M, 2K]`` and applies SiLU-and-mul as it loads (the down projection, one row, as in
+  the bf16 GEMV). With ``GemvConfig.split_k`` (the narrower layers at 2-16 rows) programs also
+  split K, each writing an fp32 partial sum that a second kernel adds in a fixed order: no
+  atomics, so the result is the same at every run.
+- **More rows: W8A8.** One Triton kernel quantizes each activation row to e4m3 on the device
+  (``scale = amax(|row|) / 448``, the weights' recipe; no host sync, nothing sized by values),
+  then the product runs on the fp8 tensor cores with row-wise scales: at 17-64 rows in the
+  GEMV's W8A8 mode (:func:`fp8_w8a8_gemv`: the dot on e4m3 operands, the weight block as its
+  first operand, both scales after the fp32 sum; faster than cuBLAS and than the bf16-dot GEMV
+  at these rows, s26a and s29a), above that ``torch._scaled_mm``. Where a pre-norm feeds the
+  product (``add_rms_norm_linear``), the norm kernel quantizes its output rows itself
+  (:func:`norm_quantize_rows_fp8`). Per-token scales keep rows independent: a graph bucket's
   padding rows cannot move a real row's scale, as a per-tensor scale would.
 
 Anything else takes the torch reference (dequantize, then ``F.linear``): GPUs before sm_89
 (neither Triton nor cuBLAS has e4m3 there), and above the GEMV bound, fp16/fp32 activations
 (``_scaled_mm``'s row-wise path is bf16-only in some torch releases) or a K or N that is not a
-multiple of 16 (``_scaled_mm`` refuses them).
+multiple of 16 (``_scaled_mm`` refuses them); at 17-64 rows those operands take the GEMV.
 
 Numerics against :func:`graphrt.kernels.reference.fp8_linear`, which rounds the dequantized
 weight to the activation dtype before its matmul: the GEMV does not round the weight, so it is
@@ -69,14 +69,14 @@ MIN_AMAX = 1e-12
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
-# At or below this many rows the GEMV runs (except wide N past 16 rows: FEW_ROWS_MAX). At 64
-# rows its split-K, swapped-operand config beat W8A8 on Llama-3.1-8B's qkv, o and down
-# projections (17.8, 13.7, 35.1 us against 18.8, 16.9, 46.9; H100, run s25b, session 24).
+# The GEMV kernel's row bound: up to FEW_ROWS_MAX rows the weight-only GEMV, then to
+# FP8_GEMV_MAX_ROWS its W8A8 mode (the weight-only one where W8A8 cannot take the operands).
+# At 64 rows the W8A8 mode beat the weight-only GEMV's best configs on each of Llama-3.1-8B's
+# layers (qkv 14.3 against 18.6 us, o 12.0 against 14.5, down 31.6 against 36.4; s29a/s29b).
 FP8_GEMV_MAX_ROWS = 64
 FEW_ROWS_MAX = 16
-# Output width from which a layer counts as wide: enough column blocks to fill the SMs without
-# split K, and past 16 rows W8A8's _scaled_mm wins (8B gate_up at 64 rows: 53.9 us against the
-# GEMV's best 61.4).
+# Output width from which a layer counts as wide: enough column blocks to fill the SMs on
+# wider blocks (the gate/up projections).
 WIDE_N = 16384
 
 # Launch configs by shape, the fastest of kernel_bench.py --only fp8 --sweep (8B shapes, median

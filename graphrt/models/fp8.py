@@ -13,13 +13,13 @@ through the ``Ops`` bundle (``graphrt.kernels.ops.make_ops``). The "torch" bundl
 uses the reference, ``graphrt.kernels.reference.fp8_linear``, which dequantizes to the
 activation dtype and runs the matmul: the numerics every kernel must match. The "triton" bundle
 (CUDA) uses ``graphrt.kernels.triton_fp8``: on sm_89+, an FP8 GEMV that streams the e4m3
-weight and applies the row scale after its fp32 sum (up to 64 rows, wide layers up to 16; the
-down projection at one row with SiLU-and-mul fused), and beyond that W8A8, the activations
-quantized per token on the device and multiplied on the FP8 tensor cores (by the GEMV's W8A8
-mode up to 64 rows, by ``torch._scaled_mm`` above); before sm_89, or for shapes ``_scaled_mm``
-refuses, the reference. Any kernel must keep the step capturable: no host sync and no
-allocation whose size depends on values (W8A8's per-token activation scales are computed on the
-device).
+weight and applies the row scale after its fp32 sum (up to 16 rows; the down projection at
+one row with SiLU-and-mul fused), and beyond that W8A8, the activations quantized per token on
+the device (in the pre-norm's kernel where one feeds the layer) and multiplied on the FP8
+tensor cores (by the GEMV's W8A8 mode up to 64 rows, by ``torch._scaled_mm`` above); before
+sm_89, or for shapes ``_scaled_mm`` refuses, the reference. Any kernel must keep the step
+capturable: no host sync and no allocation whose size depends on values (W8A8's per-token
+activation scales are computed on the device).
 
 Only the decoder's linear layers are quantized; embeddings, the lm_head and norms stay in the
 model dtype.
