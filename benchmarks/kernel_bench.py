@@ -1097,7 +1097,7 @@ def _fp8_table(results: list[Result], hbm_gbps: float) -> str:
             f"{speed:>8.2f}x"
         )
     out.append("  * silu+down rows: fp8_silu_mul_linear as dispatched (GEMV up to its row bound)")
-    out.append("  ** the GEMV's W8A8 mode where dispatched (wide, 17-64 rows), else _scaled_mm")
+    out.append("  ** the GEMV's W8A8 mode where dispatched (17-64 rows), else _scaled_mm")
     return "\n".join(out)
 
 
