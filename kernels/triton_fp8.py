@@ -485,6 +485,21 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
+def _row_scale(abs_x):
+    # A row's e4m3 scale from its absolute values (any block shape): amax / 448, a zero row's
+    # finite. IEEE division (div_rn), as torch divides: the scales and values match the
+    # reference's bits.
+    return tl.math.div_rn(tl.maximum(tl.max(abs_x, axis=0), _MIN_AMAX), _FP8_MAX)
+
+
+@triton.jit
+def _to_e4m3(xf, scale):
+    # fp32 values divided by their row's scale, clamped and rounded to e4m3 (still in fp32).
+    y = tl.math.div_rn(xf, scale)
+    return _round_to_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX))
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr,
     q_ptr,
@@ -505,9 +520,8 @@ def _quantize_rows_kernel(
     rk = tl.arange(0, BLOCK_K)
     if BLOCK_K >= K:
         xf = _load_x(x_row, 0, rk, K, SILU_MUL, EVEN).to(tl.float32)
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xf), axis=0), _MIN_AMAX), _FP8_MAX)
-        y = tl.math.div_rn(xf, scale)
-        q = _round_to_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX))
+        scale = _row_scale(tl.abs(xf))
+        q = _to_e4m3(xf, scale)
         if EVEN:
             tl.store(q_ptr + row * stride_qm + rk, q.to(q_ptr.dtype.element_ty))
         else:
@@ -518,12 +532,10 @@ def _quantize_rows_kernel(
     for k0 in range(0, K, BLOCK_K):
         x = _load_x(x_row, k0, rk, K, SILU_MUL, EVEN)
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    # IEEE division (div_rn), as torch divides: the scales and values match the reference's bits.
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), _MIN_AMAX), _FP8_MAX)
+    scale = _row_scale(amax)
     for k0 in range(0, K, BLOCK_K):
         x = _load_x(x_row, k0, rk, K, SILU_MUL, EVEN)
-        y = tl.math.div_rn(x.to(tl.float32), scale)
-        q = _round_to_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX))
+        q = _to_e4m3(x.to(tl.float32), scale)
         q_ptrs = q_ptr + row * stride_qm + k0 + rk
         if EVEN:
             tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty))
@@ -599,9 +611,8 @@ def _norm_quantize_rows_kernel(
     xn = (xf * inv).to(x.dtype)
     w = tl.load(nw_ptr + cols, mask=mask, other=0.0)
     h = (xn.to(tl.float32) * w.to(tl.float32)).to(x.dtype).to(tl.float32)
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(h), axis=0), _MIN_AMAX), _FP8_MAX)
-    y = tl.math.div_rn(h, scale)
-    q = _round_to_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX))
+    scale = _row_scale(tl.abs(h))
+    q = _to_e4m3(h, scale)
     tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 

@@ -671,6 +671,29 @@ def _check_replays_exactly(chain, inputs: list[torch.Tensor], pdl: bool) -> None
             assert torch.equal(o, w)
 
 
+def _layer_chain(rows: int):
+    """A Llama-3.1-8B layer over FP8 weights on ``rows`` random rows: ``(chain, x, r, nw,
+    (wqkv, wgu))``, where ``chain(pdl)`` runs qkv with its pre-norm, o, gate/up with its
+    pre-norm, the SiLU-fused down projection and the next layer's qkv, and returns its outputs
+    and last residual; it leaves ``x`` and ``r`` as they were (the norms may work in place)."""
+    h, q, inter = 4096, 6144, 14336
+    wqkv, wo = _weight(q, h, 0.5), _weight(h, h, 0.5)
+    wgu, wdn = _weight(2 * inter, h, 0.5), _weight(h, inter, 0.5)
+    nw = (1 + 0.1 * torch.randn(h, device=DEV)).to(BF16)
+    x = torch.randn(rows, h, device=DEV, dtype=BF16)
+    r = torch.randn(rows, h, device=DEV, dtype=BF16)
+
+    def chain(on: bool) -> list[torch.Tensor]:
+        qkv, s1 = F8.add_rms_norm_linear(x, r.clone(), nw, 1e-5, *wqkv, pdl=on)
+        o = F8.fp8_linear(qkv[:, :h], *wo, pdl=on)
+        gu, s2 = F8.add_rms_norm_linear(o, s1, nw, 1e-5, *wgu, pdl=on)
+        d = F8.silu_mul_linear(gu, *wdn, pdl=on)
+        nxt, s3 = F8.add_rms_norm_linear(d, s2, nw, 1e-5, *wqkv, pdl=on)
+        return [qkv, gu, nxt, s3]
+
+    return chain, x, r, nw, (wqkv, wgu)
+
+
 @pytest.mark.gpu
 def test_gpu_fp8_norm_chain_in_graph_is_exact() -> None:
     """A layer's one-row chain with the pre-norms folded into the FP8 GEMV (program 0 writes
@@ -678,22 +701,8 @@ def test_gpu_fp8_norm_chain_in_graph_is_exact() -> None:
     captured graph: bit-identical to the chain launched plainly, on new inputs each replay."""
     from graphrt.kernels.pdl import pdl_supported
 
-    pdl = pdl_supported(DEV)
-    h, q, inter = 4096, 6144, 14336
-    wqkv, wo = _weight(q, h, 0.5), _weight(h, h, 0.5)
-    wgu, wdn = _weight(2 * inter, h, 0.5), _weight(h, inter, 0.5)
-    nw = (1 + 0.1 * torch.randn(h, device=DEV)).to(BF16)
-    x, r = torch.randn(1, h, device=DEV, dtype=BF16), torch.randn(1, h, device=DEV, dtype=BF16)
-
-    def chain(on: bool) -> list[torch.Tensor]:
-        qkv, s1 = F8.add_rms_norm_linear(x, r, nw, 1e-5, *wqkv, pdl=on)
-        o = F8.fp8_linear(qkv[:, :h], *wo, pdl=on)
-        gu, s2 = F8.add_rms_norm_linear(o, s1, nw, 1e-5, *wgu, pdl=on)
-        d = F8.silu_mul_linear(gu, *wdn, pdl=on)
-        nxt, s3 = F8.add_rms_norm_linear(d, s2, nw, 1e-5, *wqkv, pdl=on)
-        return [qkv, gu, nxt, s3]
-
-    _check_replays_exactly(chain, [x, r], pdl)
+    chain, x, r, _, _ = _layer_chain(1)
+    _check_replays_exactly(chain, [x, r], pdl_supported(DEV))
 
 
 @pytest.mark.gpu
@@ -721,21 +730,7 @@ def test_gpu_fp8_norm_w8a8_chain_in_graph_is_exact(rows) -> None:
     from graphrt.kernels.pdl import pdl_supported
 
     pdl = pdl_supported(DEV)
-    h, q, inter = 4096, 6144, 14336
-    wqkv, wo = _weight(q, h, 0.5), _weight(h, h, 0.5)
-    wgu, wdn = _weight(2 * inter, h, 0.5), _weight(h, inter, 0.5)
-    nw = (1 + 0.1 * torch.randn(h, device=DEV)).to(BF16)
-    x = torch.randn(rows, h, device=DEV, dtype=BF16)
-    r = torch.randn(rows, h, device=DEV, dtype=BF16)
-
-    def chain(on: bool) -> list[torch.Tensor]:
-        qkv, s1 = F8.add_rms_norm_linear(x, r.clone(), nw, 1e-5, *wqkv, pdl=on)
-        o = F8.fp8_linear(qkv[:, :h], *wo, pdl=on)
-        gu, s2 = F8.add_rms_norm_linear(o, s1, nw, 1e-5, *wgu, pdl=on)
-        d = F8.silu_mul_linear(gu, *wdn, pdl=on)
-        nxt, s3 = F8.add_rms_norm_linear(d, s2, nw, 1e-5, *wqkv, pdl=on)
-        return [qkv, gu, nxt, s3]
-
+    chain, x, r, nw, (wqkv, wgu) = _layer_chain(rows)
     _check_replays_exactly(chain, [x, r], pdl)
     for w in (wqkv, wgu):
         y, res = F8.add_rms_norm_linear(x, r.clone(), nw, 1e-5, *w)
