@@ -375,9 +375,9 @@ def fp8_w8a8_gemv(
     SiLU-and-mul on load if ``silu_mul``), then the multi-row path's dot on e4m3 operands (the
     FP8 tensor cores, no upcast) with fp32 sums scaled by both row scales; what
     :func:`graphrt.kernels.reference.fp8_w8a8_linear` computes. Faster than ``_scaled_mm``
-    for the wide layers past 16 rows (``kernel_bench.py --only fp8 --sweep``, s26a), and
-    dispatched for wide layers at 17-64 rows (:func:`fp8_w8a8_gemv_config`). ``pdl`` applies
-    to the quantizer."""
+    for the wide layers past 16 rows (``kernel_bench.py --only fp8 --sweep``, s26a) and than
+    the weight-only GEMV for the narrow ones (s29a), and dispatched for every layer at 17-64
+    rows (:func:`fp8_w8a8_gemv_config`). ``pdl`` applies to the quantizer."""
     _check(x, weight, scale, silu_mul)
     xq, xs = quantize_rows_fp8(x, silu_mul=silu_mul, pdl=pdl)
     return _launch_gemv(xq, xs, weight, scale, bias, cfg, False, False, x.dtype)
@@ -778,9 +778,10 @@ def silu_mul_linear(
     output, with SiLU-and-mul applied as the one-row GEMV or the activation quantizer loads
     ``x``.
 
-    At 2-64 rows the GEMV does not fuse it: each of its programs would recompute SiLU over
-    every row's whole K (the H100 took 202 us for Llama-3.1-8B's down projection at 16 rows,
-    against 42 us for the SiLU kernel's output through the plain GEMV; session 23, run s24c).
+    At 2-16 rows (and to 64 where W8A8 cannot take the operands) the GEMV does not fuse it:
+    each of its programs would recompute SiLU over every row's whole K (the H100 took 202 us
+    for Llama-3.1-8B's down projection at 16 rows, against 42 us for the SiLU kernel's output
+    through the plain GEMV; session 23, run s24c). Past 16 rows the quantizer applies it.
     """
     if x.dim() == 2 and fp8_supported(x.device):
         w8a8 = w8a8_supported(x, weight, None)
