@@ -1057,15 +1057,17 @@ def bench_fp8(
 
 def _time_if_it_fits(timer: Timer, fns, iters: int) -> float | None:
     """``timer(fns, iters)``, or None where Triton cannot fit the config's tile
-    (``OutOfResources``: shared memory or registers) or cannot compile it (a sweep candidate
-    outside what this Triton lowers for the GPU; named on stderr, and the sweep goes on)."""
+    (``OutOfResources``: shared memory or registers) or cannot compile it
+    (``CompilationError``: a sweep candidate outside what this Triton lowers for the GPU; named
+    on stderr, and the sweep goes on). Any other error is a bug and raises."""
     try:
         return timer(fns, iters)
     except Exception as e:
-        if type(e).__name__ != "OutOfResources":
-            print(f"  sweep candidate skipped: {type(e).__name__}: {e}"[:300], file=sys.stderr)
-        if timer.device.type == "cuda":
-            torch.cuda.synchronize()  # raises here if the failure left the context unusable
+        name = type(e).__name__
+        if name not in ("OutOfResources", "CompilationError"):
+            raise
+        if name == "CompilationError":
+            print(f"  sweep candidate skipped: {name}: {e}"[:300], file=sys.stderr)
         return None
 
 

@@ -568,7 +568,8 @@ def quantize_rows_fp8(
     # The whole row in one block up to 16K values (an 8B down projection's 14,336): one pass,
     # all its loads in flight at once. A graph's 64 rows are only 64 programs, so the two-pass
     # loop over 2K blocks was latency-bound: 5.6 us a call, 356 us of an 8B FP8 step at batch
-    # 64 for the o and down projections' inputs (s29b, step_profile).
+    # 64 for the o and down projections' inputs (s29b, step_profile). Past the bound, blocks
+    # no longer than it, so that such a row always spans several (the kernel's two-pass path).
     block_k = (
         triton.next_power_of_2(k) if k <= QUANT_ONE_PASS_MAX else min(2048, QUANT_ONE_PASS_MAX)
     )
