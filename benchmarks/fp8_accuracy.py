@@ -4,10 +4,11 @@ Prints top-1 agreement and both perplexities (issue #21's bars: agreement >= 95%
 perplexity within +3%) and the weight bytes of each. CPU by default (fp32 reference); on a GPU
 pass ``--device cuda`` (bf16 reference); ``--dtype bfloat16`` runs both models in bf16 on the
 CPU too (the issue's reference). ``--floor float32`` also scores the unquantized model against
-itself in that dtype: how far the reference dtype alone moves the tokens.
+itself in that dtype: how far the reference dtype alone moves the tokens. ``--kv-cache-dtype
+fp8`` also scores an FP8 KV cache, alone and with FP8 weights.
 
     python benchmarks/fp8_accuracy.py [--model DIR] [--device cpu|cuda] [--dtype DTYPE]
-        [--floor DTYPE] [--text FILE]
+        [--floor DTYPE] [--kv-cache-dtype fp8] [--text FILE]
 """
 
 from __future__ import annotations
@@ -37,29 +38,52 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         help="also score the unquantized model in --dtype against this dtype",
     )
+    ap.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8"],
+        help="fp8: also score an FP8 KV cache, alone and with FP8 weights",
+    )
     ap.add_argument("--text", type=Path, default=TEXT)
     args = ap.parse_args()
-    runs = [(args.dtype, None), (args.dtype, "fp8")] + ([(args.floor, None)] if args.floor else [])
+    # (dtype, quantization, kv_cache_dtype) of each run; the first is the reference.
+    runs = [(args.dtype, None, "auto"), (args.dtype, "fp8", "auto")]
+    if args.kv_cache_dtype == "fp8":
+        runs += [(args.dtype, None, "fp8"), (args.dtype, "fp8", "fp8")]
+    if args.floor:
+        runs.append((args.floor, None, "auto"))
     results, ids = {}, None
-    for dt, quant in runs:
+    for dt, quant, kv in runs:
         eng = Engine(
-            model=args.model, device=args.device, dtype=dt, quantization=quant, max_num_seqs=1
+            model=args.model,
+            device=args.device,
+            dtype=dt,
+            quantization=quant,
+            kv_cache_dtype=kv,
+            max_num_seqs=1,
         )
         if ids is None:
             ids = eng.tokenizer.encode(read_text(args.text))
-        results[dt, quant] = (teacher_forced(eng, ids), eng.runner.weight_bytes)
-        if quant is None and dt == args.dtype:
             dtype = eng.runner.settings.dtype
+        results[dt, quant, kv] = (teacher_forced(eng, ids), eng.runner.weight_bytes)
         eng.shutdown()
-    (ref, ref_bytes), (fp8, fp8_bytes) = results[args.dtype, None], results[args.dtype, "fp8"]
-    print(
-        f"fp8 accuracy: {args.text.name}, {len(ref.nll)} positions, reference {dtype}: "
-        f"top-1 agreement {fp8.agreement(ref):.2%}, perplexity {ref.perplexity:.4f} -> "
-        f"{fp8.perplexity:.4f} ({fp8.perplexity / ref.perplexity - 1:+.2%}); weights "
-        f"{ref_bytes / 1e6:.1f} MB -> {fp8_bytes / 1e6:.1f} MB"
-    )
+    ref, ref_bytes = results[runs[0]]
+    for what, run in (
+        ("fp8 accuracy", runs[1]),
+        ("fp8 KV cache accuracy", (args.dtype, None, "fp8")),
+        ("fp8 weights + KV cache accuracy", (args.dtype, "fp8", "fp8")),
+    ):
+        if run not in results:
+            continue
+        got, got_bytes = results[run]
+        print(
+            f"{what}: {args.text.name}, {len(ref.nll)} positions, reference {dtype}: "
+            f"top-1 agreement {got.agreement(ref):.2%}, perplexity {ref.perplexity:.4f} -> "
+            f"{got.perplexity:.4f} ({got.perplexity / ref.perplexity - 1:+.2%}); weights "
+            f"{ref_bytes / 1e6:.1f} MB -> {got_bytes / 1e6:.1f} MB"
+        )
     if args.floor:
-        base = results[args.floor, None][0]
+        base = results[args.floor, None, "auto"][0]
         print(
             f"floor: the unquantized model in {dtype} against {args.floor}: top-1 agreement "
             f"{ref.agreement(base):.2%}, perplexity {ref.perplexity / base.perplexity - 1:+.2%}"

@@ -18,6 +18,8 @@ AttentionBackendName = Literal["auto", "torch", "triton", "flashinfer"]
 JsonWhitespace = Literal["fixed", "flexible"]
 OverlapMode = Literal["thread", "inline", "off", "two_events"]
 FuseNorms = Literal["auto", "on", "off"]
+# "fp8" is vLLM's alias of "fp8_e4m3".
+KVCacheDType = Literal["auto", "fp8", "fp8_e4m3"]
 # Values of ``quantization`` besides None (graphrt.models.fp8_checkpoint.QUANTIZATIONS, kept
 # here too so that reading the config imports no model code).
 QUANTIZATIONS = ("fp8",)
@@ -32,6 +34,10 @@ _HELP: dict[str, str] = {
     "quantization": "'fp8': quantize the decoder's linear weights to float8 e4m3 with "
     "per-output-channel scales at load time (embeddings, lm_head and norms stay in dtype); FP8 "
     "checkpoints (quantization_config) load as FP8 whatever this says",
+    "kv_cache_dtype": "KV cache element type: 'auto', the model's dtype; 'fp8' or 'fp8_e4m3', "
+    "float8 e4m3 with one scale per layer for K and one for V (1.0), half the bytes of bf16: "
+    "twice the tokens in the pool, and half the attention's reads in decode (the triton and "
+    "torch attention backends; sm_89+ on CUDA)",
     "seed": "seed for dummy weights and for requests that give no seed",
     "page_size": "tokens per KV-cache page",
     "gpu_memory_utilization": "fraction of total GPU memory graphrt may use (weights, graphs, "
@@ -95,6 +101,7 @@ class EngineConfig:
     dtype: DType = "auto"
     device: Device = "auto"
     quantization: str | None = None
+    kv_cache_dtype: KVCacheDType = "auto"
     seed: int = 0
     page_size: int = 16
     gpu_memory_utilization: float = 0.85

@@ -369,8 +369,10 @@ def teacher_forced(eng: Engine, ids: list[int], chunk: int = 256) -> TeacherForc
     pages = -(-len(ids) // page) + 1  # page 0 left unused, as the engine's dummy page is
     shape = (pages, page, c.num_kv_heads, c.head_dim)
     dtype = r.settings.dtype
-    k = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(c.num_layers)]
-    v = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(c.num_layers)]
+    # The engine's cache dtype and scales: an FP8 cache's rounding is part of what is scored.
+    kv_dtype = r.kv_spec.dtype
+    k = [torch.zeros(shape, dtype=kv_dtype, device=dev) for _ in range(c.num_layers)]
+    v = [torch.zeros(shape, dtype=kv_dtype, device=dev) for _ in range(c.num_layers)]
     spec = AttentionSpec(
         c.num_heads, c.num_kv_heads, c.head_dim, page, pages, c.head_dim**-0.5, dtype, dev
     )
@@ -386,7 +388,7 @@ def teacher_forced(eng: Engine, ids: list[int], chunk: int = 256) -> TeacherForc
         seq_lens_host=seq,
         cu_q_host=cu,
     )
-    backend = TorchAttentionBackend(spec, k, v)
+    backend = TorchAttentionBackend(spec, k, v, r.kv_scales)
     tokens = torch.tensor(ids, dtype=torch.int64, device=dev)
     positions = torch.arange(n, device=dev)
     fb = ForwardBatch(

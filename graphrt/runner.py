@@ -36,7 +36,8 @@ from graphrt.host_copy import to_device
 from graphrt.kernels.attention_backend import AttentionSpec, AttnInputs, get_backend_class
 from graphrt.kernels.ops import make_ops
 from graphrt.kernels.pdl import pdl_supported
-from graphrt.memory.kv_pool import KVPool, KVPoolSpec
+from graphrt.kernels.reference import KV_FP8_DTYPE
+from graphrt.memory.kv_pool import KVPool, KVPoolSpec, kv_cache_scales
 from graphrt.models.loader import build_model, init_dummy, load_safetensors
 from graphrt.models.model_config import ModelConfig
 from graphrt.sampling import SampleOutputs, SamplerFlags, SlotSamplingState, sample
@@ -57,6 +58,7 @@ class ResolvedSettings:
 
     device: torch.device
     dtype: torch.dtype
+    kv_dtype: torch.dtype  # the KV cache's: dtype, or float8_e4m3fn
     attention_backend: str
     ops: str
     pdl: bool  # launch the Triton kernels with programmatic dependent launch
@@ -86,6 +88,10 @@ def resolve_settings(config: EngineConfig, model_cfg: ModelConfig) -> ResolvedSe
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and _has_triton_backend() else "torch"
     ops = "triton" if device.type == "cuda" and _has_triton_ops() else "torch"
+    kv_dtype = dtype
+    if config.kv_cache_dtype in ("fp8", "fp8_e4m3"):
+        kv_dtype = KV_FP8_DTYPE
+        _check_fp8_kv(backend, device, config.kv_cache_dtype)
     limit = model_cfg.max_position_embeddings
     max_len = config.max_model_len or limit
     if max_len > limit:
@@ -96,6 +102,7 @@ def resolve_settings(config: EngineConfig, model_cfg: ModelConfig) -> ResolvedSe
     return ResolvedSettings(
         device=device,
         dtype=dtype,
+        kv_dtype=kv_dtype,
         attention_backend=backend,
         ops=ops,
         pdl=config.pdl and ops == "triton" and pdl_supported(device),
@@ -104,6 +111,20 @@ def resolve_settings(config: EngineConfig, model_cfg: ModelConfig) -> ResolvedSe
         max_pages_per_seq=pages,
         num_slots=config.max_num_seqs + 1,  # + the dummy slot
     )
+
+
+def _check_fp8_kv(backend: str, device: torch.device, name: str) -> None:
+    # Refused before any weight is loaded, naming the setting.
+    if not get_backend_class(backend).fp8_kv:
+        raise ValueError(
+            f"kv_cache_dtype={name!r} needs attention_backend 'triton' or 'torch', not {backend!r}"
+        )
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(
+            f"kv_cache_dtype={name!r} needs a GPU with float8 support (sm_89 or newer); "
+            f"this one is sm_{major}{minor}"
+        )
 
 
 def _has_triton_backend() -> bool:
@@ -177,7 +198,11 @@ class ModelRunner:
         )
         c = self.model_cfg
         self.kv_spec = KVPoolSpec(
-            c.num_layers, c.num_kv_heads, c.head_dim, config.page_size, s.dtype
+            c.num_layers, c.num_kv_heads, c.head_dim, config.page_size, s.kv_dtype
+        )
+        # Each layer's (K, V) scales, read by the cache writes and attention of an FP8 cache.
+        self.kv_scales = (
+            kv_cache_scales(c.num_layers, s.device) if s.kv_dtype == KV_FP8_DTYPE else None
         )
         self.attn_spec = AttentionSpec(
             num_q_heads=c.num_heads,
@@ -320,12 +345,13 @@ class ModelRunner:
 
     def _allocate_kv(self, num_pages: int) -> None:
         self.kv = KVPool(self.kv_spec, num_pages, self.device)
-        self.attn = self.backend_cls(self.attn_spec, self.kv.k, self.kv.v)
+        self.attn = self.backend_cls(self.attn_spec, self.kv.k, self.kv.v, self.kv_scales)
         logger.info(
-            "KV pool: %d pages of %d tokens (%.2f GB)",
+            "KV pool: %d pages of %d tokens (%.2f GB, %s)",
             num_pages,
             self.config.page_size,
             self.kv.nbytes / 1e9,
+            self.kv_spec.dtype,
         )
 
     def _plan_num_pages(self) -> int:

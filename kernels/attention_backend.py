@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from graphrt.kernels.reference import is_fp8_cache
+
 
 @dataclass(frozen=True)
 class AttentionSpec:
@@ -69,12 +71,36 @@ class AttentionBackend(ABC):
     # prepare_for_mixed reads nothing from the host, so mixed steps can be captured.
     mixed_graphs: bool = False
 
+    # Whether the backend reads e4m3 caches (kv_cache_dtype="fp8_e4m3").
+    fp8_kv: bool = False
+
     def __init__(
-        self, spec: AttentionSpec, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]
+        self,
+        spec: AttentionSpec,
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
+        kv_scales: torch.Tensor | None = None,
     ):
+        """``kv_scales``: fp32 ``[num_layers, 2]``, each layer's (K, V) scale, for e4m3 caches
+        (which hold ``K / k_scale`` and ``V / v_scale``); ignored for caches in the model's
+        dtype."""
         self.spec = spec
         self.k_caches = k_caches
         self.v_caches = v_caches
+        fp8 = bool(k_caches) and is_fp8_cache(k_caches[0])
+        if fp8 and not self.fp8_kv:
+            raise ValueError(
+                f"the {self.name} attention backend cannot read an FP8 KV cache; "
+                "use attention_backend='triton' (CUDA) or 'torch'"
+            )
+        if fp8 and (kv_scales is None or tuple(kv_scales.shape) != (len(k_caches), 2)):
+            raise ValueError(f"an FP8 KV cache needs [{len(k_caches)}, 2] kv_scales")
+        self.kv_scales = kv_scales if fp8 else None
+
+    def kv_scale(self, layer: int) -> torch.Tensor | None:
+        """Layer ``layer``'s ``[2]`` (K, V) cache scales, or None for a cache in the model's
+        dtype."""
+        return None if self.kv_scales is None else self.kv_scales[layer]
 
     @abstractmethod
     def prepare_metadata(self, inputs: AttnInputs) -> Any:

@@ -127,9 +127,14 @@ class FlashInferAttentionBackend(AttentionBackend):
     name = "flashinfer"
 
     def __init__(
-        self, spec: AttentionSpec, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]
+        self,
+        spec: AttentionSpec,
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
+        kv_scales: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(spec, k_caches, v_caches)
+        # Refuses an FP8 cache (fp8_kv is False): untested here, flashinfer is not on the H100.
+        super().__init__(spec, k_caches, v_caches, kv_scales)
         try:
             import flashinfer
         except ImportError as e:

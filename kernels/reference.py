@@ -212,14 +212,49 @@ def apply_rope(
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+KV_FP8_DTYPE = torch.float8_e4m3fn
+_E4M3_MAX = 448.0
+
+
+def is_fp8_cache(cache: torch.Tensor) -> bool:
+    """Whether a KV cache tensor holds e4m3 values (``kv_cache_dtype="fp8_e4m3"``)."""
+    return cache.dtype == KV_FP8_DTYPE
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` in fp32, clamped to e4m3's range (the cast does not saturate) and rounded
+    to e4m3: what an FP8 cache stores for ``x``, whose dequantized value is ``q * scale``."""
+    return (x.float() / scale).clamp(-_E4M3_MAX, _E4M3_MAX).to(KV_FP8_DTYPE)
+
+
+def dequantize_kv(cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A cache tensor (or a gather of one) as fp32 values: e4m3 times its scale, or as is."""
+    if is_fp8_cache(cache):
+        return cache.float() * scale
+    return cache.float()
+
+
 def store_kv(
     k: torch.Tensor,
     v: torch.Tensor,
     k_cache_flat: torch.Tensor,
     v_cache_flat: torch.Tensor,
     locs: torch.Tensor,
+    kv_scale: torch.Tensor | None = None,
 ) -> None:
-    """Write ``k``, ``v`` (``[T, Hkv, D]``) into flat cache rows ``locs`` (``[T]``)."""
+    """Write ``k``, ``v`` (``[T, Hkv, D]``) into flat cache rows ``locs`` (``[T]``). An FP8
+    cache stores ``k / kv_scale[0]`` and ``v / kv_scale[1]`` in e4m3 (:func:`quantize_kv`)."""
+    if is_fp8_cache(k_cache_flat):
+        if kv_scale is None:
+            raise ValueError("an FP8 KV cache needs the layer's kv_scale")
+        # As bytes: CPU torch has no float8 index_copy_.
+        k_cache_flat.view(torch.uint8).index_copy_(
+            0, locs, quantize_kv(k, kv_scale[0]).view(torch.uint8)
+        )
+        v_cache_flat.view(torch.uint8).index_copy_(
+            0, locs, quantize_kv(v, kv_scale[1]).view(torch.uint8)
+        )
+        return
     k_cache_flat.index_copy_(0, locs, k.to(k_cache_flat.dtype))
     v_cache_flat.index_copy_(0, locs, v.to(v_cache_flat.dtype))
 
@@ -233,11 +268,13 @@ def rope_and_store_kv(
     k_cache_flat: torch.Tensor,
     v_cache_flat: torch.Tensor,
     locs: torch.Tensor,
+    kv_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary on ``q`` and ``k``, then the write of ``k`` and ``v`` into their pages.
+    """Rotary on ``q`` and ``k``, then the write of ``k`` and ``v`` into their pages
+    (:func:`store_kv`).
 
     Returns the rotated ``(q, k)``.
     """
     q, k = apply_rope(q, k, positions, cos_sin)
-    store_kv(k, v, k_cache_flat, v_cache_flat, locs)
+    store_kv(k, v, k_cache_flat, v_cache_flat, locs, kv_scale)
     return q, k

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from graphrt.kernels.attention_backend import AttentionBackend, AttnInputs
+from graphrt.kernels.reference import dequantize_kv, is_fp8_cache
 
 
 def gather_kv(cache: torch.Tensor, page_rows: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -16,6 +17,8 @@ def gather_kv(cache: torch.Tensor, page_rows: torch.Tensor, kv_len: int) -> torc
     page_size = cache.shape[1]
     npages = -(-kv_len // page_size)
     pages = page_rows[:, :npages]
+    if is_fp8_cache(cache):  # as bytes: CPU torch cannot index float8 tensors
+        return cache.view(torch.uint8)[pages].flatten(1, 2)[:, :kv_len].view(cache.dtype)
     return cache[pages].flatten(1, 2)[:, :kv_len]
 
 
@@ -27,11 +30,14 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     kv_len_bound: int,
     scale: float,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One query per row. ``q``: ``[B, Hq, D]``. Positions ``>= seq_lens[b]`` are masked."""
+    """One query per row. ``q``: ``[B, Hq, D]``. Positions ``>= seq_lens[b]`` are masked.
+    e4m3 caches are dequantized with ``kv_scale`` (``[2]``: K's, V's)."""
     bsz, hq, d = q.shape
-    k = gather_kv(k_cache, page_rows, kv_len_bound).float()  # [B, L, Hkv, D]
-    v = gather_kv(v_cache, page_rows, kv_len_bound).float()
+    ks, vs = (None, None) if kv_scale is None else kv_scale
+    k = dequantize_kv(gather_kv(k_cache, page_rows, kv_len_bound), ks)  # [B, L, Hkv, D]
+    v = dequantize_kv(gather_kv(v_cache, page_rows, kv_len_bound), vs)
     hkv = k.shape[2]
     qg = q.float().view(bsz, hkv, hq // hkv, d)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
@@ -51,6 +57,7 @@ def paged_extend_attention(
     seq_lens: list[int],
     cu_q: list[int],
     scale: float,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole cached context.
 
@@ -70,8 +77,9 @@ def paged_extend_attention(
     row, col = row.to(dev), col.to(dev)
     qp = q.new_zeros(b, max_q, hq, d)
     qp[row, col] = q
-    k = gather_kv(k_cache, page_rows, max_kv).float()  # [B, L, Hkv, D]
-    v = gather_kv(v_cache, page_rows, max_kv).float()
+    ks, vs = (None, None) if kv_scale is None else kv_scale
+    k = dequantize_kv(gather_kv(k_cache, page_rows, max_kv), ks)  # [B, L, Hkv, D]
+    v = dequantize_kv(gather_kv(v_cache, page_rows, max_kv), vs)
     hkv = k.shape[2]
     qg = qp.float().view(b, max_q, hkv, hq // hkv, d)
     scores = torch.einsum("bnhgd,blhd->bhgnl", qg, k) * scale
@@ -101,6 +109,7 @@ class TorchAttentionBackend(AttentionBackend):
     captured (``mixed_graphs`` is False)."""
 
     name = "torch"
+    fp8_kv = True
 
     def prepare_for_mixed(self, inputs: AttnInputs, capture: bool) -> TorchMixedMeta:
         if capture:
@@ -143,6 +152,7 @@ class TorchAttentionBackend(AttentionBackend):
                 meta.seq_lens,
                 meta.kv_len_bound,
                 self.spec.scale,
+                self.kv_scale(layer),
             )
         return paged_extend_attention(
             q,
@@ -152,4 +162,5 @@ class TorchAttentionBackend(AttentionBackend):
             meta.seq_lens_host.tolist(),
             meta.cu_q_host.tolist(),
             self.spec.scale,
+            self.kv_scale(layer),
         )

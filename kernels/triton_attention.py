@@ -24,6 +24,7 @@ import triton.language as tl
 
 from graphrt.kernels.attention_backend import AttentionBackend, AttentionSpec, AttnInputs
 from graphrt.kernels.pdl import launch_options, pdl_enter
+from graphrt.kernels.reference import is_fp8_cache
 
 _LOG2E = 1.4426950408889634
 
@@ -96,6 +97,7 @@ def _decode_kernel(
     out_ptr,
     mid_o_ptr,
     mid_lse_ptr,
+    kv_scale_ptr,
     stride_qb,
     stride_qh,
     stride_kt,
@@ -120,6 +122,7 @@ def _decode_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
     VARLEN: tl.constexpr,
+    FP8_KV: tl.constexpr,
 ):
     # Before the early return below: a PDL kernel must not complete before the one it follows.
     pdl_enter(USE_PDL)
@@ -149,6 +152,11 @@ def _decode_kernel(
         mask=gmask[:, None] & dmask[None, :],
         other=0.0,
     )
+    v_scale = 1.0
+    if FP8_KV:
+        # e4m3 K/V times a per-tensor scale: K's goes into the softmax scale, V's onto the sum.
+        scale_log2 = scale_log2 * tl.load(kv_scale_ptr)
+        v_scale = tl.load(kv_scale_ptr + 1)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -162,8 +170,9 @@ def _decode_kernel(
         rows = page * PAGE_SIZE + pos % PAGE_SIZE
         kv_off = rows[:, None] * stride_kt + head_off + d[None, :]
         kv_mask = pmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        # e4m3 upcasts to the query's dtype exactly.
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(pmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -176,6 +185,8 @@ def _decode_kernel(
     # An empty row (length 0) yields zeros rather than 0/0.
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     o = acc / safe_l[:, None]
+    if FP8_KV:
+        o = o * v_scale
     omask = gmask[:, None] & dmask[None, :]
     if NUM_SPLITS == 1:
         dst = out_ptr + tok.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
@@ -248,6 +259,14 @@ def _decode_merge_kernel(
     )
 
 
+def _check_kv_scale(k_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> bool:
+    # Whether the cache is e4m3; such a cache needs its scales.
+    fp8 = is_fp8_cache(k_cache)
+    if fp8 and kv_scale is None:
+        raise ValueError("an FP8 KV cache needs the layer's kv_scale")
+    return fp8
+
+
 def _dot_precision(dtype: torch.dtype) -> str | None:
     # fp32 models (CPU parity runs) need exact fp32 products; tf32 would cost ~1e-3.
     return "ieee" if dtype == torch.float32 else None
@@ -267,9 +286,11 @@ def paged_decode_attention(
     config: TritonAttentionConfig | None = None,
     pdl: bool = False,
     cu_q: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per row. ``q``: ``[B, Hq, D]``; caches ``[pages, page_size, Hkv, D]``;
     ``page_rows``: ``[B, W]`` int32; ``seq_lens``: ``[B]`` (KV length including this token).
+    e4m3 caches hold ``K / kv_scale[0]`` and ``V / kv_scale[1]`` (``kv_scale``: fp32 ``[2]``).
 
     With ``num_splits > 1``, ``mid_o`` (``[B, Hq, S, D]`` fp32) and ``mid_lse`` (``[B, Hq, S]``
     fp32) hold the partial results; they are allocated here when not given.
@@ -299,11 +320,13 @@ def paged_decode_attention(
             mid_lse = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_lse = out  # unused by the kernel; any tensor will do
+    fp8_kv = _check_kv_scale(k_cache, kv_scale)
     kf = k_cache.view(-1, hkv, dim)
     vf = v_cache.view(-1, hkv, dim)
     block_d = triton.next_power_of_2(dim)
     _decode_kernel[(bsz, hkv, num_splits)](
         q, kf, vf, page_rows, seq_lens, cu_q if varlen else seq_lens, out, mid_o, mid_lse,
+        kv_scale if fp8_kv else seq_lens,
         q.stride(0), q.stride(1), kf.stride(0), kf.stride(1), page_rows.stride(0),
         out.stride(0), out.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2) if num_splits > 1 else 0,
@@ -312,7 +335,7 @@ def paged_decode_attention(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=cfg.decode_block_n,
         NUM_SPLITS=num_splits, NUM_STAGES=cfg.decode_stages,
-        DOT_PRECISION=_dot_precision(q.dtype), USE_PDL=pdl, VARLEN=varlen,
+        DOT_PRECISION=_dot_precision(q.dtype), USE_PDL=pdl, VARLEN=varlen, FP8_KV=fp8_kv,
         num_warps=cfg.decode_warps,
         **launch_options(pdl),
     )  # fmt: skip
@@ -379,8 +402,8 @@ def _extend_block(
     page = tl.load(row_pages + pos // PAGE_SIZE, mask=pmask, other=0).to(tl.int64)
     kv_off = (page * PAGE_SIZE + pos % PAGE_SIZE)[:, None] * stride_kt + head_off + d[None, :]
     kv_mask = pmask[:, None] & (d[None, :] < HEAD_DIM)
-    k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+    k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+    v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
         s = tl.where((pos[None, :] <= qpos[:, None]) & pmask[None, :], s, float("-inf"))
@@ -429,6 +452,7 @@ def _extend_kernel(
     stride_ot,
     stride_oh,
     scale_log2,
+    kv_scale_ptr,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -441,6 +465,7 @@ def _extend_kernel(
     STATIC_GRID: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
     SKIP_SINGLE: tl.constexpr,
+    FP8_KV: tl.constexpr,
 ):
     # A program owns BLOCK_Q query tokens of one row and one KV head: BLOCK_Q * GROUP tile rows
     # of (token, q head) pairs sharing every K/V tile.
@@ -476,6 +501,11 @@ def _extend_kernel(
         other=0.0,
     )
     qpos = ctx + tok  # absolute position of each row's token
+    v_scale = 1.0
+    if FP8_KV:
+        # As in the decode kernel: K's scale into the softmax scale, V's onto the sum.
+        scale_log2 = scale_log2 * tl.load(kv_scale_ptr)
+        v_scale = tl.load(kv_scale_ptr + 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -498,6 +528,8 @@ def _extend_kernel(
         )  # fmt: skip
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if FP8_KV:
+        o = o * v_scale
     tl.store(
         out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
         o.to(out_ptr.dtype.element_ty),
@@ -532,6 +564,7 @@ def paged_extend_attention(
     config: TritonAttentionConfig | None = None,
     out: torch.Tensor | None = None,
     skip_single: bool = False,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole cached context.
 
@@ -541,7 +574,7 @@ def paged_extend_attention(
     device (``_find_row``): capturable, for any ``cu_q`` whose last entry is at most ``T``.
     ``skip_single`` leaves rows of one token alone (mixed steps send them to the decode
     kernel). ``out`` (``[T, Hq, D]``, unit stride in the last dim) receives the result when
-    given.
+    given. e4m3 caches need ``kv_scale``, as in :func:`paged_decode_attention`.
     """
     cfg = config or TritonAttentionConfig()
     t, hq, dim = q.shape
@@ -554,6 +587,7 @@ def paged_extend_attention(
     bsz = seq_lens.shape[0]
     if t == 0 or bsz == 0:
         return out
+    fp8_kv = _check_kv_scale(k_cache, kv_scale)
     kf = k_cache.view(-1, hkv, dim)
     vf = v_cache.view(-1, hkv, dim)
     block_m, block_q = extend_tile(group, cfg)
@@ -565,12 +599,12 @@ def paged_extend_attention(
     _extend_kernel[grid](
         q, kf, vf, out, page_rows, seq_lens, cu_q, bsz,
         q.stride(0), q.stride(1), kf.stride(0), kf.stride(1), page_rows.stride(0),
-        out.stride(0), out.stride(1), scale * _LOG2E,
+        out.stride(0), out.stride(1), scale * _LOG2E, kv_scale if fp8_kv else seq_lens,
         GROUP=group, HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), PAGE_SIZE=page_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.extend_block_n,
         NUM_STAGES=cfg.extend_stages, DOT_PRECISION=_dot_precision(q.dtype),
         STATIC_GRID=static, SEARCH_STEPS=max(1, (bsz - 1).bit_length()),
-        SKIP_SINGLE=skip_single, num_warps=cfg.extend_warps,
+        SKIP_SINGLE=skip_single, FP8_KV=fp8_kv, num_warps=cfg.extend_warps,
     )  # fmt: skip
     return out
 
@@ -623,15 +657,17 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
     mixed_graphs = True
+    fp8_kv = True
 
     def __init__(
         self,
         spec: AttentionSpec,
         k_caches: list[torch.Tensor],
         v_caches: list[torch.Tensor],
+        kv_scales: torch.Tensor | None = None,
         config: TritonAttentionConfig | None = None,
     ) -> None:
-        super().__init__(spec, k_caches, v_caches)
+        super().__init__(spec, k_caches, v_caches, kv_scales)
         if spec.num_q_heads % spec.num_kv_heads:
             raise ValueError(
                 f"num_q_heads ({spec.num_q_heads}) must be a multiple of num_kv_heads "
@@ -759,14 +795,15 @@ class TritonAttentionBackend(AttentionBackend):
         # Tokens past cu_q[-1] (bucket padding) belong to no row: neither kernel writes them,
         # and nothing reads them but their own token's rows of the layers after.
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        kv_scale = self.kv_scale(layer)
         paged_decode_attention(
             q, k, v, inp.page_rows, inp.seq_lens, self.spec.scale, meta.num_splits,
             meta.mid_o, meta.mid_lse, out=out, config=self.config, pdl=self.spec.pdl,
-            cu_q=inp.cu_q,
+            cu_q=inp.cu_q, kv_scale=kv_scale,
         )  # fmt: skip
         paged_extend_attention(
             q, k, v, inp.page_rows, inp.seq_lens, inp.cu_q, None, self.spec.scale,
-            config=self.config, out=out, skip_single=True,
+            config=self.config, out=out, skip_single=True, kv_scale=kv_scale,
         )  # fmt: skip
         return out
 
@@ -787,6 +824,7 @@ class TritonAttentionBackend(AttentionBackend):
             out=out,
             config=self.config,
             pdl=self.spec.pdl,
+            kv_scale=self.kv_scale(layer),
         )
 
     def _extend(
@@ -803,4 +841,5 @@ class TritonAttentionBackend(AttentionBackend):
             self.spec.scale,
             config=self.config,
             out=out,
+            kv_scale=self.kv_scale(layer),
         )

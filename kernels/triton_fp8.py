@@ -49,6 +49,7 @@ import triton.language as tl
 
 from graphrt.kernels import reference
 from graphrt.kernels.pdl import launch_options, pdl_enter, pdl_launch, pdl_wait
+from graphrt.kernels.triton_e4m3 import _FP8_MAX, _MIN_AMAX, FP8_MAX, MIN_AMAX, to_e4m3
 from graphrt.kernels.triton_gemv import (
     NARROW_N,
     GemvConfig,
@@ -62,12 +63,6 @@ from graphrt.kernels.triton_gemv import (
 from graphrt.kernels.triton_ops import silu_and_mul
 
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-# A row of zeros (a padding row) gets a finite scale, as in graphrt.models.fp8.quantize_fp8.
-MIN_AMAX = 1e-12
-# The same, for the kernels (Triton reads only constexpr globals).
-_FP8_MAX = tl.constexpr(FP8_MAX)
-_MIN_AMAX = tl.constexpr(MIN_AMAX)
 
 # The GEMV kernel's row bound: up to FEW_ROWS_MAX rows the weight-only GEMV, then to
 # FP8_GEMV_MAX_ROWS its W8A8 mode (the weight-only one where W8A8 cannot take the operands).
@@ -469,34 +464,11 @@ def _launch_gemv(
 
 
 @triton.jit
-def _round_to_e4m3(y):
-    # ``y`` (fp32, |y| <= 448) rounded to the nearest e4m3 value, ties to even, still in fp32, so
-    # the cast that follows is exact. Done by hand because the interpreter's fp32 -> e4m3 cast
-    # does not round to nearest (1.97 becomes 1.0 under TRITON_INTERPRET=1, Triton 3.9); the
-    # GPU's cast (cvt.rn) would give these same bits. Adding 1.5 * 2^(e + 20) leaves 2^(e - 3),
-    # e4m3's spacing in y's binade [2^e, 2^(e+1)) (2^-9 for its subnormals, below 2^-6), as the
-    # sum's last bit, so fp32 addition rounds there; the subtraction is exact.
-    bits = y.to(tl.int32, bitcast=True)
-    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
-    magic = (((e + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)
-    r = (y + magic) - magic
-    # Keep y's sign on a zero result, as the cast would (-0.0 is e4m3's 0x80).
-    return (r.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _row_scale(abs_x):
     # A row's e4m3 scale from its absolute values (any block shape): amax / 448, a zero row's
     # finite. IEEE division (div_rn), as torch divides: the scales and values match the
     # reference's bits.
     return tl.math.div_rn(tl.maximum(tl.max(abs_x, axis=0), _MIN_AMAX), _FP8_MAX)
-
-
-@triton.jit
-def _to_e4m3(xf, scale):
-    # fp32 values divided by their row's scale, clamped and rounded to e4m3 (still in fp32).
-    y = tl.math.div_rn(xf, scale)
-    return _round_to_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX))
 
 
 @triton.jit
@@ -521,7 +493,7 @@ def _quantize_rows_kernel(
     if BLOCK_K >= K:
         xf = _load_x(x_row, 0, rk, K, SILU_MUL, EVEN).to(tl.float32)
         scale = _row_scale(tl.abs(xf))
-        q = _to_e4m3(xf, scale)
+        q = to_e4m3(xf, scale)
         if EVEN:
             tl.store(q_ptr + row * stride_qm + rk, q.to(q_ptr.dtype.element_ty))
         else:
@@ -535,7 +507,7 @@ def _quantize_rows_kernel(
     scale = _row_scale(amax)
     for k0 in range(0, K, BLOCK_K):
         x = _load_x(x_row, k0, rk, K, SILU_MUL, EVEN)
-        q = _to_e4m3(x.to(tl.float32), scale)
+        q = to_e4m3(x.to(tl.float32), scale)
         q_ptrs = q_ptr + row * stride_qm + k0 + rk
         if EVEN:
             tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty))
@@ -613,7 +585,7 @@ def _norm_quantize_rows_kernel(
     w = tl.load(nw_ptr + cols, mask=mask, other=0.0)
     h = (xn.to(tl.float32) * w.to(tl.float32)).to(x.dtype).to(tl.float32)
     scale = _row_scale(tl.abs(h))
-    q = _to_e4m3(h, scale)
+    q = to_e4m3(h, scale)
     tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 

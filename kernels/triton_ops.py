@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 
 from graphrt.kernels.pdl import launch_options, pdl_enter
+from graphrt.kernels.reference import is_fp8_cache
+from graphrt.kernels.triton_e4m3 import to_e4m3
 
 
 def _pow2(n: int) -> int:
@@ -308,10 +310,12 @@ def _rotate_heads(
     cos,
     sin,
     n_heads,
+    cache_scale,
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     WRITE_CACHE: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
 ):
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_HALF)
@@ -333,8 +337,18 @@ def _rotate_heads(
     tl.store(dst + HALF, o2, mask=mask)
     if WRITE_CACHE:
         cdst = cache_ptr + loc * stride_ct + h[:, None] * stride_ch + d[None, :]
-        tl.store(cdst, o1.to(cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(cdst + HALF, o2.to(cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(cdst, _cache_value(o1, cache_scale, cache_ptr, FP8_CACHE), mask=mask)
+        tl.store(cdst + HALF, _cache_value(o2, cache_scale, cache_ptr, FP8_CACHE), mask=mask)
+
+
+@triton.jit
+def _cache_value(x, scale, cache_ptr, FP8_CACHE: tl.constexpr):
+    # What the cache stores for activation-dtype values x: x itself, or in an FP8 cache
+    # x / scale rounded to e4m3 (the reference's store_kv, bit for bit).
+    if FP8_CACHE:
+        return to_e4m3(x.to(tl.float32), scale).to(cache_ptr.dtype.element_ty)
+    else:
+        return x.to(cache_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -349,6 +363,7 @@ def _rope_and_store_kv_kernel(
     locs_ptr,
     q_out_ptr,
     k_out_ptr,
+    kv_scale_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -364,11 +379,18 @@ def _rope_and_store_kv_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t).to(tl.int64)
+    # An FP8 cache's per-layer (k, v) scales; a bf16 cache reads none.
+    k_scale = 1.0
+    v_scale = 1.0
+    if FP8_CACHE:
+        k_scale = tl.load(kv_scale_ptr)
+        v_scale = tl.load(kv_scale_ptr + 1)
     loc = tl.load(locs_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
     dmask = d < HALF
@@ -379,11 +401,11 @@ def _rope_and_store_kv_kernel(
     sin = sin.to(dt).to(tl.float32)
     _rotate_heads(
         q_ptr, q_out_ptr, q_out_ptr, stride_qt, stride_qh, 0, 0, t, loc, cos, sin, n_q_heads,
-        HALF, BLOCK_HQ, BLOCK_HALF, False,
+        1.0, HALF, BLOCK_HQ, BLOCK_HALF, False, False,
     )  # fmt: skip
     _rotate_heads(
         k_ptr, k_out_ptr, k_cache_ptr, stride_kt, stride_kh, stride_ct, stride_ch, t, loc, cos,
-        sin, n_kv_heads, HALF, BLOCK_HKV, BLOCK_HALF, True,
+        sin, n_kv_heads, k_scale, HALF, BLOCK_HKV, BLOCK_HALF, True, FP8_CACHE,
     )  # fmt: skip
     h = tl.arange(0, BLOCK_HKV)
     dd = tl.arange(0, 2 * BLOCK_HALF)
@@ -392,7 +414,7 @@ def _rope_and_store_kv_kernel(
         v_ptr + t.to(tl.int64) * stride_vt + h[:, None] * stride_vh + dd[None, :], mask=mask
     )
     vdst = v_cache_ptr + loc * stride_ct + h[:, None] * stride_ch + dd[None, :]
-    tl.store(vdst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(vdst, _cache_value(v, v_scale, v_cache_ptr, FP8_CACHE), mask=mask)
 
 
 def rope_and_store_kv(
@@ -404,11 +426,14 @@ def rope_and_store_kv(
     k_cache_flat: torch.Tensor,
     v_cache_flat: torch.Tensor,
     locs: torch.Tensor,
+    kv_scale: torch.Tensor | None = None,
     *,
     pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox rotary on ``q`` and ``k`` and the write of rotated ``k`` and ``v`` into cache rows
     ``locs``, in one kernel. ``q``/``k``/``v`` may be strided views of a fused qkv output.
+    An FP8 (e4m3) cache stores ``k / kv_scale[0]`` and ``v / kv_scale[1]`` (``kv_scale``: the
+    layer's fp32 ``[2]`` scales, read on the device) as :func:`reference.store_kv` does.
 
     Returns the rotated ``(q, k)`` as new contiguous tensors.
     """
@@ -421,13 +446,17 @@ def rope_and_store_kv(
     k_out = torch.empty((t, hkv, dim), dtype=k.dtype, device=k.device)
     if t == 0:
         return q_out, k_out
+    fp8_cache = is_fp8_cache(k_cache_flat)
+    if fp8_cache and kv_scale is None:
+        raise ValueError("an FP8 KV cache needs the layer's kv_scale")
     half = dim // 2
     _rope_and_store_kv_kernel[(t,)](
         q, k, v, positions, cos_sin, k_cache_flat, v_cache_flat, locs, q_out, k_out,
+        kv_scale if fp8_cache else locs,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_sin.stride(0), k_cache_flat.stride(0), k_cache_flat.stride(1),
         hq, hkv,
         HALF=half, BLOCK_HQ=_pow2(hq), BLOCK_HKV=_pow2(hkv), BLOCK_HALF=_pow2(half),
-        USE_PDL=pdl, num_warps=4, **launch_options(pdl),
+        FP8_CACHE=fp8_cache, USE_PDL=pdl, num_warps=4, **launch_options(pdl),
     )  # fmt: skip
     return q_out, k_out

@@ -155,6 +155,7 @@ def test_cli_round_trip_of_non_default_config() -> None:
         dtype="bfloat16",
         device="cpu",
         quantization="fp8",
+        kv_cache_dtype="fp8_e4m3",
         seed=7,
         page_size=64,
         gpu_memory_utilization=0.5,

@@ -1,9 +1,13 @@
 """The paged KV cache tensors.
 
 Layout per layer: ``k[l]`` and ``v[l]`` of shape ``[num_pages, page_size, num_kv_heads,
-head_dim]`` (flashinfer's "NHD" layout). A token at position ``p`` of a request lives in page
-``page_table[slot, p // page_size]`` at offset ``p % page_size``; flattened, that is location
-``page * page_size + offset`` of the ``[num_pages * page_size, heads, dim]`` view.
+head_dim]`` (flashinfer's "NHD" layout), in the model's dtype or, with
+``kv_cache_dtype="fp8_e4m3"``, in ``float8_e4m3fn`` holding ``K / k_scale`` and ``V / v_scale``
+(per-layer scales kept by the runner, see :func:`kv_cache_scales`).
+
+A token at position ``p`` of a request lives in page ``page_table[slot, p // page_size]`` at
+offset ``p % page_size``; flattened, that is location ``page * page_size + offset`` of the
+``[num_pages * page_size, heads, dim]`` view.
 """
 
 from __future__ import annotations
@@ -56,3 +60,15 @@ class KVPool:
 
     def flat_v(self, layer: int) -> torch.Tensor:
         return self.v[layer].view(-1, self.spec.num_kv_heads, self.spec.head_dim)
+
+
+def kv_cache_scales(
+    num_layers: int, device: torch.device, found: dict[int, tuple[float, float]] | None = None
+) -> torch.Tensor:
+    """Each layer's (K, V) scale for an FP8 cache, fp32 ``[num_layers, 2]`` on ``device``: the
+    checkpoint's where it gives them (``found``: layer -> (k_scale, v_scale)), else 1.0, as vLLM
+    does for checkpoints without scales (e4m3 covers +-448 at 1.0)."""
+    scales = torch.ones(num_layers, 2, dtype=torch.float32)
+    for layer, (k, v) in (found or {}).items():
+        scales[layer, 0], scales[layer, 1] = k, v
+    return scales.to(device)

@@ -109,6 +109,7 @@ class LlamaDecoderLayer(nn.Module):
             backend.k_caches[layer_idx].view(-1, cfg.num_kv_heads, cfg.head_dim),
             backend.v_caches[layer_idx].view(-1, cfg.num_kv_heads, cfg.head_dim),
             fb.kv_locs,
+            backend.kv_scale(layer_idx),
         )
         attn = backend.forward(q, layer_idx, fb.attn_meta)
         hidden = linear(ops, attn.reshape(t, cfg.q_size), self.o_proj)
