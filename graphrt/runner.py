@@ -173,10 +173,11 @@ class ModelRunner:
             model_cfg, self.ops, s.dtype, s.device, s.max_model_len + 1, config.quantization
         )
         self.model_cfg: ModelConfig = self.model.cfg
+        ckpt_kv_scales: dict[int, tuple[float, float]] = {}
         if config.load_format == "dummy" or model_dir is None:
             init_dummy(self.model, config.seed)
         else:
-            load_safetensors(self.model, model_dir, show_progress=show_progress)
+            ckpt_kv_scales = load_safetensors(self.model, model_dir, show_progress=show_progress)
         # Every parameter once (a tied lm_head is the embedding): FP8 weights count one byte a
         # value plus their fp32 row scales. This is the weights' memory.
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -200,10 +201,18 @@ class ModelRunner:
         self.kv_spec = KVPoolSpec(
             c.num_layers, c.num_kv_heads, c.head_dim, config.page_size, s.kv_dtype
         )
-        # Each layer's (K, V) scales, read by the cache writes and attention of an FP8 cache.
-        self.kv_scales = (
-            kv_cache_scales(c.num_layers, s.device) if s.kv_dtype == KV_FP8_DTYPE else None
-        )
+        # Each layer's (K, V) scales, read by the cache writes and attention of an FP8 cache:
+        # the checkpoint's, else 1.0. A cache in the model's dtype has no use for them.
+        self.kv_scales = None
+        if s.kv_dtype == KV_FP8_DTYPE:
+            self.kv_scales = kv_cache_scales(c.num_layers, s.device, ckpt_kv_scales)
+            if not ckpt_kv_scales:
+                logger.warning(
+                    "FP8 KV cache with scales of 1.0: the checkpoint has none "
+                    "(self_attn.k_scale / v_scale); values beyond +-448 saturate"
+                )
+        elif ckpt_kv_scales:
+            logger.info("the checkpoint's KV-cache scales are unused: kv_cache_dtype is 'auto'")
         self.attn_spec = AttentionSpec(
             num_q_heads=c.num_heads,
             num_kv_heads=c.num_kv_heads,

@@ -344,3 +344,121 @@ def test_gpu_engine_fp8_cache(tiny_model_factory) -> None:
             if tr != to:
                 assert ref.get(to, -1e9) >= max(ref.values()) - 0.08
                 break
+
+
+# ---- scales from the checkpoint -----------------------------------------------------------------
+
+
+def _with_kv_scales(src, dst, scales, quantization_config=None):
+    """A copy of checkpoint ``src`` with ``model.layers.{i}.self_attn.{k,v}_scale`` tensors
+    (``scales``: name -> tensor) and, with a quantization_config, its decoder's linear weights
+    in e4m3 with per-channel scales."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from graphrt.models.fp8 import quantize_fp8
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    if quantization_config is not None:
+        for name in [n for n in tensors if n.endswith("_proj.weight")]:
+            q, scale = quantize_fp8(tensors[name])
+            tensors[name] = q
+            tensors[name.removesuffix("weight") + "weight_scale"] = scale[:, None]
+    tensors.update(scales)
+    save_file(tensors, dst / "model.safetensors")
+    if quantization_config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["quantization_config"] = quantization_config
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _layer_scales(layers: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for i in range(layers):
+        out[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(0.05 * (i + 1))
+        out[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([0.02 * (i + 1)])
+    return out
+
+
+def _ct_with_kv(**kv_changes) -> dict:
+    pytest.importorskip("compressed_tensors")
+    import json
+
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        preset_name_to_scheme,
+    )
+
+    kv = dict(num_bits=8, type="float", strategy="tensor", dynamic=False, symmetric=True)
+    kv.update(kv_changes)
+    cfg = QuantizationConfig(
+        config_groups={"group_0": preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])},
+        ignore=["lm_head"],
+        format="float-quantized",
+        quantization_status="frozen",
+        kv_cache_scheme=QuantizationArgs(**kv),
+    )
+    return json.loads(cfg.model_dump_json())
+
+
+def test_checkpoint_kv_scales_used_by_an_fp8_cache(tiny_model_factory, tmp_path) -> None:
+    """Per-layer K/V scales in a checkpoint: an FP8 cache takes them, an 'auto' cache leaves
+    them; the same in an FP8 compressed-tensors checkpoint whose config declares a static
+    per-tensor kv_cache_scheme."""
+    src = tiny_model_factory("LlamaForCausalLM")
+    d = _with_kv_scales(src, tmp_path / "kv", _layer_scales(2))
+    eng = Engine(str(d), device="cpu", kv_cache_dtype="fp8", show_progress=False)
+    try:
+        want = torch.tensor([[0.05, 0.02], [0.10, 0.04]])
+        torch.testing.assert_close(eng.runner.kv_scales.cpu(), want)
+        out = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True))[0]
+        assert len(out.outputs[0].token_ids) == 3
+    finally:
+        eng.shutdown()
+    eng = Engine(str(d), device="cpu", show_progress=False)
+    try:
+        assert eng.runner.kv_scales is None and eng.runner.attn.kv_scale(0) is None
+    finally:
+        eng.shutdown()
+    # The same scales under a compressed-tensors config that declares them.
+    ct = _with_kv_scales(src, tmp_path / "ct", _layer_scales(2), _ct_with_kv())
+    eng = Engine(str(ct), device="cpu", kv_cache_dtype="fp8", show_progress=False)
+    try:
+        torch.testing.assert_close(eng.runner.kv_scales.cpu(), want)
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [({"strategy": "channel"}, "kv_cache_scheme.strategy"), ({"num_bits": 4}, "num_bits")],
+)
+def test_unsupported_kv_cache_schemes_refused_naming_the_key(changes, key) -> None:
+    from graphrt.models.fp8_checkpoint import UnsupportedQuantization, fp8_plan
+
+    with pytest.raises(UnsupportedQuantization, match=key.replace(".", r"\.")):
+        fp8_plan({"quantization_config": _ct_with_kv(**changes)}, None)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda s: s.pop("model.layers.1.self_attn.v_scale"), "some layers only"),
+        (lambda s: s.update({"model.layers.0.self_attn.k_scale": torch.ones(4)}), "per-tensor"),
+        (lambda s: s.update({"model.layers.1.self_attn.k_scale": torch.tensor(0.0)}), "positive"),
+        (lambda s: s.update({"model.layers.7.self_attn.k_scale": torch.tensor(1.0)}), "2 layers"),
+    ],
+)
+def test_bad_checkpoint_kv_scales_refused(tiny_model_factory, tmp_path, edit, match) -> None:
+    from graphrt.models.loader import WeightLoadError
+
+    scales = _layer_scales(2)
+    edit(scales)
+    d = _with_kv_scales(tiny_model_factory("LlamaForCausalLM"), tmp_path / "bad", scales)
+    with pytest.raises(WeightLoadError, match=match):
+        Engine(str(d), device="cpu", kv_cache_dtype="fp8", show_progress=False)

@@ -136,13 +136,15 @@ def _compressed_tensors_plan(qc: dict[str, Any]) -> Fp8Plan:
         raise UnsupportedQuantization(
             f"config.json quantization_config: not a valid compressed-tensors config: {e}"
         ) from None
-    for key in ("kv_cache_scheme", "sparsity_config", "transform_config"):
+    for key in ("sparsity_config", "transform_config"):
         if qc.get(key):
             raise _refuse(key, qc[key], "not supported (FP8 linear weights only)")
     if not cfg.config_groups:
         raise _refuse("config_groups", qc.get("config_groups"), "no quantization groups")
     float_quantized = CompressionFormat.float_quantized.value
     fp8 = {"num_bits": 8, "type": QuantizationType.FLOAT.value, "symmetric": True}
+    if cfg.kv_cache_scheme is not None:
+        _check_kv_cache_scheme(cfg.kv_cache_scheme, fp8)
     targets: list[Sequence[str]] = []
     for gname, scheme in cfg.config_groups.items():
         where = f"config_groups.{gname}"
@@ -189,6 +191,23 @@ def _compressed_tensors_plan(qc: dict[str, Any]) -> Fp8Plan:
         "compressed-tensors",
         lambda name: any(is_match(name, proto, t, ignore) for t in targets),
     )
+
+
+def _check_kv_cache_scheme(kv: Any, fp8: dict[str, Any]) -> None:
+    """A KV-cache scheme graphrt can honour: static per-tensor e4m3 scales, one each for K and V
+    in every layer (``self_attn.k_scale``, ``self_attn.v_scale``), used when the engine runs
+    ``kv_cache_dtype="fp8"``; any other is refused, naming its key."""
+    from compressed_tensors.quantization import QuantizationStrategy
+
+    _check_fp8_args(kv, "kv_cache_scheme", fp8)
+    if _value(kv.strategy) != QuantizationStrategy.TENSOR.value:
+        raise _refuse(
+            "kv_cache_scheme.strategy",
+            _value(kv.strategy),
+            "only per-tensor KV-cache scales are supported",
+        )
+    if kv.dynamic:
+        raise _refuse("kv_cache_scheme.dynamic", kv.dynamic, "needs static (calibrated) scales")
 
 
 def _check_fp8_args(args: Any, where: str, want: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ _LOADABLE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 # FP8 checkpoints name a weight's scale after it: ``<module>.weight_scale`` (HF/vLLM fp8,
 # compressed-tensors) or ``<module>.weight_scale_inv`` (DeepSeek-style; also a multiplier).
 _SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv")
+# An FP8 KV cache's per-layer scales, as vLLM and llm-compressor name them.
+_KV_SCALE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([kv])_scale$")
 
 
 class WeightLoadError(ValueError):
@@ -84,10 +87,16 @@ def build_model(
     return cls(cfg, ops, dtype, device, max_positions, fp8=plan)
 
 
-def load_safetensors(model: torch.nn.Module, model_dir: Path, show_progress: bool = True) -> None:
-    """Copy every checkpoint tensor into its (possibly fused) parameter, checking as we go."""
+def load_safetensors(
+    model: torch.nn.Module, model_dir: Path, show_progress: bool = True
+) -> dict[int, tuple[float, float]]:
+    """Copy every checkpoint tensor into its (possibly fused) parameter, checking as we go.
+
+    Returns the checkpoint's FP8 KV-cache scales, ``{layer: (k_scale, v_scale)}`` (empty when
+    it has none; every layer's otherwise), for the engine to use with an FP8 cache."""
     files = safetensors_files(model_dir)
     expected = model.expected_weights()
+    kv_scales: dict[tuple[int, str], float] = {}
     seen: set[str] = set()
     fp8_loaded: set[str] = set()  # weights that arrived in e4m3: each needs its scale
     scales_loaded: set[str] = set()  # the weight names whose scale arrived
@@ -102,6 +111,11 @@ def load_safetensors(model: torch.nn.Module, model_dir: Path, show_progress: boo
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise WeightLoadError(f"{path}: cannot read safetensors header ({e})") from None
         for name in names:
+            kv = _KV_SCALE.match(name)
+            if kv is not None:
+                layer, which = int(kv.group(1)), kv.group(2)
+                kv_scales[layer, which] = _read_kv_scale(handle, path, name, model.cfg.num_layers)
+                continue
             if name.endswith(_SCALE_SUFFIXES):
                 _load_scale(model, handle, path, name)
                 scales_loaded.add(name[: name.rindex(".")] + ".weight")
@@ -164,6 +178,46 @@ def load_safetensors(model: torch.nn.Module, model_dir: Path, show_progress: boo
         raise WeightLoadError(
             f"{model_dir}: weight_scale given for weight(s) not stored in FP8, e.g. {extra[:3]}"
         )
+    return _kv_scales_per_layer(kv_scales, model.cfg.num_layers, model_dir)
+
+
+def _read_kv_scale(handle: Any, path: Path, name: str, num_layers: int) -> float:
+    """One layer's K or V cache scale: a positive, finite scalar of a layer that exists."""
+    layer = int(_KV_SCALE.match(name).group(1))
+    if layer >= num_layers:
+        raise WeightLoadError(
+            f"{path}: unexpected tensor {name!r}: the model has {num_layers} layers"
+        )
+    try:
+        t = handle.get_tensor(name)
+    except Exception as e:
+        raise WeightLoadError(f"{path}: cannot read tensor {name!r}: {e}") from None
+    if t.numel() != 1:
+        raise WeightLoadError(
+            f"{path}: tensor {name!r} has shape {tuple(t.shape)}; graphrt takes one KV-cache "
+            "scale per layer (per-tensor), not per head or per channel"
+        )
+    value = float(t.float().reshape(()))
+    if not (value > 0 and value < float("inf")):
+        raise WeightLoadError(f"{path}: tensor {name!r} is {value}; a scale must be positive")
+    return value
+
+
+def _kv_scales_per_layer(
+    found: dict[tuple[int, str], float], num_layers: int, model_dir: Path
+) -> dict[int, tuple[float, float]]:
+    # All or nothing: a cache scaled in some layers and not others is a broken checkpoint.
+    if not found:
+        return {}
+    want = {(layer, which) for layer in range(num_layers) for which in "kv"}
+    missing = sorted(want - set(found))
+    if missing:
+        names = [f"model.layers.{layer}.self_attn.{w}_scale" for layer, w in missing[:3]]
+        raise WeightLoadError(
+            f"{model_dir}: KV-cache scales for some layers only; {len(missing)} missing, "
+            f"e.g. {names}"
+        )
+    return {layer: (found[layer, "k"], found[layer, "v"]) for layer in range(num_layers)}
 
 
 def _load_scale(model: torch.nn.Module, handle: Any, path: Path, name: str) -> None:
