@@ -383,6 +383,7 @@ class DecodeCase:
     dim: int = 128
     page_size: int = 16
     max_model_len: int = 131072  # Llama-3.1-8B: graphs see the full page-table width
+    fp8_kv: bool = False  # an e4m3 cache (kv_cache_dtype="fp8"), scales of 1.0
 
 
 def _decode_setup(case: DecodeCase, dev: torch.device, dt: torch.dtype):
@@ -392,8 +393,9 @@ def _decode_setup(case: DecodeCase, dev: torch.device, dt: torch.dtype):
     per_row = -(-case.ctx // ps)
     num_pages = case.batch * per_row + 1  # + the dummy page 0
     shape = (num_pages, ps, case.hkv, case.dim)
-    k = torch.randn(shape, device=dev, dtype=dt)
-    v = torch.randn(shape, device=dev, dtype=dt)
+    kv_dt = torch.float8_e4m3fn if case.fp8_kv else dt
+    k = torch.randn(shape, device=dev, dtype=dt).to(kv_dt)
+    v = torch.randn(shape, device=dev, dtype=dt).to(kv_dt)
     width = -(-case.max_model_len // ps)
     page_rows = torch.zeros(case.batch, width, dtype=torch.int32, device=dev)
     perm = torch.randperm(num_pages - 1, device=dev).to(torch.int32) + 1
@@ -403,7 +405,8 @@ def _decode_setup(case: DecodeCase, dev: torch.device, dt: torch.dtype):
     spec = AttentionSpec(case.hq, case.hkv, case.dim, ps, width, case.dim**-0.5, dt, dev)
     inputs = AttnInputs(True, seq_lens, page_rows, width * ps)
     esz = torch.empty((), dtype=dt).element_size()
-    nbytes = 2 * case.batch * case.ctx * case.hkv * case.dim * esz + 2 * q.numel() * esz
+    kv_esz = torch.empty((), dtype=kv_dt).element_size()
+    nbytes = 2 * case.batch * case.ctx * case.hkv * case.dim * kv_esz + 2 * q.numel() * esz
     return spec, k, v, q, inputs, nbytes
 
 
@@ -431,13 +434,15 @@ def bench_decode(
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     spec, k, v, q, inputs, nbytes = _decode_setup(case, dev, dt)
     name = f"decode b{case.batch} ctx{case.ctx} {case.hq}/{case.hkv}x{case.dim} ps{case.page_size}"
+    name += " kv-fp8" if case.fp8_kv else ""
     iters = 2 if smoke else 20
     res = []
+    scales = torch.ones(1, 2, device=dev) if case.fp8_kv else None
 
     def triton_result(cfg: tri.TritonAttentionConfig, impl: str) -> Result:
         # The graph path, as the engine runs it: static partials, splits fixed per bucket
         # from the full page-table width.
-        be = tri.TritonAttentionBackend(spec, [k], [v], config=cfg)
+        be = tri.TritonAttentionBackend(spec, [k], [v], scales, config=cfg)
         be.init_capture_graph(case.batch)
         meta = be.prepare_for_capture(case.batch, inputs)
         times = timer([lambda: be.forward(q, 0, meta)], iters)
@@ -453,7 +458,7 @@ def bench_decode(
         res.append(triton_result(replace(base, num_splits=1), "triton-1split"))
     if sweep:
         best = res[0]
-        for bn in (32, 64, 128):
+        for bn in (32, 64, 128, 256):
             for warps in (4, 8):
                 for stages in (2, 3, 4):
                     cfg = replace(base, decode_block_n=bn, decode_warps=warps, decode_stages=stages)
@@ -471,12 +476,12 @@ def bench_decode(
         for splits in (1, 2, 4):
             res.append(triton_result(replace(best_cfg, num_splits=splits), "triton-sweep"))
 
-    be = _flashinfer_backend(spec, k, v) if flashinfer else None
+    be = _flashinfer_backend(spec, k, v) if flashinfer and not case.fp8_kv else None
     if be is not None:
         res.append(_flashinfer_result(be, timer, case, q, inputs, name, nbytes, iters))
 
     # The torch reference gathers every position up to its bound in fp32: give it the real one.
-    ref_inputs = (k, v, inputs.page_rows, inputs.seq_lens, case.ctx, spec.scale)
+    ref_inputs = (k, v, inputs.page_rows, inputs.seq_lens, case.ctx, spec.scale, scales)
     times = timer([lambda: ta.paged_decode_attention(q, *ref_inputs)], 1 if not smoke else 2)
     res.append(Result(name, "torch", nbytes, times, "reference: gathers pages, fp32"))
     return res
@@ -1171,6 +1176,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--skip-ops", action="store_true", help="attention only")
     ap.add_argument(
+        "--decode-cases",
+        type=lambda t: tuple(int(x) for x in t.split("x")),
+        nargs="+",
+        default=None,
+        metavar="BATCHxCTX",
+        help="decode cases instead of the defaults (64x2048 64x8192 8x8192), e.g. 64x256",
+    )
+    ap.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8"],
+        default="auto",
+        help="with --decode-cases: 'fp8' times the decode kernel over an e4m3 cache",
+    )
+    ap.add_argument(
         "--no-flashinfer",
         action="store_true",
         help="leave out the flashinfer decode rows (its first use compiles for ~23 s)",
@@ -1203,8 +1222,12 @@ def main(argv: list[str] | None = None) -> None:
         cases = [(DecodeCase(2, 64, 4, 2, 32, 16, 256), True)]
     else:
         dsweep = args.sweep and not args.no_decode_sweep
-        cases = [(DecodeCase(64, 2048), dsweep), (DecodeCase(64, 8192), dsweep)]
-        cases.append((DecodeCase(8, 8192), False))
+        if args.decode_cases:
+            fp8 = args.kv_cache_dtype == "fp8"
+            cases = [(DecodeCase(b, c, fp8_kv=fp8), dsweep) for b, c in args.decode_cases]
+        else:
+            cases = [(DecodeCase(64, 2048), dsweep), (DecodeCase(64, 8192), dsweep)]
+            cases.append((DecodeCase(8, 8192), False))
     # A failing section is reported and skipped, so the others still give their figures.
     sections = [
         (
