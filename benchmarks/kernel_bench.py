@@ -470,11 +470,15 @@ def bench_decode(
                         print(f"  sweep {cfg}: {type(e).__name__}: {e}", file=sys.stderr)
                         continue
                     res.append(r)
+                    # As it goes: a sweep cut short by a time limit still says what it found.
+                    print(f"  {name} {r.note}: {r.median_us:.2f} us", file=sys.stderr, flush=True)
                     if r.median_us < best.median_us:
                         best = r
         best_cfg = tri.TritonAttentionConfig(**best.extra["config"])
         for splits in (1, 2, 4):
             res.append(triton_result(replace(best_cfg, num_splits=splits), "triton-sweep"))
+            r = res[-1]
+            print(f"  {name} {r.note}: {r.median_us:.2f} us", file=sys.stderr, flush=True)
 
     be = _flashinfer_backend(spec, k, v) if flashinfer and not case.fp8_kv else None
     if be is not None:
