@@ -454,6 +454,7 @@ def bench_decode(
 
     base = tri.TritonAttentionConfig()
     res.append(triton_result(base, "triton"))
+    print(f"  {name} default {res[0].note}: {res[0].median_us:.2f} us", file=sys.stderr, flush=True)
     if case.batch < 32:
         res.append(triton_result(replace(base, num_splits=1), "triton-1split"))
     if sweep:
