@@ -335,7 +335,7 @@ class ModelRunner:
                 g.close()
         self.graphs = None
         self.mixed_graphs = None
-        for name in ("kv", "attn", "model", "token_buf", "page_table", "slot_state"):
+        for name in ("kv", "kv_scales", "attn", "model", "token_buf", "page_table", "slot_state"):
             if hasattr(self, name):
                 delattr(self, name)
         if self.device.type == "cuda":
