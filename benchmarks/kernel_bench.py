@@ -486,7 +486,8 @@ def bench_decode(
         res.append(_flashinfer_result(be, timer, case, q, inputs, name, nbytes, iters))
 
     # The torch reference gathers every position up to its bound in fp32: give it the real one.
-    ref_inputs = (k, v, inputs.page_rows, inputs.seq_lens, case.ctx, spec.scale, scales)
+    layer_scale = None if scales is None else scales[0]
+    ref_inputs = (k, v, inputs.page_rows, inputs.seq_lens, case.ctx, spec.scale, layer_scale)
     times = timer([lambda: ta.paged_decode_attention(q, *ref_inputs)], 1 if not smoke else 2)
     res.append(Result(name, "torch", nbytes, times, "reference: gathers pages, fp32"))
     return res

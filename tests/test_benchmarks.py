@@ -388,6 +388,26 @@ def test_kernels_smoke_fp8() -> None:
     assert "silu_mul GemvConfig" in r.stdout  # one row: the SiLU-fused load swept too
 
 
+def test_kernels_decode_over_an_fp8_cache() -> None:
+    """kernel_bench.py's decode section over an e4m3 cache (``--kv-cache-dtype fp8``): the
+    Triton kernel (interpreted) and the torch reference read it with its scales, and the bytes
+    count one a KV value."""
+    import subprocess
+
+    kb = _load("kernel_bench")
+    case = kb.DecodeCase(2, 40, 4, 2, 32, 16, 256, fp8_kv=True)
+    _, k, v, q, _, nbytes = kb._decode_setup(case, torch.device("cpu"), torch.float32)
+    assert k.dtype == v.dtype == torch.float8_e4m3fn
+    assert nbytes == 2 * 2 * 40 * 2 * 32 * 1 + 2 * q.numel() * 4
+    rows = kb.bench_decode(kb.Timer(torch.device("cpu"), 2), torch.device("cpu"), case, False, True)
+    assert {r.impl for r in rows} >= {"triton", "torch"}
+    assert all(r.name.endswith("kv-fp8") for r in rows)
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "kernel_bench.py"), "--help"], capture_output=True, text=True
+    )
+    assert "--decode-cases" in r.stdout and "--kv-cache-dtype" in r.stdout
+
+
 def test_step_profile_without_cuda_says_so() -> None:
     sp = _load("step_profile")
     assert sp.main(["--model", "unused"]) == 0
