@@ -448,7 +448,7 @@ def bench_decode(
         times = timer([lambda: be.forward(q, 0, meta)], iters)
         note = (
             f"splits={meta.num_splits} block_n={cfg.decode_block_n} warps={cfg.decode_warps} "
-            f"stages={cfg.decode_stages}"
+            f"stages={cfg.decode_stages}" + (" prefetch" if cfg.decode_prefetch else "")
         )
         return Result(name, impl, nbytes, times, note, {"config": asdict(cfg)})
 
@@ -475,6 +475,19 @@ def bench_decode(
                     print(f"  {name} {r.note}: {r.median_us:.2f} us", file=sys.stderr, flush=True)
                     if r.median_us < best.median_us:
                         best = r
+        # K/V prefetched by hand: its loop has no stages of Triton's, so only blocks and warps.
+        for bn in (32, 64, 128, 256):
+            for warps in (4, 8):
+                cfg = replace(base, decode_block_n=bn, decode_warps=warps, decode_prefetch=True)
+                try:
+                    r = triton_result(cfg, "triton-sweep")
+                except Exception as e:
+                    print(f"  sweep {cfg}: {type(e).__name__}: {e}", file=sys.stderr)
+                    continue
+                res.append(r)
+                print(f"  {name} {r.note}: {r.median_us:.2f} us", file=sys.stderr, flush=True)
+                if r.median_us < best.median_us:
+                    best = r
         best_cfg = tri.TritonAttentionConfig(**best.extra["config"])
         for splits in (1, 2, 4):
             res.append(triton_result(replace(best_cfg, num_splits=splits), "triton-sweep"))

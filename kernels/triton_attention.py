@@ -43,6 +43,9 @@ class TritonAttentionConfig:
     decode_block_n: int = 64
     decode_warps: int = 4
     decode_stages: int = 3
+    # Issue each K/V block's loads one block ahead by hand (see _decode_kernel). Off until an
+    # H100 sweep says where it pays (kernel_bench.py --only decode --sweep).
+    decode_prefetch: bool = False
     ctas_per_sm: int = 4
     max_splits: int = 32
     num_splits: int | None = None
@@ -87,6 +90,42 @@ def _varlen_token(cu_q_ptr, b, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _page_ids(row_pages, n0, end, offs, PAGE_SIZE: tl.constexpr):
+    # The page of each position of the block at n0 (0, the dummy page, past end).
+    pos = n0 + offs
+    return tl.load(row_pages + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
+
+
+@triton.jit
+def _kv_block(
+    k_ptr, v_ptr, pages, n0, end, offs, d, dmask, stride_kt, head_off, PAGE_SIZE: tl.constexpr
+):
+    # One block's K and V tiles ([BLOCK_N, BLOCK_D], zeros past end), in the cache's dtype.
+    pos = n0 + offs
+    rows = pages * PAGE_SIZE + pos % PAGE_SIZE
+    kv_off = rows[:, None] * stride_kt + head_off + d[None, :]
+    kv_mask = (pos < end)[:, None] & dmask[None, :]
+    k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _decode_block(q, k, v, pmask, m_i, l_i, acc, scale_log2, DOT_PRECISION: tl.constexpr):
+    # One block of the online softmax; e4m3 tiles upcast to the query's dtype exactly.
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    s = tl.where(pmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,
     k_ptr,
@@ -123,6 +162,7 @@ def _decode_kernel(
     USE_PDL: tl.constexpr,
     VARLEN: tl.constexpr,
     FP8_KV: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # Before the early return below: a PDL kernel must not complete before the one it follows.
     pdl_enter(USE_PDL)
@@ -163,24 +203,30 @@ def _decode_kernel(
     offs = tl.arange(0, BLOCK_N)
     row_pages = page_rows_ptr + b.to(tl.int64) * stride_pr
     head_off = kvh * stride_kh
-    for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
-        pos = n0 + offs
-        pmask = pos < end
-        page = tl.load(row_pages + pos // PAGE_SIZE, mask=pmask, other=0).to(tl.int64)
-        rows = page * PAGE_SIZE + pos % PAGE_SIZE
-        kv_off = rows[:, None] * stride_kt + head_off + d[None, :]
-        kv_mask = pmask[:, None] & dmask[None, :]
-        # e4m3 upcasts to the query's dtype exactly.
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(pmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    if PREFETCH:
+        # Software pipelining by hand: Triton pipelines only the page-index loads of the loop
+        # below (its K/V loads stay synchronous: one block in flight per program, which bounds
+        # the bandwidth at short contexts, most of all for 1-byte e4m3 tiles). Here block i+1's
+        # K/V loads are issued before block i's math, and its page ids one block earlier still;
+        # loads past the split's end are masked off and move no bytes.
+        pages = _page_ids(row_pages, start, end, offs, PAGE_SIZE)
+        k, v = _kv_block(k_ptr, v_ptr, pages, start, end, offs, d, dmask, stride_kt, head_off,
+                         PAGE_SIZE)  # fmt: skip
+        pages = _page_ids(row_pages, start + BLOCK_N, end, offs, PAGE_SIZE)
+        for n0 in tl.range(start, end, BLOCK_N, num_stages=1):
+            k_next, v_next = _kv_block(k_ptr, v_ptr, pages, n0 + BLOCK_N, end, offs, d, dmask,
+                                       stride_kt, head_off, PAGE_SIZE)  # fmt: skip
+            pages = _page_ids(row_pages, n0 + 2 * BLOCK_N, end, offs, PAGE_SIZE)
+            m_i, l_i, acc = _decode_block(q, k, v, n0 + offs < end, m_i, l_i, acc, scale_log2,
+                                          DOT_PRECISION)  # fmt: skip
+            k, v = k_next, v_next
+    else:
+        for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
+            pages = _page_ids(row_pages, n0, end, offs, PAGE_SIZE)
+            k, v = _kv_block(k_ptr, v_ptr, pages, n0, end, offs, d, dmask, stride_kt, head_off,
+                             PAGE_SIZE)  # fmt: skip
+            m_i, l_i, acc = _decode_block(q, k, v, n0 + offs < end, m_i, l_i, acc, scale_log2,
+                                          DOT_PRECISION)  # fmt: skip
 
     # An empty row (length 0) yields zeros rather than 0/0.
     safe_l = tl.where(l_i > 0, l_i, 1.0)
@@ -336,7 +382,7 @@ def paged_decode_attention(
         BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=cfg.decode_block_n,
         NUM_SPLITS=num_splits, NUM_STAGES=cfg.decode_stages,
         DOT_PRECISION=_dot_precision(q.dtype), USE_PDL=pdl, VARLEN=varlen, FP8_KV=fp8_kv,
-        num_warps=cfg.decode_warps,
+        PREFETCH=cfg.decode_prefetch, num_warps=cfg.decode_warps,
         **launch_options(pdl),
     )  # fmt: skip
     if num_splits > 1:

@@ -462,6 +462,19 @@ def test_decode_attention(hq, hkv, page_size, splits) -> None:
     _close(out, ref, 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize(("hq", "hkv", "page_size"), [(8, 2, 16), (7, 1, 1)])
+def test_decode_attention_prefetching_kv(hq, hkv, page_size, splits) -> None:
+    """``decode_prefetch``: each block's K/V loaded one block ahead by hand; rows of one token,
+    of a few blocks and of a length that ends mid-block, over the poisoned cache."""
+    paged, q, ref = _decode_case(hq, hkv, page_size, [1, 37, 70, 16])
+    cfg = dataclasses.replace(SMALL_CFG, decode_prefetch=True)
+    out = A.paged_decode_attention(
+        q, paged.k, paged.v, paged.page_rows, paged.seq_lens, 32**-0.5, splits, config=cfg
+    )
+    _close(out, ref, 1e-5, 1e-5)
+
+
 @needs_compiled_bf16_dot
 def test_decode_attention_bf16() -> None:
     paged, q, ref = _decode_case(8, 2, 16, [5, 50], torch.bfloat16)

@@ -10,6 +10,7 @@ Llama-3.1-8B's heads and inside the engine's graphs.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import numpy as np
@@ -144,10 +145,11 @@ def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEV.type == "cuda" else [])
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize(("hq", "hkv", "page_size"), [(8, 2, 16), (7, 1, 1)])
-def test_decode_attention_over_fp8_cache(hq, hkv, page_size, splits, dtype) -> None:
+def test_decode_attention_over_fp8_cache(hq, hkv, page_size, splits, dtype, prefetch) -> None:
     dim = 32
     paged = Fp8Paged([1, 37, 70], hkv, dim, page_size)
     q = torch.randn(3, hq, dim, device=DEV).to(dtype)
@@ -155,9 +157,10 @@ def test_decode_attention_over_fp8_cache(hq, hkv, page_size, splits, dtype) -> N
         q, paged.k, paged.v, paged.page_rows, paged.seq_lens, paged.width * page_size,
         dim**-0.5, paged.scale,
     )  # fmt: skip
+    cfg = dataclasses.replace(SMALL_CFG, decode_prefetch=prefetch)
     out = A.paged_decode_attention(
         q, paged.k, paged.v, paged.page_rows, paged.seq_lens, dim**-0.5, splits,
-        config=SMALL_CFG, kv_scale=paged.scale,
+        config=cfg, kv_scale=paged.scale,
     )  # fmt: skip
     _close(out, ref, dtype)
     # Both scales are applied: the result is not the attention over the raw e4m3 values.
