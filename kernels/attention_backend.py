@@ -96,11 +96,13 @@ class AttentionBackend(ABC):
         if fp8 and (kv_scales is None or tuple(kv_scales.shape) != (len(k_caches), 2)):
             raise ValueError(f"an FP8 KV cache needs [{len(k_caches)}, 2] kv_scales")
         self.kv_scales = kv_scales if fp8 else None
+        # One [2] view per layer, made once: eager forwards ask for them layer by layer.
+        self._layer_scales = list(kv_scales.unbind(0)) if fp8 else [None] * len(k_caches)
 
     def kv_scale(self, layer: int) -> torch.Tensor | None:
         """Layer ``layer``'s ``[2]`` (K, V) cache scales, or None for a cache in the model's
         dtype."""
-        return None if self.kv_scales is None else self.kv_scales[layer]
+        return self._layer_scales[layer]
 
     @abstractmethod
     def prepare_metadata(self, inputs: AttnInputs) -> Any:

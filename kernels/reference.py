@@ -213,12 +213,21 @@ def apply_rope(
 
 
 KV_FP8_DTYPE = torch.float8_e4m3fn
-_E4M3_MAX = 448.0
+_E4M3_MAX = float(torch.finfo(KV_FP8_DTYPE).max)  # 448
 
 
 def is_fp8_cache(cache: torch.Tensor) -> bool:
     """Whether a KV cache tensor holds e4m3 values (``kv_cache_dtype="fp8_e4m3"``)."""
     return cache.dtype == KV_FP8_DTYPE
+
+
+def check_kv_scale(cache: torch.Tensor, kv_scale: torch.Tensor | None) -> bool:
+    """Whether ``cache`` is e4m3, refusing an e4m3 cache given no scales (every kernel that
+    writes or reads one checks here)."""
+    fp8 = is_fp8_cache(cache)
+    if fp8 and kv_scale is None:
+        raise ValueError("an FP8 KV cache needs the layer's kv_scale")
+    return fp8
 
 
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -244,9 +253,7 @@ def store_kv(
 ) -> None:
     """Write ``k``, ``v`` (``[T, Hkv, D]``) into flat cache rows ``locs`` (``[T]``). An FP8
     cache stores ``k / kv_scale[0]`` and ``v / kv_scale[1]`` in e4m3 (:func:`quantize_kv`)."""
-    if is_fp8_cache(k_cache_flat):
-        if kv_scale is None:
-            raise ValueError("an FP8 KV cache needs the layer's kv_scale")
+    if check_kv_scale(k_cache_flat, kv_scale):
         # As bytes: CPU torch has no float8 index_copy_.
         k_cache_flat.view(torch.uint8).index_copy_(
             0, locs, quantize_kv(k, kv_scale[0]).view(torch.uint8)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from graphrt.kernels.attention_backend import AttentionBackend, AttentionSpec, AttnInputs
 from graphrt.kernels.pdl import launch_options, pdl_enter
-from graphrt.kernels.reference import is_fp8_cache
+from graphrt.kernels.reference import check_kv_scale
 
 _LOG2E = 1.4426950408889634
 
@@ -305,14 +305,6 @@ def _decode_merge_kernel(
     )
 
 
-def _check_kv_scale(k_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> bool:
-    # Whether the cache is e4m3; such a cache needs its scales.
-    fp8 = is_fp8_cache(k_cache)
-    if fp8 and kv_scale is None:
-        raise ValueError("an FP8 KV cache needs the layer's kv_scale")
-    return fp8
-
-
 def _dot_precision(dtype: torch.dtype) -> str | None:
     # fp32 models (CPU parity runs) need exact fp32 products; tf32 would cost ~1e-3.
     return "ieee" if dtype == torch.float32 else None
@@ -366,7 +358,7 @@ def paged_decode_attention(
             mid_lse = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_lse = out  # unused by the kernel; any tensor will do
-    fp8_kv = _check_kv_scale(k_cache, kv_scale)
+    fp8_kv = check_kv_scale(k_cache, kv_scale)
     kf = k_cache.view(-1, hkv, dim)
     vf = v_cache.view(-1, hkv, dim)
     block_d = triton.next_power_of_2(dim)
@@ -633,7 +625,7 @@ def paged_extend_attention(
     bsz = seq_lens.shape[0]
     if t == 0 or bsz == 0:
         return out
-    fp8_kv = _check_kv_scale(k_cache, kv_scale)
+    fp8_kv = check_kv_scale(k_cache, kv_scale)
     kf = k_cache.view(-1, hkv, dim)
     vf = v_cache.view(-1, hkv, dim)
     block_m, block_q = extend_tile(group, cfg)

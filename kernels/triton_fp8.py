@@ -542,9 +542,7 @@ def quantize_rows_fp8(
     # loop over 2K blocks was latency-bound: 5.6 us a call, 356 us of an 8B FP8 step at batch
     # 64 for the o and down projections' inputs (s29b, step_profile). Past the bound, blocks
     # no longer than it, so that such a row always spans several (the kernel's two-pass path).
-    block_k = (
-        triton.next_power_of_2(k) if k <= QUANT_ONE_PASS_MAX else min(2048, QUANT_ONE_PASS_MAX)
-    )
+    block_k = triton.next_power_of_2(k) if k <= QUANT_ONE_PASS_MAX else 2048
     _quantize_rows_kernel[(m,)](
         x, q, scale, k, x.stride(0), q.stride(0),
         BLOCK_K=block_k, EVEN=k % block_k == 0, SILU_MUL=silu_mul, USE_PDL=pdl,

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from graphrt.kernels.pdl import launch_options, pdl_enter
-from graphrt.kernels.reference import is_fp8_cache
+from graphrt.kernels.reference import check_kv_scale
 from graphrt.kernels.triton_e4m3 import to_e4m3
 
 
@@ -446,9 +446,7 @@ def rope_and_store_kv(
     k_out = torch.empty((t, hkv, dim), dtype=k.dtype, device=k.device)
     if t == 0:
         return q_out, k_out
-    fp8_cache = is_fp8_cache(k_cache_flat)
-    if fp8_cache and kv_scale is None:
-        raise ValueError("an FP8 KV cache needs the layer's kv_scale")
+    fp8_cache = check_kv_scale(k_cache_flat, kv_scale)
     half = dim // 2
     _rope_and_store_kv_kernel[(t,)](
         q, k, v, positions, cos_sin, k_cache_flat, v_cache_flat, locs, q_out, k_out,

@@ -114,7 +114,9 @@ def load_safetensors(
             kv = _KV_SCALE.match(name)
             if kv is not None:
                 layer, which = int(kv.group(1)), kv.group(2)
-                kv_scales[layer, which] = _read_kv_scale(handle, path, name, model.cfg.num_layers)
+                kv_scales[layer, which] = _read_kv_scale(
+                    handle, path, name, layer, model.cfg.num_layers
+                )
                 continue
             if name.endswith(_SCALE_SUFFIXES):
                 _load_scale(model, handle, path, name)
@@ -181,9 +183,8 @@ def load_safetensors(
     return _kv_scales_per_layer(kv_scales, model.cfg.num_layers, model_dir)
 
 
-def _read_kv_scale(handle: Any, path: Path, name: str, num_layers: int) -> float:
-    """One layer's K or V cache scale: a positive, finite scalar of a layer that exists."""
-    layer = int(_KV_SCALE.match(name).group(1))
+def _read_kv_scale(handle: Any, path: Path, name: str, layer: int, num_layers: int) -> float:
+    """Layer ``layer``'s K or V cache scale: a positive, finite scalar of a layer that exists."""
     if layer >= num_layers:
         raise WeightLoadError(
             f"{path}: unexpected tensor {name!r}: the model has {num_layers} layers"
