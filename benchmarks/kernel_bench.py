@@ -447,8 +447,8 @@ def bench_decode(
         meta = be.prepare_for_capture(case.batch, inputs)
         times = timer([lambda: be.forward(q, 0, meta)], iters)
         note = (
-            f"splits={meta.num_splits} block_n={cfg.decode_block_n} warps={cfg.decode_warps} "
-            f"stages={cfg.decode_stages}" + (" prefetch" if cfg.decode_prefetch else "")
+            f"splits={meta.num_splits} block_n={cfg.decode_block(case.fp8_kv)} "
+            f"warps={cfg.decode_warps} stages={cfg.decode_stages}"
         )
         return Result(name, impl, nbytes, times, note, {"config": asdict(cfg)})
 
@@ -458,18 +458,12 @@ def bench_decode(
     if case.batch < 32:
         res.append(triton_result(replace(base, num_splits=1), "triton-1split"))
     if sweep:
-        # Triton's pipelined loop over blocks, warps and stages; then the loop that prefetches
-        # K/V by hand, which has no stages of Triton's.
+        block = "decode_block_n_fp8" if case.fp8_kv else "decode_block_n"
         cfgs = [
-            replace(base, decode_block_n=bn, decode_warps=w, decode_stages=st)
+            replace(base, **{block: bn}, decode_warps=w, decode_stages=st)
             for bn in (32, 64, 128, 256)
             for w in (4, 8)
             for st in (2, 3, 4)
-        ]
-        cfgs += [
-            replace(base, decode_block_n=bn, decode_warps=w, decode_prefetch=True)
-            for bn in (32, 64, 128, 256)
-            for w in (4, 8)
         ]
         best = res[0]
         for cfg in [c for c in cfgs if c != base]:

@@ -92,14 +92,17 @@ def fp8_silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (per-token) e4m3 quantization of activations ``x`` ``[M, K]`` for W8A8:
     ``(q, scale)`` with ``scale = amax(|row|) / 448`` (fp32, ``[M, 1]``; a zero row gets
-    ``1e-12 / 448``) and ``q = x / scale`` in ``float8_e4m3fn``, all in fp32. The recipe of
-    ``graphrt.models.fp8.quantize_fp8`` for weights, applied to rows of activations."""
+    ``1e-12 / 448``) and ``q = x * (1 / scale)`` in ``float8_e4m3fn``, all in fp32: the scales of
+    ``graphrt.models.fp8.quantize_fp8`` for weights, applied to rows of activations (whose
+    values divide; the two differ by one e4m3 step in a few values)."""
     x32 = x.float()
     amax = x32.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
     # Divided by a tensor, not the Python scalar 448: on CUDA torch turns division by a scalar
     # into a multiply by its reciprocal, one rounding off IEEE division in some rows (H100).
     scale = amax / torch.full_like(amax, 448.0)
-    q = (x32 / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    # Multiplied by the scale's reciprocal, not divided by it, as vLLM's per-token quantizer
+    # does: the kernels run one IEEE division a row instead of one an element.
+    q = (x32 * (torch.ones_like(scale) / scale)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     return q, scale
 
 

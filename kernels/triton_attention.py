@@ -41,11 +41,13 @@ class TritonAttentionConfig:
     """
 
     decode_block_n: int = 64
+    # For e4m3 caches: the same 16 KB K/V tile per head (128-dim heads) as decode_block_n's over
+    # a 2-byte cache. s31a sweep, Llama-3.1-8B heads at batch 64 over an e4m3 cache: 128 is
+    # within 2.5% of the best of 24 block/warp/stage configurations at 256 tokens a row (20.16
+    # against 19.70 us for 32) and the best at 2,048 (137.8 us, stages 3; 64 gives 163.3).
+    decode_block_n_fp8: int = 128
     decode_warps: int = 4
     decode_stages: int = 3
-    # Issue each K/V block's loads one block ahead by hand (see _decode_kernel). Off until an
-    # H100 sweep says where it pays (kernel_bench.py --only decode --sweep).
-    decode_prefetch: bool = False
     ctas_per_sm: int = 4
     max_splits: int = 32
     num_splits: int | None = None
@@ -64,6 +66,10 @@ class TritonAttentionConfig:
     # 2048-token budget (~900, launch-bound), 25,158 / 26,693 against 28,652 / 29,768.
     mixed_decode_min_rows: int = 8
     mixed_split_min_prefill: int = 2048
+
+    def decode_block(self, fp8_kv: bool) -> int:
+        """The decode kernel's tokens per block over a cache of this kind."""
+        return self.decode_block_n_fp8 if fp8_kv else self.decode_block_n
 
 
 # ---- decode -------------------------------------------------------------------------------------
@@ -162,7 +168,6 @@ def _decode_kernel(
     USE_PDL: tl.constexpr,
     VARLEN: tl.constexpr,
     FP8_KV: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     # Before the early return below: a PDL kernel must not complete before the one it follows.
     pdl_enter(USE_PDL)
@@ -203,30 +208,15 @@ def _decode_kernel(
     offs = tl.arange(0, BLOCK_N)
     row_pages = page_rows_ptr + b.to(tl.int64) * stride_pr
     head_off = kvh * stride_kh
-    if PREFETCH:
-        # Software pipelining by hand: Triton pipelines only the page-index loads of the loop
-        # below (its K/V loads stay synchronous: one block in flight per program, which bounds
-        # the bandwidth at short contexts, most of all for 1-byte e4m3 tiles). Here block i+1's
-        # K/V loads are issued before block i's math, and its page ids one block earlier still;
-        # loads past the split's end are masked off and move no bytes.
-        pages = _page_ids(row_pages, start, end, offs, PAGE_SIZE)
-        k, v = _kv_block(k_ptr, v_ptr, pages, start, end, offs, d, dmask, stride_kt, head_off,
+    # Triton pipelines the page-index loads of this loop, not its K/V loads (offline sm_90
+    # compile); a hand-pipelined loop that issued each block's K/V loads one block ahead was
+    # slower at every configuration tried (s31a: 25.8 against 19.7 us, e4m3, 64 x 256 tokens).
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
+        pages = _page_ids(row_pages, n0, end, offs, PAGE_SIZE)
+        k, v = _kv_block(k_ptr, v_ptr, pages, n0, end, offs, d, dmask, stride_kt, head_off,
                          PAGE_SIZE)  # fmt: skip
-        pages = _page_ids(row_pages, start + BLOCK_N, end, offs, PAGE_SIZE)
-        for n0 in tl.range(start, end, BLOCK_N, num_stages=1):
-            k_next, v_next = _kv_block(k_ptr, v_ptr, pages, n0 + BLOCK_N, end, offs, d, dmask,
-                                       stride_kt, head_off, PAGE_SIZE)  # fmt: skip
-            pages = _page_ids(row_pages, n0 + 2 * BLOCK_N, end, offs, PAGE_SIZE)
-            m_i, l_i, acc = _decode_block(q, k, v, n0 + offs < end, m_i, l_i, acc, scale_log2,
-                                          DOT_PRECISION)  # fmt: skip
-            k, v = k_next, v_next
-    else:
-        for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
-            pages = _page_ids(row_pages, n0, end, offs, PAGE_SIZE)
-            k, v = _kv_block(k_ptr, v_ptr, pages, n0, end, offs, d, dmask, stride_kt, head_off,
-                             PAGE_SIZE)  # fmt: skip
-            m_i, l_i, acc = _decode_block(q, k, v, n0 + offs < end, m_i, l_i, acc, scale_log2,
-                                          DOT_PRECISION)  # fmt: skip
+        m_i, l_i, acc = _decode_block(q, k, v, n0 + offs < end, m_i, l_i, acc, scale_log2,
+                                      DOT_PRECISION)  # fmt: skip
 
     # An empty row (length 0) yields zeros rather than 0/0.
     safe_l = tl.where(l_i > 0, l_i, 1.0)
@@ -359,6 +349,7 @@ def paged_decode_attention(
     else:
         mid_o = mid_lse = out  # unused by the kernel; any tensor will do
     fp8_kv = check_kv_scale(k_cache, kv_scale)
+    block_n = cfg.decode_block(fp8_kv)
     kf = k_cache.view(-1, hkv, dim)
     vf = v_cache.view(-1, hkv, dim)
     block_d = triton.next_power_of_2(dim)
@@ -371,10 +362,10 @@ def paged_decode_attention(
         mid_lse.stride(0), mid_lse.stride(1),
         scale * _LOG2E,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-        BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=cfg.decode_block_n,
+        BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, NUM_STAGES=cfg.decode_stages,
         DOT_PRECISION=_dot_precision(q.dtype), USE_PDL=pdl, VARLEN=varlen, FP8_KV=fp8_kv,
-        PREFETCH=cfg.decode_prefetch, num_warps=cfg.decode_warps,
+        num_warps=cfg.decode_warps,
         **launch_options(pdl),
     )  # fmt: skip
     if num_splits > 1:
@@ -382,7 +373,7 @@ def paged_decode_attention(
             mid_o, mid_lse, seq_lens, cu_q if varlen else seq_lens, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
-            HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_N=cfg.decode_block_n, NUM_SPLITS=num_splits,
+            HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits), USE_PDL=pdl, VARLEN=varlen,
             num_warps=4,
             **launch_options(pdl),
@@ -391,11 +382,17 @@ def paged_decode_attention(
 
 
 def choose_num_splits(
-    bsz: int, num_kv_heads: int, kv_len_bound: int, sm_count: int, cfg: TritonAttentionConfig
+    bsz: int,
+    num_kv_heads: int,
+    kv_len_bound: int,
+    sm_count: int,
+    cfg: TritonAttentionConfig,
+    fp8_kv: bool = False,
 ) -> int:
     """Splits per row: as many as keep ``bsz * num_kv_heads * splits`` programs within
-    ``ctas_per_sm`` per SM (at least one), and no more than ``decode_block_n`` blocks fit in
-    ``kv_len_bound``. Depends on host integers only, so it is fixed for a captured bucket.
+    ``ctas_per_sm`` per SM (at least one), and no more than the decode blocks (of the cache's
+    kind, :meth:`TritonAttentionConfig.decode_block`) that fit in ``kv_len_bound``. Depends on
+    host integers only, so it is fixed for a captured bucket.
 
     On an H100 at batch 64 with 8 KV heads this gives one split (512 programs already fill the
     132 SMs; a second split measured no faster), at batch 8 eight.
@@ -404,7 +401,7 @@ def choose_num_splits(
         return cfg.num_splits
     programs = max(1, bsz * num_kv_heads)
     want = (cfg.ctas_per_sm * sm_count) // programs
-    blocks = max(1, triton.cdiv(kv_len_bound, cfg.decode_block_n))
+    blocks = max(1, triton.cdiv(kv_len_bound, cfg.decode_block(fp8_kv)))
     return max(1, min(want, blocks, cfg.max_splits))
 
 
@@ -718,7 +715,12 @@ class TritonAttentionBackend(AttentionBackend):
 
     def num_splits(self, bsz: int, kv_len_bound: int) -> int:
         return choose_num_splits(
-            bsz, self.spec.num_kv_heads, kv_len_bound, self.sm_count, self.config
+            bsz,
+            self.spec.num_kv_heads,
+            kv_len_bound,
+            self.sm_count,
+            self.config,
+            fp8_kv=self.kv_scales is not None,
         )
 
     def prepare_metadata(

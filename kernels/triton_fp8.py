@@ -49,7 +49,14 @@ import triton.language as tl
 
 from graphrt.kernels import reference
 from graphrt.kernels.pdl import launch_options, pdl_enter, pdl_launch, pdl_wait
-from graphrt.kernels.triton_e4m3 import _FP8_MAX, _MIN_AMAX, FP8_MAX, MIN_AMAX, to_e4m3
+from graphrt.kernels.triton_e4m3 import (
+    _FP8_MAX,
+    _MIN_AMAX,
+    FP8_MAX,
+    MIN_AMAX,
+    hw_cast,
+    to_e4m3_inv,
+)
 from graphrt.kernels.triton_gemv import (
     NARROW_N,
     GemvConfig,
@@ -465,10 +472,11 @@ def _launch_gemv(
 
 @triton.jit
 def _row_scale(abs_x):
-    # A row's e4m3 scale from its absolute values (any block shape): amax / 448, a zero row's
-    # finite. IEEE division (div_rn), as torch divides: the scales and values match the
-    # reference's bits.
-    return tl.math.div_rn(tl.maximum(tl.max(abs_x, axis=0), _MIN_AMAX), _FP8_MAX)
+    # A row's e4m3 scale from its absolute values (any block shape), amax / 448 (a zero row's
+    # finite), and its reciprocal, by which the row is multiplied. IEEE division (div_rn), as
+    # torch divides tensors: the scales and values match the reference's bits.
+    scale = tl.math.div_rn(tl.maximum(tl.max(abs_x, axis=0), _MIN_AMAX), _FP8_MAX)
+    return scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
 
 @triton.jit
@@ -483,6 +491,7 @@ def _quantize_rows_kernel(
     EVEN: tl.constexpr,
     SILU_MUL: tl.constexpr,
     USE_PDL: tl.constexpr,
+    HW_CAST: tl.constexpr,
 ):
     # One program per row: its amax, then the row again (from L1/L2), divided and rounded; a
     # row that fits one block stays in registers, one pass over memory.
@@ -492,8 +501,8 @@ def _quantize_rows_kernel(
     rk = tl.arange(0, BLOCK_K)
     if BLOCK_K >= K:
         xf = _load_x(x_row, 0, rk, K, SILU_MUL, EVEN).to(tl.float32)
-        scale = _row_scale(tl.abs(xf))
-        q = to_e4m3(xf, scale)
+        scale, inv = _row_scale(tl.abs(xf))
+        q = to_e4m3_inv(xf, inv, HW_CAST)
         if EVEN:
             tl.store(q_ptr + row * stride_qm + rk, q.to(q_ptr.dtype.element_ty))
         else:
@@ -504,10 +513,10 @@ def _quantize_rows_kernel(
     for k0 in range(0, K, BLOCK_K):
         x = _load_x(x_row, k0, rk, K, SILU_MUL, EVEN)
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    scale = _row_scale(amax)
+    scale, inv = _row_scale(amax)
     for k0 in range(0, K, BLOCK_K):
         x = _load_x(x_row, k0, rk, K, SILU_MUL, EVEN)
-        q = to_e4m3(x.to(tl.float32), scale)
+        q = to_e4m3_inv(x.to(tl.float32), inv, HW_CAST)
         q_ptrs = q_ptr + row * stride_qm + k0 + rk
         if EVEN:
             tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty))
@@ -546,7 +555,7 @@ def quantize_rows_fp8(
     _quantize_rows_kernel[(m,)](
         x, q, scale, k, x.stride(0), q.stride(0),
         BLOCK_K=block_k, EVEN=k % block_k == 0, SILU_MUL=silu_mul, USE_PDL=pdl,
-        num_warps=max(4, min(16, block_k // 512)), **launch_options(pdl),
+        HW_CAST=hw_cast(x), num_warps=max(4, min(16, block_k // 512)), **launch_options(pdl),
     )  # fmt: skip
     return q, scale
 
@@ -564,6 +573,7 @@ def _norm_quantize_rows_kernel(
     HAS_RES: tl.constexpr,
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
+    HW_CAST: tl.constexpr,
 ):
     # One row per program, held in registers: the residual add and the norm as the norm kernels
     # compute them (the sum rounded to the activation dtype, the normed row rounded before and
@@ -582,8 +592,8 @@ def _norm_quantize_rows_kernel(
     xn = (xf * inv).to(x.dtype)
     w = tl.load(nw_ptr + cols, mask=mask, other=0.0)
     h = (xn.to(tl.float32) * w.to(tl.float32)).to(x.dtype).to(tl.float32)
-    scale = _row_scale(tl.abs(h))
-    q = to_e4m3(h, scale)
+    scale, inv = _row_scale(tl.abs(h))
+    q = to_e4m3_inv(h, inv, HW_CAST)
     tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 
@@ -619,7 +629,7 @@ def norm_quantize_rows_fp8(
     block = triton.next_power_of_2(k)
     _norm_quantize_rows_kernel[(m,)](
         x, residual if residual is not None else x, norm_weight, q, scale, res_out, k, eps,
-        HAS_RES=residual is not None, BLOCK=block, USE_PDL=pdl,
+        HAS_RES=residual is not None, BLOCK=block, USE_PDL=pdl, HW_CAST=hw_cast(x),
         num_warps=max(1, min(16, block // 256)), **launch_options(pdl),
     )  # fmt: skip
     return q, scale, res_out

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from graphrt.kernels.pdl import launch_options, pdl_enter
 from graphrt.kernels.reference import check_kv_scale
-from graphrt.kernels.triton_e4m3 import to_e4m3
+from graphrt.kernels.triton_e4m3 import hw_cast, to_e4m3
 
 
 def _pow2(n: int) -> int:
@@ -316,6 +316,7 @@ def _rotate_heads(
     BLOCK_HALF: tl.constexpr,
     WRITE_CACHE: tl.constexpr,
     FP8_CACHE: tl.constexpr,
+    HW_CAST: tl.constexpr,
 ):
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_HALF)
@@ -337,16 +338,18 @@ def _rotate_heads(
     tl.store(dst + HALF, o2, mask=mask)
     if WRITE_CACHE:
         cdst = cache_ptr + loc * stride_ct + h[:, None] * stride_ch + d[None, :]
-        tl.store(cdst, _cache_value(o1, cache_scale, cache_ptr, FP8_CACHE), mask=mask)
-        tl.store(cdst + HALF, _cache_value(o2, cache_scale, cache_ptr, FP8_CACHE), mask=mask)
+        c1 = _cache_value(o1, cache_scale, cache_ptr, FP8_CACHE, HW_CAST)
+        c2 = _cache_value(o2, cache_scale, cache_ptr, FP8_CACHE, HW_CAST)
+        tl.store(cdst, c1, mask=mask)
+        tl.store(cdst + HALF, c2, mask=mask)
 
 
 @triton.jit
-def _cache_value(x, scale, cache_ptr, FP8_CACHE: tl.constexpr):
+def _cache_value(x, scale, cache_ptr, FP8_CACHE: tl.constexpr, HW_CAST: tl.constexpr):
     # What the cache stores for activation-dtype values x: x itself, or in an FP8 cache
     # x / scale rounded to e4m3 (the reference's store_kv, bit for bit).
     if FP8_CACHE:
-        return to_e4m3(x.to(tl.float32), scale).to(cache_ptr.dtype.element_ty)
+        return to_e4m3(x.to(tl.float32), scale, HW_CAST).to(cache_ptr.dtype.element_ty)
     else:
         return x.to(cache_ptr.dtype.element_ty)
 
@@ -380,6 +383,7 @@ def _rope_and_store_kv_kernel(
     BLOCK_HKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     FP8_CACHE: tl.constexpr,
+    HW_CAST: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
@@ -401,11 +405,11 @@ def _rope_and_store_kv_kernel(
     sin = sin.to(dt).to(tl.float32)
     _rotate_heads(
         q_ptr, q_out_ptr, q_out_ptr, stride_qt, stride_qh, 0, 0, t, loc, cos, sin, n_q_heads,
-        1.0, HALF, BLOCK_HQ, BLOCK_HALF, False, False,
+        1.0, HALF, BLOCK_HQ, BLOCK_HALF, False, False, HW_CAST,
     )  # fmt: skip
     _rotate_heads(
         k_ptr, k_out_ptr, k_cache_ptr, stride_kt, stride_kh, stride_ct, stride_ch, t, loc, cos,
-        sin, n_kv_heads, k_scale, HALF, BLOCK_HKV, BLOCK_HALF, True, FP8_CACHE,
+        sin, n_kv_heads, k_scale, HALF, BLOCK_HKV, BLOCK_HALF, True, FP8_CACHE, HW_CAST,
     )  # fmt: skip
     h = tl.arange(0, BLOCK_HKV)
     dd = tl.arange(0, 2 * BLOCK_HALF)
@@ -414,7 +418,7 @@ def _rope_and_store_kv_kernel(
         v_ptr + t.to(tl.int64) * stride_vt + h[:, None] * stride_vh + dd[None, :], mask=mask
     )
     vdst = v_cache_ptr + loc * stride_ct + h[:, None] * stride_ch + dd[None, :]
-    tl.store(vdst, _cache_value(v, v_scale, v_cache_ptr, FP8_CACHE), mask=mask)
+    tl.store(vdst, _cache_value(v, v_scale, v_cache_ptr, FP8_CACHE, HW_CAST), mask=mask)
 
 
 def rope_and_store_kv(
@@ -455,6 +459,7 @@ def rope_and_store_kv(
         cos_sin.stride(0), k_cache_flat.stride(0), k_cache_flat.stride(1),
         hq, hkv,
         HALF=half, BLOCK_HQ=_pow2(hq), BLOCK_HKV=_pow2(hkv), BLOCK_HALF=_pow2(half),
-        FP8_CACHE=fp8_cache, USE_PDL=pdl, num_warps=4, **launch_options(pdl),
+        FP8_CACHE=fp8_cache, HW_CAST=hw_cast(k_cache_flat), USE_PDL=pdl, num_warps=4,
+        **launch_options(pdl),
     )  # fmt: skip
     return q_out, k_out

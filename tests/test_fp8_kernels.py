@@ -273,8 +273,12 @@ def test_quantize_rows_fp8(k, dtype, one_pass, monkeypatch) -> None:
     assert q.dtype == FP8_DTYPE and q.shape == x.shape and s.shape == (x.shape[0], 1)
     assert torch.equal(s, rs)
     assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+    # The weights' recipe gives the same scales; its values divide where the activations'
+    # multiply by the reciprocal, so they may differ by one e4m3 step.
     wq, ws = quantize_fp8(x)
-    assert torch.equal(wq.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(ws[:, None], rs)
+    assert torch.equal(ws[:, None], rs)
+    step = torch.where(rq.float().abs() < 2**-6, 2**-9, rq.float().abs() * 2**-3)
+    assert ((wq.float() - rq.float()).abs() <= step).all()
     if dtype == torch.float32:
         assert torch.equal(q[7].float(), x[7])  # every e4m3 value, unchanged
     assert (q[6].view(torch.uint8) == 0).all() and (s[6] > 0).all()  # zero row: finite scale

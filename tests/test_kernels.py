@@ -462,19 +462,6 @@ def test_decode_attention(hq, hkv, page_size, splits) -> None:
     _close(out, ref, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize(("hq", "hkv", "page_size"), [(8, 2, 16), (7, 1, 1)])
-def test_decode_attention_prefetching_kv(hq, hkv, page_size, splits) -> None:
-    """``decode_prefetch``: each block's K/V loaded one block ahead by hand; rows of one token,
-    of a few blocks and of a length that ends mid-block, over the poisoned cache."""
-    paged, q, ref = _decode_case(hq, hkv, page_size, [1, 37, 70, 16])
-    cfg = dataclasses.replace(SMALL_CFG, decode_prefetch=True)
-    out = A.paged_decode_attention(
-        q, paged.k, paged.v, paged.page_rows, paged.seq_lens, 32**-0.5, splits, config=cfg
-    )
-    _close(out, ref, 1e-5, 1e-5)
-
-
 @needs_compiled_bf16_dot
 def test_decode_attention_bf16() -> None:
     paged, q, ref = _decode_case(8, 2, 16, [5, 50], torch.bfloat16)
@@ -491,6 +478,9 @@ def test_choose_num_splits() -> None:
     assert A.choose_num_splits(256, 8, 131072, 132, cfg) == 1
     assert A.choose_num_splits(1, 8, 64, 132, cfg) == 1
     assert A.choose_num_splits(64, 8, 8192, 132, A.TritonAttentionConfig(num_splits=5)) == 5
+    # An e4m3 cache's blocks are twice as long (the same bytes a tile): half the splits fit.
+    assert A.choose_num_splits(1, 8, 256, 132, cfg) == 256 // cfg.decode_block_n == 4
+    assert A.choose_num_splits(1, 8, 256, 132, cfg, fp8_kv=True) == 2
 
 
 @pytest.mark.parametrize("page_size", [1, 16])

@@ -10,7 +10,6 @@ Llama-3.1-8B's heads and inside the engine's graphs.
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 
 import numpy as np
@@ -26,7 +25,9 @@ from graphrt.kernels.attention_backend import AttentionSpec, AttnInputs, get_bac
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FP8 = torch.float8_e4m3fn
-SMALL_CFG = A.TritonAttentionConfig(decode_block_n=16, extend_block_m=16, extend_block_n=16)
+SMALL_CFG = A.TritonAttentionConfig(
+    decode_block_n=16, decode_block_n_fp8=16, extend_block_m=16, extend_block_n=16
+)
 # Scales that are not powers of two, so a scale applied twice, not at all, or to the wrong one of
 # K and V shows.
 KV_SCALE = (0.0173, 0.0411)
@@ -145,11 +146,10 @@ def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEV.type == "cuda" else [])
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize(("hq", "hkv", "page_size"), [(8, 2, 16), (7, 1, 1)])
-def test_decode_attention_over_fp8_cache(hq, hkv, page_size, splits, dtype, prefetch) -> None:
+def test_decode_attention_over_fp8_cache(hq, hkv, page_size, splits, dtype) -> None:
     dim = 32
     paged = Fp8Paged([1, 37, 70], hkv, dim, page_size)
     q = torch.randn(3, hq, dim, device=DEV).to(dtype)
@@ -157,10 +157,9 @@ def test_decode_attention_over_fp8_cache(hq, hkv, page_size, splits, dtype, pref
         q, paged.k, paged.v, paged.page_rows, paged.seq_lens, paged.width * page_size,
         dim**-0.5, paged.scale,
     )  # fmt: skip
-    cfg = dataclasses.replace(SMALL_CFG, decode_prefetch=prefetch)
     out = A.paged_decode_attention(
         q, paged.k, paged.v, paged.page_rows, paged.seq_lens, dim**-0.5, splits,
-        config=cfg, kv_scale=paged.scale,
+        config=SMALL_CFG, kv_scale=paged.scale,
     )  # fmt: skip
     _close(out, ref, dtype)
     # Both scales are applied: the result is not the attention over the raw e4m3 values.
