@@ -493,8 +493,8 @@ def _quantize_rows_kernel(
     USE_PDL: tl.constexpr,
     HW_CAST: tl.constexpr,
 ):
-    # One program per row: its amax, then the row again (from L1/L2), divided and rounded; a
-    # row that fits one block stays in registers, one pass over memory.
+    # One program per row: its amax, then the row again (from L1/L2), multiplied by the scale's
+    # reciprocal and rounded; a row that fits one block stays in registers, one pass over memory.
     row = tl.program_id(0).to(tl.int64)
     pdl_enter(USE_PDL)
     x_row = x_ptr + row * stride_xm
@@ -592,8 +592,8 @@ def _norm_quantize_rows_kernel(
     xn = (xf * inv).to(x.dtype)
     w = tl.load(nw_ptr + cols, mask=mask, other=0.0)
     h = (xn.to(tl.float32) * w.to(tl.float32)).to(x.dtype).to(tl.float32)
-    scale, inv = _row_scale(tl.abs(h))
-    q = to_e4m3_inv(h, inv, HW_CAST)
+    scale, inv_scale = _row_scale(tl.abs(h))
+    q = to_e4m3_inv(h, inv_scale, HW_CAST)
     tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 
