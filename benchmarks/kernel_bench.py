@@ -452,9 +452,13 @@ def bench_decode(
         )
         return Result(name, impl, nbytes, times, note, {"config": asdict(cfg)})
 
+    def say(r: Result, tag: str = "") -> None:
+        # As it goes: a sweep cut short by a time limit still says what it found.
+        print(f"  {name}{tag} {r.note}: {r.median_us:.2f} us", file=sys.stderr, flush=True)
+
     base = tri.TritonAttentionConfig()
     res.append(triton_result(base, "triton"))
-    print(f"  {name} default {res[0].note}: {res[0].median_us:.2f} us", file=sys.stderr, flush=True)
+    say(res[0], " default")
     if case.batch < 32:
         res.append(triton_result(replace(base, num_splits=1), "triton-1split"))
     if sweep:
@@ -473,14 +477,12 @@ def bench_decode(
                 print(f"  sweep {cfg}: {type(e).__name__}: {e}", file=sys.stderr)
                 continue
             res.append(r)
-            # As it goes: a sweep cut short by a time limit still says what it found.
-            print(f"  {name} {r.note}: {r.median_us:.2f} us", file=sys.stderr, flush=True)
+            say(r)
             best = r if r.median_us < best.median_us else best
         best_cfg = tri.TritonAttentionConfig(**best.extra["config"])
         for splits in (1, 2, 4):
             res.append(triton_result(replace(best_cfg, num_splits=splits), "triton-sweep"))
-            r = res[-1]
-            print(f"  {name} {r.note}: {r.median_us:.2f} us", file=sys.stderr, flush=True)
+            say(res[-1])
 
     be = _flashinfer_backend(spec, k, v) if flashinfer and not case.fp8_kv else None
     if be is not None:
